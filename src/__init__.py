@@ -1,0 +1,15 @@
+"""lasp-hf: Linear Attention Sequence Parallelism (LASP, LASP-2) for Hugging Face Transformers."""
+
+from lasp_hf.ops import linear_attention, linear_attention_step
+from lasp_hf.modeling import LaspConfig, LaspForCausalLM, LaspModel, LaspPreTrainedModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LaspConfig",
+    "LaspForCausalLM",
+    "LaspModel",
+    "LaspPreTrainedModel",
+    "linear_attention",
+    "linear_attention_step",
+]

@@ -1,0 +1,1 @@
+"""Sequence-parallel runtime (LASP): process groups, communication, the sharded op."""

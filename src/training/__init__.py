@@ -1,0 +1,1 @@
+"""Training glue: data, Trainer integration, loss reduction under sequence parallelism."""
