@@ -1,0 +1,348 @@
+"""Sequence-parallel scaling (issue 4): forward+backward of one linear-attention layer split over W ranks.
+
+    torchrun --standalone --nproc_per_node 4 benchmarks/sp_scaling.py          # NCCL, one GPU per rank
+    torchrun --standalone --nproc_per_node 2 benchmarks/sp_scaling.py --cpu --tiny   # gloo smoke test
+
+Every rank holds T local tokens of one sequence of W*T (B=1, H=16, K=V=128, bf16, scale 1.0,
+g_h = -2^(-8(h+1)/H)). Rows, all from one launch:
+    single     lasp_hf.linear_attention on the rank's T tokens alone (the W=1 time at this local T)
+    ring       linear_attention(..., sp_group=ctx, sp_mode="ring")       (LASP: the state hops)
+    allgather  linear_attention(..., sp_group=ctx, sp_mode="allgather")  (LASP-2)
+    lasp-ref   lasp.lasp_fuse_parallel, the LASP paper's code (GPU only)
+Timing: a fixed number of iterations, each started on every rank right after a barrier; an
+iteration lasts until its slowest rank finishes (per-iteration max over ranks), and `ms` is the
+median over iterations. tokens/s = W*T / ms; efficiency = single ms / ms. Before timing, every SP
+provider's o and dq, dk, dv on each rank are checked against the unsharded op run on the whole
+sequence (bf16 tolerance 2e-2); a failing row is marked FAILED and gets no efficiency or ratio.
+Writes benchmarks/results/sp-<card>-W<n>.json (+ .md) from rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Multicast (NVLS) is off on the lent machines; set before any process group exists.
+for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                      ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_name, _value)
+
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from datetime import timedelta  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import KI, Column  # noqa: E402
+
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}
+PROVIDERS = ("single", "ring", "allgather", "lasp-ref")
+
+CASES = common.Registry()
+
+
+@dataclass
+class Run:
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+    tiny: bool
+    rank: int
+    world_size: int
+    sp: object            # lasp_hf SequenceParallelContext
+    lasp_ready: str | None  # None when the LASP reference can run, else why not
+    warmup: int
+    iters: int
+    seed: int = 0
+
+    def shape(self, B: int, T: int, H: int, D: int) -> tuple[int, int, int, int]:
+        if not self.tiny:
+            return B, T, H, D
+        return B, min(T // 128 + 1, 131), min(H, 2), 16
+
+
+def slopes(H: int) -> torch.Tensor:
+    """TransNormerLLM / lightning-attention decay rates per head (positive): 2^(-8(h+1)/H)."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32)
+
+
+def comm_bytes(provider: str, W: int, B: int, H: int, K: int, V: int) -> dict:
+    """Bytes sent per layer, forward + backward: by the busiest rank, and over all ranks.
+
+    ring / lasp-ref: one float32 state [B, H, K, V] per hop forward (r -> r+1) and one state
+    gradient per hop backward (r+1 -> r). allgather: all_gather of (state, decay [B, H]) forward
+    and its adjoint reduce_scatter backward; each sends (W-1) entries per rank (ring algorithm).
+    """
+    state = B * H * K * V * 4
+    if provider == "single" or W == 1:
+        return {"per_rank": 0, "total": 0}
+    if provider in ("ring", "lasp-ref"):
+        return {"per_rank": 2 * state if W > 2 else state, "total": 2 * (W - 1) * state}
+    entry = state + B * H * 4
+    return {"per_rank": 2 * (W - 1) * entry, "total": 2 * W * (W - 1) * entry}
+
+
+# ----------------------------------------------------------------------------- timing across ranks
+
+def time_across_ranks(run: Run, step: Callable[[], object]) -> dict:
+    """Run `step` warmup + iters times, each after a barrier; return the median over iterations
+    of the slowest rank's time, and every rank's own median (ms)."""
+    cuda = run.device.type == "cuda"
+    times = []
+    for i in range(run.warmup + run.iters):
+        dist.barrier()
+        if cuda:
+            torch.cuda.synchronize(run.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            begin = time.perf_counter()
+            step()
+            elapsed = (time.perf_counter() - begin) * 1e3
+        if i >= run.warmup:
+            times.append(elapsed)
+    mine = torch.tensor(times, dtype=torch.float64, device=run.device)
+    every = [torch.empty_like(mine) for _ in range(run.world_size)]
+    dist.all_gather(every, mine)
+    every = torch.stack(every).cpu()                                # [W, iters]
+    return {"ms": float(every.max(dim=0).values.median()),
+            "rank_ms": [float(row.median()) for row in every]}
+
+
+def all_ranks_max(run: Run, value: float) -> float:
+    x = torch.tensor([value], dtype=torch.float64, device=run.device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return float(x.item())
+
+
+# ----------------------------------------------------------------------------- providers
+
+def _leaves(*tensors):
+    return [x.detach().clone().requires_grad_() for x in tensors]
+
+
+def _bhtd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).contiguous()
+
+
+def prepare(run: Run, provider: str, q, k, v, g, do):
+    """(forward, leaves, do, to_bthd) for one provider on this rank's slice."""
+    import lasp_hf
+
+    if provider in ("single", "ring", "allgather"):
+        lq, lk, lv = _leaves(q, k, v)
+        sp_args = {} if provider == "single" else {"sp_group": run.sp, "sp_mode": provider}
+
+        def forward():
+            return lasp_hf.linear_attention(lq, lk, lv, g, scale=1.0, backend=run.backend, **sp_args)[0]
+        return forward, [lq, lk, lv], do, lambda t: t
+    if provider == "lasp-ref":
+        from lasp import lasp_fuse_parallel
+
+        lq, lk, lv = _leaves(_bhtd(q), _bhtd(k), _bhtd(v))
+        B, H, _, K = lq.shape
+        s = (-g).view(-1, 1, 1).contiguous()
+        kv = torch.zeros(B, H, K, lv.shape[-1], dtype=torch.float32, device=q.device)
+        dkv = torch.zeros_like(kv)
+
+        def forward():
+            return lasp_fuse_parallel(lq, lk, lv, s, kv, dkv)
+        return forward, [lq, lk, lv], _bhtd(do), lambda t: t.transpose(1, 2)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+# ----------------------------------------------------------------------------- the case
+
+@CASES.case("sp", dict(T=8 * KI), dict(T=32 * KI), dict(T=128 * KI))
+def sp_case(run: Run, name: str, T: int) -> list[dict]:
+    """All providers at local length T: check against the unsharded op, then time fwd+bwd."""
+    import lasp_hf
+
+    B, T, H, D = run.shape(1, T, 16, 128)
+    W, r = run.world_size, run.rank
+    shape = dict(W=W, B=B, T_local=T, T_total=W * T, H=H, K=D, V=D)
+    # The same full sequence on every rank (same seed); this rank keeps tokens [r*T, (r+1)*T).
+    gen = torch.Generator(device=run.device).manual_seed(run.seed)
+    full = [torch.randn(B, W * T, H, D, device=run.device, dtype=run.dtype, generator=gen) for _ in range(4)]
+    g = -slopes(H).to(run.device)
+    leaves = _leaves(*full[:3])
+    o_full = lasp_hf.linear_attention(*leaves, g, scale=1.0, backend=run.backend)[0]
+    grads = torch.autograd.grad(o_full, leaves, full[3])
+    cut = slice(r * T, (r + 1) * T)
+    ref = {name_: x[:, cut].detach().clone() for name_, x in zip(("o", "dq", "dk", "dv"), (o_full,) + grads)}
+    q, k, v, do = (x[:, cut].contiguous() for x in full)
+    del full, leaves, o_full, grads
+    _free(run.device)
+
+    rows = []
+    for provider in PROVIDERS:
+        row = {"case": name, "provider": provider, **shape}
+        nbytes = comm_bytes(provider, W, B, H, D, D)
+        row.update(comm_mb_per_rank=nbytes["per_rank"] / 2**20, comm_mb_total=nbytes["total"] / 2**20)
+        if provider == "lasp-ref" and run.lasp_ready:
+            rows.append({**row, "status": "SKIP", "note": run.lasp_ready})
+            continue
+        failure = None
+        try:
+            forward, leaves, upstream, to_bthd = prepare(run, provider, q, k, v, g, do)
+            o = forward()
+            grads = torch.autograd.grad(o, leaves, upstream)
+            errors = {"o": common.relative_error(to_bthd(o), ref["o"])}
+            errors.update({n: common.relative_error(to_bthd(x), ref[n]) for n, x in zip(("dq", "dk", "dv"), grads)})
+            del o, grads
+        except Exception as err:  # noqa: BLE001 - reported in the row, the other providers still run
+            traceback.print_exc()
+            failure = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+            errors = {}
+        # Every rank must agree on what happens next, or the collectives below would hang.
+        if all_ranks_max(run, 1.0 if failure else 0.0) > 0:
+            rows.append({**row, "status": "ERROR", "note": failure or "failed on another rank"})
+            _free(run.device)
+            continue
+        if provider == "single":
+            # Only rank 0's o and dq are those of the whole sequence: the other ranks lack the
+            # carried state, and dk, dv also depend on the queries after the cut.
+            err = all_ranks_max(run, max(errors["o"], errors["dq"]) if r == 0 else 0.0)
+            row["note"] = "checked: rank 0's o and dq; no communication"
+        else:
+            err = all_ranks_max(run, max(errors.values()))
+        row.update(err=err, status="ok" if err <= TOLERANCE[run.dtype] else "FAILED")
+        timing = time_across_ranks(run, lambda: torch.autograd.grad(forward(), leaves, upstream))
+        row.update(ms=timing["ms"], rank_ms=timing["rank_ms"], tokens_per_s=W * B * T / (timing["ms"] * 1e-3))
+        if provider == "single":
+            row["tokens_per_s"] = B * T / (timing["ms"] * 1e-3)  # one rank's own throughput
+        rows.append(row)
+        del forward, leaves, upstream
+        _free(run.device)
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """efficiency = single ms / ms at the same local T; vs_lasp = tokens/s over lasp-ref's.
+    Only between rows whose checks passed."""
+    by_provider = {row["provider"]: row for row in rows if row.get("status") == "ok"}
+    single, lasp_ref = by_provider.get("single"), by_provider.get("lasp-ref")
+    for row in rows:
+        if row.get("status") != "ok" or row["provider"] == "single":
+            continue
+        if single:
+            row["efficiency"] = single["ms"] / row["ms"]
+        if lasp_ref and row["provider"] != "lasp-ref":
+            row["vs_lasp"] = row["tokens_per_s"] / lasp_ref["tokens_per_s"]
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- main
+
+COLUMNS = [
+    Column("case", "case"), Column("W", "W"), Column("provider", "provider"), Column("ms", "ms", "{:.3f}"),
+    Column("tokens_per_s", "tok/s", "{:.3e}"), Column("efficiency", "eff", "{:.2f}"),
+    Column("vs_lasp", "vs lasp", "{:.1f}x"), Column("comm_mb_per_rank", "comm MB/rank", "{:.3g}"),
+    Column("err", "rel err", "{:.2e}"), Column("status", "status"),
+]
+
+
+def parse_args(argv=None):
+    parser = common.common_parser(__doc__.splitlines()[0])
+    parser.add_argument("--backend", default=None, choices=("triton", "torch", "auto"),
+                        help="lasp_hf backend (default: triton on CUDA, torch with --cpu)")
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                        help="default: bfloat16 on CUDA, float32 with --cpu")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3; 1 with --cpu)")
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 10; 3 with --cpu)")
+    parser.add_argument("--timeout-s", type=int, default=300, help="process-group timeout (a hung rank ends the run)")
+    return parser.parse_args(argv)
+
+
+def _lasp_unavailable(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "the LASP reference needs CUDA"
+    try:
+        import lasp  # noqa: F401
+    except Exception as err:  # noqa: BLE001
+        return f"lasp unavailable ({type(err).__name__}: {err})"[:160]
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    selected = CASES.select(args.cases)
+    if args.dry_run:
+        for case in selected:
+            print(case.name, case.params)
+        return 0
+    if not args.cpu and not torch.cuda.is_available():
+        print("sp_scaling.py: no CUDA device; pass --cpu (with --tiny) for a gloo smoke run", file=sys.stderr)
+        return 2
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.cpu:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout_s))
+    else:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timedelta(seconds=args.timeout_s), device_id=device)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    try:
+        import lasp_hf
+
+        sp = lasp_hf.init_sequence_parallel(world_size)
+        lasp_ready = _lasp_unavailable(device)
+        if lasp_ready is None:
+            # The reference keeps its groups in module globals and sends to global ranks: W = world.
+            import lasp
+
+            lasp.initialize_lasp(data_parallel_size=1, sequence_parallel_size=world_size)
+        run = Run(device, getattr(torch, args.dtype or ("float32" if args.cpu else "bfloat16")),
+                  args.backend or ("torch" if args.cpu else "triton"), args.tiny, rank, world_size, sp,
+                  lasp_ready, args.warmup if args.warmup is not None else (1 if args.cpu else 3),
+                  args.iters if args.iters is not None else (3 if args.cpu else 10))
+        env = common.environment(device)
+        rows = []
+        for case in selected:
+            if rank == 0:
+                print(f"[sp W={world_size}] {case.name}", file=sys.stderr, flush=True)
+            rows += case(run, case.name)
+        if rank == 0:
+            title = f"LASP scaling, W={world_size}, {args.dtype or run.dtype}, {env['card']}, backend {run.backend}"
+            common.print_table(title, rows, COLUMNS)
+            for row in rows:
+                if row["status"] != "ok":
+                    print(f"  {row['case']} {row['provider']}: {row['status']} {row.get('note', '')}")
+            name = f"sp-{common.card_slug(env['card'])}-W{world_size}" + ("-tiny" if args.tiny else "")
+            path = common.write_results(
+                name, env, rows, COLUMNS, args.out,
+                extra={"world_size": world_size, "dtype": str(run.dtype), "backend": run.backend,
+                       "tolerance": TOLERANCE[run.dtype], "args": vars(args)},
+                notes=["ms: fwd+bwd of one layer, median over iterations of the slowest rank (each iteration "
+                       "starts after a barrier)",
+                       "tok/s: W*T_local/ms (single: one rank's T_local/ms); eff: single ms / ms",
+                       "vs lasp: tok/s over lasp-ref's at the same W and T_local",
+                       "comm MB/rank: bytes the busiest rank sends per layer, fwd+bwd",
+                       "rel err: max over ranks of o, dq, dk, dv against the unsharded op on the whole "
+                       f"sequence; tolerance {TOLERANCE[run.dtype]:g}"])
+            print(f"\nwrote {path}")
+        bad = any(row["status"] in ("FAILED", "ERROR") for row in rows)
+        return 1 if bad else 0
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
