@@ -1,6 +1,7 @@
 """lasp-hf: Linear Attention Sequence Parallelism (LASP, LASP-2) for Hugging Face Transformers."""
 
 from lasp_hf.ops import linear_attention, linear_attention_step
+from lasp_hf.parallel import SequenceParallelContext, init_sequence_parallel
 from lasp_hf.modeling import LaspConfig, LaspForCausalLM, LaspModel, LaspPreTrainedModel
 
 __version__ = "0.1.0"
@@ -10,6 +11,8 @@ __all__ = [
     "LaspForCausalLM",
     "LaspModel",
     "LaspPreTrainedModel",
+    "SequenceParallelContext",
+    "init_sequence_parallel",
     "linear_attention",
     "linear_attention_step",
 ]

@@ -1,0 +1,160 @@
+"""Process groups for sequence parallelism and the one object that describes them.
+
+An SP group of size W holds one sequence: its rank r owns tokens [r*T/W, (r+1)*T/W). The world is
+split into SP groups of consecutive global ranks; the DP groups run across them (global rank
+dp_rank * W + sp_rank), so every rank of one SP group gets the same batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+SP_MODES = ("ring", "allgather")
+
+
+@dataclass
+class SequenceParallelContext:
+    """Everything the sharded ops need to know about the SP group (passed to them, never global).
+
+    Attributes:
+        group: the SP process group (ranks that share one sequence, in sequence order).
+        rank: this process's rank inside `group` (which slice of the sequence it holds).
+        world_size: the number of ranks in `group` (W).
+        mode: "ring" (LASP: the state hops rank to rank) or "allgather" (LASP-2).
+        dp_group: the data-parallel group across SP groups (None when built from a bare group).
+        dp_rank, dp_size: this process's place in `dp_group`.
+        prev_rank, next_rank: global ranks of the SP neighbours r - 1 and r + 1 (None at the ends).
+    """
+
+    group: dist.ProcessGroup
+    rank: int
+    world_size: int
+    mode: str = "ring"
+    dp_group: dist.ProcessGroup | None = None
+    dp_rank: int = 0
+    dp_size: int = 1
+    prev_rank: int | None = None
+    next_rank: int | None = None
+    # Shape signatures already checked to agree across the group (see lasp._check_across_ranks).
+    checked_signatures: set = field(default_factory=set, repr=False, compare=False)
+    # (cu_seqlens tensor, its version, T_local, RankPlan) of the last packed call (see lasp._rank_plan).
+    plan_cache: tuple | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.mode not in SP_MODES:
+            raise ValueError(f"SP mode must be one of {SP_MODES}, got {self.mode!r}")
+
+    @classmethod
+    def from_group(cls, group: dist.ProcessGroup, mode: str = "ring", *, dp_group=None) -> "SequenceParallelContext":
+        """A context for an existing process group (this process must belong to it)."""
+        _require_initialized()
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError("this process is not a member of the SP group it was given")
+        world_size = dist.get_world_size(group)
+        dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
+        dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+        return cls(
+            group=group, rank=rank, world_size=world_size, mode=mode, dp_group=dp_group, dp_rank=dp_rank,
+            dp_size=dp_size,
+            prev_rank=dist.get_global_rank(group, rank - 1) if rank > 0 else None,
+            next_rank=dist.get_global_rank(group, rank + 1) if rank < world_size - 1 else None,
+        )
+
+    def validate(self) -> None:
+        """Raise ValueError when the recorded rank / world size disagree with the process group."""
+        actual_size = dist.get_world_size(self.group)
+        actual_rank = dist.get_rank(self.group)
+        if actual_size != self.world_size or actual_rank != self.rank:
+            raise ValueError(
+                f"SequenceParallelContext says rank {self.rank} of {self.world_size}, but its process group "
+                f"has this process at rank {actual_rank} of {actual_size}; build it with "
+                "init_sequence_parallel or SequenceParallelContext.from_group"
+            )
+
+
+def _require_initialized() -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "torch.distributed is not initialized: call torch.distributed.init_process_group first "
+            "(torchrun and `accelerate launch` set up the environment for it)"
+        )
+
+
+def init_sequence_parallel(sp_size: int, mode: str = "ring", *, device_mesh=None, backend=None
+                           ) -> SequenceParallelContext:
+    """Build the SP and DP groups and return this process's `SequenceParallelContext`.
+
+    Args:
+        sp_size: ranks per sequence (W); must divide the world size. SP groups are consecutive
+            global ranks [i*W, (i+1)*W); DP group j holds ranks j, W + j, 2W + j, ...
+        mode: "ring" or "allgather", the default `sp_mode` the model passes to the op.
+        device_mesh: optional torch DeviceMesh with dims named "dp" and "sp"; its groups are used
+            instead of building new ones (its "sp" size must equal sp_size).
+        backend: process-group backend for the new groups (None: the default group's).
+
+    Every rank must call this, with the same arguments, in the same order relative to other
+    group creation: `new_group` is collective over the whole world.
+    """
+    _require_initialized()
+    if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
+        raise ValueError(f"sp_size must be an integer >= 1, got {sp_size!r}")
+    if mode not in SP_MODES:
+        raise ValueError(f"mode must be one of {SP_MODES}, got {mode!r}")
+    world_size = dist.get_world_size()
+    if world_size % sp_size != 0:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"sp_size = {sp_size} does not divide the world size {world_size}; valid sizes are {divisors}"
+        )
+    if device_mesh is not None:
+        names = tuple(device_mesh.mesh_dim_names or ())
+        if "sp" not in names or "dp" not in names:
+            raise ValueError(f"device_mesh needs dims named 'dp' and 'sp', got {names}")
+        if device_mesh.size(names.index("sp")) != sp_size:
+            raise ValueError(
+                f"device_mesh's 'sp' dim has size {device_mesh.size(names.index('sp'))}, but sp_size = {sp_size}"
+            )
+        return SequenceParallelContext.from_group(
+            device_mesh.get_group("sp"), mode, dp_group=device_mesh.get_group("dp")
+        )
+
+    rank = dist.get_rank()
+    num_sp_groups = world_size // sp_size
+    sp_group = dp_group = None
+    # new_group must be called by every rank for every group, in the same order.
+    for i in range(num_sp_groups):
+        ranks = list(range(i * sp_size, (i + 1) * sp_size))
+        group = dist.new_group(ranks, backend=backend)
+        if rank in ranks:
+            sp_group = group
+    for j in range(sp_size):
+        ranks = list(range(j, world_size, sp_size))
+        group = dist.new_group(ranks, backend=backend)
+        if rank in ranks:
+            dp_group = group
+    return SequenceParallelContext.from_group(sp_group, mode, dp_group=dp_group)
+
+
+def as_sp_context(sp_group, mode: str | None = None) -> SequenceParallelContext:
+    """Accept a context or a bare ProcessGroup (wrapped once and cached); check it matches its group."""
+    if isinstance(sp_group, SequenceParallelContext):
+        ctx = sp_group
+    elif isinstance(sp_group, dist.ProcessGroup):
+        ctx = _wrapped_groups.get(sp_group)
+        if ctx is None:
+            ctx = SequenceParallelContext.from_group(sp_group, mode or "ring")
+            _wrapped_groups[sp_group] = ctx
+    else:
+        raise ValueError(
+            f"sp_group must be a SequenceParallelContext or a torch.distributed ProcessGroup, got "
+            f"{type(sp_group).__name__}"
+        )
+    _require_initialized()
+    ctx.validate()
+    return ctx
+
+
+_wrapped_groups: dict = {}

@@ -1,0 +1,127 @@
+"""LASP under gloo (W = 2, 3, 4 CPU processes) against the single-process op on the whole sequence.
+
+Every rank builds the same full inputs from one seed, runs the unsharded op (the reference) and
+the sharded op on its slice, and returns relative errors of o, final_state and every gradient.
+Gradients of tensors every rank passes whole (g [H], initial_state) are summed across ranks by
+hand, as DDP would. One spawn per W runs all cases (modes x g modes x layouts).
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed_utils import relative_error, run_distributed
+from lasp_hf import SequenceParallelContext, linear_attention
+
+H, K, V = 2, 8, 6
+TOL = 1e-4  # float32 inputs, float32 states: the two paths differ only by summation order
+LOCAL_LEN = {2: 100, 3: 37, 4: 65}  # not multiples of the reference's chunk (64)
+G_MODES = ("none", "head", "token")
+MODES = ("ring", "allgather")
+
+
+def _layouts(W: int, L: int) -> dict:
+    """Document boundaries of the FULL packed sequence (T = W * L); None = unpacked rows (B = 2)."""
+    T = W * L
+    span = [0, 3, min(2 * L + 5, T - 1), T]                         # doc 1 spans 3 ranks (2 when W = 2)
+    at_cuts = sorted({0, L, L + 1, T - 1, T} | {r * L for r in range(W)})  # cuts exactly at ranks, length-1 docs
+    at_cuts.insert(2, L)                                              # plus an empty document at a cut
+    gen = torch.Generator().manual_seed(W)
+    inner = torch.randperm(T - 1, generator=gen)[: 2 * W].add(1).sort().values.tolist()
+    return {"dense": None, "span": span, "at_cuts": at_cuts, "random": [0] + inner + [T], "one_doc": [0, T]}
+
+
+def _inputs(W, L, g_mode, bounds, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B = 1 if bounds is not None else 2
+    T = W * L
+    N = len(bounds) - 1 if bounds is not None else B
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = {
+        "none": None,
+        "head": -torch.rand(H, generator=gen) * 0.2 - 0.01,
+        "token": torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen) + 3.0),
+    }[g_mode]
+    h0 = torch.randn(N, H, K, V, generator=gen)
+    w_o = torch.randn(B, T, H, V, generator=gen)
+    w_final = torch.randn(N, H, K, V, generator=gen)
+    cu = torch.tensor(bounds, dtype=torch.int32) if bounds is not None else None
+    return q, k, v, g, h0, w_o, w_final, cu
+
+
+def _grads(loss, tensors):
+    needed = [t for t in tensors if t is not None]
+    got = iter(torch.autograd.grad(loss, needed, allow_unused=True))
+    return [next(got) if t is not None else None for t in tensors]
+
+
+def _op_worker(W: int) -> dict:
+    """Runs on every rank; returns {case: {quantity: relative error}}."""
+    rank = dist.get_rank()
+    L = LOCAL_LEN[W]
+    sp = SequenceParallelContext.from_group(dist.group.WORLD)
+    mine = slice(rank * L, (rank + 1) * L)
+    errors = {}
+    for layout, bounds in _layouts(W, L).items():
+        for g_mode in G_MODES:
+            q, k, v, g, h0, w_o, w_final, cu = _inputs(W, L, g_mode, bounds, seed=zlib.crc32(f"{W}{layout}{g_mode}".encode()))
+            # Reference: the unsharded op.
+            leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, h0)]
+            o_ref, final_ref = linear_attention(*leaves[:4], initial_state=leaves[4], output_final_state=True,
+                                                cu_seqlens=cu, backend="torch")
+            ref_grads = _grads((o_ref * w_o).sum() + (final_ref * w_final).sum(), leaves)
+            per_token_g = g_mode == "token"
+            for mode in MODES:
+                local = [q[:, mine], k[:, mine], v[:, mine], g[:, mine] if per_token_g else g, h0]
+                local = [x.clone().requires_grad_() if x is not None else None for x in local]
+                o, final = linear_attention(*local[:4], initial_state=local[4], output_final_state=True,
+                                            cu_seqlens=cu, sp_group=sp, sp_mode=mode, backend="torch")
+                # Each rank weighs final_state differently (weights sum to 1): dS_final must be summed.
+                share = (rank + 1) / (W * (W + 1) / 2)
+                loss = (o * w_o[:, mine]).sum() + share * (final * w_final).sum()
+                grads = _grads(loss, local)
+                # g [H] and initial_state are passed whole by every rank: sum the contributions by hand.
+                for i in ((3, 4) if g_mode == "head" else (4,)):
+                    total = grads[i].clone() if grads[i] is not None else torch.zeros_like(local[i])
+                    dist.all_reduce(total)
+                    grads[i] = total
+                case = errors.setdefault(f"{layout}/{g_mode}/{mode}", {})
+                case["o"] = relative_error(o, o_ref[:, mine])
+                case["final"] = relative_error(final, final_ref)
+                for name, got, ref in zip(("dq", "dk", "dv", "dg", "dh0"), grads, ref_grads):
+                    if ref is None:
+                        continue
+                    if name != "dh0" and not (name == "dg" and not per_token_g):
+                        ref = ref[:, mine]
+                    case[name] = relative_error(got, ref)
+    return errors
+
+
+@functools.lru_cache(maxsize=None)
+def _run_ops(W: int) -> list:
+    return run_distributed(_op_worker, W, W)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("W", [2, 3, 4])
+def test_sp_linear_attention_matches_unsharded(W):
+    results = _run_ops(W)
+    bad = [
+        f"rank {rank} {case} {name}: {err:.2e}"
+        for rank, errors in enumerate(results)
+        for case, quantities in errors.items()
+        for name, err in quantities.items()
+        if not err <= TOL
+    ]
+    assert not bad, "\n".join(bad)
+    # Every case checked o, final_state and the gradients of q, k, v and initial_state (and g).
+    for case, quantities in results[0].items():
+        expected = {"o", "final", "dq", "dk", "dv", "dh0"} | ({"dg"} if "/none/" not in case else set())
+        assert set(quantities) == expected, (case, sorted(quantities))
