@@ -12,7 +12,9 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _chunk_loss_sum(hidden, weight, labels, ignore_index: int):
-    logits = F.linear(hidden, weight).float()
+    logits = F.linear(hidden, weight)
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
@@ -21,7 +23,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, sh
     """Cross-entropy of `hidden @ lm_head_weight.T` against `shift_labels`, `chunk_size` tokens at a time.
 
     Args:
-        hidden: `[..., D]` final hidden states (any float dtype; logits are upcast to float32).
+        hidden: `[..., D]` final hidden states (any float dtype; logits of half types are upcast to float32).
         lm_head_weight: `[vocab, D]` output projection.
         shift_labels: `[...]` (same leading shape as `hidden`) target ids, already shifted (the label of
             position t is the token at t + 1); `ignore_index` marks positions without a target.
@@ -45,7 +47,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, sh
     labels = shift_labels.reshape(-1).to(hidden.device)
     valid = labels != ignore_index
     num_valid = valid.sum()
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     use_checkpoint = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
