@@ -429,31 +429,13 @@ class LaspModel(LaspPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
 
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and sp_context is None)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False.")
-            use_cache = False
         if cache is not None and not isinstance(cache, LaspCache):
             raise ValueError(
                 f"past_key_values must be a LaspCache (the model makes one with use_cache=True), got {type(cache).__name__}"
             )
-        if use_cache and cache is None:
-            cache = LaspCache(self.config)
-        past_length = cache.get_seq_length() if cache is not None else 0
-
-        padding = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be 2-D [B, P + T] (1 = token, 0 = padding), got {attention_mask.dim()}-D")
-        if attention_mask is not None and attention_mask.shape[1] not in (T, past_length + T):
-            raise ValueError(
-                f"attention_mask must cover the cached and new tokens ({past_length} + {T}) or the new ones ({T}), "
-                f"got shape {tuple(attention_mask.shape)}"
-            )
-        if sp_context is not None:
-            if padding:
-                raise ValueError("sequence parallelism does not take padded batches; pack the sequences instead")
-            if cache is not None:
-                raise ValueError("sequence parallelism does not use a cache; pass use_cache=False")
+        padding = attention_mask is not None and not bool(attention_mask.all())
 
         if cu_seqlens is None and position_ids is not None and B == 1 and T > 1 and not padding:
             cu_seqlens = _packed_cu_seqlens(position_ids)
@@ -465,11 +447,31 @@ class LaspModel(LaspPreTrainedModel):
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"packed sequences (cu_seq_lens_q / restarting position_ids) need batch size 1, got {B}")
-            if cache is not None and (past_length > 0 or use_cache):
+            if cache is not None or use_cache:
                 raise ValueError("packed sequences cannot be used with a cache; pass use_cache=False")
             if padding:
                 raise ValueError("packed sequences take no padding attention_mask")
             cu_seqlens = cu_seqlens.to(device=inputs_embeds.device, dtype=torch.int32)
+        if sp_context is not None:
+            if padding:
+                raise ValueError("sequence parallelism does not take padded batches; pack the sequences instead")
+            if cache is not None or use_cache:
+                raise ValueError("sequence parallelism does not use a cache; pass use_cache=False")
+
+        if use_cache is None:
+            # As transformers' recurrent models: no cache while training, nor for packed or sharded sequences.
+            use_cache = self.config.use_cache and not self.training and cu_seqlens is None and sp_context is None
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False.")
+            use_cache = False
+        if use_cache and cache is None:
+            cache = LaspCache(self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape[1] not in (T, past_length + T):
+            raise ValueError(
+                f"attention_mask must cover the cached and new tokens ({past_length} + {T}) or the new ones ({T}), "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
 
         full_mask = None
         if attention_mask is not None:

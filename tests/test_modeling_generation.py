@@ -1,0 +1,133 @@
+"""The lasp cache and generate(): cached == uncached, step-by-step decode == the full forward, O(1) decode steps."""
+
+import pytest
+import torch
+from test_modeling_common import CASE_IDS, CASES, VOCAB, rel_err, tiny_model
+from transformers import DynamicCache
+
+from lasp_hf.modeling import modeling_lasp
+from lasp_hf.modeling.cache_lasp import LaspCache
+
+
+def _cache_of(output):
+    return output.cache if "cache" in output else output.past_key_values
+
+
+@pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
+def test_cached_greedy_generate_equals_uncached(mixer, layer_types):
+    model = tiny_model(mixer, layer_types)
+    x = torch.randint(1, VOCAB, (2, 6))
+    cached = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=True)
+    uncached = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 16)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
+def test_left_padded_generate_equals_unpadded(mixer, layer_types):
+    model = tiny_model(mixer, layer_types)
+    long, short = torch.randint(1, VOCAB, (8,)), torch.randint(1, VOCAB, (5,))
+    ids = torch.stack([long, torch.cat([torch.zeros(3, dtype=torch.long), short])])
+    mask = (torch.arange(8) >= torch.tensor([[0], [3]])).long()
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    for row, prompt in ((0, long), (1, short)):
+        alone = model.generate(prompt[None], max_new_tokens=8, do_sample=False)
+        assert torch.equal(batch[row, 8:], alone[0, len(prompt):])
+
+
+@pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
+def test_step_by_step_decode_equals_full_forward(mixer, layer_types):
+    model = tiny_model(mixer, layer_types)
+    x = torch.randint(1, VOCAB, (2, 14))
+    full = model(x, use_cache=False).logits
+    out = model(x[:, :5], use_cache=True)
+    cache = _cache_of(out)
+    assert isinstance(cache, LaspCache) and cache.get_seq_length() == 5
+    steps = [out.logits]
+    for t in range(5, 10):
+        out = model(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+    # A multi-token chunk after a cache (prefill continuation), then one more step, through the `cache` name.
+    out = model(x[:, 10:13], cache=cache, use_cache=True)
+    steps.append(out.logits)
+    out = model(x[:, 13:14], past_key_values=cache, use_cache=True)
+    steps.append(out.logits)
+    assert cache.get_seq_length() == 14
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-4
+
+
+def test_left_padded_decode_with_cache_equals_unpadded():
+    model = tiny_model("gated", ["linear_attention", "full_attention"])
+    seq = torch.randint(1, VOCAB, (9,))
+    full = model(seq[None], use_cache=False).logits[0]
+    ids = torch.cat([torch.zeros(2, dtype=torch.long), seq])[None]
+    mask = torch.cat([torch.zeros(2), torch.ones(9)]).long()[None]
+    out = model(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+    logits = [out.logits[0, 2:]]
+    for t in range(7, 11):
+        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=_cache_of(out), use_cache=True)
+        logits.append(out.logits[0])
+    assert rel_err(torch.cat(logits), full) < 1e-4
+
+
+def test_right_padding_leaves_the_state_of_the_last_real_token():
+    model = tiny_model("lightning")
+    seq = torch.randint(1, VOCAB, (6,))
+    ids = torch.cat([seq, torch.zeros(3, dtype=torch.long)])[None]
+    mask = torch.cat([torch.ones(6), torch.zeros(3)]).long()[None]
+    padded = _cache_of(model(ids, attention_mask=mask, use_cache=True))
+    plain = _cache_of(model(seq[None], use_cache=True))
+    for layer in range(2):
+        assert rel_err(padded.get_state(layer), plain.get_state(layer)) < 1e-5
+
+
+def test_decode_step_is_constant_in_context_length(monkeypatch):
+    """A decode step uses the single-token recurrence on a fixed-size state, never the whole context."""
+    model = tiny_model("lightning")
+    states = {}
+    for T in (4, 40):
+        cache = _cache_of(model(torch.randint(1, VOCAB, (1, T)), use_cache=True))
+        states[T] = [tuple(cache.get_state(i).shape) for i in range(2)]
+        assert all(cache.get_state(i).dtype == torch.float32 for i in range(2))
+
+        def no_chunked_pass(*args, **kwargs):
+            raise AssertionError("a decode step must not run the chunked op over the context")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(modeling_lasp, "linear_attention", no_chunked_pass)
+            model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache, use_cache=True)
+    assert states[4] == states[40] == [(1, 4, 8, 8)] * 2
+
+
+def test_cache_batch_operations():
+    model = tiny_model("gated", ["linear_attention", "full_attention"])
+    cache = _cache_of(model(torch.randint(1, VOCAB, (2, 5)), use_cache=True))
+    state = cache.get_state(0).clone()
+    assert cache.is_linear == [True, False] and cache.batch_size == 2
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(cache.get_state(0), state.flip(0))
+    cache.batch_repeat_interleave(2)
+    assert cache.get_state(0).shape[0] == 4 and cache.layers[1].keys.shape[0] == 4
+    cache.batch_select_indices(torch.tensor([0, 3]))
+    assert cache.batch_size == 2
+    with pytest.raises(NotImplementedError):
+        cache.crop(-1)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.get_state(0) is None
+
+
+def test_foreign_cache_and_packed_cache_are_rejected():
+    model = tiny_model("lightning")
+    x = torch.randint(1, VOCAB, (1, 6))
+    with pytest.raises(ValueError, match="LaspCache"):
+        model(x, past_key_values=DynamicCache(), use_cache=True)
+    with pytest.raises(ValueError, match="cache"):
+        model(x, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=True)
+
+
+def test_beam_search_runs_and_matches_uncached():
+    model = tiny_model("gated", ["linear_attention", "full_attention"])
+    x = torch.randint(1, VOCAB, (2, 5))
+    cached = model.generate(x, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=True)
+    uncached = model.generate(x, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
