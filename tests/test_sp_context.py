@@ -1,0 +1,106 @@
+"""init_sequence_parallel (W = 4 gloo processes: 2 SP groups x 2 DP groups), the op on SP
+sub-groups whose neighbours are not global ranks r +- 1, and clear errors for bad groups and shapes."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from distributed_utils import relative_error, run_distributed
+from lasp_hf import SequenceParallelContext, init_sequence_parallel, linear_attention
+
+
+def _error(fn) -> str:
+    """The ValueError message fn raises ('' if none)."""
+    try:
+        fn()
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def _groups_worker():
+    rank = dist.get_rank()
+    checks = {}
+    # sp_size = 2 over 4 ranks: SP groups {0, 1}, {2, 3}; DP groups {0, 2}, {1, 3}.
+    ctx = init_sequence_parallel(2, mode="allgather")
+    checks["sp"] = (ctx.rank, ctx.world_size, ctx.mode) == (rank % 2, 2, "allgather")
+    checks["dp"] = (ctx.dp_rank, ctx.dp_size) == (rank // 2, 2)
+    base = rank - rank % 2
+    checks["neighbours"] = (ctx.prev_rank, ctx.next_rank) == ((None, base + 1) if rank % 2 == 0 else (base, None))
+    x = torch.tensor([float(rank)])
+    dist.all_reduce(x, group=ctx.group)
+    y = torch.tensor([float(rank)])
+    dist.all_reduce(y, group=ctx.dp_group)
+    checks["sp_members"] = x.item() == 2 * base + 1
+    checks["dp_members"] = y.item() == (rank % 2) * 2 + 2
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
+    from_mesh = init_sequence_parallel(2, device_mesh=mesh)
+    checks["mesh"] = (from_mesh.rank, from_mesh.world_size, from_mesh.dp_rank) == (rank % 2, 2, rank // 2)
+    checks["mesh_size_error"] = "'sp' dim has size 2" in _error(lambda: init_sequence_parallel(4, device_mesh=mesh))
+    checks["sp_size_error"] = "does not divide the world size 4" in _error(lambda: init_sequence_parallel(3))
+    checks["sp_size_zero"] = ">= 1" in _error(lambda: init_sequence_parallel(0))
+    checks["mode_error"] = "mode" in _error(lambda: init_sequence_parallel(2, mode="tree"))
+
+    # The op on each SP sub-group (two independent sequences) against the unsharded op.
+    B, L, H, K, V = 1, 9, 2, 4, 3
+    gen = torch.Generator().manual_seed(rank // 2)  # one sequence per SP group
+    q, k, v = (torch.randn(B, 2 * L, H, d, generator=gen) for d in (K, K, V))
+    g = -torch.rand(B, 2 * L, H, generator=gen)
+    o_ref, s_ref = linear_attention(q, k, v, g, output_final_state=True, backend="torch")
+    mine = slice(ctx.rank * L, (ctx.rank + 1) * L)
+    for mode in ("ring", "allgather"):
+        o, s = linear_attention(q[:, mine], k[:, mine], v[:, mine], g[:, mine], output_final_state=True,
+                                sp_group=ctx, sp_mode=mode, backend="torch")
+        checks[f"subgroup_{mode}"] = relative_error(o, o_ref[:, mine]) < 1e-5 and relative_error(s, s_ref) < 1e-5
+        # A bare ProcessGroup works too (wrapped in a context; the mode comes from sp_mode).
+        o2, _ = linear_attention(q[:, mine], k[:, mine], v[:, mine], g[:, mine], sp_group=ctx.group, sp_mode=mode,
+                                 backend="torch")
+        checks[f"bare_group_{mode}"] = relative_error(o2, o_ref[:, mine]) < 1e-5
+
+    # Errors (every rank of the group raises, so no rank is left waiting).
+    def op(sp, T=L, H=H, **kw):
+        return linear_attention(torch.randn(1, T, H, K), torch.randn(1, T, H, K), torch.randn(1, T, H, V),
+                                sp_group=sp, backend="torch", **kw)
+
+    wrong_size = SequenceParallelContext(group=ctx.group, rank=ctx.rank, world_size=3)
+    msg = _error(lambda: op(wrong_size))
+    checks["error_world_size"] = f"rank {ctx.rank} of 3" in msg and f"rank {ctx.rank} of 2" in msg
+    checks["error_type"] = "ProcessGroup" in _error(lambda: op("group"))
+    msg = _error(lambda: op(ctx, T=L + ctx.rank))
+    checks["error_lengths"] = "different shapes" in msg and "per rank" in msg
+    msg = _error(lambda: op(ctx, H=H + ctx.rank))
+    checks["error_heads"] = "different shapes" in msg
+    msg = _error(lambda: op(ctx, cu_seqlens=torch.tensor([0, 3, L], dtype=torch.int32)))
+    checks["error_cu_total"] = f"{L} * 2 = {2 * L}" in msg
+    msg = _error(lambda: op(ctx, cu_seqlens=torch.tensor([0, 3, 2 * L], dtype=torch.int32),
+                             initial_state=torch.zeros(3, H, K, V)))
+    checks["error_state_shape"] = "initial_state must be [N, H, K, V]" in msg and "(2, 2, 4, 3)" in msg
+    msg = _error(lambda: op(ctx, sp_mode="tree"))
+    checks["error_mode"] = "sp_mode" in msg
+    # The group still works after the errors.
+    o, _ = op(ctx)
+    checks["usable_after_errors"] = o.shape == (1, L, H, V)
+    return checks
+
+
+@functools.lru_cache(maxsize=None)
+def _run():
+    return run_distributed(_groups_worker, 4)
+
+
+@pytest.mark.distributed
+def test_init_sequence_parallel_and_errors():
+    bad = [f"rank {r}: {name}" for r, checks in enumerate(_run()) for name, ok in checks.items() if not ok]
+    assert not bad, bad
+
+
+def test_init_sequence_parallel_needs_torch_distributed():
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        init_sequence_parallel(1)
