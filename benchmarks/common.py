@@ -304,3 +304,61 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="run on CPU tensors (smoke test of the harness)")
     parser.add_argument("--tiny", action="store_true", help="shrink every shape (smoke test of the harness)")
     return parser
+
+
+# ----------------------------------------------------------------------------- summary of result files
+
+def _pivot(rows: Sequence[dict], keys: Sequence[str], providers: Sequence[str], value: str) -> list[dict]:
+    """One line per distinct `keys`, one column per provider holding that provider's `value`
+    (or its status when it did not pass)."""
+    lines: dict = {}
+    for row in rows:
+        line = lines.setdefault(tuple(row.get(k) for k in keys), {k: row.get(k) for k in keys})
+        if row["provider"] in providers:
+            ok = row.get("status") == "ok" and row.get(value) is not None
+            line[row["provider"]] = row[value] if ok else row.get("status")
+            if row["provider"] == providers[0]:
+                line.update({k: row.get(k) for k in ("t_vs_fla", "efficiency", "vs_lasp", "floor_ms")})
+        if row["provider"] in ("ring", "allgather"):
+            line[f"eff_{row['provider']}"] = row.get("efficiency")
+            line[f"vs_lasp_{row['provider']}"] = row.get("vs_lasp")
+    return list(lines.values())
+
+
+def summarize(out_dir: str | Path) -> str:
+    """Compact tables of every kernels-*.json and sp-*.json in `out_dir` (the device run's last words)."""
+    out = Path(out_dir)
+    parts = []
+    for path in sorted(out.glob("kernels-*.json")):
+        data = json.loads(path.read_text())
+        rows = [r for r in data["rows"] if r["mode"] != "decode"]
+        decode = [r for r in data["rows"] if r["mode"] == "decode"]
+        providers = ("lasp_hf", "fla", "lasp-ref", "sdpa")
+        cols = [Column("case", "case"), Column("decay", "g"), Column("mode", "mode"),
+                Column("floor_ms", "floor", "{:.3f}")]
+        cols += [Column(p, f"{p} ms", "{:.3f}") for p in providers]
+        cols += [Column("t_vs_fla", "ours/fla", "{:.2f}x")]
+        parts.append(f"{path.name}: {data['env']['card']}, commit {data['env']['commit'][:12]}")
+        if rows:
+            parts.append(format_table(_pivot(rows, ("case", "decay", "mode"), providers, "ms"), cols))
+        if decode:
+            cols = [Column("case", "case"), Column("floor_ms", "floor ms", "{:.4f}"),
+                    Column("lasp_hf", "lasp_hf us", "{:.1f}"), Column("fla", "fla us", "{:.1f}"),
+                    Column("t_vs_fla", "ours/fla", "{:.2f}x")]
+            parts.append(format_table(_pivot(decode, ("case",), ("lasp_hf", "fla"), "us"), cols))
+    for path in sorted(out.glob("sp-*.json")):
+        data = json.loads(path.read_text())
+        providers = ("single", "ring", "allgather", "lasp-ref")
+        cols = [Column("case", "case"), Column("W", "W")] + [Column(p, f"{p} ms", "{:.3f}") for p in providers]
+        cols += [Column("eff_ring", "eff ring", "{:.2f}"), Column("eff_allgather", "eff ag", "{:.2f}"),
+                 Column("vs_lasp_ring", "ring/lasp tok/s", "{:.1f}x"),
+                 Column("vs_lasp_allgather", "ag/lasp tok/s", "{:.1f}x")]
+        parts.append(f"{path.name}: {data['env']['card']}, commit {data['env']['commit'][:12]}\n"
+                     + format_table(_pivot(data["rows"], ("case", "W"), providers, "ms"), cols))
+    return "\n\n".join(parts) if parts else f"no kernels-*.json or sp-*.json in {out}"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "summary":
+        sys.exit("usage: python benchmarks/common.py summary RESULTS_DIR")
+    print(summarize(sys.argv[2]))

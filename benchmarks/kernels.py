@@ -489,6 +489,9 @@ def main(argv=None) -> int:
                            chunk_rows, CHUNK_COLUMNS)
     if decode_rows:
         common.print_table(f"decode step, {env['card']}", decode_rows, DECODE_COLUMNS)
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"  {row['case']} {row['decay']} {row['mode']} {row['provider']}: {row['status']} {row.get('note', '')}")
     name = f"kernels-{common.card_slug(env['card'])}" + ("-tiny" if args.tiny else "")
     path = common.write_results(
         name, env, rows, RESULT_COLUMNS, args.out,

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Run the GPU tests and the benchmarks on a lent GPU machine, writing everything under $OUT.
+#
+#   bash benchmarks/run_device.sh                 # tests, kernels, sp (in that order)
+#   bash benchmarks/run_device.sh kernels sp      # only some parts: any of  tests kernels sp
+#
+# From the repo root, with `.whl` carried (fill it here with `bash ../shared/device/wheels.sh`).
+# The device's copy has no .git: pass the commit, e.g.  LASP_HF_COMMIT=<sha> bash benchmarks/run_device.sh
+# Optional: KERNELS_ARGS / SP_ARGS (extra arguments, e.g. KERNELS_ARGS="--cases chunk-B1-*"),
+# PART_TIMEOUT (seconds per part, default 540), SKIP_INSTALL=1, SP_WORLDS (e.g. "2 4"; default: min(4, #GPUs), and 2 if 4).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+PART_TIMEOUT=${PART_TIMEOUT:-540}
+export LASP_HF_COMMIT=${LASP_HF_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+# The two install lines of ../shared/device/wheels.sh (shared/ is not carried to the device).
+# SKIP_INSTALL=1 skips them (a warm machine that has run this script already).
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  else
+    echo "run_device.sh: no .whl/ (carry it): fla and the LASP reference rows will be skipped" >&2
+  fi
+  python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "editable install failed" >&2; exit 1; }
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests kernels sp)
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+echo "run_device.sh: parts ${PARTS[*]}; $NGPU GPU(s); commit $LASP_HF_COMMIT; results in $OUT"
+STATUS=()
+
+run_part() {  # name, command...: run with a time limit, keep its log, remember its exit status
+  local name=$1; shift
+  echo "=== $name: $*"
+  timeout "$PART_TIMEOUT" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  STATUS+=("$name: exit $rc")
+}
+
+for part in "${PARTS[@]}"; do
+  case "$part" in
+    tests)
+      run_part pytest-gpu python3 -m pytest -m gpu -q ;;
+    kernels)
+      # shellcheck disable=SC2086
+      run_part kernels python3 benchmarks/kernels.py --out "$OUT" ${KERNELS_ARGS:-} ;;
+    sp)
+      if [ -n "${SP_WORLDS:-}" ]; then WORLDS=$SP_WORLDS
+      elif [ "$NGPU" -ge 4 ]; then WORLDS="4 2"
+      elif [ "$NGPU" -ge 2 ]; then WORLDS="2"
+      else WORLDS="1"; fi
+      for W in $WORLDS; do
+        # shellcheck disable=SC2086
+        run_part "sp-W$W" python3 -m torch.distributed.run --standalone --nproc_per_node "$W" \
+          benchmarks/sp_scaling.py --out "$OUT" ${SP_ARGS:-}
+      done ;;
+    *)
+      echo "run_device.sh: unknown part '$part' (use tests, kernels, sp)" >&2; exit 2 ;;
+  esac
+done
+
+echo
+echo "=================== summary ==================="
+python3 benchmarks/common.py summary "$OUT"
+[ -f "$OUT/pytest-gpu.log" ] && tail -n 3 "$OUT/pytest-gpu.log"
+printf '%s\n' "${STATUS[@]}"

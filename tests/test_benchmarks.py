@@ -1,0 +1,269 @@
+"""The benchmark programs (benchmarks/): their plumbing, their float64 check, and CPU smoke runs.
+
+The timings themselves are only meaningful on a GPU (benchmarks/run_device.sh); here we check that
+the programs run end to end, that their correctness checks catch a wrong provider, and that what
+they write (JSON, .md, the summary) holds what the README says.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    """Import benchmarks/<name>.py under a private module name (`kernels` would clash with the
+    repo's kernels/ package)."""
+    sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+common = _load("common")
+kernels = _load("kernels")
+sp_scaling = _load("sp_scaling")
+
+
+def _run(args, timeout=240, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=BENCH_DIR.parent)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+# ----------------------------------------------------------------------------- common.py
+
+def test_registry_names_order_and_selection():
+    reg = common.Registry()
+
+    @reg.case("chunk", dict(B=1, T=8192), dict(B=8, T=4096), dict(B=2, T=100))
+    def chunk(run, name, B, T):
+        return [(name, B, T)]
+
+    @reg.case("decode")
+    def decode(run, name):
+        return [name]
+
+    assert reg.names() == ["chunk-B1-T8K", "chunk-B8-T4K", "chunk-B2-T100", "decode"]
+    assert [c.name for c in reg.select(["chunk-B8-*", "decode"])] == ["chunk-B8-T4K", "decode"]
+    assert len(reg.select(None)) == 4
+    case = reg.select(["chunk-B1-*"])[0]
+    assert case(None, case.name) == [("chunk-B1-T8K", 1, 8192)]
+    with pytest.raises(ValueError, match="no benchmark case matches"):
+        reg.select(["nothing-*"])
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.case("decode")(decode)
+
+
+def test_table_json_and_markdown(tmp_path, monkeypatch):
+    monkeypatch.setenv("LASP_HF_COMMIT", "0123456789abcdef")
+    env = common.environment("cpu")
+    assert env["commit"] == "0123456789abcdef" and env["card"] == "cpu" and env["torch"] == torch.__version__
+    assert set(env["peers"]) == set(common.PEER_DISTRIBUTIONS)
+    rows = [{"case": "c1", "ms": 1.23456, "status": "ok"}, {"case": "c2", "ms": None, "status": "SKIP"}]
+    cols = [common.Column("case", "case"), common.Column("ms", "ms", "{:.2f}"), common.Column("status", "status")]
+    text = common.format_table(rows, cols)
+    lines = text.splitlines()
+    assert lines[0].split() == ["case", "ms", "status"]
+    assert lines[2].split() == ["c1", "1.23", "ok"] and lines[3].split() == ["c2", "-", "SKIP"]
+    path = common.write_results("kernels-test", env, rows, cols, tmp_path, extra={"copy_bandwidth_gbps": 3.0},
+                                notes=["a note"])
+    data = json.loads(path.read_text())
+    assert data["env"]["commit"] == "0123456789abcdef" and data["copy_bandwidth_gbps"] == 3.0
+    assert data["rows"] == rows
+    md = (tmp_path / "kernels-test.md").read_text()
+    assert "| case | ms | status |" in md and "| c1 | 1.23 | ok |" in md and "- a note" in md
+    assert "commit 0123456789ab" in md
+
+
+def test_names_and_numbers():
+    assert common.card_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert common.card_slug("cpu") == "cpu"
+    assert [common.short_number(n) for n in (8192, 131072, 100, 1000)] == ["8K", "128K", "100", "1000"]
+    assert common.floor_ms(3e9, 3000.0) == pytest.approx(1.0)
+    x = torch.ones(10)
+    assert common.relative_error(x * 1.01, x) == pytest.approx(0.01)
+    assert common.relative_error(torch.full((3,), float("nan")), torch.ones(3)) == math.inf
+    assert common.bench_ms(lambda: x.sum(), "cpu") > 0
+    assert common.copy_bandwidth_gbps("cpu", nbytes=1 << 20) > 0
+
+
+# ----------------------------------------------------------------------------- kernels.py
+
+def _recurrence_float64(q, k, v, g, scale):
+    """S_t = exp(g_t) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t, one token at a time, float64."""
+    B, T, H, K = q.shape
+    S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64)
+    out = []
+    for t in range(T):
+        S = g[:, t].exp()[..., None, None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * (q[:, t, :, None, :] @ S).squeeze(-2))
+    return torch.stack(out, dim=1)
+
+
+def test_float64_reference_matches_the_recurrence():
+    """The benchmark's own check is only as good as its float64 reference: o and every gradient
+    against a token-by-token recurrence (odd T, per-token decay, B and H > 1)."""
+    B, T, H, K, V = 2, 70, 3, 8, 5
+    q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+    v, do = torch.randn(B, T, H, V), torch.randn(B, T, H, V)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H))
+    got = kernels.reference_grads_float64(q, k, v, g, do, 0.5, grad_g=True)
+    leaves = [x.double().requires_grad_() for x in (q, k, v, g)]
+    o = _recurrence_float64(*leaves, 0.5)
+    grads = torch.autograd.grad(o, leaves, do.double())
+    for name, want in zip(("o", "dq", "dk", "dv", "dg"), (o,) + grads):
+        assert got[name].dtype == torch.float64
+        assert common.relative_error(got[name], want) < 1e-10, name
+
+
+def test_sdpa_rows_reference_matches_full_attention():
+    B, H, T, D = 1, 2, 40, 8
+    q, k, v, do = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(4))
+    qg = q.clone().requires_grad_()
+    o = torch.nn.functional.scaled_dot_product_attention(qg, k, v, is_causal=True)
+    (dq,) = torch.autograd.grad(o, qg, do)
+    rows = kernels.sdpa_rows_float64(q, k, v, do, 7)
+    assert common.relative_error(rows["o"], o[:, :, -7:]) < 1e-12
+    assert common.relative_error(rows["dq"], dq[:, :, -7:]) < 1e-12
+
+
+def test_memory_floor_bytes():
+    got = kernels.chunk_bytes(B=2, T=10, H=3, K=4, V=5, element=2, token_decay=False)
+    tokens = 2 * 10 * 3
+    assert got["fwd"] == tokens * (4 + 4 + 5 + 5) * 2                        # q, k, v in; o out
+    assert got["fwd+bwd"] == got["fwd"] + tokens * (4 + 4 + 5 + 5 + 4 + 4 + 5) * 2  # q, k, v, do in; dq, dk, dv out
+    with_g = kernels.chunk_bytes(B=2, T=10, H=3, K=4, V=5, element=2, token_decay=True)
+    assert with_g["fwd+bwd"] - got["fwd+bwd"] == 3 * tokens * 4               # g in (twice), dg out
+
+
+def test_slopes_are_transnormer_decays():
+    s = kernels.slopes(16)
+    assert s[0].item() == pytest.approx(2 ** -0.5) and s[-1].item() == pytest.approx(2 ** -8)
+    assert bool((s[1:] < s[:-1]).all())
+
+
+def _cpu_run(backend="torch"):
+    return kernels.Run(torch.device("cpu"), torch.bfloat16, backend, tiny=True, bandwidth_gbps=10.0,
+                       warmup_ms=1, rep_ms=1)
+
+
+def test_wrong_provider_is_failed_and_gets_no_ratio(monkeypatch):
+    """A peer whose output is 10% off is marked FAILED; no row is compared with it."""
+    def prepare_wrong(run, x):
+        ours = kernels.prepare_lasp_hf(run, x)
+        return kernels.Prepared(lambda: ours.forward() * 1.1, ours.leaves, ours.do, grad_names=ours.grad_names)
+
+    providers = [kernels.Provider("lasp_hf", kernels.prepare_lasp_hf, ("head", "token")),
+                 kernels.Provider("fla", prepare_wrong, ("head", "token"))]
+    monkeypatch.setattr(kernels, "PROVIDERS", providers)
+    def one_call(fn, warmup=1, iters=5):
+        fn()
+        return [1.0]
+
+    monkeypatch.setattr(kernels.common, "wall_ms", one_call)
+    rows = kernels.chunk(_cpu_run(), "chunk-B1-H16-T8K", B=1, H=16, T=8192)
+    assert {(r["decay"], r["mode"]) for r in rows} == {(d, m) for d in ("head", "token") for m in ("fwd", "fwd+bwd")}
+    for row in rows:
+        assert row["T"] == 131 and row["K"] == 32                          # the --tiny stand-in shape
+        if row["provider"] == "fla":
+            assert row["status"] == "FAILED" and row["err"] == pytest.approx(0.1, rel=0.05)
+        else:
+            assert row["status"] == "ok" and row["err"] < 2e-2
+        assert "t_vs_fla" not in row
+
+
+def test_ratio_only_between_passing_rows():
+    rows = [dict(case="c", decay="head", mode="fwd", provider="fla", status="ok", ms=2.0),
+            dict(case="c", decay="head", mode="fwd", provider="lasp_hf", status="ok", ms=1.0),
+            dict(case="c", decay="head", mode="fwd+bwd", provider="fla", status="ok", ms=4.0),
+            dict(case="c", decay="head", mode="fwd+bwd", provider="lasp_hf", status="FAILED", ms=1.0)]
+    kernels._add_ratios(rows)
+    assert rows[1]["t_vs_fla"] == 0.5 and rows[0]["t_vs_fla"] == 1.0
+    assert "t_vs_fla" not in rows[3]
+
+
+def test_kernels_dry_run_lists_the_issue_cases():
+    out = _run([str(BENCH_DIR / "kernels.py"), "--dry-run"]).stdout.split()
+    names = [w for w in out if w.startswith(("chunk-", "decode-"))]
+    assert names == ["chunk-B1-H16-T8K", "chunk-B1-H16-T32K", "chunk-B1-H16-T128K", "chunk-B8-H32-T4K",
+                     "chunk-B8-H32-T16K", "decode-B1-H16", "decode-B64-H16"]
+
+
+def test_kernels_cpu_tiny_run_writes_results(tmp_path):
+    _run([str(BENCH_DIR / "kernels.py"), "--cpu", "--tiny", "--cases", "chunk-B8-H32-T4K", "decode-B1-*",
+          "--out", str(tmp_path)], env_extra={"LASP_HF_COMMIT": "abc123"})
+    data = json.loads((tmp_path / "kernels-cpu-tiny.json").read_text())
+    assert data["env"]["commit"] == "abc123" and data["backend"] == "torch" and data["copy_bandwidth_gbps"] > 0
+    rows = {(r["case"], r["decay"], r["mode"], r["provider"]): r for r in data["rows"]}
+    for mode in ("fwd", "fwd+bwd"):
+        for decay in ("head", "token"):
+            ours = rows[("chunk-B8-H32-T4K", decay, mode, "lasp_hf")]
+            assert ours["status"] == "ok" and ours["err"] < 2e-2 and ours["ms"] > 0 and ours["floor_ms"] > 0
+            assert rows[("chunk-B8-H32-T4K", decay, mode, "fla")]["status"] == "SKIP"   # peers need CUDA
+        assert rows[("chunk-B8-H32-T4K", "head", mode, "sdpa")]["status"] == "ok"
+    decode = rows[("decode-B1-H16", "head", "decode", "lasp_hf")]
+    assert decode["status"] == "ok" and decode["errors"]["state"] < 1e-6 and decode["us"] > 0
+    assert (tmp_path / "kernels-cpu-tiny.md").read_text().count("| chunk-B8-H32-T4K |") == 12
+    summary = common.summarize(tmp_path)
+    assert "kernels-cpu-tiny.json" in summary and "decode-B1-H16" in summary
+
+
+# ----------------------------------------------------------------------------- sp_scaling.py
+
+def test_comm_bytes_per_layer():
+    state = 1 * 16 * 128 * 128 * 4
+    assert sp_scaling.comm_bytes("ring", 4, 1, 16, 128, 128) == {"per_rank": 2 * state, "total": 6 * state}
+    assert sp_scaling.comm_bytes("ring", 2, 1, 16, 128, 128) == {"per_rank": state, "total": 2 * state}
+    entry = state + 16 * 4
+    assert sp_scaling.comm_bytes("allgather", 4, 1, 16, 128, 128) == {"per_rank": 6 * entry, "total": 24 * entry}
+    assert sp_scaling.comm_bytes("single", 4, 1, 16, 128, 128)["total"] == 0
+
+
+@pytest.mark.distributed
+def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
+    """One torchrun launch, 2 gloo ranks: the unsharded baseline, ring and allgather pass their
+    check against the unsharded op (float32, 1e-4) and get an efficiency; lasp-ref is skipped."""
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(BENCH_DIR / "sp_scaling.py"),
+          "--cpu", "--tiny", "--cases", "sp-T8K", "--out", str(tmp_path)], timeout=180)
+    data = json.loads((tmp_path / "sp-cpu-W2-tiny.json").read_text())
+    assert data["world_size"] == 2 and data["tolerance"] == 1e-4
+    rows = {r["provider"]: r for r in data["rows"]}
+    assert rows["lasp-ref"]["status"] == "SKIP"
+    for provider in ("single", "ring", "allgather"):
+        row = rows[provider]
+        assert row["status"] == "ok" and row["err"] <= 1e-4, row
+        assert row["T_local"] == 65 and row["T_total"] == 130 and len(row["rank_ms"]) == 2
+        # the median over iterations of the slowest rank is at least every rank's own median
+        assert row["ms"] >= max(row["rank_ms"]) - 1e-9
+    for provider in ("ring", "allgather"):
+        assert rows[provider]["efficiency"] == pytest.approx(rows["single"]["ms"] / rows[provider]["ms"])
+        assert rows[provider]["tokens_per_s"] == pytest.approx(2 * 65 / (rows[provider]["ms"] * 1e-3))
+    assert rows["ring"]["comm_mb_per_rank"] == pytest.approx(2 * 16 * 16 * 4 / 2**20)
+    assert "sp-T8K" in common.summarize(tmp_path)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_timing_and_bandwidth():
+    x = torch.randn(1 << 20, device="cuda")
+    ms = common.bench_ms(lambda: x.mul_(1.0), "cuda")
+    assert 0 < ms < 10
+    assert common.copy_bandwidth_gbps("cuda", nbytes=256 << 20) > 100
