@@ -1,0 +1,148 @@
+"""Train a lasp causal LM from scratch with the Hugging Face Trainer.
+
+    accelerate launch recipes/train_clm.py --output_dir outputs/tnl-tiny --max_steps 200
+
+Every `TrainingArguments` flag works (`--learning_rate`, `--bf16`, `--gradient_checkpointing`, ...), plus the
+script's own (`ScriptArguments` below). With no data flags it trains on the shipped corpus
+(data/corpus.jsonl) with the shipped 512-token tokenizer (data/tokenizer). Documents are packed into blocks of
+`--block_size` tokens; a batch of `--per_device_train_batch_size` blocks is laid end to end in one row whose
+`position_ids` restart at every document, so the model resets its state there (see lasp_hf.training.data).
+The Trainer picks the device: CUDA (and the Triton kernels) when there is one, the CPU otherwise.
+"""
+
+import logging
+import math
+import os
+import pathlib
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
+
+from lasp_hf import LaspConfig, LaspForCausalLM
+from lasp_hf.training import PackedBlockCollator, build_clm_datasets
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+logger = logging.getLogger("train_clm")
+
+
+@dataclass
+class ScriptArguments:
+    model_config: str = field(
+        default=str(REPO_ROOT / "recipes" / "configs" / "tnl-tiny.json"),
+        metadata={"help": "LaspConfig json file of the model to train from scratch."},
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Text (.txt) or jsonl file; defaults to the shipped corpus unless --dataset_name is given."},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A saved dataset folder, a folder of data files, or a Hub dataset name (fetched)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of --dataset_name."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the documents' text."})
+    text_sample_by: str = field(
+        default="paragraph",
+        metadata={"help": "Documents of a .txt file: 'paragraph' (blank-line separated), 'line' or 'document'."},
+    )
+    tokenizer: str = field(
+        default=str(REPO_ROOT / "data" / "tokenizer"),
+        metadata={"help": "Tokenizer folder or name for AutoTokenizer.from_pretrained."},
+    )
+    block_size: int = field(default=256, metadata={"help": "Tokens per packed block (one training sample)."})
+    sequence_parallel_size: int = field(
+        default=1, metadata={"help": "GPUs (processes) sharing one sequence. Only 1 for now."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training blocks."})
+    eval_fraction: float = field(
+        default=0.0, metadata={"help": "Fraction of documents held out for evaluation (evenly spaced)."}
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Tokenize and pack on the fly (corpora larger than memory; needs --max_steps)."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+
+def parse_args(argv=None) -> tuple[ScriptArguments, TrainingArguments]:
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
+    # The script's defaults for a few TrainingArguments; any flag on the command line wins.
+    parser.set_defaults(
+        output_dir="outputs/train_clm", include_num_input_tokens_seen=True, logging_steps=10,
+        report_to="none", save_strategy="no", dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if script_args.train_file is None and script_args.dataset_name is None:
+        script_args.train_file = str(REPO_ROOT / "data" / "corpus.jsonl")
+    if script_args.sequence_parallel_size < 1:
+        raise ValueError(f"--sequence_parallel_size={script_args.sequence_parallel_size}: expected 1 or more")
+    if script_args.sequence_parallel_size > 1:
+        raise NotImplementedError(
+            f"--sequence_parallel_size={script_args.sequence_parallel_size}: sequence-parallel training is not "
+            "in this version yet; run with --sequence_parallel_size 1"
+        )
+    if script_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("--streaming gives a dataset without a length: set --max_steps too")
+    return script_args, training_args
+
+
+def build_model(config_path: str, tokenizer) -> LaspForCausalLM:
+    config = LaspConfig.from_json_file(config_path)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but {config_path} has vocab_size={config.vocab_size}: "
+            "use a tokenizer that fits or a config with a larger vocab_size"
+        )
+    # The tokenizer's special tokens are the ones the model will see and generate.
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name)
+        if token_id is not None:
+            setattr(config, name, token_id)
+    return LaspForCausalLM(config)
+
+
+def main(argv=None) -> None:
+    script_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(script_args.tokenizer)
+    with training_args.main_process_first(desc="tokenizing and packing"):
+        train_dataset, eval_dataset = build_clm_datasets(
+            tokenizer, script_args.block_size,
+            train_file=script_args.train_file if script_args.dataset_name is None else None,
+            dataset_name=script_args.dataset_name, dataset_config_name=script_args.dataset_config_name,
+            text_column=script_args.text_column, text_sample_by=script_args.text_sample_by,
+            streaming=script_args.streaming, eval_fraction=script_args.eval_fraction,
+            max_train_samples=script_args.max_train_samples, num_proc=script_args.preprocessing_num_workers,
+        )
+    model = build_model(script_args.model_config, tokenizer)
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info("model %s: %.2fM parameters; block_size %d; %s training blocks", script_args.model_config,
+                num_params / 1e6, script_args.block_size,
+                "streamed" if script_args.streaming else len(train_dataset))
+
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, data_collator=PackedBlockCollator(),
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()  # save_pretrained: safetensors, config with auto_map, the model code, the tokenizer
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    trainer.save_state()  # trainer_state.json: the log history (loss curve)
+    if trainer.is_world_process_zero():
+        logger.info("saved the model and tokenizer to %s", os.path.abspath(training_args.output_dir))
+
+
+if __name__ == "__main__":
+    main()
