@@ -15,6 +15,7 @@ import argparse
 import fnmatch
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -22,9 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -57,7 +58,7 @@ def git_commit() -> str:
         return commit
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10)
+                             timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
@@ -155,7 +156,6 @@ def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 1 << 30) -> fl
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src), device)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -245,7 +245,7 @@ class Column:
         value = row.get(self.key)
         if value is None or value == "":
             return "-"
-        if isinstance(value, float) and value != value:  # NaN
+        if isinstance(value, float) and math.isnan(value):
             return "nan"
         try:
             return self.fmt.format(value)

@@ -26,21 +26,20 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
                       ("NVSHMEM_DISABLE_NVLS", "1")):
     os.environ.setdefault(_name, _value)
 
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from datetime import timedelta  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import KI, Column  # noqa: E402
+import common
+from common import KI, Column
 
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}
 PROVIDERS = ("single", "ring", "allgather", "lasp-ref")
@@ -193,40 +192,38 @@ def sp_case(run: Run, name: str, T: int) -> list[dict]:
         if provider == "lasp-ref" and run.lasp_ready:
             rows.append({**row, "status": "SKIP", "note": run.lasp_ready})
             continue
-        failure = None
-        try:
-            forward, leaves, upstream, to_bthd = prepare(run, provider, q, k, v, g, do)
-            o = forward()
-            grads = torch.autograd.grad(o, leaves, upstream)
-            errors = {"o": common.relative_error(to_bthd(o), ref["o"])}
-            errors.update({n: common.relative_error(to_bthd(x), ref[n]) for n, x in zip(("dq", "dk", "dv"), grads)})
-            del o, grads
-        except Exception as err:  # noqa: BLE001 - reported in the row, the other providers still run
-            traceback.print_exc()
-            failure = f"{type(err).__name__}: {err}".splitlines()[0][:160]
-            errors = {}
-        # Every rank must agree on what happens next, or the collectives below would hang.
-        if all_ranks_max(run, 1.0 if failure else 0.0) > 0:
-            rows.append({**row, "status": "ERROR", "note": failure or "failed on another rank"})
-            _free(run.device)
-            continue
-        if provider == "single":
-            # Only rank 0's o and dq are those of the whole sequence: the other ranks lack the
-            # carried state, and dk, dv also depend on the queries after the cut.
-            err = all_ranks_max(run, max(errors["o"], errors["dq"]) if r == 0 else 0.0)
-            row["note"] = "checked: rank 0's o and dq; no communication"
-        else:
-            err = all_ranks_max(run, max(errors.values()))
-        row.update(err=err, status="ok" if err <= TOLERANCE[run.dtype] else "FAILED")
-        timing = time_across_ranks(run, lambda: torch.autograd.grad(forward(), leaves, upstream))
-        row.update(ms=timing["ms"], rank_ms=timing["rank_ms"], tokens_per_s=W * B * T / (timing["ms"] * 1e-3))
-        if provider == "single":
-            row["tokens_per_s"] = B * T / (timing["ms"] * 1e-3)  # one rank's own throughput
-        rows.append(row)
-        del forward, leaves, upstream
-        _free(run.device)
+        rows.append(_check_and_time(run, provider, row, (q, k, v, g, do), ref))
+        _free(run.device)  # what the provider allocated is garbage once it returns
     _add_ratios(rows)
     return rows
+
+
+def _check_and_time(run: Run, provider: str, row: dict, inputs: tuple, ref: dict) -> dict:
+    """Check one provider on every rank against the unsharded run, then time its fwd+bwd."""
+    failure, errors = None, {}
+    try:
+        forward, leaves, upstream, to_bthd = prepare(run, provider, *inputs)
+        o = forward()
+        grads = torch.autograd.grad(o, leaves, upstream)
+        errors = {n: common.relative_error(to_bthd(x), ref[n]) for n, x in zip(("o", "dq", "dk", "dv"), (o, *grads))}
+    except Exception as err:  # noqa: BLE001 - reported in the row, the other providers still run
+        traceback.print_exc()
+        failure = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+    # Every rank must agree on what happens next, or the collectives below would hang.
+    if all_ranks_max(run, 1.0 if failure else 0.0) > 0:
+        return {**row, "status": "ERROR", "note": failure or "failed on another rank"}
+    if provider == "single":
+        # Only rank 0's o and dq are those of the whole sequence: the other ranks lack the
+        # carried state, and dk, dv also depend on the queries after the cut.
+        err = all_ranks_max(run, max(errors["o"], errors["dq"]) if run.rank == 0 else 0.0)
+        row["note"] = "checked: rank 0's o and dq; no communication"
+    else:
+        err = all_ranks_max(run, max(errors.values()))
+    row.update(err=err, status="ok" if err <= TOLERANCE[run.dtype] else "FAILED")
+    timing = time_across_ranks(run, lambda: torch.autograd.grad(forward(), leaves, upstream))
+    tokens = row["B"] * row["T_local"] * (1 if provider == "single" else run.world_size)
+    row.update(ms=timing["ms"], rank_ms=timing["rank_ms"], tokens_per_s=tokens / (timing["ms"] * 1e-3))
+    return row
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -330,13 +327,13 @@ def main(argv=None) -> int:
                 name, env, rows, COLUMNS, args.out,
                 extra={"world_size": world_size, "dtype": str(run.dtype), "backend": run.backend,
                        "tolerance": TOLERANCE[run.dtype], "args": vars(args)},
-                notes=["ms: fwd+bwd of one layer, median over iterations of the slowest rank (each iteration "
-                       "starts after a barrier)",
+                notes=[("ms: fwd+bwd of one layer, median over iterations of the slowest rank (each iteration "
+                        "starts after a barrier)"),
                        "tok/s: W*T_local/ms (single: one rank's T_local/ms); eff: single ms / ms",
                        "vs lasp: tok/s over lasp-ref's at the same W and T_local",
                        "comm MB/rank: bytes the busiest rank sends per layer, fwd+bwd",
-                       "rel err: max over ranks of o, dq, dk, dv against the unsharded op on the whole "
-                       f"sequence; tolerance {TOLERANCE[run.dtype]:g}"])
+                       ("rel err: max over ranks of o, dq, dk, dv against the unsharded op on the whole "
+                        f"sequence; tolerance {TOLERANCE[run.dtype]:g}")])
             print(f"\nwrote {path}")
         bad = any(row["status"] in ("FAILED", "ERROR") for row in rows)
         return 1 if bad else 0
