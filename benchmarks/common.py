@@ -317,6 +317,7 @@ def _pivot(rows: Sequence[dict], keys: Sequence[str], providers: Sequence[str], 
         if row["provider"] in providers:
             ok = row.get("status") == "ok" and row.get(value) is not None
             line[row["provider"]] = row[value] if ok else row.get("status")
+            line[f"err_{row['provider']}"] = row.get("err")
             if row["provider"] == providers[0]:
                 line.update({k: row.get(k) for k in ("t_vs_fla", "efficiency", "vs_lasp", "floor_ms")})
         if row["provider"] in ("ring", "allgather"):
@@ -337,7 +338,8 @@ def summarize(out_dir: str | Path) -> str:
         cols = [Column("case", "case"), Column("decay", "g"), Column("mode", "mode"),
                 Column("floor_ms", "floor", "{:.3f}")]
         cols += [Column(p, f"{p} ms", "{:.3f}") for p in providers]
-        cols += [Column("t_vs_fla", "ours/fla", "{:.2f}x")]
+        cols += [Column("t_vs_fla", "ours/fla", "{:.2f}x"), Column("err_lasp_hf", "err ours", "{:.1e}"),
+                 Column("err_fla", "err fla", "{:.1e}")]
         parts.append(f"{path.name}: {data['env']['card']}, commit {data['env']['commit'][:12]}")
         if rows:
             parts.append(format_table(_pivot(rows, ("case", "decay", "mode"), providers, "ms"), cols))

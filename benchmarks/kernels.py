@@ -292,7 +292,7 @@ def _error_note(err: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- cases
 
-@CASES.case("chunk", dict(B=1, H=16, T=8 * KI), dict(B=1, H=16, T=32 * KI), dict(B=1, H=16, T=128 * KI),
+@CASES.case("chunk", dict(B=1, H=16, T=4 * KI), dict(B=1, H=16, T=8 * KI), dict(B=1, H=16, T=32 * KI), dict(B=1, H=16, T=128 * KI),
             dict(B=8, H=32, T=4 * KI), dict(B=8, H=32, T=16 * KI))
 def chunk(run: Run, name: str, B: int, H: int, T: int) -> list[dict]:
     """Forward and forward+backward of the chunked op, every provider, both decay kinds."""

@@ -201,7 +201,7 @@ def test_ratio_only_between_passing_rows():
 def test_kernels_dry_run_lists_the_issue_cases():
     out = _run([str(BENCH_DIR / "kernels.py"), "--dry-run"]).stdout.split()
     names = [w for w in out if w.startswith(("chunk-", "decode-"))]
-    assert names == ["chunk-B1-H16-T8K", "chunk-B1-H16-T32K", "chunk-B1-H16-T128K", "chunk-B8-H32-T4K",
+    assert names == ["chunk-B1-H16-T4K", "chunk-B1-H16-T8K", "chunk-B1-H16-T32K", "chunk-B1-H16-T128K", "chunk-B8-H32-T4K",
                      "chunk-B8-H32-T16K", "decode-B1-H16", "decode-B64-H16"]
 
 
