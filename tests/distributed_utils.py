@@ -38,18 +38,29 @@ def _worker(rank, world_size, fn, args, workdir, backend, timeout_s):
 
 
 def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout_s: float = 120.0,
-                    start_method: str | None = None) -> list:
+                    start_method: str | None = None, env: dict | None = None) -> list:
     """fn(*args) on `world_size` processes; returns the list of their return values (rank order).
 
     timeout_s bounds every collective, so a rank left waiting (a mismatched send/recv) fails the
     test instead of hanging it. start_method: "fork" (default where available) or "spawn".
+    env: environment variables for the workers (set in this process while they start; use
+    start_method="spawn" for variables read at import time, such as TRITON_INTERPRET).
     """
     if start_method is None:
         start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with tempfile.TemporaryDirectory(prefix="lasp-dist-") as workdir:
-        mp.start_processes(_worker, args=(world_size, fn, args, workdir, backend, timeout_s), nprocs=world_size,
-                           join=True, start_method=start_method)
-        return [torch.load(os.path.join(workdir, f"result-{r}.pt"), weights_only=False) for r in range(world_size)]
+    saved = {key: os.environ.get(key) for key in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with tempfile.TemporaryDirectory(prefix="lasp-dist-") as workdir:
+            mp.start_processes(_worker, args=(world_size, fn, args, workdir, backend, timeout_s), nprocs=world_size,
+                               join=True, start_method=start_method)
+            return [torch.load(os.path.join(workdir, f"result-{r}.pt"), weights_only=False) for r in range(world_size)]
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -36,7 +36,8 @@ def _layouts(W: int, L: int) -> dict:
     return {"dense": None, "span": span, "at_cuts": at_cuts, "random": [0] + inner + [T], "one_doc": [0, T]}
 
 
-def _inputs(W, L, g_mode, bounds, seed):
+def _inputs(W, L, g_mode, bounds, seed, dims=(H, K, V)):
+    H, K, V = dims
     gen = torch.Generator().manual_seed(seed)
     B = 1 if bounds is not None else 2
     T = W * L
@@ -62,16 +63,21 @@ def _grads(loss, tensors):
     return [next(got) if t is not None else None for t in tensors]
 
 
-def _op_worker(W: int) -> dict:
-    """Runs on every rank; returns {case: {quantity: relative error}}."""
+def _op_worker(W: int, backend: str = "torch", layouts=None, g_modes=G_MODES, dims=(H, K, V)) -> dict:
+    """Runs on every rank; returns {case: {quantity: relative error}}.
+
+    The SP op runs on `backend`; the reference is always the unsharded PyTorch op. dims = (H, K, V).
+    """
     rank = dist.get_rank()
     L = LOCAL_LEN[W]
     sp = SequenceParallelContext.from_group(dist.group.WORLD)
     mine = slice(rank * L, (rank + 1) * L)
     errors = {}
     for layout, bounds in _layouts(W, L).items():
-        for g_mode in G_MODES:
-            q, k, v, g, h0, w_o, w_final, cu = _inputs(W, L, g_mode, bounds, seed=zlib.crc32(f"{W}{layout}{g_mode}".encode()))
+        if layouts is not None and layout not in layouts:
+            continue
+        for g_mode in g_modes:
+            q, k, v, g, h0, w_o, w_final, cu = _inputs(W, L, g_mode, bounds, seed=zlib.crc32(f"{W}{layout}{g_mode}".encode()), dims=dims)
             # Reference: the unsharded op.
             leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, h0)]
             o_ref, final_ref = linear_attention(*leaves[:4], initial_state=leaves[4], output_final_state=True,
@@ -82,7 +88,7 @@ def _op_worker(W: int) -> dict:
                 local = [q[:, mine], k[:, mine], v[:, mine], g[:, mine] if per_token_g else g, h0]
                 local = [x.clone().requires_grad_() if x is not None else None for x in local]
                 o, final = linear_attention(*local[:4], initial_state=local[4], output_final_state=True,
-                                            cu_seqlens=cu, sp_group=sp, sp_mode=mode, backend="torch")
+                                            cu_seqlens=cu, sp_group=sp, sp_mode=mode, backend=backend)
                 # Each rank weighs final_state differently (weights sum to 1): dS_final must be summed.
                 share = (rank + 1) / (W * (W + 1) / 2)
                 loss = (o * w_o[:, mine]).sum() + share * (final * w_final).sum()
@@ -109,19 +115,35 @@ def _run_ops(W: int) -> list:
     return run_distributed(_op_worker, W, W)
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("W", [2, 3, 4])
-def test_sp_linear_attention_matches_unsharded(W):
-    results = _run_ops(W)
-    bad = [
+def _failures(results) -> list:
+    return [
         f"rank {rank} {case} {name}: {err:.2e}"
         for rank, errors in enumerate(results)
         for case, quantities in errors.items()
         for name, err in quantities.items()
         if not err <= TOL
     ]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("W", [2, 3, 4])
+def test_sp_linear_attention_matches_unsharded(W):
+    results = _run_ops(W)
+    bad = _failures(results)
     assert not bad, "\n".join(bad)
     # Every case checked o, final_state and the gradients of q, k, v and initial_state (and g).
     for case, quantities in results[0].items():
         expected = {"o", "final", "dq", "dk", "dv", "dh0"} | ({"dg"} if "/none/" not in case else set())
         assert set(quantities) == expected, (case, sorted(quantities))
+
+
+@pytest.mark.distributed
+def test_sp_linear_attention_triton_local_pass():
+    """The Triton kernels as the local pass (in Triton's interpreter on CPU), W = 2."""
+    pytest.importorskip("triton")
+    # Head dims of 16: the kernels' tensor descriptors need 16-byte aligned rows.
+    results = run_distributed(_op_worker, 2, 2, "triton", ("dense", "span", "at_cuts"), ("head", "token"), (2, 16, 16),
+                              start_method="spawn", env={"TRITON_INTERPRET": "1"})
+    bad = _failures(results)
+    assert not bad, "\n".join(bad)
+    assert len(results[0]) == 3 * 2 * 2
