@@ -37,6 +37,7 @@ KI = 1024
 
 # ----------------------------------------------------------------------------- environment
 
+
 def card_name(device: torch.device | str | None = None) -> str:
     """The accelerator's marketing name ("NVIDIA H100 80GB HBM3"), or "cpu"."""
     device = torch.device(device) if device is not None else None
@@ -57,8 +58,14 @@ def git_commit() -> str:
     if commit:
         return commit
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
@@ -75,6 +82,7 @@ def environment(device: torch.device | str | None = None, peers: Iterable[str] =
     """Everything a result file must name: card, software versions, commit, peers' versions."""
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
@@ -95,6 +103,7 @@ def environment(device: torch.device | str | None = None, peers: Iterable[str] =
 
 
 # ----------------------------------------------------------------------------- timing
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -128,8 +137,9 @@ def wall_ms(fn: Callable[[], object], warmup: int = 1, iters: int = 5) -> list[f
     return times
 
 
-def bench_ms(fn: Callable[[], object], device: torch.device | str, warmup_ms: float = 25,
-             rep_ms: float = 100) -> float:
+def bench_ms(
+    fn: Callable[[], object], device: torch.device | str, warmup_ms: float = 25, rep_ms: float = 100
+) -> float:
     """Median milliseconds of `fn()` on `device`.
 
     CUDA: triton.testing.do_bench (which flushes L2 between calls); if that is unavailable or
@@ -143,7 +153,9 @@ def bench_ms(fn: Callable[[], object], device: torch.device | str, warmup_ms: fl
 
         return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     except Exception as err:  # noqa: BLE001 - any failure of the fast path falls back to events
-        print(f"[bench] do_bench failed ({type(err).__name__}: {err}); timing with CUDA events", file=sys.stderr)
+        print(
+            f"[bench] do_bench failed ({type(err).__name__}: {err}); timing with CUDA events", file=sys.stderr
+        )
     first = statistics.median(cuda_event_ms(fn, warmup=1, iters=3))
     iters = max(3, min(1000, int(rep_ms / max(first, 1e-3))))
     return statistics.median(cuda_event_ms(fn, warmup=max(1, int(warmup_ms / max(first, 1e-3))), iters=iters))
@@ -173,6 +185,7 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- cases
+
 
 def short_number(n: int) -> str:
     """8192 -> "8K", 131072 -> "128K", 64 -> "64"."""
@@ -206,12 +219,18 @@ class Registry:
     def case(self, prefix: str, *param_sets: dict) -> Callable:
         def register(fn: Callable) -> Callable:
             for params in param_sets or ({},):
-                name = "-".join([prefix] + [f"{key}{short_number(value) if isinstance(value, int) else value}"
-                                            for key, value in params.items()])
+                name = "-".join(
+                    [prefix]
+                    + [
+                        f"{key}{short_number(value) if isinstance(value, int) else value}"
+                        for key, value in params.items()
+                    ]
+                )
                 if any(existing.name == name for existing in self._cases):
                     raise ValueError(f"benchmark case {name!r} is registered twice")
                 self._cases.append(Case(name, fn, dict(params)))
             return fn
+
         return register
 
     def __iter__(self):
@@ -234,6 +253,7 @@ class Registry:
 
 
 # ----------------------------------------------------------------------------- output
+
 
 @dataclass
 class Column:
@@ -273,12 +293,21 @@ def print_table(title: str, rows: Sequence[dict], columns: Sequence[Column]) -> 
 
 def describe_env(env: dict) -> str:
     peers = ", ".join(f"{name} {version}" for name, version in env["peers"].items() if version) or "none"
-    return (f"card: {env['card']}; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
-            f"transformers {env['transformers']}; commit {env['commit'][:12]}; peers: {peers}")
+    return (
+        f"card: {env['card']}; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
+        f"transformers {env['transformers']}; commit {env['commit'][:12]}; peers: {peers}"
+    )
 
 
-def write_results(name: str, env: dict, rows: Sequence[dict], columns: Sequence[Column],
-                  out_dir: str | Path | None = None, extra: dict | None = None, notes: Sequence[str] = ()) -> Path:
+def write_results(
+    name: str,
+    env: dict,
+    rows: Sequence[dict],
+    columns: Sequence[Column],
+    out_dir: str | Path | None = None,
+    extra: dict | None = None,
+    notes: Sequence[str] = (),
+) -> Path:
     """Write `<out_dir>/<name>.json` (env, rows, extra) and `<name>.md` (env line + table + notes).
 
     `name` already holds the card slug (e.g. "kernels-h100-80gb-hbm3"). Returns the JSON path.
@@ -308,6 +337,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- summary of result files
 
+
 def _pivot(rows: Sequence[dict], keys: Sequence[str], providers: Sequence[str], value: str) -> list[dict]:
     """One line per distinct `keys`, one column per provider holding that provider's `value`
     (or its status when it did not pass)."""
@@ -335,28 +365,46 @@ def summarize(out_dir: str | Path) -> str:
         rows = [r for r in data["rows"] if r["mode"] != "decode"]
         decode = [r for r in data["rows"] if r["mode"] == "decode"]
         providers = ("lasp_hf", "fla", "lasp-ref", "sdpa")
-        cols = [Column("case", "case"), Column("decay", "g"), Column("mode", "mode"),
-                Column("floor_ms", "floor", "{:.3f}")]
+        cols = [
+            Column("case", "case"),
+            Column("decay", "g"),
+            Column("mode", "mode"),
+            Column("floor_ms", "floor", "{:.3f}"),
+        ]
         cols += [Column(p, f"{p} ms", "{:.3f}") for p in providers]
-        cols += [Column("t_vs_fla", "ours/fla", "{:.2f}x"), Column("err_lasp_hf", "err ours", "{:.1e}"),
-                 Column("err_fla", "err fla", "{:.1e}")]
+        cols += [
+            Column("t_vs_fla", "ours/fla", "{:.2f}x"),
+            Column("err_lasp_hf", "err ours", "{:.1e}"),
+            Column("err_fla", "err fla", "{:.1e}"),
+        ]
         parts.append(f"{path.name}: {data['env']['card']}, commit {data['env']['commit'][:12]}")
         if rows:
             parts.append(format_table(_pivot(rows, ("case", "decay", "mode"), providers, "ms"), cols))
         if decode:
-            cols = [Column("case", "case"), Column("floor_ms", "floor ms", "{:.4f}"),
-                    Column("lasp_hf", "lasp_hf us", "{:.1f}"), Column("fla", "fla us", "{:.1f}"),
-                    Column("t_vs_fla", "ours/fla", "{:.2f}x")]
+            cols = [
+                Column("case", "case"),
+                Column("floor_ms", "floor ms", "{:.4f}"),
+                Column("lasp_hf", "lasp_hf us", "{:.1f}"),
+                Column("fla", "fla us", "{:.1f}"),
+                Column("t_vs_fla", "ours/fla", "{:.2f}x"),
+            ]
             parts.append(format_table(_pivot(decode, ("case",), ("lasp_hf", "fla"), "us"), cols))
     for path in sorted(out.glob("sp-*.json")):
         data = json.loads(path.read_text())
         providers = ("single", "ring", "allgather", "lasp-ref")
-        cols = [Column("case", "case"), Column("W", "W")] + [Column(p, f"{p} ms", "{:.3f}") for p in providers]
-        cols += [Column("eff_ring", "eff ring", "{:.2f}"), Column("eff_allgather", "eff ag", "{:.2f}"),
-                 Column("vs_lasp_ring", "ring/lasp tok/s", "{:.1f}x"),
-                 Column("vs_lasp_allgather", "ag/lasp tok/s", "{:.1f}x")]
-        parts.append(f"{path.name}: {data['env']['card']}, commit {data['env']['commit'][:12]}\n"
-                     + format_table(_pivot(data["rows"], ("case", "W"), providers, "ms"), cols))
+        cols = [Column("case", "case"), Column("W", "W")] + [
+            Column(p, f"{p} ms", "{:.3f}") for p in providers
+        ]
+        cols += [
+            Column("eff_ring", "eff ring", "{:.2f}"),
+            Column("eff_allgather", "eff ag", "{:.2f}"),
+            Column("vs_lasp_ring", "ring/lasp tok/s", "{:.1f}x"),
+            Column("vs_lasp_allgather", "ag/lasp tok/s", "{:.1f}x"),
+        ]
+        parts.append(
+            f"{path.name}: {data['env']['card']}, commit {data['env']['commit'][:12]}\n"
+            + format_table(_pivot(data["rows"], ("case", "W"), providers, "ms"), cols)
+        )
     return "\n\n".join(parts) if parts else f"no kernels-*.json or sp-*.json in {out}"
 
 

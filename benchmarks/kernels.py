@@ -1,8 +1,8 @@
 """Kernel benchmark (issue 3): lasp_hf.linear_attention against its peers on one card, one process.
 
-    python benchmarks/kernels.py                      # every case, writes benchmarks/results/kernels-<card>.json
-    python benchmarks/kernels.py --cases 'chunk-B1-*' # a subset (glob on case names; --dry-run lists them)
-    python benchmarks/kernels.py --cpu --tiny         # smoke test of the harness, PyTorch backend
+    python benchmarks/kernels.py                       # every case -> benchmarks/results/kernels-<card>.json
+    python benchmarks/kernels.py --cases 'chunk-B1-*'  # a subset (glob on case names; --dry-run lists them)
+    python benchmarks/kernels.py --cpu --tiny          # smoke test of the harness, PyTorch backend
 
 Shapes: B batch, T tokens, H heads, K = V = 128 head dims, bf16 inputs, scale 1.0, decay g_h =
 -2^(-8(h+1)/H) (TransNormerLLM's slopes) as a tensor [H] ("head"), or a per-token decay [B, T, H]
@@ -41,6 +41,7 @@ CASES = common.Registry()
 
 # ----------------------------------------------------------------------------- run settings
 
+
 @dataclass
 class Run:
     device: torch.device
@@ -72,6 +73,7 @@ def slopes(H: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- float64 references
 
+
 def reference_float64(q, k, v, g, scale: float, chunk: int = 64) -> torch.Tensor:
     """o of linear attention with decay, in float64, chunked (autograd gives the gradients).
 
@@ -91,7 +93,7 @@ def reference_float64(q, k, v, g, scale: float, chunk: int = 64) -> torch.Tensor
     decay = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     o = ((qc @ kc.transpose(-1, -2)) * decay) @ vc
     b_end = b[..., -1:]
-    chunk_states = (kc * (b_end - b).exp()[..., None]).transpose(-1, -2) @ vc   # [B, H, N, K, V]
+    chunk_states = (kc * (b_end - b).exp()[..., None]).transpose(-1, -2) @ vc  # [B, H, N, K, V]
     state = q.new_zeros(B, H, K, V, dtype=torch.float64)
     before = []
     for n in range(N):
@@ -128,7 +130,7 @@ def sdpa_rows_float64(q, k, v, do, rows: int) -> dict:
     T, D = q.shape[2], q.shape[3]
     first = T - rows
     qs = q[:, :, first:].double().requires_grad_()
-    scores = (qs @ k.double().transpose(-1, -2)) * D ** -0.5
+    scores = (qs @ k.double().transpose(-1, -2)) * D**-0.5
     query_pos = torch.arange(first, T, device=q.device)[:, None]
     scores = scores.masked_fill(torch.arange(T, device=q.device)[None, :] > query_pos, float("-inf"))
     o = scores.softmax(-1) @ v.double()
@@ -138,12 +140,13 @@ def sdpa_rows_float64(q, k, v, do, rows: int) -> dict:
 
 # ----------------------------------------------------------------------------- providers
 
+
 @dataclass
 class Inputs:
-    q: torch.Tensor   # [B, T, H, K]
-    k: torch.Tensor   # [B, T, H, K]
-    v: torch.Tensor   # [B, T, H, V]
-    g: torch.Tensor   # float32 [H] ("head") or [B, T, H] ("token"), <= 0
+    q: torch.Tensor  # [B, T, H, K]
+    k: torch.Tensor  # [B, T, H, K]
+    v: torch.Tensor  # [B, T, H, V]
+    g: torch.Tensor  # float32 [H] ("head") or [B, T, H] ("token"), <= 0
     do: torch.Tensor  # [B, T, H, V]
     decay: str
 
@@ -152,6 +155,7 @@ class Inputs:
 class Prepared:
     """One provider ready to run: `forward()` returns o in the provider's layout; gradients
     flow to `leaves`; `to_bthd` brings a tensor of that layout back to [B, T, H, D]."""
+
     forward: Callable[[], torch.Tensor]
     leaves: list
     do: torch.Tensor
@@ -187,13 +191,16 @@ def prepare_fla(run: Run, x: Inputs) -> Prepared:
 
     q, k, v = _leaves(x.q, x.k, x.v)
     if x.decay == "head":
+
         def forward():
             return chunk_simple_gla(q, k, v, g_gamma=x.g, scale=1.0)[0]
+
         return Prepared(forward, [q, k, v], x.do)
     g = x.g.detach().clone().requires_grad_()
 
     def forward():
         return chunk_simple_gla(q, k, v, g=g, scale=1.0)[0]
+
     return Prepared(forward, [q, k, v, g], x.do, grad_names=("dq", "dk", "dv", "dg"))
 
 
@@ -205,6 +212,7 @@ def prepare_lasp_ref(run: Run, x: Inputs) -> Prepared:
 
     def forward():
         return lightning_attn(q, k, v, s)
+
     return Prepared(forward, [q, k, v], _bhtd(x.do), to_bthd=lambda t: t.transpose(1, 2))
 
 
@@ -217,12 +225,19 @@ def prepare_sdpa(run: Run, x: Inputs) -> Prepared:
     def forward():
         with sdpa_kernel(backends):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return Prepared(forward, [q, k, v], _bhtd(x.do), to_bthd=lambda t: t.transpose(1, 2),
-                    note="causal softmax (flash)" if run.device.type == "cuda" else "causal softmax (math)")
+
+    return Prepared(
+        forward,
+        [q, k, v],
+        _bhtd(x.do),
+        to_bthd=lambda t: t.transpose(1, 2),
+        note="causal softmax (flash)" if run.device.type == "cuda" else "causal softmax (math)",
+    )
 
 
 def _needs(module: str, cuda: bool = True) -> Callable[[Run], str | None]:
     """None when `module` imports (and the run is on CUDA, if `cuda`), else why the row is skipped."""
+
     def check(run: Run) -> str | None:
         if cuda and run.device.type != "cuda":
             return f"{module} needs CUDA"
@@ -231,6 +246,7 @@ def _needs(module: str, cuda: bool = True) -> Callable[[Run], str | None]:
         except Exception as err:  # noqa: BLE001 - a broken peer install is skipped, not fatal
             return f"{module} unavailable ({type(err).__name__}: {err})"[:160]
         return None
+
     return check
 
 
@@ -252,14 +268,17 @@ PROVIDERS = [
 
 # ----------------------------------------------------------------------------- the checks
 
+
 def check_chunk(run: Run, provider: str, prepared: Prepared, ref: dict, sdpa_ref: dict | None) -> dict:
     """Relative errors of o and the gradients against float64; `sdpa_ref` for softmax attention."""
     o = prepared.forward()
     grads = torch.autograd.grad(o, prepared.leaves, prepared.do)
     if provider == "sdpa":
         rows = sdpa_ref["o"].shape[2]
-        return {"o": common.relative_error(o[:, :, -rows:], sdpa_ref["o"]),
-                "dq": common.relative_error(grads[0][:, :, -rows:], sdpa_ref["dq"])}
+        return {
+            "o": common.relative_error(o[:, :, -rows:], sdpa_ref["o"]),
+            "dq": common.relative_error(grads[0][:, :, -rows:], sdpa_ref["dq"]),
+        }
     errors = {"o": common.relative_error(prepared.to_bthd(o), ref["o"])}
     for name, grad in zip(prepared.grad_names, grads):
         errors[name] = common.relative_error(grad if name == "dg" else prepared.to_bthd(grad), ref[name])
@@ -292,8 +311,16 @@ def _error_note(err: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- cases
 
-@CASES.case("chunk", dict(B=1, H=16, T=4 * KI), dict(B=1, H=16, T=8 * KI), dict(B=1, H=16, T=32 * KI), dict(B=1, H=16, T=128 * KI),
-            dict(B=8, H=32, T=4 * KI), dict(B=8, H=32, T=16 * KI))
+
+@CASES.case(
+    "chunk",
+    dict(B=1, H=16, T=4 * KI),
+    dict(B=1, H=16, T=8 * KI),
+    dict(B=1, H=16, T=32 * KI),
+    dict(B=1, H=16, T=128 * KI),
+    dict(B=8, H=32, T=4 * KI),
+    dict(B=8, H=32, T=16 * KI),
+)
 def chunk(run: Run, name: str, B: int, H: int, T: int) -> list[dict]:
     """Forward and forward+backward of the chunked op, every provider, both decay kinds."""
     B, T, H, D = run.shape(B, T, H, 128)
@@ -301,7 +328,9 @@ def chunk(run: Run, name: str, B: int, H: int, T: int) -> list[dict]:
     rows = []
     for decay in ("head", "token"):
         gen = torch.Generator(device=run.device).manual_seed(run.seed)
-        q, k, v, do = (torch.randn(B, T, H, D, device=run.device, dtype=run.dtype, generator=gen) for _ in range(4))
+        q, k, v, do = (
+            torch.randn(B, T, H, D, device=run.device, dtype=run.dtype, generator=gen) for _ in range(4)
+        )
         if decay == "head":
             g = -slopes(H).to(run.device)
             g_full = g.view(1, 1, H).expand(B, T, H)
@@ -311,8 +340,12 @@ def chunk(run: Run, name: str, B: int, H: int, T: int) -> list[dict]:
             g_full = g
         inputs = Inputs(q, k, v, g, do, decay)
         # Computed in float64, kept in float32 (its rounding, ~1e-7, is far below bf16's ~1e-3).
-        ref = {key: value.float() for key, value in
-               reference_grads_float64(q, k, v, g_full, do, 1.0, grad_g=decay == "token").items()}
+        ref = {
+            key: value.float()
+            for key, value in reference_grads_float64(
+                q, k, v, g_full, do, 1.0, grad_g=decay == "token"
+            ).items()
+        }
         sdpa_ref = None
         if decay == "head":
             rows_checked = min(SDPA_CHECK_ROWS, T)
@@ -334,29 +367,66 @@ def _run_chunk_provider(run, name, decay, provider, inputs, ref, sdpa_ref, nbyte
     floors = {mode: common.floor_ms(nbytes[mode], run.bandwidth_gbps) for mode in modes}
     reason = provider.unavailable(run)
     if reason:
-        return [_row(name, mode, decay, provider.name, shape, status="SKIP", note=reason, floor_ms=floors[mode])
-                for mode in modes]
+        return [
+            _row(name, mode, decay, provider.name, shape, status="SKIP", note=reason, floor_ms=floors[mode])
+            for mode in modes
+        ]
     try:
         prepared = provider.prepare(run, inputs)
         errors = check_chunk(run, provider.name, prepared, ref, sdpa_ref)
     except NotImplementedError as err:
-        return [_row(name, mode, decay, provider.name, shape, status="SKIP", note=_error_note(err),
-                     floor_ms=floors[mode]) for mode in modes]
+        return [
+            _row(
+                name,
+                mode,
+                decay,
+                provider.name,
+                shape,
+                status="SKIP",
+                note=_error_note(err),
+                floor_ms=floors[mode],
+            )
+            for mode in modes
+        ]
     except Exception as err:  # noqa: BLE001 - one broken provider must not stop the others
         traceback.print_exc()
         _free(run.device)
-        return [_row(name, mode, decay, provider.name, shape, status="ERROR", note=_error_note(err),
-                     floor_ms=floors[mode]) for mode in modes]
+        return [
+            _row(
+                name,
+                mode,
+                decay,
+                provider.name,
+                shape,
+                status="ERROR",
+                note=_error_note(err),
+                floor_ms=floors[mode],
+            )
+            for mode in modes
+        ]
     err = max(errors.values())
     status = "ok" if err <= run.tolerance() else "FAILED"
-    note = prepared.note + (f"; checked: last {sdpa_ref['o'].shape[2]} query rows (o, dq)"
-                            if provider.name == "sdpa" else "")
+    note = prepared.note + (
+        f"; checked: last {sdpa_ref['o'].shape[2]} query rows (o, dq)" if provider.name == "sdpa" else ""
+    )
     rows = []
-    steps = {"fwd": prepared.forward,
-             "fwd+bwd": lambda: torch.autograd.grad(prepared.forward(), prepared.leaves, prepared.do)}
+    steps = {
+        "fwd": prepared.forward,
+        "fwd+bwd": lambda: torch.autograd.grad(prepared.forward(), prepared.leaves, prepared.do),
+    }
     for mode in modes:
-        row = _row(name, mode, decay, provider.name, shape, err=err, errors=errors, status=status, note=note,
-                   floor_ms=floors[mode])
+        row = _row(
+            name,
+            mode,
+            decay,
+            provider.name,
+            shape,
+            err=err,
+            errors=errors,
+            status=status,
+            note=note,
+            floor_ms=floors[mode],
+        )
         try:
             row["ms"] = run.time_ms(steps[mode])
             row["x_floor"] = row["ms"] / floors[mode]
@@ -385,23 +455,35 @@ def decode(run: Run, name: str, B: int, H: int) -> list[dict]:
     q, k, v = (torch.randn(B, H, D, device=run.device, dtype=run.dtype, generator=gen) for _ in range(3))
     state = torch.randn(B, H, D, D, device=run.device, generator=gen)
     g = -slopes(H).to(run.device)
-    new_state_ref = g.double().exp()[None, :, None, None] * state.double() + k.double()[..., :, None] * v.double()[..., None, :]
+    kv = k.double()[..., :, None] * v.double()[..., None, :]
+    new_state_ref = g.double().exp()[None, :, None, None] * state.double() + kv
     o_ref = (q.double()[..., None, :] @ new_state_ref).squeeze(-2)
     element = q.element_size()
     nbytes = 2 * state.numel() * 4 + B * H * (2 * D + 2 * D) * element
     floor = common.floor_ms(nbytes, run.bandwidth_gbps)
 
+    import lasp_hf
+
     def ours():
-        import lasp_hf
         return lasp_hf.linear_attention_step(q, k, v, g, state=state, scale=1.0, backend=run.backend)
 
-    def fla():
+    fla_missing = _needs("fla.ops.simple_gla")(run)
+    if not fla_missing:
         from fla.ops.simple_gla import fused_recurrent_simple_gla
-        o, new_state = fused_recurrent_simple_gla(q[:, None], k[:, None], v[:, None], g_gamma=g, scale=1.0,
-                                                  initial_state=state, output_final_state=True)
+
+    def fla():
+        o, new_state = fused_recurrent_simple_gla(
+            q[:, None],
+            k[:, None],
+            v[:, None],
+            g_gamma=g,
+            scale=1.0,
+            initial_state=state,
+            output_final_state=True,
+        )
         return o[:, 0], new_state
 
-    candidates = [("lasp_hf", ours, None), ("fla", fla, _needs("fla.ops.simple_gla")(run))]
+    candidates = [("lasp_hf", ours, None), ("fla", fla, fla_missing)]
     rows = []
     for provider, step, reason in candidates:
         row = _row(name, "decode", "head", provider, shape, floor_ms=floor)
@@ -413,7 +495,10 @@ def decode(run: Run, name: str, B: int, H: int) -> list[dict]:
             continue
         try:
             o, new_state = step()
-            errors = {"o": common.relative_error(o, o_ref), "state": common.relative_error(new_state, new_state_ref)}
+            errors = {
+                "o": common.relative_error(o, o_ref),
+                "state": common.relative_error(new_state, new_state_ref),
+            }
             row.update(err=max(errors.values()), errors=errors)
             row["status"] = "ok" if row["err"] <= run.tolerance() else "FAILED"
             row["ms"] = run.time_ms(step)
@@ -440,22 +525,38 @@ def _decode_fallback_note(run: Run) -> str:
 # ----------------------------------------------------------------------------- main
 
 CHUNK_COLUMNS = [
-    Column("case", "case"), Column("decay", "g"), Column("mode", "mode"), Column("provider", "provider"),
-    Column("ms", "ms", "{:.3f}"), Column("floor_ms", "floor ms", "{:.3f}"), Column("x_floor", "x floor", "{:.1f}"),
-    Column("t_vs_fla", "t/fla", "{:.2f}x"), Column("err", "rel err", "{:.2e}"), Column("status", "status"),
+    Column("case", "case"),
+    Column("decay", "g"),
+    Column("mode", "mode"),
+    Column("provider", "provider"),
+    Column("ms", "ms", "{:.3f}"),
+    Column("floor_ms", "floor ms", "{:.3f}"),
+    Column("x_floor", "x floor", "{:.1f}"),
+    Column("t_vs_fla", "t/fla", "{:.2f}x"),
+    Column("err", "rel err", "{:.2e}"),
+    Column("status", "status"),
 ]
 DECODE_COLUMNS = [
-    Column("case", "case"), Column("provider", "provider"), Column("us", "us", "{:.1f}"),
-    Column("floor_ms", "floor ms", "{:.4f}"), Column("x_floor", "x floor", "{:.1f}"),
-    Column("t_vs_fla", "t/fla", "{:.2f}x"), Column("err", "rel err", "{:.2e}"), Column("status", "status"),
+    Column("case", "case"),
+    Column("provider", "provider"),
+    Column("us", "us", "{:.1f}"),
+    Column("floor_ms", "floor ms", "{:.4f}"),
+    Column("x_floor", "x floor", "{:.1f}"),
+    Column("t_vs_fla", "t/fla", "{:.2f}x"),
+    Column("err", "rel err", "{:.2e}"),
+    Column("status", "status"),
 ]
 RESULT_COLUMNS = CHUNK_COLUMNS[:4] + [Column("us", "us", "{:.1f}")] + CHUNK_COLUMNS[4:]
 
 
 def parse_args(argv=None):
     parser = common.common_parser(__doc__.splitlines()[0])
-    parser.add_argument("--backend", default=None, choices=("triton", "torch", "auto"),
-                        help="lasp_hf backend (default: triton on CUDA, torch with --cpu)")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=("triton", "torch", "auto"),
+        help="lasp_hf backend (default: triton on CUDA, torch with --cpu)",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--warmup-ms", type=float, default=25.0)
     parser.add_argument("--rep-ms", type=float, default=100.0)
@@ -486,22 +587,40 @@ def main(argv=None) -> int:
     chunk_rows = [r for r in rows if r["mode"] != "decode"]
     decode_rows = [r for r in rows if r["mode"] == "decode"]
     if chunk_rows:
-        common.print_table(f"linear attention, {args.dtype}, {env['card']} (t/fla < 1: faster than fla)",
-                           chunk_rows, CHUNK_COLUMNS)
+        common.print_table(
+            f"linear attention, {args.dtype}, {env['card']} (t/fla < 1: faster than fla)",
+            chunk_rows,
+            CHUNK_COLUMNS,
+        )
     if decode_rows:
         common.print_table(f"decode step, {env['card']}", decode_rows, DECODE_COLUMNS)
     for row in rows:
         if row["status"] != "ok":
-            print(f"  {row['case']} {row['decay']} {row['mode']} {row['provider']}: {row['status']} {row.get('note', '')}")
+            where = f"{row['case']} {row['decay']} {row['mode']} {row['provider']}"
+            print(f"  {where}: {row['status']} {row.get('note', '')}")
     name = f"kernels-{common.card_slug(env['card'])}" + ("-tiny" if args.tiny else "")
     path = common.write_results(
-        name, env, rows, RESULT_COLUMNS, args.out,
-        extra={"copy_bandwidth_gbps": bandwidth, "dtype": args.dtype, "backend": backend,
-               "tolerance": run.tolerance(), "args": vars(args)},
-        notes=[f"copy bandwidth {bandwidth:.0f} GB/s; floor = bytes that must move / that bandwidth",
-               "t/fla: time over fla's at the same shape and mode (< 1 is faster); only for rows that passed",
-               (f"rel err: max over o and gradients of ||x - ref|| / ||ref|| against float64; "
-                f"tolerance {run.tolerance():g}")])
+        name,
+        env,
+        rows,
+        RESULT_COLUMNS,
+        args.out,
+        extra={
+            "copy_bandwidth_gbps": bandwidth,
+            "dtype": args.dtype,
+            "backend": backend,
+            "tolerance": run.tolerance(),
+            "args": vars(args),
+        },
+        notes=[
+            f"copy bandwidth {bandwidth:.0f} GB/s; floor = bytes that must move / that bandwidth",
+            "t/fla: time over fla's at the same shape and mode (< 1 is faster); only for rows that passed",
+            (
+                f"rel err: max over o and gradients of ||x - ref|| / ||ref|| against float64; "
+                f"tolerance {run.tolerance():g}"
+            ),
+        ],
+    )
     print(f"\nwrote {path}")
     failed = [r for r in rows if r["status"] in ("FAILED", "ERROR")]
     return 1 if failed else 0

@@ -22,8 +22,11 @@ from __future__ import annotations
 import os
 
 # Multicast (NVLS) is off on the lent machines; set before any process group exists.
-for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                      ("NVSHMEM_DISABLE_NVLS", "1")):
+for _name, _value in (
+    ("NCCL_NVLS_ENABLE", "0"),
+    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+    ("NVSHMEM_DISABLE_NVLS", "1"),
+):
     os.environ.setdefault(_name, _value)
 
 import sys
@@ -55,7 +58,7 @@ class Run:
     tiny: bool
     rank: int
     world_size: int
-    sp: object            # lasp_hf SequenceParallelContext
+    sp: object  # lasp_hf SequenceParallelContext
     lasp_ready: str | None  # None when the LASP reference can run, else why not
     warmup: int
     iters: int
@@ -90,6 +93,7 @@ def comm_bytes(provider: str, W: int, B: int, H: int, K: int, V: int) -> dict:
 
 # ----------------------------------------------------------------------------- timing across ranks
 
+
 def time_across_ranks(run: Run, step: Callable[[], object]) -> dict:
     """Run `step` warmup + iters times, each after a barrier; return the median over iterations
     of the slowest rank's time, and every rank's own median (ms)."""
@@ -114,9 +118,8 @@ def time_across_ranks(run: Run, step: Callable[[], object]) -> dict:
     mine = torch.tensor(times, dtype=torch.float64, device=run.device)
     every = [torch.empty_like(mine) for _ in range(run.world_size)]
     dist.all_gather(every, mine)
-    every = torch.stack(every).cpu()                                # [W, iters]
-    return {"ms": float(every.max(dim=0).values.median()),
-            "rank_ms": [float(row.median()) for row in every]}
+    every = torch.stack(every).cpu()  # [W, iters]
+    return {"ms": float(every.max(dim=0).values.median()), "rank_ms": [float(row.median()) for row in every]}
 
 
 def all_ranks_max(run: Run, value: float) -> float:
@@ -126,6 +129,7 @@ def all_ranks_max(run: Run, value: float) -> float:
 
 
 # ----------------------------------------------------------------------------- providers
+
 
 def _leaves(*tensors):
     return [x.detach().clone().requires_grad_() for x in tensors]
@@ -145,6 +149,7 @@ def prepare(run: Run, provider: str, q, k, v, g, do):
 
         def forward():
             return lasp_hf.linear_attention(lq, lk, lv, g, scale=1.0, backend=run.backend, **sp_args)[0]
+
         return forward, [lq, lk, lv], do, lambda t: t
     if provider == "lasp-ref":
         from lasp import lasp_fuse_parallel
@@ -157,11 +162,13 @@ def prepare(run: Run, provider: str, q, k, v, g, do):
 
         def forward():
             return lasp_fuse_parallel(lq, lk, lv, s, kv, dkv)
+
         return forward, [lq, lk, lv], _bhtd(do), lambda t: t.transpose(1, 2)
     raise ValueError(f"unknown provider {provider!r}")
 
 
 # ----------------------------------------------------------------------------- the case
+
 
 @CASES.case("sp", dict(T=8 * KI), dict(T=32 * KI), dict(T=128 * KI))
 def sp_case(run: Run, name: str, T: int) -> list[dict]:
@@ -205,7 +212,9 @@ def _check_and_time(run: Run, provider: str, row: dict, inputs: tuple, ref: dict
         forward, leaves, upstream, to_bthd = prepare(run, provider, *inputs)
         o = forward()
         grads = torch.autograd.grad(o, leaves, upstream)
-        errors = {n: common.relative_error(to_bthd(x), ref[n]) for n, x in zip(("o", "dq", "dk", "dv"), (o, *grads))}
+        errors = {
+            n: common.relative_error(to_bthd(x), ref[n]) for n, x in zip(("o", "dq", "dk", "dv"), (o, *grads))
+        }
     except Exception as err:  # noqa: BLE001 - reported in the row, the other providers still run
         traceback.print_exc()
         failure = f"{type(err).__name__}: {err}".splitlines()[0][:160]
@@ -248,22 +257,40 @@ def _free(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- main
 
 COLUMNS = [
-    Column("case", "case"), Column("W", "W"), Column("provider", "provider"), Column("ms", "ms", "{:.3f}"),
-    Column("tokens_per_s", "tok/s", "{:.3e}"), Column("efficiency", "eff", "{:.2f}"),
-    Column("vs_lasp", "vs lasp", "{:.1f}x"), Column("comm_mb_per_rank", "comm MB/rank", "{:.3g}"),
-    Column("err", "rel err", "{:.2e}"), Column("status", "status"),
+    Column("case", "case"),
+    Column("W", "W"),
+    Column("provider", "provider"),
+    Column("ms", "ms", "{:.3f}"),
+    Column("tokens_per_s", "tok/s", "{:.3e}"),
+    Column("efficiency", "eff", "{:.2f}"),
+    Column("vs_lasp", "vs lasp", "{:.1f}x"),
+    Column("comm_mb_per_rank", "comm MB/rank", "{:.3g}"),
+    Column("err", "rel err", "{:.2e}"),
+    Column("status", "status"),
 ]
 
 
 def parse_args(argv=None):
     parser = common.common_parser(__doc__.splitlines()[0])
-    parser.add_argument("--backend", default=None, choices=("triton", "torch", "auto"),
-                        help="lasp_hf backend (default: triton on CUDA, torch with --cpu)")
-    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
-                        help="default: bfloat16 on CUDA, float32 with --cpu")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3; 1 with --cpu)")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=("triton", "torch", "auto"),
+        help="lasp_hf backend (default: triton on CUDA, torch with --cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float16", "float32"),
+        help="default: bfloat16 on CUDA, float32 with --cpu",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed iterations (default 3; 1 with --cpu)"
+    )
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 10; 3 with --cpu)")
-    parser.add_argument("--timeout-s", type=int, default=300, help="process-group timeout (a hung rank ends the run)")
+    parser.add_argument(
+        "--timeout-s", type=int, default=300, help="process-group timeout (a hung rank ends the run)"
+    )
     return parser.parse_args(argv)
 
 
@@ -306,10 +333,18 @@ def main(argv=None) -> int:
             import lasp
 
             lasp.initialize_lasp(data_parallel_size=1, sequence_parallel_size=world_size)
-        run = Run(device, getattr(torch, args.dtype or ("float32" if args.cpu else "bfloat16")),
-                  args.backend or ("torch" if args.cpu else "triton"), args.tiny, rank, world_size, sp,
-                  lasp_ready, args.warmup if args.warmup is not None else (1 if args.cpu else 3),
-                  args.iters if args.iters is not None else (3 if args.cpu else 10))
+        run = Run(
+            device,
+            getattr(torch, args.dtype or ("float32" if args.cpu else "bfloat16")),
+            args.backend or ("torch" if args.cpu else "triton"),
+            args.tiny,
+            rank,
+            world_size,
+            sp,
+            lasp_ready,
+            args.warmup if args.warmup is not None else (1 if args.cpu else 3),
+            args.iters if args.iters is not None else (3 if args.cpu else 10),
+        )
         env = common.environment(device)
         rows = []
         for case in selected:
@@ -317,23 +352,39 @@ def main(argv=None) -> int:
                 print(f"[sp W={world_size}] {case.name}", file=sys.stderr, flush=True)
             rows += case(run, case.name)
         if rank == 0:
-            title = f"LASP scaling, W={world_size}, {args.dtype or run.dtype}, {env['card']}, backend {run.backend}"
+            title = f"LASP scaling, W={world_size}, {run.dtype}, {env['card']}, backend {run.backend}"
             common.print_table(title, rows, COLUMNS)
             for row in rows:
                 if row["status"] != "ok":
                     print(f"  {row['case']} {row['provider']}: {row['status']} {row.get('note', '')}")
             name = f"sp-{common.card_slug(env['card'])}-W{world_size}" + ("-tiny" if args.tiny else "")
             path = common.write_results(
-                name, env, rows, COLUMNS, args.out,
-                extra={"world_size": world_size, "dtype": str(run.dtype), "backend": run.backend,
-                       "tolerance": TOLERANCE[run.dtype], "args": vars(args)},
-                notes=[("ms: fwd+bwd of one layer, median over iterations of the slowest rank (each iteration "
-                        "starts after a barrier)"),
-                       "tok/s: W*T_local/ms (single: one rank's T_local/ms); eff: single ms / ms",
-                       "vs lasp: tok/s over lasp-ref's at the same W and T_local",
-                       "comm MB/rank: bytes the busiest rank sends per layer, fwd+bwd",
-                       ("rel err: max over ranks of o, dq, dk, dv against the unsharded op on the whole "
-                        f"sequence; tolerance {TOLERANCE[run.dtype]:g}")])
+                name,
+                env,
+                rows,
+                COLUMNS,
+                args.out,
+                extra={
+                    "world_size": world_size,
+                    "dtype": str(run.dtype),
+                    "backend": run.backend,
+                    "tolerance": TOLERANCE[run.dtype],
+                    "args": vars(args),
+                },
+                notes=[
+                    (
+                        "ms: fwd+bwd of one layer, median over iterations of the slowest rank "
+                        "(each iteration starts after a barrier)"
+                    ),
+                    "tok/s: W*T_local/ms (single: one rank's T_local/ms); eff: single ms / ms",
+                    "vs lasp: tok/s over lasp-ref's at the same W and T_local",
+                    "comm MB/rank: bytes the busiest rank sends per layer, fwd+bwd",
+                    (
+                        "rel err: max over ranks of o, dq, dk, dv against the unsharded op on the whole "
+                        f"sequence; tolerance {TOLERANCE[run.dtype]:g}"
+                    ),
+                ],
+            )
             print(f"\nwrote {path}")
         bad = any(row["status"] in ("FAILED", "ERROR") for row in rows)
         return 1 if bad else 0

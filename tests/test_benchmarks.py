@@ -40,13 +40,23 @@ sp_scaling = _load("sp_scaling")
 def _run(args, timeout=240, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False,
-                          cwd=BENCH_DIR.parent)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    proc = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+        cwd=BENCH_DIR.parent,
+    )
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
 # ----------------------------------------------------------------------------- common.py
+
 
 def test_registry_names_order_and_selection():
     reg = common.Registry()
@@ -76,13 +86,18 @@ def test_table_json_and_markdown(tmp_path, monkeypatch):
     assert env["commit"] == "0123456789abcdef" and env["card"] == "cpu" and env["torch"] == torch.__version__
     assert set(env["peers"]) == set(common.PEER_DISTRIBUTIONS)
     rows = [{"case": "c1", "ms": 1.23456, "status": "ok"}, {"case": "c2", "ms": None, "status": "SKIP"}]
-    cols = [common.Column("case", "case"), common.Column("ms", "ms", "{:.2f}"), common.Column("status", "status")]
+    cols = [
+        common.Column("case", "case"),
+        common.Column("ms", "ms", "{:.2f}"),
+        common.Column("status", "status"),
+    ]
     text = common.format_table(rows, cols)
     lines = text.splitlines()
     assert lines[0].split() == ["case", "ms", "status"]
     assert lines[2].split() == ["c1", "1.23", "ok"] and lines[3].split() == ["c2", "-", "SKIP"]
-    path = common.write_results("kernels-test", env, rows, cols, tmp_path, extra={"copy_bandwidth_gbps": 3.0},
-                                notes=["a note"])
+    path = common.write_results(
+        "kernels-test", env, rows, cols, tmp_path, extra={"copy_bandwidth_gbps": 3.0}, notes=["a note"]
+    )
     data = json.loads(path.read_text())
     assert data["env"]["commit"] == "0123456789abcdef" and data["copy_bandwidth_gbps"] == 3.0
     assert data["rows"] == rows
@@ -104,6 +119,7 @@ def test_names_and_numbers():
 
 
 # ----------------------------------------------------------------------------- kernels.py
+
 
 def _recurrence_float64(q, k, v, g, scale):
     """S_t = exp(g_t) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t, one token at a time, float64."""
@@ -146,41 +162,52 @@ def test_sdpa_rows_reference_matches_full_attention():
 def test_memory_floor_bytes():
     got = kernels.chunk_bytes(B=2, T=10, H=3, K=4, V=5, element=2, token_decay=False)
     tokens = 2 * 10 * 3
-    assert got["fwd"] == tokens * (4 + 4 + 5 + 5) * 2                        # q, k, v in; o out
-    assert got["fwd+bwd"] == got["fwd"] + tokens * (4 + 4 + 5 + 5 + 4 + 4 + 5) * 2  # q, k, v, do in; dq, dk, dv out
+    assert got["fwd"] == tokens * (4 + 4 + 5 + 5) * 2  # q, k, v in; o out
+    assert (
+        got["fwd+bwd"] == got["fwd"] + tokens * (4 + 4 + 5 + 5 + 4 + 4 + 5) * 2
+    )  # q, k, v, do in; dq, dk, dv out
     with_g = kernels.chunk_bytes(B=2, T=10, H=3, K=4, V=5, element=2, token_decay=True)
-    assert with_g["fwd+bwd"] - got["fwd+bwd"] == 3 * tokens * 4               # g in (twice), dg out
+    assert with_g["fwd+bwd"] - got["fwd+bwd"] == 3 * tokens * 4  # g in (twice), dg out
 
 
 def test_slopes_are_transnormer_decays():
     s = kernels.slopes(16)
-    assert s[0].item() == pytest.approx(2 ** -0.5) and s[-1].item() == pytest.approx(2 ** -8)
+    assert s[0].item() == pytest.approx(2**-0.5) and s[-1].item() == pytest.approx(2**-8)
     assert bool((s[1:] < s[:-1]).all())
 
 
 def _cpu_run(backend="torch"):
-    return kernels.Run(torch.device("cpu"), torch.bfloat16, backend, tiny=True, bandwidth_gbps=10.0,
-                       warmup_ms=1, rep_ms=1)
+    return kernels.Run(
+        torch.device("cpu"), torch.bfloat16, backend, tiny=True, bandwidth_gbps=10.0, warmup_ms=1, rep_ms=1
+    )
 
 
 def test_wrong_provider_is_failed_and_gets_no_ratio(monkeypatch):
     """A peer whose output is 10% off is marked FAILED; no row is compared with it."""
+
     def prepare_wrong(run, x):
         ours = kernels.prepare_lasp_hf(run, x)
-        return kernels.Prepared(lambda: ours.forward() * 1.1, ours.leaves, ours.do, grad_names=ours.grad_names)
+        return kernels.Prepared(
+            lambda: ours.forward() * 1.1, ours.leaves, ours.do, grad_names=ours.grad_names
+        )
 
-    providers = [kernels.Provider("lasp_hf", kernels.prepare_lasp_hf, ("head", "token")),
-                 kernels.Provider("fla", prepare_wrong, ("head", "token"))]
+    providers = [
+        kernels.Provider("lasp_hf", kernels.prepare_lasp_hf, ("head", "token")),
+        kernels.Provider("fla", prepare_wrong, ("head", "token")),
+    ]
     monkeypatch.setattr(kernels, "PROVIDERS", providers)
+
     def one_call(fn, warmup=1, iters=5):
         fn()
         return [1.0]
 
     monkeypatch.setattr(kernels.common, "wall_ms", one_call)
     rows = kernels.chunk(_cpu_run(), "chunk-B1-H16-T8K", B=1, H=16, T=8192)
-    assert {(r["decay"], r["mode"]) for r in rows} == {(d, m) for d in ("head", "token") for m in ("fwd", "fwd+bwd")}
+    assert {(r["decay"], r["mode"]) for r in rows} == {
+        (d, m) for d in ("head", "token") for m in ("fwd", "fwd+bwd")
+    }
     for row in rows:
-        assert row["T"] == 131 and row["K"] == 32                          # the --tiny stand-in shape
+        assert row["T"] == 131 and row["K"] == 32  # the --tiny stand-in shape
         if row["provider"] == "fla":
             assert row["status"] == "FAILED" and row["err"] == pytest.approx(0.1, rel=0.05)
         else:
@@ -189,10 +216,12 @@ def test_wrong_provider_is_failed_and_gets_no_ratio(monkeypatch):
 
 
 def test_ratio_only_between_passing_rows():
-    rows = [dict(case="c", decay="head", mode="fwd", provider="fla", status="ok", ms=2.0),
-            dict(case="c", decay="head", mode="fwd", provider="lasp_hf", status="ok", ms=1.0),
-            dict(case="c", decay="head", mode="fwd+bwd", provider="fla", status="ok", ms=4.0),
-            dict(case="c", decay="head", mode="fwd+bwd", provider="lasp_hf", status="FAILED", ms=1.0)]
+    rows = [
+        dict(case="c", decay="head", mode="fwd", provider="fla", status="ok", ms=2.0),
+        dict(case="c", decay="head", mode="fwd", provider="lasp_hf", status="ok", ms=1.0),
+        dict(case="c", decay="head", mode="fwd+bwd", provider="fla", status="ok", ms=4.0),
+        dict(case="c", decay="head", mode="fwd+bwd", provider="lasp_hf", status="FAILED", ms=1.0),
+    ]
     kernels._add_ratios(rows)
     assert rows[1]["t_vs_fla"] == 0.5 and rows[0]["t_vs_fla"] == 1.0
     assert "t_vs_fla" not in rows[3]
@@ -201,21 +230,42 @@ def test_ratio_only_between_passing_rows():
 def test_kernels_dry_run_lists_the_issue_cases():
     out = _run([str(BENCH_DIR / "kernels.py"), "--dry-run"]).stdout.split()
     names = [w for w in out if w.startswith(("chunk-", "decode-"))]
-    assert names == ["chunk-B1-H16-T4K", "chunk-B1-H16-T8K", "chunk-B1-H16-T32K", "chunk-B1-H16-T128K", "chunk-B8-H32-T4K",
-                     "chunk-B8-H32-T16K", "decode-B1-H16", "decode-B64-H16"]
+    assert names == [
+        "chunk-B1-H16-T4K",
+        "chunk-B1-H16-T8K",
+        "chunk-B1-H16-T32K",
+        "chunk-B1-H16-T128K",
+        "chunk-B8-H32-T4K",
+        "chunk-B8-H32-T16K",
+        "decode-B1-H16",
+        "decode-B64-H16",
+    ]
 
 
 def test_kernels_cpu_tiny_run_writes_results(tmp_path):
-    _run([str(BENCH_DIR / "kernels.py"), "--cpu", "--tiny", "--cases", "chunk-B8-H32-T4K", "decode-B1-*",
-          "--out", str(tmp_path)], env_extra={"LASP_HF_COMMIT": "abc123"})
+    _run(
+        [
+            str(BENCH_DIR / "kernels.py"),
+            "--cpu",
+            "--tiny",
+            "--cases",
+            "chunk-B8-H32-T4K",
+            "decode-B1-*",
+            "--out",
+            str(tmp_path),
+        ],
+        env_extra={"LASP_HF_COMMIT": "abc123"},
+    )
     data = json.loads((tmp_path / "kernels-cpu-tiny.json").read_text())
-    assert data["env"]["commit"] == "abc123" and data["backend"] == "torch" and data["copy_bandwidth_gbps"] > 0
+    assert (
+        data["env"]["commit"] == "abc123" and data["backend"] == "torch" and data["copy_bandwidth_gbps"] > 0
+    )
     rows = {(r["case"], r["decay"], r["mode"], r["provider"]): r for r in data["rows"]}
     for mode in ("fwd", "fwd+bwd"):
         for decay in ("head", "token"):
             ours = rows[("chunk-B8-H32-T4K", decay, mode, "lasp_hf")]
             assert ours["status"] == "ok" and ours["err"] < 2e-2 and ours["ms"] > 0 and ours["floor_ms"] > 0
-            assert rows[("chunk-B8-H32-T4K", decay, mode, "fla")]["status"] == "SKIP"   # peers need CUDA
+            assert rows[("chunk-B8-H32-T4K", decay, mode, "fla")]["status"] == "SKIP"  # peers need CUDA
         assert rows[("chunk-B8-H32-T4K", "head", mode, "sdpa")]["status"] == "ok"
     decode = rows[("decode-B1-H16", "head", "decode", "lasp_hf")]
     assert decode["status"] == "ok" and decode["errors"]["state"] < 1e-6 and decode["us"] > 0
@@ -226,12 +276,16 @@ def test_kernels_cpu_tiny_run_writes_results(tmp_path):
 
 # ----------------------------------------------------------------------------- sp_scaling.py
 
+
 def test_comm_bytes_per_layer():
     state = 1 * 16 * 128 * 128 * 4
     assert sp_scaling.comm_bytes("ring", 4, 1, 16, 128, 128) == {"per_rank": 2 * state, "total": 6 * state}
     assert sp_scaling.comm_bytes("ring", 2, 1, 16, 128, 128) == {"per_rank": state, "total": 2 * state}
     entry = state + 16 * 4
-    assert sp_scaling.comm_bytes("allgather", 4, 1, 16, 128, 128) == {"per_rank": 6 * entry, "total": 24 * entry}
+    assert sp_scaling.comm_bytes("allgather", 4, 1, 16, 128, 128) == {
+        "per_rank": 6 * entry,
+        "total": 24 * entry,
+    }
     assert sp_scaling.comm_bytes("single", 4, 1, 16, 128, 128)["total"] == 0
 
 
@@ -239,8 +293,23 @@ def test_comm_bytes_per_layer():
 def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
     """One torchrun launch, 2 gloo ranks: the unsharded baseline, ring and allgather pass their
     check against the unsharded op (float32, 1e-4) and get an efficiency; lasp-ref is skipped."""
-    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(BENCH_DIR / "sp_scaling.py"),
-          "--cpu", "--tiny", "--cases", "sp-T8K", "--out", str(tmp_path)], timeout=180)
+    _run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(BENCH_DIR / "sp_scaling.py"),
+            "--cpu",
+            "--tiny",
+            "--cases",
+            "sp-T8K",
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=180,
+    )
     data = json.loads((tmp_path / "sp-cpu-W2-tiny.json").read_text())
     assert data["world_size"] == 2 and data["tolerance"] == 1e-4
     rows = {r["provider"]: r for r in data["rows"]}
@@ -259,6 +328,7 @@ def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
 
 
 # ----------------------------------------------------------------------------- GPU
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
