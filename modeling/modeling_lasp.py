@@ -136,6 +136,13 @@ class LaspLinearAttention(nn.Module):
             self.decay = None
         self.scale = 1.0 if self.kind == "lightning" else self.head_dim ** -0.5
 
+    def _apply(self, fn, recurse=True):
+        # Keep the fixed decay in float32 when the model is cast to bf16 / fp16 (bf16 would round it by 2^-9).
+        super()._apply(fn, recurse)
+        if self.decay is not None and self.decay.dtype != torch.float32:
+            self.decay = self.decay.float()
+        return self
+
     def _log_decay(self, x):
         if self.kind == "lightning":
             return self.decay.float()
@@ -189,6 +196,13 @@ class LaspRotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the frequencies in float32 when the model is cast to a half type.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self.inv_freq.float()
+        return self
 
     @staticmethod
     def compute_inv_freq(config: LaspConfig) -> torch.Tensor:
@@ -437,13 +451,16 @@ class LaspModel(LaspPreTrainedModel):
             raise ValueError(f"attention_mask must be 2-D [B, P + T] (1 = token, 0 = padding), got {attention_mask.dim()}-D")
         padding = attention_mask is not None and not bool(attention_mask.all())
 
-        if cu_seqlens is None and position_ids is not None and B == 1 and T > 1 and not padding:
-            cu_seqlens = _packed_cu_seqlens(position_ids)
-            if cu_seqlens is not None and sp_context is not None:
+        if cu_seqlens is None and position_ids is not None and sp_context is not None:
+            # A slice cannot tell where the other ranks' documents start: the caller must pass the full boundaries.
+            restarts = bool((position_ids[:, 1:] == 0).any()) or (sp_context.rank > 0 and bool((position_ids[:, 0] == 0).any()))
+            if restarts:
                 raise ValueError(
                     "under sequence parallelism packed documents need cu_seq_lens_q (the full sequence's boundaries); "
-                    "position_ids of one slice cannot give them"
+                    "the position_ids of one slice cannot give them"
                 )
+        elif cu_seqlens is None and position_ids is not None and B == 1 and T > 1 and not padding:
+            cu_seqlens = _packed_cu_seqlens(position_ids)
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"packed sequences (cu_seq_lens_q / restarting position_ids) need batch size 1, got {B}")

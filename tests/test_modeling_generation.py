@@ -54,6 +54,10 @@ def test_step_by_step_decode_equals_full_forward(mixer, layer_types):
     steps.append(out.logits)
     assert cache.get_seq_length() == 14
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-4
+    # cache_position (as older generate() passes it) gives the same positions.
+    cache = _cache_of(model(x[:, :5], use_cache=True))
+    rest = model(x[:, 5:], past_key_values=cache, cache_position=torch.arange(5, 14), use_cache=True).logits
+    assert rel_err(rest, full[:, 5:]) < 1e-4
 
 
 def test_left_padded_decode_with_cache_equals_unpadded():

@@ -46,6 +46,16 @@ def test_save_and_load_round_trip(tmp_path, tie):
         assert tied == tie
 
 
+def test_load_in_bfloat16_keeps_the_fixed_decay_exact(tmp_path):
+    model = tiny_model("lightning")
+    model.save_pretrained(tmp_path)
+    loaded = LaspForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16
+    for layer, original in zip(loaded.model.layers, model.model.layers):
+        assert layer.token_mixer.decay.dtype == torch.float32
+        assert torch.equal(layer.token_mixer.decay, original.token_mixer.decay)
+
+
 _FRESH_PROCESS = r"""
 import sys, torch
 from transformers import AutoModelForCausalLM
