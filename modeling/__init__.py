@@ -5,12 +5,11 @@ Importing it registers the classes with AutoConfig, AutoModel and AutoModelForCa
 in a process that never imported lasp_hf).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
 from lasp_hf.modeling.cache_lasp import LaspCache
 from lasp_hf.modeling.configuration_lasp import LaspConfig
 from lasp_hf.modeling.loss_lasp import chunked_cross_entropy
 from lasp_hf.modeling.modeling_lasp import LaspForCausalLM, LaspModel, LaspPreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 AutoConfig.register(LaspConfig.model_type, LaspConfig, exist_ok=True)
 AutoModel.register(LaspConfig, LaspModel, exist_ok=True)

@@ -8,13 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from test_modeling_common import CASE_IDS, CASES, VOCAB, rel_err, tiny_config, tiny_model
-
 from lasp_hf import LaspConfig, LaspForCausalLM, LaspModel
-from lasp_hf.modeling.modeling_lasp import LaspLinearAttention, chunked_cross_entropy
-
-
-# ---------------------------------------------------------------------------------------------- config
+from lasp_hf.modeling.layers_lasp import LaspLinearAttention
+from lasp_hf.modeling.modeling_lasp import chunked_cross_entropy
+from test_modeling_common import CASE_IDS, CASES, VOCAB, rel_err, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -56,8 +53,6 @@ def test_lightning_decay_follows_transnormer():
     torch.testing.assert_close(one_layer, -torch.tensor([2.0 ** (-2.0 * (h + 1)) for h in range(4)]) * (1 + 1e-5))
 
 
-# ---------------------------------------------------------------------------- token mixers vs recurrence
-
 
 def _recurrence(q, k, v, g, scale):
     """float64 step-by-step S_t = exp(g_t) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t; q, k, v [B, T, H, D]."""
@@ -83,7 +78,7 @@ def test_token_mixer_matches_float64_recurrence(kind):
     out = mixer(x)
 
     xd = x.double()
-    lin = lambda m: F.linear(xd, m.weight.double(), None if m.bias is None else m.bias.double())  # noqa: E731
+    lin = lambda m: F.linear(xd, m.weight.double(), None if m.bias is None else m.bias.double())
     q, k, v = (lin(m).view(2, 11, 4, 8) for m in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
     if kind == "lightning":
         q, k = F.silu(q), F.silu(k)
@@ -104,8 +99,6 @@ def test_token_mixer_matches_float64_recurrence(kind):
     ref = F.linear(o, mixer.o_proj.weight.double())
     assert rel_err(out, ref) < 1e-4
 
-
-# --------------------------------------------------------------------------------------- forward, loss
 
 
 @pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
@@ -224,8 +217,6 @@ def test_bad_forward_input_raises():
         model(x, cu_seq_lens_q=torch.tensor([0, 4, 9]), use_cache=False)
 
 
-# ------------------------------------------------------------------------------------- padding, packing
-
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
@@ -277,8 +268,6 @@ def test_softmax_layers_sdpa_equals_eager():
         outs.append(model(x, attention_mask=mask, use_cache=False).logits[mask.bool()])
     assert rel_err(outs[0], outs[1]) < 1e-5
 
-
-# -------------------------------------------------------------------------------- checkpointing, dtypes
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])

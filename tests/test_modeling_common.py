@@ -3,7 +3,6 @@
 No tests here: the test_modeling_*.py files import it."""
 
 import torch
-
 from lasp_hf import LaspConfig, LaspForCausalLM
 
 VOCAB = 97

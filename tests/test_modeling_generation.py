@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from lasp_hf.modeling import layers_lasp
+from lasp_hf.modeling.cache_lasp import LaspCache
 from test_modeling_common import CASE_IDS, CASES, VOCAB, rel_err, tiny_model
 from transformers import DynamicCache
-
-from lasp_hf.modeling import modeling_lasp
-from lasp_hf.modeling.cache_lasp import LaspCache
 
 
 def _cache_of(output):
@@ -98,7 +97,7 @@ def test_decode_step_is_constant_in_context_length(monkeypatch):
             raise AssertionError("a decode step must not run the chunked op over the context")
 
         with monkeypatch.context() as patch:
-            patch.setattr(modeling_lasp, "linear_attention", no_chunked_pass)
+            patch.setattr(layers_lasp, "linear_attention", no_chunked_pass)
             model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache, use_cache=True)
     assert states[4] == states[40] == [(1, 4, 8, 8)] * 2
 

@@ -1,0 +1,293 @@
+"""Building blocks of the lasp model family: norms, the GLU channel mixer, the linear-attention token mixer
+(lightning / linear / gated) and the softmax-attention token mixer with rotary embeddings (hybrid layers).
+
+Shapes: B batch, T tokens (this call), H heads, D head dim.
+"""
+
+from collections.abc import Callable
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+from lasp_hf.ops import linear_attention, linear_attention_step
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_lasp import LaspConfig
+
+
+class LaspRMSNorm(nn.Module):
+    """RMSNorm with a learned weight (computed in float32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LaspSRMSNorm(nn.Module):
+    """TransNormerLLM's simple RMSNorm: x / rms(x), no weight (computed in float32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def build_norm(config: LaspConfig, dim: int) -> nn.Module:
+    norm_class = LaspRMSNorm if config.norm_type == "rmsnorm" else LaspSRMSNorm
+    return norm_class(dim, eps=config.rms_norm_eps)
+
+
+class LaspGLU(nn.Module):
+    """Channel mixer: `down(act(gate(x)) * up(x))`, act = identity (SGLU, TransNormerLLM) or SiLU (SwiGLU)."""
+
+    def __init__(self, config: LaspConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = nn.SiLU() if config.channel_mixer == "swiglu" else nn.Identity()
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def lightning_decay(config: LaspConfig, layer_idx: int) -> torch.Tensor:
+    """TransNormerLLM's fixed log decay of layer l of L: g_h = -s_h * (1 - l / (L - 1) + 1e-5), with the ALiBi
+    slopes s_h = 2^(-8 (h + 1) / H). Float32 `[H]`."""
+    H, L = config.num_attention_heads, config.num_hidden_layers
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32)
+    depth = layer_idx / (L - 1) if L > 1 else 0.0
+    return -slopes * (1.0 - depth + 1e-5)
+
+
+class LaspLinearAttention(nn.Module):
+    """Linear-attention token mixer; `config.token_mixer` picks the kind:
+
+    - "lightning" (TransNormerLLM): q, k = silu(W x), v = W x; fixed per-head decay (`lightning_decay`);
+      scale 1; norm on the output, times an output gate act(W_u x).
+    - "linear" (the LASP paper's basic linear attention): q, k = phi(W x) with phi = elu + 1 or identity;
+      no decay; scale D^-0.5; norm on the output.
+    - "gated" (gated linear attention): g_t = logsigmoid(W2 W1 x_t + b) / normalizer per token and head;
+      scale D^-0.5; norm on the output, times an output gate.
+
+    The output norm (the config's norm, over all heads) stands in for linear attention's denominator, as in
+    TransNormer, and keeps the unnormalized sum of outer products in range.
+
+    Padding (`mask` False): k and v are zeroed and g set to 0 there, so a padded token neither adds to the
+    state nor decays it. Left pads keep the state exactly zero until the first real token; right pads leave
+    it (and the cached state) equal to the state after the last real token.
+    """
+
+    def __init__(self, config: LaspConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.kind = config.token_mixer
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        width = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.o_norm = build_norm(config, width)
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.u_proj = None
+        if self.kind in ("lightning", "gated"):
+            self.u_proj = nn.Linear(config.hidden_size, width, bias=False)
+            self.u_act = nn.Sigmoid() if config.output_gate_act == "sigmoid" else nn.SiLU()
+        self.decay_proj = None
+        if self.kind == "gated":
+            self.decay_proj = nn.Sequential(
+                nn.Linear(config.hidden_size, config.gate_low_rank_dim, bias=False),
+                nn.Linear(config.gate_low_rank_dim, self.num_heads, bias=True),
+            )
+        if self.kind == "lightning":
+            self.register_buffer("decay", lightning_decay(config, layer_idx), persistent=False)
+        else:
+            self.decay = None
+        self.scale = 1.0 if self.kind == "lightning" else self.head_dim ** -0.5
+
+    def _apply(self, fn, recurse=True):
+        # Keep the fixed decay in float32 when the model is cast to bf16 / fp16 (bf16 would round it by 2^-9).
+        super()._apply(fn, recurse)
+        if self.decay is not None and self.decay.dtype != torch.float32:
+            self.decay = self.decay.float()
+        return self
+
+    def _log_decay(self, x):
+        if self.kind == "lightning":
+            return self.decay.float()
+        if self.kind == "gated":
+            return F.logsigmoid(self.decay_proj(x).float()) / self.config.gate_logit_normalizer
+        return None
+
+    def forward(self, hidden_states, mask=None, cu_seqlens=None, cache=None, sp_context=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape)
+        if self.kind == "lightning":
+            q, k = F.silu(q), F.silu(k)
+        elif self.kind == "linear" and self.config.feature_map == "elu":
+            q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+        g = self._log_decay(hidden_states)
+        if mask is not None:
+            pad = ~mask[:, :, None]                                   # [B, T, 1]
+            k = k.masked_fill(pad[..., None], 0.0)
+            v = v.masked_fill(pad[..., None], 0.0)
+            if g is not None:
+                g = g.expand(B, T, self.num_heads).masked_fill(pad, 0.0)
+
+        state = cache.get_state(self.layer_idx) if cache is not None else None
+        if state is not None and T == 1:
+            # One decoding token: O(1) in the context length.
+            g_step = g[:, 0] if (g is not None and g.dim() == 3) else g
+            o, new_state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale)
+            o = o[:, None]
+        else:
+            o, new_state = linear_attention(
+                q, k, v, g, scale=self.scale, initial_state=state, output_final_state=cache is not None,
+                cu_seqlens=cu_seqlens, sp_group=sp_context,
+                sp_mode=sp_context.mode if sp_context is not None else "ring",
+            )
+        if cache is not None:
+            cache.set_state(new_state, self.layer_idx)
+
+        o = self.o_norm(o.reshape(B, T, -1))
+        if self.u_proj is not None:
+            o = self.u_act(self.u_proj(hidden_states)) * o
+        return self.o_proj(o)
+
+
+class LaspRotaryEmbedding(nn.Module):
+    """Rotary position embeddings (rotate-half convention) for the full-attention layers."""
+
+    def __init__(self, config: LaspConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the frequencies in float32 when the model is cast to a half type.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self.inv_freq.float()
+        return self
+
+    @staticmethod
+    def compute_inv_freq(config: LaspConfig) -> torch.Tensor:
+        dim = config.head_dim
+        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+    @torch.no_grad()
+    def forward(self, x, position_ids):
+        """position_ids `[B, T]` -> cos, sin `[B, T, D]` in x's dtype."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float().to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q, k `[B, T, H, D]`; cos, sin `[B, T, D]`."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Softmax attention in plain PyTorch. query `[B, H, Tq, D]`, key/value `[B, H, Tk, D]`; attention_mask is
+    None (causal, queries aligned to the last keys) or boolean `[B, 1, Tq, Tk]` (True = attend)."""
+    weights = (query @ key.transpose(2, 3)) * scaling
+    Tq, Tk = query.shape[2], key.shape[2]
+    if attention_mask is None and Tq > 1:
+        attention_mask = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(diagonal=Tk - Tq)
+    if attention_mask is not None:
+        weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+    probs = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+class LaspSoftmaxAttention(nn.Module):
+    """Causal softmax attention with RoPE for the "full_attention" layers of hybrids, through transformers'
+    attention interface (sdpa by default, eager as fallback). Under SP it calls `sp_softmax_attention`."""
+
+    def __init__(self, config: LaspConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = 1
+        self.is_causal = True
+        self.scaling = self.head_dim ** -0.5
+        width = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=False)
+
+    def _attention_interface(self) -> Callable:
+        implementation = self.config._attn_implementation
+        if implementation in (None, "eager"):
+            return eager_attention_forward
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+
+    def forward(self, hidden_states, position_embeddings=None, attn_mask=None, cu_seqlens=None, cache=None,
+                sp_context=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+
+        if sp_context is not None:
+            from lasp_hf.parallel.attention import sp_softmax_attention
+
+            o = sp_softmax_attention(q, k, v, sp_context=sp_context, cu_seqlens=cu_seqlens, scale=self.scaling)
+            return self.o_proj(o.reshape(B, T, -1))
+
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))              # [B, H, T, D]
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attention = self._attention_interface()
+        if cu_seqlens is not None:
+            # Packed documents: one causal call per document, so none attends across a boundary.
+            bounds = cu_seqlens.tolist()
+            outs = [
+                attention(self, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, dropout=0.0, scaling=self.scaling)[0]
+                for s, e in pairwise(bounds) if e > s
+            ]
+            o = torch.cat(outs, dim=1)
+        else:
+            o = attention(self, q, k, v, attn_mask, dropout=0.0, scaling=self.scaling)[0]
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+__all__ = [
+    "LaspGLU",
+    "LaspLinearAttention",
+    "LaspRMSNorm",
+    "LaspRotaryEmbedding",
+    "LaspSRMSNorm",
+    "LaspSoftmaxAttention",
+    "build_norm",
+    "lightning_decay",
+]
