@@ -3,13 +3,11 @@
 Shapes: B batch, H heads, K key dim, V value dim, W ranks in the SP group. States are float32
 [B, H, K, V]; decays are float32 [B, H].
 
-Autograd: each pattern that gradients cross is a `torch.autograd.Function` whose backward is the
-adjoint collective (all_gather <-> reduce_scatter, send to r+1 <-> receive from r+1, all_reduce
-<-> all_reduce). Under SPMD a backward collective only completes if every rank of the group runs
-it, but autograd only runs the nodes the local loss reaches; a rank whose output does not depend
-on the carried state (rank 0, say) would skip its half and the others would hang. So the
-state-carrying functions take an `anchor` (the op's output on its way out) and hand it back as a
-view: every rank whose loss uses its output runs the collective's backward.
+The state exchanges (ring, all-gather) are plain functions with a forward and a backward half:
+`lasp._LaspFunction` calls them from its own forward and backward, because the order matters
+(the backward exchange must run before the local backward pass, which needs its result).
+The K/V gather of softmax layers is an autograd Function (all_gather forward, reduce_scatter
+backward).
 """
 
 from __future__ import annotations
@@ -76,152 +74,75 @@ def recv_from_next(like: torch.Tensor, sp: SequenceParallelContext) -> torch.Ten
     return buf
 
 
-# ---- ring carry (LASP) ---------------------------------------------------------------------------
+# ---- state exchange (LASP ring, LASP-2 all-gather); plain functions, the op's Function calls them ----
 
-class _RingCarry(torch.autograd.Function):
-    """S_in(r) from rank r-1, then S_out(r) = a_r * S_in(r) + S_loc(r) to rank r+1.
+def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv=None) -> torch.Tensor:
+    """LASP ring step: S_in(r) arrives from rank r-1 (zeros on rank 0); S_out(r) = a_r S_in(r) + S_loc(r)
+    leaves for rank r+1. Only this combine and the hop are serial across ranks.
 
-    Backward runs the ring the other way: dS_out(r) arrives from rank r+1, and rank r sends
-    dS_in(r) = (gradient of its own uses of S_in) + a_r * dS_out(r) to rank r-1;
-    dS_loc(r) = dS_out(r), da_r = <dS_out(r), S_in(r)>.
+    s_loc: [B, H, K, V] float32; decay: [B, H] float32 (a_r); pending_recv: what `post_recv_from_prev`
+    returned (posted early), or None to receive now. Returns S_in(r).
     """
-
-    @staticmethod
-    def forward(ctx, anchor, s_loc, decay, sp, pending_recv):
-        if pending_recv is None:
-            s_in = torch.zeros_like(s_loc)
-        else:
-            s_in, work = pending_recv
-            work.wait()
-        if sp.next_rank is not None:
-            s_out = decay[..., None, None] * s_in + s_loc
-            send_to_next(s_out, sp).wait()
-        ctx.sp = sp
-        ctx.save_for_backward(s_in, decay)
-        return anchor.view_as(anchor), s_in
-
-    @staticmethod
-    def backward(ctx, d_anchor, ds_in):
-        s_in, decay = ctx.saved_tensors
-        sp = ctx.sp
-        ds_out = recv_from_next(ds_in, sp)
-        if ds_out is None:  # the last rank's outgoing state is not used by anyone
-            ds_out = torch.zeros_like(ds_in)
-        ds_in_total = ds_in + decay[..., None, None] * ds_out
-        work = send_to_prev(ds_in_total, sp)
-        d_decay = (ds_out * s_in).sum((-2, -1))
-        if work is not None:
-            work.wait()
-        return d_anchor, ds_out, d_decay, None, None
-
-
-def ring_carry(anchor, s_loc, decay, sp: SequenceParallelContext, pending_recv=None):
-    """The LASP ring step for one layer: returns (anchor, S_in(r)).
-
-    s_loc: [B, H, K, V] float32, the state this rank alone produces at its end; decay: [B, H]
-    float32, a_r (0 where a sequence starts on this rank); pending_recv: what
-    `post_recv_from_prev` returned (posted before the local pass), or None to receive now.
-    """
-    if sp.world_size == 1:
-        return anchor, torch.zeros_like(s_loc)
     if pending_recv is None:
         pending_recv = post_recv_from_prev(s_loc, sp)
-    return _RingCarry.apply(anchor, s_loc, decay, sp, pending_recv)
+    if pending_recv is None:
+        s_in = torch.zeros_like(s_loc)
+    else:
+        s_in, work = pending_recv
+        work.wait()
+    work = send_to_next(decay[..., None, None] * s_in + s_loc, sp)
+    if work is not None:
+        work.wait()
+    return s_in
 
 
-# ---- all-gather carry (LASP-2) -------------------------------------------------------------------
-
-def _prefix_states(s_locs, decays, upto):
-    """S_in(0) = 0, S_in(s+1) = a_s S_in(s) + S_loc(s); returns [S_in(0), ..., S_in(upto)]."""
-    states = [torch.zeros_like(s_locs[0])]
-    for s in range(upto):
-        states.append(decays[s][..., None, None] * states[-1] + s_locs[s])
-    return states
-
-
-class _AllGatherCarry(torch.autograd.Function):
-    """All ranks gather every (S_loc(s), a_s); rank r combines the prefix S_in(r) (and S_in(W)).
-
-    Backward: rank r runs the combine's adjoint over the gathered entries (a suffix combine of
-    its own dS_in(r) and dS_in(W)), then one reduce_scatter hands each rank s the sum over ranks
-    of the gradients of its (S_loc(s), a_s).
-    """
-
-    @staticmethod
-    def forward(ctx, anchor, s_loc, decay, sp, with_end):
-        W, r = sp.world_size, sp.rank
-        packed = torch.cat([s_loc.reshape(-1), decay.reshape(-1)])
-        gathered = all_gather_stacked(packed, sp)                  # [W, B*H*K*V + B*H]
-        n_state = s_loc.numel()
-        s_locs = gathered[:, :n_state].view(W, *s_loc.shape)
-        decays = gathered[:, n_state:].view(W, *decay.shape)
-        states = _prefix_states(s_locs, decays, W if with_end else r)
-        ctx.sp, ctx.with_end, ctx.n_state = sp, with_end, n_state
-        ctx.save_for_backward(s_locs, decays)
-        s_end = states[W] if with_end else None
-        return anchor.view_as(anchor), states[r], s_end
-
-    @staticmethod
-    def backward(ctx, d_anchor, ds_in, ds_end):
-        s_locs, decays = ctx.saved_tensors
-        sp, W, r = ctx.sp, ctx.sp.world_size, ctx.sp.rank
-        last = W if ctx.with_end else r
-        states = _prefix_states(s_locs, decays, last)
-        d_s_locs = torch.zeros_like(s_locs)
-        d_decays = torch.zeros_like(decays)
-        # dS is the gradient w.r.t. S_in(s + 1) while walking s down from last - 1 to 0.
-        dS = ds_end if (ctx.with_end and ds_end is not None) else torch.zeros_like(ds_in)
-        if last == r:
-            dS = dS + ds_in
-        for s in range(last - 1, -1, -1):
-            d_s_locs[s] = dS
-            d_decays[s] = (dS * states[s]).sum((-2, -1))
-            dS = decays[s][..., None, None] * dS
-            if s == r:
-                dS = dS + ds_in
-        grads = torch.cat([d_s_locs.reshape(W, -1), d_decays.reshape(W, -1)], dim=1)
-        mine = reduce_scatter_stacked(grads, sp)
-        d_s_loc = mine[:ctx.n_state].view_as(s_locs[0])
-        d_decay = mine[ctx.n_state:].view_as(decays[0])
-        return d_anchor, d_s_loc, d_decay, None, None
+def ring_backward(ds_direct, decay, sp: SequenceParallelContext) -> torch.Tensor:
+    """The ring the other way: dS_out(r) arrives from rank r+1 (zeros on the last rank) and
+    dS_in(r) = dS_direct(r) + a_r dS_out(r) leaves for rank r-1. Returns dS_out(r)."""
+    ds_out = recv_from_next(ds_direct, sp)
+    if ds_out is None:
+        ds_out = torch.zeros_like(ds_direct)
+    work = send_to_prev(ds_direct + decay[..., None, None] * ds_out, sp)
+    if work is not None:
+        work.wait()
+    return ds_out
 
 
-def allgather_carry(anchor, s_loc, decay, sp: SequenceParallelContext, with_end: bool = False):
-    """The LASP-2 exchange for one layer: returns (anchor, S_in(r), S_in(W) or None).
+def allgather_forward(s_loc, decay, sp: SequenceParallelContext):
+    """LASP-2: one all_gather of every rank's (S_loc, a); rank r combines the prefix
+    S_in(0) = 0, S_in(s+1) = a_s S_in(s) + S_loc(s). Returns (S_in(r), every a_s [W, B, H])."""
+    W, r = sp.world_size, sp.rank
+    if W == 1:
+        return torch.zeros_like(s_loc), decay[None]
+    n_state = s_loc.numel()
+    gathered = all_gather_stacked(torch.cat([s_loc.reshape(-1), decay.reshape(-1)]), sp)
+    s_locs = gathered[:, :n_state].view(W, *s_loc.shape)
+    decays = gathered[:, n_state:].view(W, *decay.shape)
+    s_in = torch.zeros_like(s_loc)
+    for s in range(r):
+        s_in = decays[s][..., None, None] * s_in + s_locs[s]
+    return s_in, decays
 
-    One all_gather of the packed (S_loc, a) of every rank; S_in(W), the state after the last
-    rank, is the final state of an unpacked sequence.
-    """
-    if sp.world_size == 1:
-        end = s_loc if with_end else None  # rank 0 starts the sequence: its local state is the final one
-        return anchor, torch.zeros_like(s_loc), end
-    return _AllGatherCarry.apply(anchor, s_loc, decay, sp, with_end)
+
+def allgather_backward(ds_direct, decays, sp: SequenceParallelContext) -> torch.Tensor:
+    """LASP-2 backward: one all_gather of every rank's dS_direct; rank r suffix-combines
+    dS_in(s) = dS_direct(s) + a_s dS_in(s+1) from the last rank down to r+1. Returns dS_out(r) = dS_in(r+1)."""
+    W, r = sp.world_size, sp.rank
+    if W == 1:
+        return torch.zeros_like(ds_direct)
+    directs = all_gather_stacked(ds_direct, sp)
+    ds = torch.zeros_like(ds_direct)
+    for s in range(W - 1, r, -1):
+        ds = directs[s] + decays[s][..., None, None] * ds
+    return ds
 
 
-# ---- all_reduce (final states) -------------------------------------------------------------------
-
-class _AllReduceSum(torch.autograd.Function):
-    """y = sum over ranks of x, on every rank; its adjoint is the same all_reduce of dy."""
-
-    @staticmethod
-    def forward(ctx, anchor, x, sp):
-        ctx.sp = sp
-        y = x.contiguous().clone()
+def all_reduce_sum(x: torch.Tensor, sp: SequenceParallelContext) -> torch.Tensor:
+    """The sum over the SP group of x, on every rank (a new tensor)."""
+    y = x.contiguous().clone()
+    if sp.world_size > 1:
         dist.all_reduce(y, group=sp.group)
-        return anchor.view_as(anchor), y
-
-    @staticmethod
-    def backward(ctx, d_anchor, dy):
-        dx = dy.contiguous().clone()
-        dist.all_reduce(dx, group=ctx.sp.group)
-        return d_anchor, dx, None
-
-
-def all_reduce_sum(anchor, x, sp: SequenceParallelContext):
-    """(anchor, sum over the SP group of x) with autograd; used for the final states."""
-    if sp.world_size == 1:
-        return anchor, x
-    return _AllReduceSum.apply(anchor, x, sp)
+    return y
 
 
 # ---- all_gather along the sequence (softmax layers, LASP-2H) -------------------------------------

@@ -83,7 +83,7 @@ def _require_initialized() -> None:
         )
 
 
-def init_sequence_parallel(sp_size: int, mode: str = "ring", *, device_mesh=None, backend=None
+def init_sequence_parallel(sp_size: int, mode: str = "ring", *, device_mesh=None, backend=None, timeout=None
                            ) -> SequenceParallelContext:
     """Build the SP and DP groups and return this process's `SequenceParallelContext`.
 
@@ -94,6 +94,8 @@ def init_sequence_parallel(sp_size: int, mode: str = "ring", *, device_mesh=None
         device_mesh: optional torch DeviceMesh with dims named "dp" and "sp"; its groups are used
             instead of building new ones (its "sp" size must equal sp_size).
         backend: process-group backend for the new groups (None: the default group's).
+        timeout: optional `datetime.timedelta` bounding every collective of the new groups (None: torch's
+            default, 30 minutes for gloo/NCCL), so a dead or hung peer fails the others instead of hanging them.
 
     Every rank must call this, with the same arguments, in the same order relative to other
     group creation: `new_group` is collective over the whole world.
@@ -127,12 +129,12 @@ def init_sequence_parallel(sp_size: int, mode: str = "ring", *, device_mesh=None
     # new_group must be called by every rank for every group, in the same order.
     for i in range(num_sp_groups):
         ranks = list(range(i * sp_size, (i + 1) * sp_size))
-        group = dist.new_group(ranks, backend=backend)
+        group = dist.new_group(ranks, backend=backend, timeout=timeout)
         if rank in ranks:
             sp_group = group
     for j in range(sp_size):
         ranks = list(range(j, world_size, sp_size))
-        group = dist.new_group(ranks, backend=backend)
+        group = dist.new_group(ranks, backend=backend, timeout=timeout)
         if rank in ranks:
             dp_group = group
     return SequenceParallelContext.from_group(sp_group, mode, dp_group=dp_group)

@@ -5,20 +5,24 @@ W ranks in the SP group, N packed documents. Rank r holds tokens [r*L, (r+1)*L) 
 
 Decomposition (DESIGN.md, "Sequence parallel"). Per (b, h), with G_t the cumulative log-decay
 from the rank's first token (inclusive):
-    local pass, zero carried state:  o_loc, S_loc        (any backend, `local_impl`)
-    a_r   = exp(G_L)  (0 when a document starts on the rank, its first token included)
-    S_in(r) = a_{r-1} S_in(r-1) + S_loc(r-1),   S_in(0) = 0
-    o_t   = o_loc_t + scale * exp(G_t) q_t S_in(r)    for the tokens before the first document
-                                                      start on the rank (all of them if none)
-The caller's initial state enters through the local pass of the rank where its document starts
-(rank 0 without packing), so the carry itself always starts from zero. Only S_in crosses ranks:
-`comm.ring_carry` (state hops r -> r+1; the local pass runs first, so only the combine and the
-hop are serial) or `comm.allgather_carry` (one all_gather of every (S_loc, a), prefix combined
-on each rank). Both are autograd Functions; the correction, the local pass and the final-state
-assembly are plain autograd.
+    S_loc(r) = the state rank r alone produces at its end (a zero carried state)
+    a_r      = exp(G_L)  (0 when a document starts on the rank, its first token included)
+    S_in(r)  = a_{r-1} S_in(r-1) + S_loc(r-1),   S_in(0) = 0
+    o_t      = o_loc_t + scale * exp(G_t) q_t S_in(r)   (tokens before the rank's first document start)
+The last line is what the local kernel computes when it starts from S_in(r). So each rank runs:
+  1. a state-only pass over its last document's tokens (S_loc: one K x V product per head);
+  2. the exchange: `comm.ring_forward` (S_in hops r -> r+1, only the combine is serial) or
+     `comm.allgather_forward` (one all_gather of every (S_loc, a), prefix combined locally);
+  3. the local pass (`local_impl`, any backend) starting from S_in(r): o is exact, no correction.
+Backward mirrors it: the direct gradient of S_in(r), dS_direct = scale * sum_t exp(G_t) q_t^T do_t
+(+ the final-state gradient of a document ending on the rank), needs only q, do and g; the
+exchange (`ring_backward` / `allgather_backward`) gives dS_out(r) = dS_in(r+1); the local
+backward then runs with dS_out(r) as the gradient of its final state. Serial work across ranks
+is the state combines and hops only.
 
 Gradients: for tensors every rank passes whole (g of shape [H], initial_state) each rank
-returns only its own contribution; the owner sums them across the SP group.
+returns only its own contribution (zeros where it has none); the owner sums them across the SP
+group. Every rank must back-propagate through o (the exchange is collective).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class RankPlan:
     seg_docs: the document index of each local segment (packed only).
     carried_len: number of leading tokens that continue a document begun on an earlier rank
         (0: the rank starts a document at its first token); the carried state applies to them.
+    hands_on: the rank's last document continues on the next rank (its state must be sent).
     ending: (segment, document) for each document whose last token is on this rank.
     empty_docs: zero-length documents whose (unchanged) initial state this rank reports.
     """
@@ -52,6 +57,16 @@ class RankPlan:
     empty_docs: list
     num_docs: int
     length: int
+    hands_on: bool = False
+
+    @property
+    def num_segments(self) -> int:
+        return 1 if self.local_bounds is None else len(self.local_bounds) - 1
+
+    @property
+    def last_start(self) -> int:
+        """Local index of the first token of the rank's last segment."""
+        return 0 if self.local_bounds is None else self.local_bounds[-2]
 
     @property
     def passes_through(self) -> bool:
@@ -60,7 +75,8 @@ class RankPlan:
 
 
 def dense_plan(L: int, rank: int, world_size: int) -> RankPlan:
-    return RankPlan(None, [], L if rank > 0 else 0, [(0, None)] if rank == world_size - 1 else [], [], 0, L)
+    last = rank == world_size - 1
+    return RankPlan(None, [], L if rank > 0 else 0, [(0, None)] if last else [], [], 0, L, hands_on=not last)
 
 
 def packed_plan(bounds: list, L: int, rank: int, world_size: int) -> RankPlan:
@@ -89,7 +105,8 @@ def packed_plan(bounds: list, L: int, rank: int, world_size: int) -> RankPlan:
         if e <= end:
             ending.append((len(seg_docs) - 1, n))
     carried_len = local_bounds[1] if bounds[seg_docs[0]] < start else 0
-    return RankPlan(local_bounds, seg_docs, carried_len, ending, empty_docs, num_docs, L)
+    hands_on = bounds[seg_docs[-1] + 1] > end
+    return RankPlan(local_bounds, seg_docs, carried_len, ending, empty_docs, num_docs, L, hands_on)
 
 
 def _rank_plan(sp: SequenceParallelContext, cu_seqlens, L: int) -> RankPlan:
@@ -139,14 +156,231 @@ def _check_state(initial_state, expected, packed):
         raise ValueError(f"initial_state must be {what} = {expected}, got {got}")
 
 
-def _cumulative_decay(g, B: int, n: int, H: int, device) -> torch.Tensor:
-    """G_t for the rank's first n tokens: float32 [B, n, H] (zeros when g is None)."""
+# Tokens per block in the state-only passes (bounds their float32 temporaries).
+_BLOCK_TOKENS = 8192
+
+
+def _segment_state(k, v, g, lo: int, hi: int, h0):
+    """The state after tokens [lo, hi) of this rank from h0 (None: zeros), float32 [B, H, K, V]:
+    exp(sum g) h0 + sum_t exp(sum_{u > t} g_u) k_t^T v_t (sums over [lo, hi))."""
+    B, _, H, K = k.shape
+    n = hi - lo
     if g is None:
-        return torch.zeros(B, n, H, device=device)
+        weights, total = None, None
+    elif g.dim() == 1:
+        steps = torch.arange(n - 1, -1, -1, device=k.device, dtype=torch.float32)
+        weights = (g.float()[None, None, :] * steps[None, :, None]).exp().expand(B, n, H)
+        total = (g.float() * n).exp().expand(B, H)
+    else:
+        # Reverse cumulative sums from the end: accurate where the weights are largest.
+        rev = g[:, lo:hi].float().flip(1).cumsum(1).flip(1)                       # sum_{u >= t}
+        weights = torch.cat([rev[:, 1:], rev.new_zeros(B, 1, H)], dim=1).exp()  # sum_{u > t}
+        total = rev[:, 0].exp()
+    state = k.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
+    for i in range(lo, hi, _BLOCK_TOKENS):
+        j = min(i + _BLOCK_TOKENS, hi)
+        kb = k[:, i:j].float()
+        if weights is not None:
+            kb = kb * weights[:, i - lo:j - lo, :, None]
+        state += torch.einsum("bthk,bthv->bhkv", kb, v[:, i:j].float())
+    if h0 is not None:
+        state += h0.float() * (total[..., None, None] if total is not None else 1.0)
+    return state
+
+
+def _carried_state_grad(q, do, g, n: int, scale: float):
+    """scale * sum_{t < n} exp(G_t) q_t^T do_t (G inclusive from the rank's start), float32 [B, H, K, V],
+    and exp(G_{n-1}) [B, H] (None when g is None)."""
+    B, _, H, K = q.shape
+    if g is None:
+        G = None
+    elif g.dim() == 1:
+        G = g.float()[None, None, :] * torch.arange(1, n + 1, device=q.device, dtype=torch.float32)[None, :, None]
+        G = G.expand(B, n, H)
+    else:
+        G = g[:, :n].float().cumsum(1)
+    ds = q.new_zeros(B, H, K, do.shape[-1], dtype=torch.float32)
+    for i in range(0, n, _BLOCK_TOKENS):
+        j = min(i + _BLOCK_TOKENS, n)
+        qb = q[:, i:j].float()
+        if G is not None:
+            qb = qb * G[:, i:j, :, None].exp()
+        ds += torch.einsum("bthk,bthv->bhkv", qb, do[:, i:j].float())
+    return scale * ds, (G[:, -1].exp() if G is not None else None)
+
+
+def _rank_decay(g, B: int, L: int, H: int, device):
+    """a_r = exp(sum of g over the rank's L tokens), float32 [B, H]."""
+    if g is None:
+        return torch.ones(B, H, device=device)
     if g.dim() == 1:
-        steps = torch.arange(1, n + 1, device=device, dtype=torch.float32)
-        return (g.float()[None, None, :] * steps[None, :, None]).expand(B, n, H)
-    return g[:, :n].float().cumsum(1)
+        return (g.float() * L).exp().expand(B, H).contiguous()
+    return g.float().sum(1).exp()
+
+
+@dataclass
+class _Run:
+    """Per-call settings handed to the autograd Function (not tensors)."""
+
+    sp: SequenceParallelContext
+    plan: RankPlan
+    mode: str
+    scale: float
+    local_impl: object
+    local_cu: torch.Tensor | None
+    output_final_state: bool
+
+
+def _local_initial_state(run: _Run, initial_state, s_in):
+    """The local pass's initial state: S_in for the carried (first) segment, the caller's state for
+    documents that start on this rank. [B, H, K, V], [segments, H, K, V] when packed, or None."""
+    plan = run.plan
+    if plan.local_bounds is None:
+        return s_in if plan.carried_len else initial_state
+    if initial_state is None and not plan.carried_len:
+        return None
+    if initial_state is not None:
+        rows = initial_state.index_select(0, torch.tensor(plan.seg_docs, device=s_in.device)).float()
+    else:
+        rows = s_in.new_zeros(plan.num_segments, *s_in.shape[1:])
+    if plan.carried_len:
+        rows = torch.cat([s_in, rows[1:]])
+    return rows
+
+
+def _handed_on_state(run: _Run, k, v, g, initial_state):
+    """S_loc: the state of the rank's last segment at the rank's end, from a zero start when that
+    segment is the carried one (a_r then carries S_in), else from its document's initial state."""
+    plan = run.plan
+    h0 = None
+    if not (plan.num_segments == 1 and plan.carried_len) and initial_state is not None:
+        h0 = initial_state if plan.local_bounds is None else initial_state[plan.seg_docs[-1]:plan.seg_docs[-1] + 1]
+    return _segment_state(k, v, g, plan.last_start, plan.length, h0)
+
+
+def _final_states(plan: RankPlan, finals, initial_state, num_rows: int):
+    """This rank's share of the final states (documents that end here), zeros elsewhere."""
+    H, K, V = finals.shape[1:]
+    if plan.local_bounds is None:
+        return finals if plan.ending else torch.zeros_like(finals)
+    rows, index = [], []
+    for seg, doc in plan.ending:
+        rows.append(finals[seg:seg + 1])
+        index.append(doc)
+    for doc in plan.empty_docs:
+        rows.append(initial_state[doc:doc + 1].float() if initial_state is not None else finals.new_zeros(1, H, K, V))
+        index.append(doc)
+    out = finals.new_zeros(num_rows, H, K, V)
+    if rows:
+        out = out.index_copy(0, torch.tensor(index, device=finals.device), torch.cat(rows))
+    return out
+
+
+class _LaspFunction(torch.autograd.Function):
+    """One linear-attention layer on this rank's slice, the carried state exchanged across ranks.
+
+    The local pass runs through `local_impl`'s own autograd (recorded inside forward, replayed
+    in backward with the exchanged final-state gradient), so any backend works.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, run: _Run):
+        sp, plan = run.sp, run.plan
+        B, L, H, K = q.shape
+        V = v.shape[-1]
+        # Post the receive first: the sender's send then completes as soon as it is issued.
+        state_like = q.new_empty(B, H, K, V, dtype=torch.float32)
+        pending = comm.post_recv_from_prev(state_like, sp) if run.mode == "ring" else None
+
+        decay = _rank_decay(g, B, L, H, q.device) if plan.passes_through else q.new_zeros(B, H, dtype=torch.float32)
+        s_loc = _handed_on_state(run, k, v, g, initial_state) if plan.hands_on else torch.zeros_like(state_like)
+        if run.mode == "ring":
+            s_in, decays = comm.ring_forward(s_loc, decay, sp, pending), None
+        else:
+            s_in, decays = comm.allgather_forward(s_loc, decay, sp)
+
+        h0 = _local_initial_state(run, initial_state, s_in)
+        needs = ctx.needs_input_grad
+        leaves = [
+            x.detach().requires_grad_(needs[i]) if x is not None else None
+            for i, x in enumerate((q, k, v, g, h0))
+        ]
+        with torch.enable_grad() if any(needs[:5]) else torch.no_grad():
+            o, finals = run.local_impl.chunk_linear_attention(
+                *leaves[:4], scale=run.scale, initial_state=leaves[4], output_final_state=True,
+                cu_seqlens=run.local_cu,
+            )
+        final = None
+        if run.output_final_state:
+            num_rows = plan.num_docs if plan.local_bounds is not None else B
+            final = comm.all_reduce_sum(_final_states(plan, finals.detach(), initial_state, num_rows), sp)
+        ctx.run, ctx.inner, ctx.decay, ctx.decays = run, (o, finals, leaves), decay, decays
+        ctx.initial_state_like = (initial_state.shape, initial_state.dtype) if initial_state is not None else None
+        return o.detach(), final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        run = ctx.run
+        sp, plan = run.sp, run.plan
+        o, finals, leaves = ctx.inner
+        del ctx.inner
+        q, _, _, g, _ = leaves
+        packed = plan.local_bounds is not None
+
+        # Gradient of each local segment's final state: d final_state of documents ending here
+        # (summed over the ranks that used final_state) ...
+        dht = torch.zeros_like(finals)
+        dfinal_total = None
+        if run.output_final_state and dfinal is not None:
+            dfinal_total = comm.all_reduce_sum(dfinal.float(), sp)
+            if not packed:
+                if plan.ending:
+                    dht = dht + dfinal_total
+            elif plan.ending:
+                segs = torch.tensor([seg for seg, _ in plan.ending], device=dht.device)
+                docs = torch.tensor([doc for _, doc in plan.ending], device=dht.device)
+                dht = dht.index_add(0, segs, dfinal_total.index_select(0, docs))
+        # ... then the direct gradient of S_in(r), the exchange, and dS_out(r) for the handed-on state.
+        ds_direct = q.new_zeros(do.shape[0], *finals.shape[1:], dtype=torch.float32)
+        if plan.carried_len:
+            ds_direct, first_decay = _carried_state_grad(q.detach(), do, g.detach() if g is not None else None,
+                                                         plan.carried_len, run.scale)
+            d_first = dht[:1] if packed else dht
+            ds_direct = ds_direct + (first_decay[..., None, None] * d_first if first_decay is not None else d_first)
+        if run.mode == "ring":
+            ds_out = comm.ring_backward(ds_direct, ctx.decay, sp)
+        else:
+            ds_out = comm.allgather_backward(ds_direct, ctx.decays, sp)
+        if plan.hands_on:
+            if packed:
+                dht = torch.cat([dht[:-1], dht[-1:] + ds_out])
+            else:
+                dht = dht + ds_out
+
+        wanted = [i for i, x in enumerate(leaves) if x is not None and x.requires_grad]
+        got = torch.autograd.grad([o, finals], [leaves[i] for i in wanted], [do, dht], allow_unused=True)
+        grads = [None] * 5
+        for i, gr in zip(wanted, got):
+            grads[i] = gr
+
+        d_init = None
+        if ctx.initial_state_like is not None and ctx.needs_input_grad[4]:
+            shape, dtype = ctx.initial_state_like
+            d_init = torch.zeros(shape, dtype=torch.float32, device=do.device)
+            dh0 = grads[4]
+            if not packed:
+                if not plan.carried_len and dh0 is not None:
+                    d_init = d_init + dh0.float()
+            else:
+                first = 1 if plan.carried_len else 0
+                if dh0 is not None and first < plan.num_segments:
+                    docs = torch.tensor(plan.seg_docs[first:], device=do.device)
+                    d_init = d_init.index_add(0, docs, dh0[first:].float())
+                if plan.empty_docs and dfinal_total is not None:
+                    docs = torch.tensor(plan.empty_docs, device=do.device)
+                    d_init = d_init.index_add(0, docs, dfinal_total.index_select(0, docs))
+            d_init = d_init.to(dtype)
+        return grads[0], grads[1], grads[2], grads[3], d_init, None
 
 
 def sp_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None, output_final_state=False,
@@ -179,76 +413,7 @@ def sp_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None, ou
         raise ValueError(f"cu_seqlens packs documents along T and needs B == 1, got B = {B}")
     plan = _rank_plan(sp, cu_seqlens, L)
     _check_state(initial_state, (plan.num_docs if packed else B, H, K, V), packed)
-
-    # The carried state arrives into a buffer posted before the local pass (ring).
-    s_like = q.new_empty(B, H, K, V, dtype=torch.float32)
-    pending = comm.post_recv_from_prev(s_like, sp) if sp_mode == "ring" and sp.world_size > 1 else None
-
-    # Local pass: the caller's initial state enters only where its document starts.
-    if packed:
-        local_h0 = None
-        if initial_state is not None:
-            rows = initial_state.index_select(0, torch.tensor(plan.seg_docs, device=q.device))
-            if plan.carried_len:
-                rows = torch.cat([torch.zeros_like(rows[:1]), rows[1:]])
-            local_h0 = rows
-        local_cu = torch.tensor(plan.local_bounds, dtype=torch.int32, device=q.device)
-    else:
-        local_h0 = initial_state if sp.rank == 0 else None
-        local_cu = None
-    o_loc, local_finals = local_impl.chunk_linear_attention(
-        q, k, v, g, scale=scale, initial_state=local_h0, output_final_state=True, cu_seqlens=local_cu,
-    )
-    s_loc = local_finals[-1:] if packed else local_finals
-
-    n = plan.carried_len
-    G = _cumulative_decay(g, B, n, H, q.device) if n else None
-    decay = G[:, -1].exp() if plan.passes_through else q.new_zeros(B, H, dtype=torch.float32)
-
-    with_end = sp_mode == "allgather" and not packed and output_final_state
-    if sp_mode == "ring":
-        o_anchor, s_in = comm.ring_carry(o_loc, s_loc, decay, sp, pending)
-        s_end = None
-    else:
-        o_anchor, s_in, s_end = comm.allgather_carry(o_loc, s_loc, decay, sp, with_end=with_end)
-
-    final = None
-    if output_final_state:
-        if with_end:
-            final = s_end
-        else:
-            final = _final_states(plan, local_finals, s_in, G, initial_state, packed, sp)
-            o_anchor, final = comm.all_reduce_sum(o_anchor, final, sp)
-
-    if n == 0:
-        # o_anchor is a view returned by a custom Function; hand back a tensor the caller may modify.
-        return o_anchor.clone(), final
-    corr = scale * torch.einsum("bthk,bhkv->bthv", q[:, :n].float() * G.exp()[..., None], s_in)
-    head = (o_anchor[:, :n].float() + corr).to(o_anchor.dtype)
-    o = head if n == L else torch.cat([head, o_anchor[:, n:]], dim=1)
-    return o, final
-
-
-def _final_states(plan: RankPlan, local_finals, s_in, G, initial_state, packed, sp):
-    """This rank's share of the final states, zeros elsewhere: [B, H, K, V] or [N, H, K, V]."""
-    def ending_state(seg):
-        state = local_finals[seg:seg + 1] if packed else local_finals
-        if seg == 0 and plan.carried_len:
-            # The document began on an earlier rank: add the carried state, decayed over its tokens here.
-            state = G[:, -1].exp()[..., None, None] * s_in + state
-        return state
-
-    if not packed:
-        return ending_state(0) if plan.ending else torch.zeros_like(s_in)
-    H, K, V = s_in.shape[1:]
-    rows, index = [], []
-    for seg, doc in plan.ending:
-        rows.append(ending_state(seg))
-        index.append(doc)
-    for doc in plan.empty_docs:
-        rows.append(initial_state[doc:doc + 1].float() if initial_state is not None else s_in.new_zeros(1, H, K, V))
-        index.append(doc)
-    out = s_in.new_zeros(plan.num_docs, H, K, V)
-    if rows:
-        out = out.index_copy(0, torch.tensor(index, device=s_in.device), torch.cat(rows))
-    return out
+    local_cu = torch.tensor(plan.local_bounds, dtype=torch.int32, device=q.device) if packed else None
+    run = _Run(sp, plan, sp_mode, scale, local_impl, local_cu, bool(output_final_state))
+    o, final = _LaspFunction.apply(q, k, v, g, initial_state, run)
+    return o, (final if output_final_state else None)
