@@ -139,6 +139,9 @@ class LaspConfig(PretrainedConfig):
             )
         for layer_type in layer_types:
             _check_choice("layer_types entry", layer_type, LAYER_TYPES)
+        if "full_attention" in layer_types and head_dim % 2:
+            raise ValueError(f"full_attention layers use rotary embeddings and need an even head_dim, got {head_dim}")
+        _check_positive_int("max_position_embeddings", max_position_embeddings)
         for name, value in (("rms_norm_eps", rms_norm_eps), ("gate_logit_normalizer", gate_logit_normalizer),
                             ("rope_theta", rope_theta), ("initializer_range", initializer_range)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

@@ -29,6 +29,8 @@ from test_modeling_common import CASE_IDS, CASES, VOCAB, rel_err, tiny_config, t
     (dict(loss_chunk_size=0), "loss_chunk_size"),
     (dict(rms_norm_eps=0.0), "rms_norm_eps"),
     (dict(gate_logit_normalizer=-1.0), "gate_logit_normalizer"),
+    (dict(head_dim=7, layer_types=["full_attention", "linear_attention"]), "even head_dim"),
+    (dict(max_position_embeddings=0), "max_position_embeddings"),
 ])
 def test_bad_config_values_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
