@@ -63,6 +63,22 @@ def _groups_worker():
                                  backend="torch")
         checks[f"bare_group_{mode}"] = relative_error(o2, o_ref[:, mine]) < 1e-5
 
+    # Inference (no graph), gradients for only some inputs, and bf16 inputs.
+    with torch.no_grad():
+        o, _ = linear_attention(q[:, mine], k[:, mine], v[:, mine], g[:, mine], sp_group=ctx, backend="torch")
+    checks["no_grad"] = relative_error(o, o_ref[:, mine]) < 1e-5 and o.grad_fn is None
+    v_full = v.clone().requires_grad_()
+    dv_ref, = torch.autograd.grad((linear_attention(q, k, v_full, g, backend="torch")[0] ** 2).sum(), v_full)
+    v_mine = v[:, mine].clone().requires_grad_()
+    o, _ = linear_attention(q[:, mine], k[:, mine], v_mine, g[:, mine], sp_group=ctx, sp_mode="allgather",
+                            backend="torch")
+    dv, = torch.autograd.grad((o ** 2).sum(), v_mine)
+    checks["grad_of_v_only"] = relative_error(dv, dv_ref[:, mine]) < 1e-5
+    bf16 = [x[:, mine].bfloat16() for x in (q, k, v)]
+    o, s = linear_attention(*bf16, g[:, mine], output_final_state=True, sp_group=ctx, backend="torch")
+    checks["bf16"] = o.dtype == torch.bfloat16 and s.dtype == torch.float32 and \
+        relative_error(o, o_ref[:, mine]) < 1e-2 and relative_error(s, s_ref) < 1e-2
+
     # Errors (every rank of the group raises, so no rank is left waiting).
     def op(sp, T=L, H=H, **kw):
         return linear_attention(torch.randn(1, T, H, K), torch.randn(1, T, H, K), torch.randn(1, T, H, V),

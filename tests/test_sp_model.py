@@ -65,6 +65,29 @@ def _worker(W):
                 errors[f"{key}/grads"] = relative_error(torch.cat([g.reshape(-1) for g in summed]), ref_flat)
                 worst = max(relative_error(g, r) for g, r in zip(summed, ref_grads) if r is not None and r.norm() > 0)
                 errors[f"{key}/worst_param_grad"] = worst
+    errors.update(_checkpointing_cases(W, rank, contexts["ring"]))
+    return errors
+
+
+def _checkpointing_cases(W, rank, ctx):
+    """Activation checkpointing re-runs the SP forward (and its exchange) inside backward."""
+    errors = {}
+    batch = _batches(W)["packed"]
+    model = tiny_model("gated", ["linear_attention", "full_attention"]).float()
+    params = list(model.parameters())
+    ref = model(**batch, loss_reduction="sum")
+    ref_grads = torch.autograd.grad(ref.loss, params, allow_unused=True)
+    ref_flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(params, ref_grads)])
+    for reentrant in (True, False):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.zero_grad()
+        out = model(**shard_batch_for_sp(batch, ctx), loss_reduction="sum")
+        out.loss.backward()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        errors[f"checkpointing/reentrant={reentrant}/grads"] = relative_error(flat, ref_flat)
+        model.gradient_checkpointing_disable()
     return errors
 
 
@@ -79,4 +102,4 @@ def test_model_under_sp_matches_unsharded(W):
     results = _run(W)
     bad = [f"rank {r} {k}: {e:.2e}" for r, errs in enumerate(results) for k, e in errs.items() if not e <= TOL]
     assert not bad, "\n".join(bad)
-    assert len(results[0]) == len(CASES) * 2 * 2 * 4
+    assert len(results[0]) == len(CASES) * 2 * 2 * 4 + 2
