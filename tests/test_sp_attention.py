@@ -8,12 +8,12 @@ sequence.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from distributed_utils import relative_error, run_distributed
 from lasp_hf import SequenceParallelContext
 from lasp_hf.parallel.attention import sp_softmax_attention
@@ -28,7 +28,7 @@ def _reference_attention(q, k, v, bounds):
     k = k.repeat_interleave(H // H_KV, dim=2)
     v = v.repeat_interleave(H // H_KV, dim=2)
     outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         if e > s:
             o = F.scaled_dot_product_attention(*(x[:, s:e].transpose(1, 2) for x in (q, k, v)), is_causal=True)
             outs.append(o.transpose(1, 2))
@@ -128,7 +128,7 @@ def _worker(W):
     return _attention_cases(W, rank, sp), _sharding_cases(W, rank, sp)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(W):
     return run_distributed(_worker, W, W)
 

@@ -8,10 +8,9 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-
 from distributed_utils import relative_error, run_distributed
 from lasp_hf import SequenceParallelContext, init_sequence_parallel, linear_attention
+from torch.distributed.device_mesh import init_device_mesh
 
 
 def _error(fn) -> str:
@@ -105,7 +104,7 @@ def _groups_worker():
     return checks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run():
     return run_distributed(_groups_worker, 4)
 

@@ -14,7 +14,6 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed_utils import relative_error, run_distributed
 from lasp_hf import SequenceParallelContext, linear_attention
 
@@ -110,7 +109,7 @@ def _op_worker(W: int, backend: str = "torch", layouts=None, g_modes=G_MODES, di
     return errors
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run_ops(W: int) -> list:
     return run_distributed(_op_worker, W, W)
 

@@ -10,7 +10,6 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed_utils import relative_error, run_distributed
 from lasp_hf.parallel import init_sequence_parallel
 from lasp_hf.parallel.sharding import shard_batch_for_sp
@@ -91,7 +90,7 @@ def _checkpointing_cases(W, rank, ctx):
     return errors
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(W):
     return run_distributed(_worker, W, W)
 

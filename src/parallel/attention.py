@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from lasp_hf.parallel import comm
 from lasp_hf.parallel.context import as_sp_context
 
@@ -56,7 +55,7 @@ def sp_softmax_attention(q, k, v, *, sp_context, cu_seqlens=None, scale=None):
     sp = as_sp_context(sp_context)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, T_local, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, L, H, D = q.shape
+    B, L, H = q.shape[:3]
     H_kv = k.shape[2]
     if k.shape[:2] != (B, L) or v.shape[:3] != k.shape[:3] or H % H_kv != 0:
         raise ValueError(

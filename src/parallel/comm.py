@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from lasp_hf.parallel.context import SequenceParallelContext
 
 # torch >= 2.10 renamed the flat collectives; both names take the same arguments.

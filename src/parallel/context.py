@@ -47,7 +47,7 @@ class SequenceParallelContext:
             raise ValueError(f"SP mode must be one of {SP_MODES}, got {self.mode!r}")
 
     @classmethod
-    def from_group(cls, group: dist.ProcessGroup, mode: str = "ring", *, dp_group=None) -> "SequenceParallelContext":
+    def from_group(cls, group: dist.ProcessGroup, mode: str = "ring", *, dp_group=None) -> SequenceParallelContext:
         """A context for an existing process group (this process must belong to it)."""
         _require_initialized()
         rank = dist.get_rank(group)
@@ -150,7 +150,7 @@ def as_sp_context(sp_group, mode: str | None = None) -> SequenceParallelContext:
             ctx = SequenceParallelContext.from_group(sp_group, mode or "ring")
             _wrapped_groups[sp_group] = ctx
     else:
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - the project's rule: bad user input is a ValueError
             f"sp_group must be a SequenceParallelContext or a torch.distributed ProcessGroup, got "
             f"{type(sp_group).__name__}"
         )

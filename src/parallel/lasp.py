@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
 from lasp_hf.parallel import comm
 from lasp_hf.parallel.context import SP_MODES, SequenceParallelContext, as_sp_context
 
@@ -160,10 +159,40 @@ def _check_state(initial_state, expected, packed):
 _BLOCK_TOKENS = 8192
 
 
+def _outer_sum(a, b):
+    """sum_t a_t^T b_t per (batch, head): a [B, t, H, Da], b [B, t, H, Db] -> float32 [B, H, Da, Db].
+
+    Half-precision inputs on CUDA stay half precision in the product (float32 accumulation and
+    result, as in the kernels); elsewhere the product runs in float32.
+    """
+    if a.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16) and a.dtype == b.dtype:
+        B, t, H, Da = a.shape
+        lhs = a.permute(0, 2, 3, 1).reshape(B * H, Da, t)
+        rhs = b.permute(0, 2, 1, 3).reshape(B * H, t, b.shape[-1])
+        try:
+            return torch.bmm(lhs, rhs, out_dtype=torch.float32).view(B, H, Da, -1)
+        except (TypeError, RuntimeError):  # torch without bmm(..., out_dtype=)
+            pass
+    return torch.einsum("bthk,bthv->bhkv", a.float(), b.float())
+
+
+def _weighted_outer_sum(a, b, weights, lo: int, hi: int):
+    """sum_{t in [lo, hi)} (w_t a_t)^T b_t, float32 [B, H, Da, Db]; weights: float32 [B, hi - lo, H] or None."""
+    B, _, H, Da = a.shape
+    out = a.new_zeros(B, H, Da, b.shape[-1], dtype=torch.float32)
+    for i in range(lo, hi, _BLOCK_TOKENS):
+        j = min(i + _BLOCK_TOKENS, hi)
+        ab = a[:, i:j]
+        if weights is not None:
+            ab = (ab.float() * weights[:, i - lo:j - lo, :, None]).to(a.dtype)
+        out += _outer_sum(ab, b[:, i:j])
+    return out
+
+
 def _segment_state(k, v, g, lo: int, hi: int, h0):
     """The state after tokens [lo, hi) of this rank from h0 (None: zeros), float32 [B, H, K, V]:
     exp(sum g) h0 + sum_t exp(sum_{u > t} g_u) k_t^T v_t (sums over [lo, hi))."""
-    B, _, H, K = k.shape
+    B, _, H, _ = k.shape
     n = hi - lo
     if g is None:
         weights, total = None, None
@@ -176,13 +205,7 @@ def _segment_state(k, v, g, lo: int, hi: int, h0):
         rev = g[:, lo:hi].float().flip(1).cumsum(1).flip(1)                       # sum_{u >= t}
         weights = torch.cat([rev[:, 1:], rev.new_zeros(B, 1, H)], dim=1).exp()  # sum_{u > t}
         total = rev[:, 0].exp()
-    state = k.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
-    for i in range(lo, hi, _BLOCK_TOKENS):
-        j = min(i + _BLOCK_TOKENS, hi)
-        kb = k[:, i:j].float()
-        if weights is not None:
-            kb = kb * weights[:, i - lo:j - lo, :, None]
-        state += torch.einsum("bthk,bthv->bhkv", kb, v[:, i:j].float())
+    state = _weighted_outer_sum(k, v, weights, lo, hi)
     if h0 is not None:
         state += h0.float() * (total[..., None, None] if total is not None else 1.0)
     return state
@@ -191,7 +214,7 @@ def _segment_state(k, v, g, lo: int, hi: int, h0):
 def _carried_state_grad(q, do, g, n: int, scale: float):
     """scale * sum_{t < n} exp(G_t) q_t^T do_t (G inclusive from the rank's start), float32 [B, H, K, V],
     and exp(G_{n-1}) [B, H] (None when g is None)."""
-    B, _, H, K = q.shape
+    B, _, H, _ = q.shape
     if g is None:
         G = None
     elif g.dim() == 1:
@@ -199,13 +222,7 @@ def _carried_state_grad(q, do, g, n: int, scale: float):
         G = G.expand(B, n, H)
     else:
         G = g[:, :n].float().cumsum(1)
-    ds = q.new_zeros(B, H, K, do.shape[-1], dtype=torch.float32)
-    for i in range(0, n, _BLOCK_TOKENS):
-        j = min(i + _BLOCK_TOKENS, n)
-        qb = q[:, i:j].float()
-        if G is not None:
-            qb = qb * G[:, i:j, :, None].exp()
-        ds += torch.einsum("bthk,bthv->bhkv", qb, do[:, i:j].float())
+    ds = _weighted_outer_sum(q, do, G.exp() if G is not None else None, 0, n)
     return scale * ds, (G[:, -1].exp() if G is not None else None)
 
 

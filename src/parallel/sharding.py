@@ -6,7 +6,6 @@ Shapes: B batch, T tokens of the full sequence, W ranks in the SP group, L = T /
 from __future__ import annotations
 
 import torch
-
 from lasp_hf.parallel.context import as_sp_context
 
 IGNORE_INDEX = -100
