@@ -17,7 +17,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
         # No GPU: a CPU-only torch build (a few hundred MB, against GBs for the CUDA build) is all we need.
         # Take one if pip finds it without an index (a local find-links folder); else pip's default build.
         "$PYTHON" -m pip install -q --no-index --no-deps "torch>=2.5" 2>/dev/null \
-            && echo "installed torch $("$PYTHON" -c 'import torch; print(torch.__version__)') from a local wheel" \
+            && echo "installed $("$PYTHON" -m pip list 2>/dev/null | grep -E '^torch ' | tr -s ' ') from a local wheel" \
             || true
     fi
     echo "installing lasp-hf and its dev extra into $VENV"
