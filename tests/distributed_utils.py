@@ -26,9 +26,14 @@ import torch.multiprocessing as mp
 
 def _worker(rank, world_size, fn, args, workdir, backend, timeout_s):
     torch.set_num_threads(1)
+    device_id = None
+    if backend == "nccl":
+        # One GPU per rank; binding it at init lets NCCL set up its communicators eagerly.
+        device_id = torch.device("cuda", rank)
+        torch.cuda.set_device(device_id)
     dist.init_process_group(
         backend, init_method=f"file://{os.path.join(workdir, 'store')}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id,
     )
     try:
         result = fn(*args)
@@ -42,12 +47,13 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout_s
     """fn(*args) on `world_size` processes; returns the list of their return values (rank order).
 
     timeout_s bounds every collective, so a rank left waiting (a mismatched send/recv) fails the
-    test instead of hanging it. start_method: "fork" (default where available) or "spawn".
+    test instead of hanging it. start_method: "fork" (the default where available, except
+    with backend="nccl": CUDA cannot be forked) or "spawn". With "nccl", rank r uses cuda:r.
     env: environment variables for the workers (set in this process while they start; use
     start_method="spawn" for variables read at import time, such as TRITON_INTERPRET).
     """
     if start_method is None:
-        start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        start_method = "fork" if "fork" in mp.get_all_start_methods() and backend != "nccl" else "spawn"
     saved = {key: os.environ.get(key) for key in (env or {})}
     os.environ.update(env or {})
     try:
