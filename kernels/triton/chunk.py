@@ -26,22 +26,25 @@ since o and S_final depend on B only through q_t exp(B_t), k_u exp(-B_u) and exp
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from lasp_hf.kernels.triton.utils import empty, interpreting
+
 CHUNK_SIZE = 64
-# Largest K x V state tile one program holds in registers (float32 elements).
-MAX_STATE_TILE = 128 * 128
+# Per pass: (largest K x V state tile one program holds, in float32 elements; num_warps; num_stages).
+# A program always holds the whole K axis, so the tile sets the V block. Measured in notes-kernels.md.
+CONFIGS = {"fwd": (8192, 8, 2), "bwd": (8192, 8, 2)}
+# Segments are planned for about this many programs per SM when B*H alone does not fill the device.
+PROGRAMS_PER_SM = 2
 # Set (e.g. by tests) to force a number of chunks per segment; None plans it from the device.
 CHUNKS_PER_SEGMENT = None
+# float32 inputs: three tf32 products per dot (about float32 accuracy on the tensor cores); "ieee" is
+# exact but runs the products on the FMA units.
+FP32_DOT_PRECISION = "tf32x3"
 G_NONE, G_HEAD, G_TOKEN = 0, 1, 2
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -54,16 +57,24 @@ def _chunk_decay(g, i_h, t0, length, H: tl.constexpr, G_MODE: tl.constexpr, BT: 
     if G_MODE == 1:
         g_vec = tl.where(m_t, tl.load(g + i_h).to(tl.float32), 0.0)
     elif G_MODE == 2:
-        g_vec = tl.load(g + (t0 + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        g_vec = tl.load(g + t0 * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
     else:
         g_vec = tl.zeros([BT], dtype=tl.float32)
     return tl.cumsum(g_vec, 0), tl.sum(g_vec, 0)
 
 
 @triton.jit
+def _token_tiles(x, bos, eos, i_h, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """Tiles of x[bos:eos, i_h, :] (x laid out [tokens, H, D]), BT tokens by BD features. Reads past the
+    segment or past D give zeros and writes there are dropped, so chunks of any length need no masks."""
+    return tl.make_tensor_descriptor(x + (bos * H + i_h) * D, [eos - bos, D], [H * D, 1], [BT, BD])
+
+
+@triton.jit
 def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
                               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
-                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                              DOT_PREC: tl.constexpr):
     """One program per (segment, head, V block): the segment's state from zero, and its log-decay."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
@@ -75,12 +86,14 @@ def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
     m_v = o_v < V
     state = tl.zeros([BK, BV], dtype=tl.float32)
     log_decay = 0.0
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
     for i in range(CPS):
-        t0 = bos + i * BT
+        r0 = i * BT
+        t0 = bos + r0
         m_t = o_t < eos - t0
-        rows = t0 + o_t
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_k = tiles_k.load([r0, 0]).to(DT)
+        b_v = tiles_v.load([r0, i_v * BV]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         k_decayed = (b_k * tl.exp(b_last - b)[:, None]).to(b_v.dtype)
         state = state * tl.exp(b_last) + tl.dot(tl.trans(k_decayed), b_v, input_precision=DOT_PREC)
@@ -121,7 +134,8 @@ def _fwd_kernel_segment_combine(s_loc, seg_decay, s_in, h0, seq_first_seg, seq_n
 @triton.jit
 def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, scale, CPS,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
-                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
     """One program per (segment, head, V block): scan the segment's chunks from S_in, writing o."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
@@ -135,21 +149,23 @@ def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, 
     p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
     state = tl.load(s_in + p_state, mask=m_k[:, None] & m_v[None, :], other=0.0)
     log_decay = 0.0
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_o = _token_tiles(o, bos, eos, i_h, H, V, BT, BV)
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
     for i in range(CPS):
-        t0 = bos + i * BT
+        r0 = i * BT
+        t0 = bos + r0
         m_t = o_t < eos - t0
-        rows = t0 + o_t
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_q = tiles_q.load([r0, 0]).to(DT)
+        b_k = tiles_k.load([r0, 0]).to(DT)
+        b_v = tiles_v.load([r0, i_v * BV]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         scores = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
         scores = tl.where(causal, scores * tl.exp(b[:, None] - b[None, :]), 0.0)
         b_o = tl.dot(scores.to(b_v.dtype), b_v, input_precision=DOT_PREC)
         b_o += tl.dot(b_q, state.to(b_q.dtype), input_precision=DOT_PREC) * tl.exp(b)[:, None]
-        tl.store(o + (rows[:, None] * H + i_h) * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
+        tiles_o.store([r0, i_v * BV], (b_o * scale).to(o.dtype.element_ty))
         k_decayed = (b_k * tl.exp(b_last - b)[:, None]).to(b_v.dtype)
         state = state * tl.exp(b_last) + tl.dot(tl.trans(k_decayed), b_v, input_precision=DOT_PREC)
         log_decay += b_last
@@ -161,7 +177,8 @@ def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, 
 @triton.jit
 def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_bos, seg_eos, scale, CPS,
                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
-                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                               DOT_PREC: tl.constexpr):
     """One program per (segment, head, V block): dL/dS_in of the segment from its own outputs."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
@@ -172,12 +189,14 @@ def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_bos, seg_eos, scale, CPS,
     m_k = o_k < K
     m_v = o_v < V
     dstate = tl.zeros([BK, BV], dtype=tl.float32)
+    tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
     for i in range(CPS):
-        t0 = bos + (CPS - 1 - i) * BT
+        r0 = (CPS - 1 - i) * BT
+        t0 = bos + r0
         m_t = o_t < eos - t0
-        rows = t0 + o_t
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_q = tiles_q.load([r0, 0]).to(DT)
+        b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         q_decayed = (b_q * (tl.exp(b) * scale)[:, None]).to(b_do.dtype)
         dstate = dstate * tl.exp(b_last) + tl.dot(tl.trans(q_decayed), b_do, input_precision=DOT_PREC)
@@ -218,7 +237,8 @@ def _bwd_kernel_segment_combine(ds_loc, seg_decay, ds_out, dht, dh0, seq_first_s
 @triton.jit
 def _bwd_kernel_dkv(q, k, v, g, do, dk, dv, kdk, ds_out, ds_start, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
     """One program per (segment, head, V block): reverse scan from dS at the segment's end, writing dv,
     this V block's share of dk and of k . dk, and dS at the segment's start."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -234,16 +254,20 @@ def _bwd_kernel_dkv(q, k, v, g, do, dk, dv, kdk, ds_out, ds_start, seg_bos, seg_
     dstate = tl.load(ds_out + p_state, mask=m_k[:, None] & m_v[None, :], other=0.0)
     dk_part = dk + i_v.to(tl.int64) * NUM_TOKENS * H * K
     kdk_part = kdk + i_v.to(tl.int64) * NUM_TOKENS * H
+    tiles_dk_part = _token_tiles(dk_part, bos, eos, i_h, H, K, BT, BK)
+    tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
+    tiles_dv = _token_tiles(dv, bos, eos, i_h, H, V, BT, BV)
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
     for i in range(CPS):
-        t0 = bos + (CPS - 1 - i) * BT
+        r0 = (CPS - 1 - i) * BT
+        t0 = bos + r0
         m_t = o_t < eos - t0
-        rows = t0 + o_t
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_q = tiles_q.load([r0, 0]).to(DT)
+        b_k = tiles_k.load([r0, 0]).to(DT)
+        b_v = tiles_v.load([r0, i_v * BV]).to(DT)
+        b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         decay = tl.where(causal, tl.exp(b[:, None] - b[None, :]) * scale, 0.0)
         to_end = tl.exp(b_last - b)[:, None]
@@ -253,9 +277,9 @@ def _bwd_kernel_dkv(q, k, v, g, do, dk, dv, kdk, ds_out, ds_start, seg_bos, seg_
         b_dv += tl.dot(b_k, dstate.to(b_k.dtype), input_precision=DOT_PREC) * to_end
         b_dk = tl.dot(tl.trans(dscores.to(b_q.dtype)), b_q, input_precision=DOT_PREC)
         b_dk += tl.dot(b_v, tl.trans(dstate).to(b_v.dtype), input_precision=DOT_PREC) * to_end
-        tl.store(dv + (rows[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
-        tl.store(dk_part + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
-        tl.store(kdk_part + rows * H + i_h, tl.sum(b_k.to(tl.float32) * b_dk, 1), mask=m_t)
+        tiles_dv.store([r0, i_v * BV], b_dv.to(dv.dtype.element_ty))
+        tiles_dk_part.store([r0, 0], b_dk.to(dk.dtype.element_ty))
+        tl.store(kdk_part + t0 * H + i_h + o_t * H, tl.sum(b_k.to(tl.float32) * b_dk, 1), mask=m_t)
         q_decayed = (b_q * (tl.exp(b) * scale)[:, None]).to(b_do.dtype)
         dstate = dstate * tl.exp(b_last) + tl.dot(tl.trans(q_decayed), b_do, input_precision=DOT_PREC)
     tl.store(ds_start + p_state, dstate, mask=m_k[:, None] & m_v[None, :])
@@ -264,7 +288,8 @@ def _bwd_kernel_dkv(q, k, v, g, do, dk, dv, kdk, ds_out, ds_start, seg_bos, seg_
 @triton.jit
 def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
     """One program per (segment, head, V block): forward scan from S_in, writing this V block's share
     of dq and of q . dq."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -280,24 +305,27 @@ def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, 
     state = tl.load(s_in + p_state, mask=m_k[:, None] & m_v[None, :], other=0.0)
     dq_part = dq + i_v.to(tl.int64) * NUM_TOKENS * H * K
     qdq_part = qdq + i_v.to(tl.int64) * NUM_TOKENS * H
+    tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
+    tiles_dq_part = _token_tiles(dq_part, bos, eos, i_h, H, K, BT, BK)
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
     for i in range(CPS):
-        t0 = bos + i * BT
+        r0 = i * BT
+        t0 = bos + r0
         m_t = o_t < eos - t0
-        rows = t0 + o_t
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_k = tiles_k.load([r0, 0]).to(DT)
+        b_v = tiles_v.load([r0, i_v * BV]).to(DT)
+        b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         dscores = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         dscores = tl.where(causal, dscores * tl.exp(b[:, None] - b[None, :]), 0.0)
         b_dq = tl.dot(dscores.to(b_k.dtype), b_k, input_precision=DOT_PREC)
         b_dq += tl.dot(b_do, tl.trans(state).to(b_do.dtype), input_precision=DOT_PREC) * tl.exp(b)[:, None]
         b_dq *= scale
-        tl.store(dq_part + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-        tl.store(qdq_part + rows * H + i_h, tl.sum(b_q.to(tl.float32) * b_dq, 1), mask=m_t)
+        tiles_dq_part.store([r0, 0], b_dq.to(dq.dtype.element_ty))
+        b_q = tiles_q.load([r0, 0]).to(DT)
+        tl.store(qdq_part + t0 * H + i_h + o_t * H, tl.sum(b_q.to(tl.float32) * b_dq, 1), mask=m_t)
         k_decayed = (b_k * tl.exp(b_last - b)[:, None]).to(b_v.dtype)
         state = state * tl.exp(b_last) + tl.dot(tl.trans(k_decayed), b_v, input_precision=DOT_PREC)
 
@@ -338,9 +366,9 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _block_v(K: int, V: int) -> tuple[int, int]:
+def _blocks(K: int, V: int, phase: str) -> tuple[int, int]:
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(max(16, triton.next_power_of_2(V)), max(16, MAX_STATE_TILE // BK))
+    BV = min(max(16, triton.next_power_of_2(V)), max(16, CONFIGS[phase][0] // BK))
     return BK, BV
 
 
@@ -354,25 +382,48 @@ def _make_plan(bounds: list[int], H: int, NV: int, device) -> _Plan:
     else:
         programs = (len(bounds) - 1) * H * NV
         sms = _num_sms(device)
-        splits = 1 if programs >= sms else min(max_chunks, triton.cdiv(2 * sms, programs))
+        splits = 1 if programs >= sms else min(max_chunks, triton.cdiv(PROGRAMS_PER_SM * sms, programs))
         cps = triton.cdiv(max_chunks, splits)
     return _Plan(bounds, device, cps)
 
 
 @functools.lru_cache(maxsize=64)
-def _dense_plan(B: int, T: int, H: int, NV: int, device, cps_override) -> _Plan:
+def _dense_plan(B: int, T: int, H: int, NV: int, device, knobs) -> _Plan:
     return _make_plan([b * T for b in range(B + 1)], H, NV, device)
 
 
-def _config(BK: int, BV: int) -> dict:
-    if _interpreting():
+_allocator_set = False
+
+
+def _config(phase: str) -> dict:
+    global _allocator_set
+    if interpreting():
         return {}
-    return {"num_warps": 8 if BK * BV >= 64 * 128 else 4, "num_stages": 2}
+    if not _allocator_set:
+        # Tensor descriptors made inside kernels need a little global scratch memory per launch.
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
+    _, num_warps, num_stages = CONFIGS[phase]
+    return {"num_warps": num_warps, "num_stages": num_stages}
+
+
+def _dot_dtype(dtype):
+    """Operand type of the matrix products: the input's, except in the interpreter, whose bfloat16
+    arithmetic is wrong (Triton 3.9: products of bfloat16 blocks come out as garbage), so it gets float32."""
+    if dtype == torch.bfloat16:
+        return tl.float32 if interpreting() else tl.bfloat16
+    return tl.float16 if dtype == torch.float16 else tl.float32
 
 
 def _dot_precision(dtype) -> str:
-    # float32 inputs: exact float32 products (tf32 would cost ~3e-4 relative error).
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # bf16 / fp16 operands ignore it; float32 must not fall to plain tf32 (~3e-4 relative error).
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous with a 16-byte aligned start, as tensor descriptors (TMA) require."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
 def _g_mode(g) -> int:
@@ -386,19 +437,19 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan):
     Returns o [NT, H, V], S_in and S_end per segment [S, H, K, V] and the segments' log-decays [S, H]."""
     NT, H, K = q.shape
     V = v.shape[-1]
-    BK, BV = _block_v(K, V)
+    BK, BV = _blocks(K, V, "fwd")
     NV = triton.cdiv(V, BV)
     S = plan.num_segs
-    cfg = _config(BK, BV)
+    cfg = _config("fwd")
     meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
-    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DOT_PREC=_dot_precision(q.dtype), **meta)
+    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype), **meta)
     g_arg = g if g is not None else q
-    seg_decay = q.new_empty(S, H, dtype=torch.float32)
+    seg_decay = empty(q, (S, H), torch.float32)
     if plan.max_segs > 1:
-        s_loc = q.new_empty(S, H, K, V, dtype=torch.float32)
+        s_loc = empty(q, (S, H, K, V), torch.float32)
         _fwd_kernel_segment_state[(S, H, NV)](
             k, v, g_arg, s_loc, seg_decay, plan.seg_bos, plan.seg_eos, plan.chunks_per_segment, **scan, **cfg)
-        s_in = torch.empty_like(s_loc)
+        s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
         _fwd_kernel_segment_combine[(plan.num_seqs, H, NV)](
             s_loc, seg_decay, s_in, h0 if h0 is not None else s_loc, plan.seq_first_seg, plan.seq_num_segs,
             plan.max_segs, HAS_INIT=h0 is not None, **meta, **cfg)
@@ -406,8 +457,8 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan):
         s_in = h0.float()[plan.seg_seq].contiguous()
     else:
         s_in = q.new_zeros(S, H, K, V, dtype=torch.float32)
-    o = torch.empty_like(v)
-    s_end = torch.empty_like(s_in)
+    o = empty(v, v.shape, v.dtype)
+    s_end = empty(s_in, s_in.shape, s_in.dtype)
     _fwd_kernel_output[(S, H, NV)](
         q, k, v, g_arg, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment,
         **scan, **cfg)
@@ -418,19 +469,19 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan):
     """Returns dq, dk, dv (in q's dtype), dL/dB per token [NT, H] (float32) and dh0 [N, H, K, V]."""
     NT, H, K = q.shape
     V = v.shape[-1]
-    BK, BV = _block_v(K, V)
+    BK, BV = _blocks(K, V, "bwd")
     NV = triton.cdiv(V, BV)
     S = plan.num_segs
-    cfg = _config(BK, BV)
+    cfg = _config("bwd")
     meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
-    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DOT_PREC=_dot_precision(q.dtype), **meta)
+    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype), **meta)
     g_arg = g if g is not None else q
     if plan.max_segs > 1:
-        ds_loc = q.new_empty(S, H, K, V, dtype=torch.float32)
+        ds_loc = empty(q, (S, H, K, V), torch.float32)
         _bwd_kernel_segment_dstate[(S, H, NV)](
             q, do, g_arg, ds_loc, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, **scan, **cfg)
-        ds_out = torch.empty_like(ds_loc)
-        dh0 = q.new_empty(plan.num_seqs, H, K, V, dtype=torch.float32)
+        ds_out = empty(ds_loc, ds_loc.shape, ds_loc.dtype)
+        dh0 = empty(q, (plan.num_seqs, H, K, V), torch.float32)
         _bwd_kernel_segment_combine[(plan.num_seqs, H, NV)](
             ds_loc, seg_decay, ds_out, dht if dht is not None else ds_loc, dh0, plan.seq_first_seg,
             plan.seq_num_segs, plan.max_segs, HAS_DFINAL=dht is not None, **meta, **cfg)
@@ -442,12 +493,12 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan):
         dh0 = None
     # With one V block dq and dk are complete per program; otherwise each block writes its share.
     part_dtype = q.dtype if NV == 1 else torch.float32
-    dq = q.new_empty(NV, NT, H, K, dtype=part_dtype)
-    dk = q.new_empty(NV, NT, H, K, dtype=part_dtype)
-    dv = torch.empty_like(v)
-    qdq = q.new_empty(NV, NT, H, dtype=torch.float32)
-    kdk = q.new_empty(NV, NT, H, dtype=torch.float32)
-    ds_start = torch.empty_like(ds_out)
+    dq = empty(q, (NV, NT, H, K), part_dtype)
+    dk = empty(q, (NV, NT, H, K), part_dtype)
+    dv = empty(v, v.shape, v.dtype)
+    qdq = empty(q, (NV, NT, H), torch.float32)
+    kdk = empty(q, (NV, NT, H), torch.float32)
+    ds_start = empty(ds_out, ds_out.shape, ds_out.dtype)
     _bwd_kernel_dkv[(S, H, NV)](
         q, k, v, g_arg, do, dk, dv, kdk, ds_out, ds_start, plan.seg_bos, plan.seg_eos, scale,
         plan.chunks_per_segment, NT, **scan, **cfg)
@@ -519,7 +570,7 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
         q, k, v, g32, s_in, seg_decay, final = ctx.saved_tensors
         need_dg = g32 is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dg, dh0 = chunk_linear_attention_bwd(
-            q, k, v, g32, do.contiguous(), dht.contiguous() if dht is not None else None, ctx.scale, s_in,
+            q, k, v, g32, _aligned(do), dht.contiguous() if dht is not None else None, ctx.scale, s_in,
             seg_decay, final, ctx.plan, need_dg)
         dg = dg.to(ctx.g_dtype) if dg is not None else None
         dh0 = dh0.to(ctx.h0_dtype) if ctx.needs_input_grad[4] else None
@@ -544,12 +595,12 @@ def chunk_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None,
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    NV = triton.cdiv(V, _block_v(K, V)[1])
+    NV = triton.cdiv(V, _blocks(K, V, "fwd")[1])
     if cu_seqlens is None:
-        plan = _dense_plan(B, T, H, NV, q.device, CHUNKS_PER_SEGMENT)
+        plan = _dense_plan(B, T, H, NV, q.device, (CHUNKS_PER_SEGMENT, PROGRAMS_PER_SM))
     else:
         plan = _make_plan([int(x) for x in cu_seqlens.tolist()], H, NV, q.device)
-    flat = [x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v)]
+    flat = [_aligned(x.reshape(B * T, H, x.shape[-1])) for x in (q, k, v)]
     g_flat = g.reshape(B * T, H) if (g is not None and g.dim() == 3) else g
     h0 = initial_state.contiguous() if initial_state is not None else None
     o, final = ChunkLinearAttentionFunction.apply(*flat, g_flat, h0, scale, plan, output_final_state)

@@ -6,11 +6,11 @@ Shapes: B batch, H heads, K key/query head dim, V value head dim.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from lasp_hf.kernels.triton.utils import empty, interpreting
 
 G_NONE, G_HEAD, G_BATCH_HEAD = 0, 1, 2
 
@@ -61,9 +61,9 @@ def recurrent_step(q, k, v, g=None, *, scale: float, state=None):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g_mode = G_NONE if g is None else (G_HEAD if g.dim() == 1 else G_BATCH_HEAD)
     state_in = state.float().contiguous() if state is not None else None
-    new_state = q.new_empty(B, H, K, V, dtype=torch.float32)
-    o = torch.empty_like(v)
-    cfg = {} if os.environ.get("TRITON_INTERPRET", "0") == "1" else {"num_warps": 4}
+    new_state = empty(q, (B, H, K, V), torch.float32)
+    o = empty(v, v.shape, v.dtype)
+    cfg = {} if interpreting() else {"num_warps": 4}
     _recurrent_step_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, v, g.contiguous() if g is not None else q, state_in if state_in is not None else new_state,
         new_state, o, scale, H=H, K=K, V=V, G_MODE=g_mode, HAS_STATE=state is not None, BK=BK, BV=BV, **cfg)

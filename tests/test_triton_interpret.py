@@ -1,0 +1,183 @@
+"""The Triton kernels on CPU tensors, in Triton's interpreter (TRITON_INTERPRET=1), against a float64
+recurrence: output, final state and every gradient, at tiny shapes.
+
+TRITON_INTERPRET must be set before triton itself is imported (its own library functions are decorated
+then), which another test module of the same pytest process may already have done. So unless this
+process was started with it, one test runs this file again in a subprocess that has it, and the
+kernel tests here are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import lasp_hf  # noqa: E402
+from triton_reference64 import packed_recurrence64, recurrence64, rel_err  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and isinstance(triton.language.standard.zeros,
+                                                                          InterpretedFunction)
+needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+# float32 through the interpreter is numpy float32: ~1e-6; DESIGN.md's bound is 1e-4.
+TOL_FP32 = 1e-4
+TOL_BF16 = 1e-2
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="already in the interpreter")
+def test_in_interpreter_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+@pytest.fixture
+def kernels():
+    from lasp_hf.kernels.triton import chunk, utils
+
+    utils.POISON_OUTPUTS = True
+    yield chunk
+    utils.POISON_OUTPUTS = False
+    chunk.CHUNKS_PER_SEGMENT = None
+
+
+def _decay(mode, B, T, H, dtype=torch.float32):
+    if mode == "none":
+        return None
+    if mode == "head":
+        return (-0.2 * torch.rand(H, dtype=dtype)).requires_grad_()
+    return (-0.2 * torch.rand(B, T, H, dtype=dtype)).requires_grad_()
+
+
+def _leaves(*xs):
+    return [x.detach().clone().requires_grad_() if x is not None else None for x in xs]
+
+
+def _check(kernels, B, T, H, K, V, g_mode, *, dtype=torch.float32, use_h0=True, use_final=True, cps=None,
+           cu_seqlens=None, g_grad=True, tol=TOL_FP32):
+    kernels.CHUNKS_PER_SEGMENT = cps
+    q, k, v = (torch.randn(B, T, H, D, dtype=dtype) for D in (K, K, V))
+    g = _decay(g_mode, B, T, H)
+    if g is not None and not g_grad:
+        g = g.detach()
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    h0 = torch.randn(N, H, K, V) if use_h0 else None
+    scale = K ** -0.5
+    q, k, v, g_k, h0_k = _leaves(q, k, v, g, h0)
+    if g_k is not None and not g_grad:
+        g_k.requires_grad_(False)
+    o, final = lasp_hf.linear_attention(q, k, v, g_k, scale=scale, initial_state=h0_k, output_final_state=use_final,
+                                        cu_seqlens=cu_seqlens, backend="triton")
+    assert o.dtype == v.dtype and o.shape == (B, T, H, V)
+    do = torch.randn(B, T, H, V, dtype=torch.float64)
+    dS = torch.randn(N, H, K, V, dtype=torch.float64)
+    loss = (o.double() * do).sum() + ((final.double() * dS).sum() if use_final else 0)
+    loss.backward()
+
+    q64, k64, v64, g64, h064 = _leaves(*(x.double() if x is not None else None for x in (q, k, v, g, h0)))
+    if g64 is not None and not g_grad:
+        g64.requires_grad_(False)
+    if cu_seqlens is None:
+        o_ref, s_ref = recurrence64(q64, k64, v64, g64, scale, h064)
+    else:
+        o_ref, s_ref = packed_recurrence64(q64, k64, v64, g64, scale, h064, cu_seqlens)
+    ((o_ref * do).sum() + ((s_ref * dS).sum() if use_final else 0)).backward()
+
+    errors = {"o": rel_err(o, o_ref)}
+    if use_final:
+        assert final.dtype == torch.float32
+        errors["final_state"] = rel_err(final, s_ref)
+    else:
+        assert final is None
+    pairs = [("dq", q, q64), ("dk", k, k64), ("dv", v, v64)]
+    if use_h0:
+        pairs.append(("dh0", h0_k, h064))
+    if g is not None and g_grad:
+        pairs.append(("dg", g_k, g64))
+    for name, x, x64 in pairs:
+        assert x.grad is not None and x.grad.shape == x.shape and x.grad.dtype == x.dtype, name
+        errors[name] = rel_err(x.grad, x64.grad)
+    if g is not None and not g_grad:
+        assert g_k.grad is None
+    bad = {name: err for name, err in errors.items() if not err <= tol}
+    assert not bad, f"relative errors over {tol}: {bad} (all: {errors})"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("g_mode", ["none", "head", "token"])
+@pytest.mark.parametrize("T", [1, 63, 65, 130])
+def test_forward_backward(kernels, T, g_mode):
+    # Longer sequences are cut into one-chunk segments, so the segment state/combine kernels run too.
+    _check(kernels, 2, T, 2, 16, 32, g_mode, cps=1 if T > 64 else None)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("cps", [None, 2])
+def test_segments_of_several_chunks(kernels, cps):
+    # 3 chunks: one segment per sequence (no state pass), or segments of 2 + 1 chunks.
+    _check(kernels, 1, 130, 2, 32, 16, "token", cps=cps)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("g_mode", ["head", "token"])
+@pytest.mark.parametrize("cps", [None, 1])
+def test_packed_sequences(kernels, g_mode, cps):
+    # An empty sequence, a one-token sequence, and sequences that end mid-chunk and on a chunk boundary.
+    cu_seqlens = torch.tensor([0, 0, 1, 66, 130, 200], dtype=torch.int32)
+    _check(kernels, 1, 200, 2, 16, 16, g_mode, cps=cps, cu_seqlens=cu_seqlens)
+
+
+@needs_interpreter
+def test_without_states_and_constant_decay(kernels):
+    _check(kernels, 2, 65, 2, 16, 16, "head", use_h0=False, use_final=False, g_grad=False)
+
+
+@needs_interpreter
+def test_dims_not_powers_of_two(kernels):
+    _check(kernels, 1, 65, 2, 48, 80, "head", cps=1)
+
+
+@needs_interpreter
+def test_bfloat16_inputs(kernels):
+    _check(kernels, 1, 65, 2, 32, 32, "token", dtype=torch.bfloat16, cps=1, tol=TOL_BF16)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("g_mode", ["none", "head", "batch_head"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_recurrent_step(kernels, g_mode, with_state):
+    B, H, K, V = 3, 2, 32, 48
+    q, k = torch.randn(B, H, K), torch.randn(B, H, K)
+    v = torch.randn(B, H, V)
+    g = {"none": None, "head": -torch.rand(H), "batch_head": -torch.rand(B, H)}[g_mode]
+    state = torch.randn(B, H, K, V) if with_state else None
+    o, new_state = lasp_hf.linear_attention_step(q, k, v, g, state=state, backend="triton")
+    ref = state.double() if with_state else torch.zeros(B, H, K, V, dtype=torch.float64)
+    if g is not None and with_state:
+        ref = ref * (g.double().exp().view(1, H) if g.dim() == 1 else g.double().exp())[..., None, None]
+    ref = ref + k.double()[..., :, None] * v.double()[..., None, :]
+    o_ref = K ** -0.5 * (q.double()[..., None, :] @ ref).squeeze(-2)
+    assert rel_err(o, o_ref) <= TOL_FP32 and rel_err(new_state, ref) <= TOL_FP32
+
+
+@needs_interpreter
+def test_recurrent_step_bfloat16(kernels):
+    B, H, K, V = 2, 2, 16, 16
+    q, k, v = (torch.randn(B, H, D, dtype=torch.bfloat16) for D in (K, K, V))
+    g = -torch.rand(H)
+    state = torch.randn(B, H, K, V)
+    o, new_state = lasp_hf.linear_attention_step(q, k, v, g, state=state, backend="triton")
+    assert o.dtype == torch.bfloat16 and new_state.dtype == torch.float32
+    ref = state.double() * g.double().exp().view(1, H, 1, 1) + k.double()[..., :, None] * v.double()[..., None, :]
+    o_ref = K ** -0.5 * (q.double()[..., None, :] @ ref).squeeze(-2)
+    # The state is float32 whatever the inputs; only o is rounded to bfloat16.
+    assert rel_err(new_state, ref) <= TOL_FP32 and rel_err(o, o_ref) <= TOL_BF16
