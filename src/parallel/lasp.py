@@ -111,9 +111,11 @@ def packed_plan(bounds: list, L: int, rank: int, world_size: int) -> RankPlan:
 def _rank_plan(sp: SequenceParallelContext, cu_seqlens, L: int) -> RankPlan:
     if cu_seqlens is None:
         return dense_plan(L, sp.rank, sp.world_size)
+    # The same cu_seqlens tensor is passed to every layer: read it back to the host once per batch.
+    # (Tensors made under inference_mode have no version counter: no caching for them.)
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
     cached = sp.plan_cache
-    # The same cu_seqlens tensor is passed to every layer: read it back to the host once.
-    if cached is not None and cached[0] is cu_seqlens and cached[1] == cu_seqlens._version and cached[2] == L:
+    if version is not None and cached is not None and cached[0] is cu_seqlens and cached[1:3] == (version, L):
         return cached[3]
     bounds = cu_seqlens.tolist()
     total = L * sp.world_size
@@ -123,7 +125,8 @@ def _rank_plan(sp: SequenceParallelContext, cu_seqlens, L: int) -> RankPlan:
             f"at T_local * W = {L} * {sp.world_size} = {total}; got {bounds[:4]}...{bounds[-2:]}"
         )
     plan = packed_plan(bounds, L, sp.rank, sp.world_size)
-    sp.plan_cache = (cu_seqlens, cu_seqlens._version, L, plan)
+    if version is not None:
+        sp.plan_cache = (cu_seqlens, version, L, plan)
     return plan
 
 
