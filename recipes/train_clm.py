@@ -1,6 +1,11 @@
 """Train a lasp causal LM from scratch with the Hugging Face Trainer.
 
     accelerate launch recipes/train_clm.py --output_dir outputs/tnl-tiny --max_steps 200
+    accelerate launch --config_file recipes/accelerate/cpu_sp2.yaml recipes/train_clm.py --block_size 512
+
+Sequence parallelism (LASP): each sequence is cut across W processes. W comes from the accelerate config file
+(see recipes/README.md) or `--sequence_parallel_size W`, which overrides it; the other processes form data-parallel
+groups. `--sp_mode`, `--offload_activations` and the SP flags are `LaspTrainingArguments`' (lasp_hf.training).
 
 Every `TrainingArguments` flag works (`--learning_rate`, `--bf16`, `--gradient_checkpointing`, ...), plus the
 script's own (`ScriptArguments` below). With no data flags it trains on the shipped corpus
@@ -19,10 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
 from lasp_hf import LaspConfig, LaspForCausalLM
-from lasp_hf.training import PackedBlockCollator, build_clm_datasets
+from lasp_hf.training import LaspTrainer, LaspTrainingArguments, PackedBlockCollator, build_clm_datasets
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 logger = logging.getLogger("train_clm")
@@ -53,9 +58,6 @@ class ScriptArguments:
         metadata={"help": "Tokenizer folder or name for AutoTokenizer.from_pretrained."},
     )
     block_size: int = field(default=256, metadata={"help": "Tokens per packed block (one training sample)."})
-    sequence_parallel_size: int = field(
-        default=1, metadata={"help": "GPUs (processes) sharing one sequence. Only 1 for now."}
-    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training blocks."})
     eval_fraction: float = field(
         default=0.0, metadata={"help": "Fraction of documents held out for evaluation (evenly spaced)."}
@@ -66,8 +68,8 @@ class ScriptArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
 
 
-def parse_args(argv=None) -> tuple[ScriptArguments, TrainingArguments]:
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
+def parse_args(argv=None) -> tuple[ScriptArguments, LaspTrainingArguments]:
+    parser = HfArgumentParser((ScriptArguments, LaspTrainingArguments))
     # The script's defaults for a few TrainingArguments; any flag on the command line wins.
     parser.set_defaults(
         output_dir="outputs/train_clm", include_num_input_tokens_seen=True, logging_steps=10,
@@ -76,12 +78,11 @@ def parse_args(argv=None) -> tuple[ScriptArguments, TrainingArguments]:
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if script_args.train_file is None and script_args.dataset_name is None:
         script_args.train_file = str(REPO_ROOT / "data" / "corpus.jsonl")
-    if script_args.sequence_parallel_size < 1:
-        raise ValueError(f"--sequence_parallel_size={script_args.sequence_parallel_size}: expected 1 or more")
-    if script_args.sequence_parallel_size > 1:
-        raise NotImplementedError(
-            f"--sequence_parallel_size={script_args.sequence_parallel_size}: sequence-parallel training is not "
-            "in this version yet; run with --sequence_parallel_size 1"
+    sp_size = training_args.sequence_parallel_size
+    if script_args.block_size % sp_size != 0:
+        raise ValueError(
+            f"--block_size={script_args.block_size} is not divisible by the sequence-parallel size {sp_size} (from "
+            f"{training_args.sequence_parallel_source}): every block is cut into {sp_size} equal slices"
         )
     if script_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming gives a dataset without a length: set --max_steps too")
@@ -122,11 +123,12 @@ def main(argv=None) -> None:
         )
     model = build_model(script_args.model_config, tokenizer)
     num_params = sum(p.numel() for p in model.parameters())
-    logger.info("model %s: %.2fM parameters; block_size %d; %s training blocks", script_args.model_config,
-                num_params / 1e6, script_args.block_size,
+    logger.info("model %s: %.2fM parameters; block_size %d (%d tokens per rank, SP size %d); %s training blocks",
+                script_args.model_config, num_params / 1e6, script_args.block_size,
+                script_args.block_size // training_args.sequence_parallel_size, training_args.sequence_parallel_size,
                 "streamed" if script_args.streaming else len(train_dataset))
 
-    trainer = Trainer(
+    trainer = LaspTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=PackedBlockCollator(),
     )

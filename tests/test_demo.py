@@ -88,11 +88,12 @@ def test_demo_end_to_end(tmp_path):
     assert (tmp_path / "loss.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_sequence_parallel_size_above_one_is_not_implemented_yet():
+def test_sequence_parallel_size_flag():
+    # Sequence-parallel training itself is tested in test_train_sp.py.
     train_clm = load_recipe("train_clm")
-    with pytest.raises(NotImplementedError, match="sequence_parallel_size=2"):
-        train_clm.parse_args(["--output_dir", "unused", "--sequence_parallel_size", "2"])
-    with pytest.raises(ValueError, match="sequence_parallel_size=0"):
+    _, training_args = train_clm.parse_args(["--output_dir", "unused", "--sequence_parallel_size", "2"])
+    assert training_args.sequence_parallel_size == 2
+    with pytest.raises(ValueError, match="sequence_parallel_size = 0"):
         train_clm.parse_args(["--output_dir", "unused", "--sequence_parallel_size", "0"])
 
 

@@ -1,0 +1,160 @@
+"""Training under LASP on CPU processes (gloo), through `accelerate launch recipes/train_clm.py`.
+
+The reference is the unsharded run: one process, a batch of 2 blocks per step. The same steps are
+taken by SP = 2 (2 processes; 1 block per micro-batch, 2 gradient-accumulation micro-batches) and by
+DP = 2 x SP = 2 (4 processes, 1 block each); fp32, a fixed seed, the same sampler order, so the
+per-step losses must agree to float32 rounding. The SP degree comes from
+recipes/accelerate/cpu_sp2.yaml (its `# lasp_sequence_parallel_size: 2` line).
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_CLM = REPO / "recipes" / "train_clm.py"
+CPU_SP2 = REPO / "recipes" / "accelerate" / "cpu_sp2.yaml"
+BLOCK = 64
+NUM_STEPS = 10
+COMMON = [
+    "--max_steps", str(NUM_STEPS), "--block_size", str(BLOCK), "--max_train_samples", "64",
+    "--learning_rate", "3e-3", "--logging_steps", "1", "--seed", "0", "--eval_fraction", "0.02",
+    "--save_strategy", "steps", "--save_steps", "5", "--disable_tqdm", "true",
+]
+RTOL = 1e-4  # fp32: the sharded runs sum the same token losses in another order
+
+pytestmark = pytest.mark.distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(output_dir, *args, num_processes=None, expect_ok=True, extra_env=None, timeout=300):
+    """`accelerate launch --config_file cpu_sp2.yaml train_clm.py` (plain python when num_processes == 0)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           **(extra_env or {})}
+    env.pop("LASP_SEQUENCE_PARALLEL_SIZE", None)
+    if num_processes == 0:
+        command = [sys.executable, str(TRAIN_CLM)]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_SP2),
+                   "--main_process_port", str(free_port())]
+        if num_processes is not None:
+            command += ["--num_processes", str(num_processes)]
+        command += [str(TRAIN_CLM)]
+    command += ["--output_dir", str(output_dir), *COMMON, *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                            stdin=subprocess.DEVNULL)
+    if expect_ok:
+        assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def history(output_dir):
+    return json.loads((pathlib.Path(output_dir) / "trainer_state.json").read_text())["log_history"]
+
+
+def step_losses(output_dir):
+    return {entry["step"]: entry["loss"] for entry in history(output_dir) if "loss" in entry}
+
+
+def eval_loss(output_dir):
+    return [entry["eval_loss"] for entry in history(output_dir) if "eval_loss" in entry][-1]
+
+
+def assert_losses_match(losses, reference, steps):
+    assert sorted(losses) == list(steps), f"logged steps {sorted(losses)}, expected {list(steps)}"
+    for step in steps:
+        err = abs(losses[step] - reference[step]) / abs(reference[step])
+        assert err <= RTOL, f"step {step}: loss {losses[step]} vs unsharded {reference[step]} (rel. error {err:.2e})"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_sp")
+    launch(root / "unsharded", "--per_device_train_batch_size", "2", num_processes=0)
+    launch(root / "sp2", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2")
+    launch(root / "dp2_sp2", "--per_device_train_batch_size", "1", num_processes=4)
+    return root
+
+
+def test_sp2_losses_equal_the_unsharded_run(runs):
+    reference = step_losses(runs / "unsharded")
+    assert_losses_match(step_losses(runs / "sp2"), reference, range(1, NUM_STEPS + 1))
+    # The run learns: otherwise equal losses would prove little.
+    assert reference[NUM_STEPS] < reference[1] - 0.1
+
+
+def test_dp2_sp2_losses_equal_the_unsharded_run(runs):
+    assert_losses_match(step_losses(runs / "dp2_sp2"), step_losses(runs / "unsharded"), range(1, NUM_STEPS + 1))
+
+
+def test_logs_report_tokens_per_second_and_peak_memory(runs):
+    entries = [entry for entry in history(runs / "sp2") if "loss" in entry]
+    # Every token counted once over the SP group: 2 blocks of 64 tokens per step.
+    assert entries[0]["num_input_tokens_seen"] == 2 * BLOCK
+    assert all(entry["train_tokens_per_second"] > 0 and entry["peak_memory_gb"] > 0 for entry in entries)
+
+
+def test_resumed_run_logs_the_same_next_losses(runs, tmp_path):
+    checkpoint = runs / "sp2" / "checkpoint-5"
+    assert checkpoint.is_dir()
+    launch(tmp_path / "resumed", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+           "--resume_from_checkpoint", str(checkpoint))
+    uninterrupted = step_losses(runs / "sp2")
+    resumed = step_losses(tmp_path / "resumed")
+    # The resumed run's history starts with the checkpoint's (steps 1-5), then its own steps.
+    assert sorted(resumed) == list(range(1, NUM_STEPS + 1))
+    for step in range(6, NUM_STEPS + 1):
+        err = abs(resumed[step] - uninterrupted[step]) / abs(uninterrupted[step])
+        assert err <= 1e-6, (step, resumed[step], uninterrupted[step])
+
+
+def _eval_blocks():
+    from transformers import AutoTokenizer
+
+    from lasp_hf.training import build_clm_datasets
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
+    _, evaluation = build_clm_datasets(tokenizer, BLOCK, train_file=str(REPO / "data" / "corpus.jsonl"),
+                                       eval_fraction=0.02, max_train_samples=64)
+    return evaluation
+
+
+@pytest.mark.parametrize("run", ["sp2", "dp2_sp2"])
+def test_eval_loss_is_the_token_weighted_loss_of_the_saved_model(runs, run):
+    """Reference: each eval block alone through the saved model, cross-entropy summed in float64."""
+    from lasp_hf import LaspForCausalLM
+
+    model = LaspForCausalLM.from_pretrained(runs / run).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for block in _eval_blocks():
+            ids = torch.tensor([block["input_ids"]])
+            labels = torch.tensor(block["labels"])
+            logits = model(input_ids=ids, position_ids=torch.tensor([block["position_ids"]])).logits[0].double()
+            targets = labels[1:]  # token t predicts labels[t + 1]; -100 at every document start
+            keep = targets != -100
+            total += F.cross_entropy(logits[:-1][keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    reference = total / count
+    logged = eval_loss(runs / run)
+    assert abs(logged - reference) <= 1e-5 * reference, (logged, reference)
+
+
+def test_sp_size_that_does_not_divide_the_world_stops_before_training(tmp_path):
+    result = launch(tmp_path / "bad", "--sequence_parallel_size", "3", "--block_size", "96", expect_ok=False)
+    assert result.returncode != 0
+    assert "sequence_parallel_size = 3" in result.stderr + result.stdout
+    assert "must divide the number of processes, got 2" in result.stderr + result.stdout
+    assert not (tmp_path / "bad" / "trainer_state.json").exists()
