@@ -6,37 +6,42 @@ Shapes: B batch, L = T_local tokens on this rank, T = W * L, H query heads, H_kv
 Every rank gathers the K and V of the whole sequence (one all_gather each, with autograd: the
 backward reduce-scatters dK, dV so each rank gets the sum of all ranks' gradients for its slice)
 and attends with its own queries. Query i of rank r sits at global position r*L + i and sees the
-keys at global positions <= r*L + i of its own document.
+keys at global positions <= r*L + i of its own document (one causal SDPA call per document run).
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 import torch.nn.functional as F
 from lasp_hf.parallel import comm
 from lasp_hf.parallel.context import as_sp_context
+from torch.nn.attention.bias import causal_lower_right
 
 
-def _document_ids(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
-    """[T] int: the index of the packed document each token belongs to."""
-    bounds = cu_seqlens.to(device=device, dtype=torch.long)
-    if bounds.dim() != 1 or bounds.numel() < 2 or bounds[0].item() != 0 or bounds[-1].item() != T:
-        raise ValueError(
-            f"cu_seqlens must describe the full packed sequence: 1-D, from 0 to T = {T}; got {cu_seqlens.tolist()}"
-        )
-    return torch.bucketize(torch.arange(T, device=device), bounds[1:], right=True)
-
-
-def sp_attention_mask(L: int, rank: int, world_size: int, cu_seqlens=None, device=None) -> torch.Tensor:
-    """Boolean [L, T] mask (True = attend) for rank `rank`'s queries over the whole sequence."""
+def _query_segments(L: int, rank: int, world_size: int, cu_seqlens):
+    """(lo, hi, key_start) for each run of this rank's queries that lies in one document: local
+    query rows [lo, hi) see the global keys [key_start, rank*L + hi), causally (lower-right aligned)."""
+    start = rank * L
+    if cu_seqlens is None:
+        return [(0, L, 0)]
+    bounds = cu_seqlens.tolist()
     T = L * world_size
-    q_pos = rank * L + torch.arange(L, device=device)
-    k_pos = torch.arange(T, device=device)
-    mask = k_pos[None, :] <= q_pos[:, None]
-    if cu_seqlens is not None:
-        doc = _document_ids(cu_seqlens, T, device)
-        mask &= doc[None, :] == doc[q_pos][:, None]
-    return mask
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b > a for a, b in zip(bounds[1:], bounds)):
+        raise ValueError(
+            f"cu_seqlens must describe the full packed sequence: from 0 to T = T_local * W = {T}, never "
+            f"decreasing; got {bounds[:4]}...{bounds[-2:]}"
+        )
+    segments = []
+    for n in range(bisect.bisect_right(bounds, start) - 1, len(bounds) - 1):
+        doc_start, doc_end = bounds[n], bounds[n + 1]
+        if doc_start >= start + L:
+            break
+        lo, hi = max(doc_start, start), min(doc_end, start + L)
+        if lo < hi:
+            segments.append((lo - start, hi - start, doc_start))
+    return segments
 
 
 def sp_softmax_attention(q, k, v, *, sp_context, cu_seqlens=None, scale=None):
@@ -69,8 +74,15 @@ def sp_softmax_attention(q, k, v, *, sp_context, cu_seqlens=None, scale=None):
     if H_kv != H:
         k_all = k_all.repeat_interleave(H // H_kv, dim=2)
         v_all = v_all.repeat_interleave(H // H_kv, dim=2)
-    mask = sp_attention_mask(L, sp.rank, sp.world_size, cu_seqlens, q.device)
-    o = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask, scale=scale,
-    )
+    # One causal SDPA call per document run of the queries (lower-right aligned causal bias: no
+    # [L, T] mask is materialized, so SDPA keeps its fused kernels).
+    qh, kh, vh = q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2)
+    outs = []
+    for lo, hi, key_start in _query_segments(L, sp.rank, sp.world_size, cu_seqlens):
+        key_end = sp.rank * L + hi
+        bias = causal_lower_right(hi - lo, key_end - key_start)
+        outs.append(F.scaled_dot_product_attention(
+            qh[:, :, lo:hi], kh[:, :, key_start:key_end], vh[:, :, key_start:key_end], attn_mask=bias, scale=scale,
+        ))
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return o.transpose(1, 2)
