@@ -312,6 +312,15 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # save_pretrained maps only this class in config.json's auto_map; add the base model so that
+        # AutoModel.from_pretrained(..., trust_remote_code=True) loads a saved causal LM too.
+        if getattr(self, "_auto_class", None) is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", f"{type(self.model).__module__.split('.')[-1]}.{type(self.model).__name__}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 

@@ -36,6 +36,7 @@ def test_save_and_load_round_trip(tmp_path, tie):
     assert config["model_type"] == "lasp"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lasp.LaspForCausalLM"
     assert config["auto_map"]["AutoConfig"] == "configuration_lasp.LaspConfig"
+    assert config["auto_map"]["AutoModel"] == "modeling_lasp.LaspModel"
     for name in ("modeling_lasp.py", "configuration_lasp.py", "cache_lasp.py", "layers_lasp.py", "loss_lasp.py"):
         assert (tmp_path / name).exists(), name
     for loaded in (LaspForCausalLM.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
@@ -64,6 +65,10 @@ assert type(model).__module__.startswith("transformers_modules"), type(model).__
 x = torch.load(sys.argv[2])
 out = model(x)
 generated = model.generate(x, max_new_tokens=5, do_sample=False)
+from transformers import AutoModel
+# The remote code imported lasp_hf (for the op), which registers its own classes: either copy may serve now.
+base = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert type(base).__name__ == "LaspModel", type(base)
 torch.save({"logits": out.logits, "generated": generated}, sys.argv[3])
 """
 
