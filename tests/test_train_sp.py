@@ -158,3 +158,32 @@ def test_sp_size_that_does_not_divide_the_world_stops_before_training(tmp_path):
     assert "sequence_parallel_size = 3" in result.stderr + result.stdout
     assert "must divide the number of processes, got 2" in result.stderr + result.stdout
     assert not (tmp_path / "bad" / "trainer_state.json").exists()
+
+
+def _wait_on_a_silent_peer(timeout_s, silence_s):
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from lasp_hf.parallel import init_sequence_parallel
+
+    sp = init_sequence_parallel(2, timeout=datetime.timedelta(seconds=timeout_s))
+    if sp.rank == 1:
+        time.sleep(silence_s)  # a hung rank: never joins the collective
+        return None
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=sp.group)
+    except RuntimeError as error:
+        return time.monotonic() - start, str(error)
+    return time.monotonic() - start, None
+
+
+def test_a_hung_rank_fails_the_others_within_the_sp_timeout():
+    """The SP groups carry the trainer's `ddp_timeout` (LaspTrainer passes it to init_sequence_parallel)."""
+    from distributed_utils import run_distributed
+
+    elapsed, error = run_distributed(_wait_on_a_silent_peer, 2, 3.0, 7.0, timeout_s=120.0)[0]
+    assert error is not None, "the collective with a silent peer returned instead of failing"
+    assert elapsed < 6.5, f"failed only after {elapsed:.1f} s; the SP group's timeout was 3 s"

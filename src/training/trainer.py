@@ -71,6 +71,10 @@ class LaspTrainingArguments(TrainingArguments):
         # would each train alone. Join them over gloo on the CPU instead.
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             self.use_cpu = True
+            for engine in ("FSDP", "DEEPSPEED"):
+                if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
+                    logger.warning(f"accelerate does not run {engine} on the CPU: these processes train with plain "
+                                   "data parallelism over gloo instead")
         super().__post_init__()
 
 
@@ -168,7 +172,7 @@ class LaspTrainer(Trainer):
             )
         self.sp_context = init_sequence_parallel(W, self.args.sp_mode, timeout=self.args.ddp_timeout_delta)
         logger.info(f"LASP: {world} processes = {world // W} data-parallel groups x {W} sequence-parallel ranks "
-                    f"({self.args.sp_mode}; W from {source})")
+                    f"({self.args.sp_mode}; W from {source}; {self.accelerator.distributed_type.value})")
 
     def _check_block_size(self, dataset, name: str) -> None:
         if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
