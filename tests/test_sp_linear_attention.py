@@ -19,7 +19,7 @@ from lasp_hf import SequenceParallelContext, linear_attention
 
 H, K, V = 2, 8, 6
 TOL = 1e-4  # float32 inputs, float32 states: the two paths differ only by summation order
-LOCAL_LEN = {2: 100, 3: 37, 4: 65}  # not multiples of the reference's chunk (64)
+LOCAL_LENS = {2: (100,), 3: (37,), 4: (65, 1)}  # not multiples of the reference's chunk (64); one token
 G_MODES = ("none", "head", "token")
 MODES = ("ring", "allgather")
 
@@ -68,15 +68,21 @@ def _op_worker(W: int, backend: str = "torch", layouts=None, g_modes=G_MODES, di
     The SP op runs on `backend`; the reference is always the unsharded PyTorch op. dims = (H, K, V).
     """
     rank = dist.get_rank()
-    L = LOCAL_LEN[W]
     sp = SequenceParallelContext.from_group(dist.group.WORLD)
+    errors = {}
+    for L in LOCAL_LENS[W]:
+        errors.update(_op_cases(W, L, rank, sp, backend, layouts, g_modes, dims))
+    return errors
+
+
+def _op_cases(W, L, rank, sp, backend, layouts, g_modes, dims) -> dict:
     mine = slice(rank * L, (rank + 1) * L)
     errors = {}
     for layout, bounds in _layouts(W, L).items():
         if layouts is not None and layout not in layouts:
             continue
         for g_mode in g_modes:
-            q, k, v, g, h0, w_o, w_final, cu = _inputs(W, L, g_mode, bounds, seed=zlib.crc32(f"{W}{layout}{g_mode}".encode()), dims=dims)
+            q, k, v, g, h0, w_o, w_final, cu = _inputs(W, L, g_mode, bounds, seed=zlib.crc32(f"{W}{L}{layout}{g_mode}".encode()), dims=dims)
             # Reference: the unsharded op.
             leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, h0)]
             o_ref, final_ref = linear_attention(*leaves[:4], initial_state=leaves[4], output_final_state=True,
@@ -97,7 +103,7 @@ def _op_worker(W: int, backend: str = "torch", layouts=None, g_modes=G_MODES, di
                     total = grads[i].clone() if grads[i] is not None else torch.zeros_like(local[i])
                     dist.all_reduce(total)
                     grads[i] = total
-                case = errors.setdefault(f"{layout}/{g_mode}/{mode}", {})
+                case = errors.setdefault(f"L={L}/{layout}/{g_mode}/{mode}", {})
                 case["o"] = relative_error(o, o_ref[:, mine])
                 case["final"] = relative_error(final, final_ref)
                 for name, got, ref in zip(("dq", "dk", "dv", "dg", "dh0"), grads, ref_grads):
