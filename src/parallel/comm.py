@@ -16,12 +16,11 @@ import torch
 import torch.distributed as dist
 from lasp_hf.parallel.context import SequenceParallelContext
 
-# torch >= 2.10 renamed the flat collectives; both names take the same arguments.
+# Newer torch names the flat collectives *_single (the *_tensor names are deprecated there); same arguments.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-# ---- plain collectives (no autograd) -------------------------------------------------------------
 
 def all_gather_stacked(x: torch.Tensor, sp: SequenceParallelContext) -> torch.Tensor:
     """[*S] on every rank -> [W, *S]: entry s is rank s's x."""
@@ -42,7 +41,7 @@ def reduce_scatter_stacked(xs: torch.Tensor, sp: SequenceParallelContext) -> tor
 def post_recv_from_prev(like: torch.Tensor, sp: SequenceParallelContext):
     """Post the receive of the state that rank r-1 will send; returns (buffer, work) or None on rank 0.
 
-    Posting it before the local pass lets the sender's send complete as soon as it is issued.
+    Posting it before this rank's own state pass lets the sender's send complete as soon as it is issued.
     """
     if sp.prev_rank is None:
         return None
@@ -65,7 +64,8 @@ def send_to_prev(x: torch.Tensor, sp: SequenceParallelContext):
 
 
 def recv_from_next(like: torch.Tensor, sp: SequenceParallelContext) -> torch.Tensor | None:
-    """Blocking receive of a tensor shaped like `like` from rank r+1 (None on the last rank)."""
+    """Receive a tensor shaped like `like` from rank r+1 and wait for it (on NCCL the wait only orders
+    the current CUDA stream); None on the last rank."""
     if sp.next_rank is None:
         return None
     buf = torch.empty_like(like)
@@ -73,7 +73,6 @@ def recv_from_next(like: torch.Tensor, sp: SequenceParallelContext) -> torch.Ten
     return buf
 
 
-# ---- state exchange (LASP ring, LASP-2 all-gather); plain functions, the op's Function calls them ----
 
 def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv=None) -> torch.Tensor:
     """LASP ring step: S_in(r) arrives from rank r-1 (zeros on rank 0); S_out(r) = a_r S_in(r) + S_loc(r)
@@ -144,7 +143,6 @@ def all_reduce_sum(x: torch.Tensor, sp: SequenceParallelContext) -> torch.Tensor
     return y
 
 
-# ---- all_gather along the sequence (softmax layers, LASP-2H) -------------------------------------
 
 class _GatherSequence(torch.autograd.Function):
     """[B, T_local, ...] -> [B, W * T_local, ...] in rank order; backward reduce-scatters."""
