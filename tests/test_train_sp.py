@@ -187,3 +187,30 @@ def test_a_hung_rank_fails_the_others_within_the_sp_timeout():
     elapsed, error = run_distributed(_wait_on_a_silent_peer, 2, 3.0, 7.0, timeout_s=120.0)[0]
     assert error is not None, "the collective with a silent peer returned instead of failing"
     assert elapsed < 6.5, f"failed only after {elapsed:.1f} s; the SP group's timeout was 3 s"
+
+
+def test_plain_accelerate_loop_dp2_sp2_with_checkpointing_equals_the_unsharded_loop(tmp_path):
+    """recipes/train_accelerate_loop.py: 4 processes (DP 2 x SP 2 from cpu_sp2.yaml) with activation checkpointing
+    against one process with 2 blocks per step."""
+    loop = REPO / "recipes" / "train_accelerate_loop.py"
+    common = ["--max_steps", "6", "--block_size", str(BLOCK), "--max_train_samples", "64", "--learning_rate", "3e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("LASP_SEQUENCE_PARALLEL_SIZE", None)
+    commands = {
+        "unsharded": [sys.executable, str(loop), *common, "--batch_size", "2"],
+        "dp2_sp2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_SP2),
+                    "--num_processes", "4", "--main_process_port", str(free_port()), str(loop), *common,
+                    "--batch_size", "1", "--gradient_checkpointing"],
+    }
+    logs = {}
+    for name, command in commands.items():
+        log_file = tmp_path / f"{name}.json"
+        result = subprocess.run([*command, "--log_file", str(log_file)], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        logs[name] = json.loads(log_file.read_text())
+    assert logs["dp2_sp2"]["sequence_parallel_size"] == 2
+    reference, sharded = logs["unsharded"]["losses"], logs["dp2_sp2"]["losses"]
+    assert len(sharded) == len(reference) == 6
+    for step, (loss, ref) in enumerate(zip(sharded, reference), 1):
+        assert abs(loss - ref) <= RTOL * abs(ref), f"step {step}: {loss} vs unsharded {ref}"
