@@ -392,17 +392,16 @@ def _dense_plan(B: int, T: int, H: int, NV: int, device, knobs) -> _Plan:
     return _make_plan([b * T for b in range(B + 1)], H, NV, device)
 
 
-_allocator_set = False
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _config(phase: str) -> dict:
-    global _allocator_set
     if interpreting():
         return {}
-    if not _allocator_set:
-        # Tensor descriptors made inside kernels need a little global scratch memory per launch.
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _allocator_set = True
+    # Tensor descriptors made inside kernels need a little global scratch memory per launch. Triton keeps
+    # the allocator in a context variable, so it is set on every call: backward runs in autograd's thread.
+    triton.set_allocator(_scratch)
     _, num_warps, num_stages = CONFIGS[phase]
     return {"num_warps": num_warps, "num_stages": num_stages}
 
