@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from distributed_utils import relative_error, run_distributed
 from lasp_hf import SequenceParallelContext, linear_attention
+from lasp_hf.kernels import reference
+from lasp_hf.parallel.lasp import sp_linear_attention
 
 H, K, V = 2, 8, 6
 TOL = 1e-4  # float32 inputs, float32 states: the two paths differ only by summation order
@@ -62,6 +64,35 @@ def _grads(loss, tensors):
     return [next(got) if t is not None else None for t in tensors]
 
 
+class _StateOnlyHooks:
+    """The PyTorch backend plus the optional state-only entry points a backend may offer
+    (`final_state_only`, `initial_state_grad_only`), written here through the reference's own
+    autograd so that the op's hook path is checked on CPU."""
+
+    chunk_linear_attention = staticmethod(reference.chunk_linear_attention)
+
+    @staticmethod
+    def final_state_only(k, v, g, *, initial_state):
+        return reference.chunk_linear_attention(k, k, v, g, scale=1.0, initial_state=initial_state,
+                                                output_final_state=True)[1]
+
+    @staticmethod
+    def initial_state_grad_only(q, do, g, *, scale):
+        B, T, H, K = q.shape
+        with torch.enable_grad():
+            h0 = torch.zeros(B, H, K, do.shape[-1], requires_grad=True)
+            o, _ = reference.chunk_linear_attention(q, torch.zeros_like(q), torch.zeros(B, T, H, do.shape[-1]), g,
+                                                    scale=scale, initial_state=h0)
+            return torch.autograd.grad((o.float() * do.float()).sum(), h0)[0]
+
+
+def _sp_op(backend, q, k, v, g, **kwargs):
+    """The SP op through `linear_attention`, or straight through `sp_linear_attention` with the hooks."""
+    if backend == "hooks":
+        return sp_linear_attention(q, k, v, g, scale=q.shape[-1] ** -0.5, local_impl=_StateOnlyHooks, **kwargs)
+    return linear_attention(q, k, v, g, backend=backend, **kwargs)
+
+
 def _op_worker(W: int, backend: str = "torch", layouts=None, g_modes=G_MODES, dims=(H, K, V)) -> dict:
     """Runs on every rank; returns {case: {quantity: relative error}}.
 
@@ -92,8 +123,8 @@ def _op_cases(W, L, rank, sp, backend, layouts, g_modes, dims) -> dict:
             for mode in MODES:
                 local = [q[:, mine], k[:, mine], v[:, mine], g[:, mine] if per_token_g else g, h0]
                 local = [x.clone().requires_grad_() if x is not None else None for x in local]
-                o, final = linear_attention(*local[:4], initial_state=local[4], output_final_state=True,
-                                            cu_seqlens=cu, sp_group=sp, sp_mode=mode, backend=backend)
+                o, final = _sp_op(backend, *local[:4], initial_state=local[4], output_final_state=True,
+                                  cu_seqlens=cu, sp_group=sp, sp_mode=mode)
                 # Each rank weighs final_state differently (weights sum to 1): dS_final must be summed.
                 share = (rank + 1) / (W * (W + 1) / 2)
                 loss = (o * w_o[:, mine]).sum() + share * (final * w_final).sum()
@@ -152,3 +183,12 @@ def test_sp_linear_attention_triton_local_pass():
     bad = _failures(results)
     assert not bad, "\n".join(bad)
     assert len(results[0]) == 3 * 2 * 2
+
+
+@pytest.mark.distributed
+def test_sp_linear_attention_state_only_hooks():
+    """A backend's state-only kernels (final_state_only, initial_state_grad_only) replace the op's own."""
+    results = run_distributed(_op_worker, 3, 3, "hooks", ("dense", "span", "at_cuts"))
+    bad = _failures(results)
+    assert not bad, "\n".join(bad)
+    assert len(results[0]) == 3 * 3 * 2

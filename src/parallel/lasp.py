@@ -18,7 +18,9 @@ Backward mirrors it: the direct gradient of S_in(r), dS_direct = scale * sum_t e
 (+ the final-state gradient of a document ending on the rank), needs only q, do and g; the
 exchange (`ring_backward` / `allgather_backward`) gives dS_out(r) = dS_in(r+1); the local
 backward then runs with dS_out(r) as the gradient of its final state. Serial work across ranks
-is the state combines and hops only.
+is the state combines and hops only. The two state-only passes run in PyTorch unless the backend
+offers kernels for them (`final_state_only`, `initial_state_grad_only`; see `_segment_state`,
+`_carried_state_grad`).
 
 Gradients: for tensors every rank passes whole (g of shape [H], initial_state) each rank
 returns only its own contribution (zeros where it has none); the owner sums them across the SP
@@ -192,9 +194,16 @@ def _weighted_outer_sum(a, b, weights, lo: int, hi: int):
     return out
 
 
-def _segment_state(k, v, g, lo: int, hi: int, h0):
+def _segment_state(k, v, g, lo: int, hi: int, h0, local_impl=None):
     """The state after tokens [lo, hi) of this rank from h0 (None: zeros), float32 [B, H, K, V]:
-    exp(sum g) h0 + sum_t exp(sum_{u > t} g_u) k_t^T v_t (sums over [lo, hi))."""
+    exp(sum g) h0 + sum_t exp(sum_{u > t} g_u) k_t^T v_t (sums over [lo, hi)).
+
+    A backend may provide it as `final_state_only(k, v, g, *, initial_state)` (a state-only kernel).
+    """
+    hook = getattr(local_impl, "final_state_only", None)
+    if hook is not None:
+        g_part = g[:, lo:hi] if g is not None and g.dim() == 3 else g
+        return hook(k[:, lo:hi], v[:, lo:hi], g_part, initial_state=h0).float()
     B, _, H, _ = k.shape
     n = hi - lo
     if g is None:
@@ -214,10 +223,22 @@ def _segment_state(k, v, g, lo: int, hi: int, h0):
     return state
 
 
-def _carried_state_grad(q, do, g, n: int, scale: float):
+def _carried_state_grad(q, do, g, n: int, scale: float, local_impl=None):
     """scale * sum_{t < n} exp(G_t) q_t^T do_t (G inclusive from the rank's start), float32 [B, H, K, V],
-    and exp(G_{n-1}) [B, H] (None when g is None)."""
+    and exp(G_{n-1}) [B, H] (None when g is None).
+
+    A backend may provide the first as `initial_state_grad_only(q, do, g, *, scale)`: the gradient
+    of sum(o * do) with respect to the initial state, which needs neither k nor v.
+    """
     B, _, H, _ = q.shape
+    hook = getattr(local_impl, "initial_state_grad_only", None)
+    if hook is not None:
+        g_part = g[:, :n] if g is not None and g.dim() == 3 else g
+        ds = hook(q[:, :n], do[:, :n], g_part, scale=scale).float()
+        if g is None:
+            return ds, None
+        total = g.float() * n if g.dim() == 1 else g[:, :n].float().sum(1)
+        return ds, total.exp().expand(B, H)
     if g is None:
         G = None
     elif g.dim() == 1:
@@ -275,7 +296,7 @@ def _handed_on_state(run: _Run, k, v, g, initial_state):
     h0 = None
     if not (plan.num_segments == 1 and plan.carried_len) and initial_state is not None:
         h0 = initial_state if plan.local_bounds is None else initial_state[plan.seg_docs[-1]:plan.seg_docs[-1] + 1]
-    return _segment_state(k, v, g, plan.last_start, plan.length, h0)
+    return _segment_state(k, v, g, plan.last_start, plan.length, h0, run.local_impl)
 
 
 def _final_states(plan: RankPlan, finals, initial_state, num_rows: int):
@@ -364,7 +385,7 @@ class _LaspFunction(torch.autograd.Function):
         ds_direct = q.new_zeros(do.shape[0], *finals.shape[1:], dtype=torch.float32)
         if plan.carried_len:
             ds_direct, first_decay = _carried_state_grad(q.detach(), do, g.detach() if g is not None else None,
-                                                         plan.carried_len, run.scale)
+                                                         plan.carried_len, run.scale, run.local_impl)
             d_first = dht[:1] if packed else dht
             ds_direct = ds_direct + (first_decay[..., None, None] * d_first if first_decay is not None else d_first)
         if run.mode == "ring":
@@ -416,7 +437,8 @@ def sp_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None, ou
             same on every rank.
         sp_group: a SequenceParallelContext or a ProcessGroup (wrapped; mode from sp_mode).
         sp_mode: "ring" or "allgather".
-        local_impl: backend module with `chunk_linear_attention` (autograd through it).
+        local_impl: backend module with `chunk_linear_attention` (autograd through it), and
+            optionally the state-only kernels `final_state_only` / `initial_state_grad_only`.
 
     Returns:
         o: [B, L, H, V] in v's dtype; final_state: float32 [B, H, K, V] ([N, H, K, V] packed), the
