@@ -78,7 +78,7 @@ def main(argv=None):
                                       max_train_samples=args.max_train_samples)
     model = LaspForCausalLM(LaspConfig.from_json_file(args.model_config))
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
     # A seeded shuffle: the order does not depend on the number of processes, so runs compare step by step.

@@ -207,3 +207,43 @@ def test_scale_loss():
     loss = scale_loss(torch.tensor(6.0), torch.tensor(3), 4)
     assert loss.item() == 8.0
     assert scale_loss(torch.tensor(0.0), torch.tensor(0), 2).item() == 0.0
+
+
+# ---- recipes/max_seq_len.py ------------------------------------------------------------------------------
+
+def _recipe(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}_for_test", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("limit", [1, 63, 64, 100, 1000, 5000, 10**6])
+def test_max_seq_len_search_finds_the_largest_fitting_multiple(limit):
+    find_longest = _recipe("max_seq_len").find_longest
+    tried = []
+
+    def fits(T):
+        tried.append(T)
+        return T <= limit
+
+    cap, granularity = 8192, 64
+    expected = None if limit < 64 else min(limit // granularity * granularity, cap)
+    assert find_longest(fits, 64, cap, granularity) == expected
+    assert all(T % granularity == 0 and T <= cap for T in tried)
+    assert len(tried) <= 2 * 8  # doubling then bisecting: logarithmic
+
+
+def test_max_seq_len_runs_on_the_cpu_with_a_cap(tmp_path):
+    result_file = tmp_path / "result.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "max_seq_len.py"), "--start", "64", "--max_block_size", "256",
+         "--granularity", "64", "--offload_activations", "--json", str(result_file)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("longest trainable block_size for tnl-tiny.json")
+    import json
+
+    record = json.loads(result_file.read_text())
+    assert record["longest_block_size"] == 256 and record["capped"]
+    assert [trial["block_size"] for trial in record["trials"]] == [64, 128, 256]

@@ -1,0 +1,161 @@
+"""Find the longest --block_size that one training step fits in, for a model config on the visible devices.
+
+    python recipes/max_seq_len.py --model_config recipes/configs/tnl-1b.json                       # 1 GPU
+    accelerate launch --config_file recipes/accelerate/ddp_sp4.yaml recipes/max_seq_len.py \\
+        --model_config recipes/configs/tnl-1b.json                                                  # SP = 4
+
+Each candidate runs one full training step (forward, backward, AdamW step) on one packed sequence of random tokens,
+with the memory savers chosen by flags (activation checkpointing on by default, chunked cross-entropy always,
+`--offload_activations`). The block size doubles from --start until a step runs out of memory or reaches
+--max_block_size, then bisects between the last size that fit and the first that did not, to --granularity.
+Under SP the W ranks hold T / W tokens each and agree on every verdict. The last line printed is the answer.
+
+An OOM on one rank while the others wait in a collective cannot always be recovered; the others then stop after
+--timeout_s, and the sizes printed so far stand.
+"""
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import pathlib
+import time
+
+import torch
+import torch.distributed as dist
+
+from lasp_hf import LaspConfig, LaspForCausalLM
+from lasp_hf.parallel import init_sequence_parallel
+from lasp_hf.parallel.sharding import shard_batch_for_sp
+from lasp_hf.training import resolve_sequence_parallel_size
+from lasp_hf.training.trainer import peak_memory_gb
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def find_longest(fits, start: int, cap: int, granularity: int) -> int | None:
+    """The largest multiple of `granularity` in [start, cap] for which `fits(T)` holds, assuming fits is
+    monotone (True up to some length, False beyond); None when even `start` does not fit."""
+    if start % granularity or cap < start:
+        raise ValueError(f"need start ({start}) a multiple of granularity ({granularity}) and cap ({cap}) >= start")
+    top = cap - cap % granularity
+    good, size = None, start
+    while True:  # doubling
+        if not fits(size):
+            bad = size
+            break
+        good = size
+        if size >= top:
+            return size
+        size = min(2 * size, top)
+    if good is None:
+        return None
+    while bad - good > granularity:  # bisection
+        mid = (good + bad) // 2 // granularity * granularity
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_config", default=str(REPO / "recipes" / "configs" / "tnl-tiny.json"))
+    parser.add_argument("--start", type=int, default=None, help="first block size (default 8192 x W, or granularity)")
+    parser.add_argument("--max_block_size", type=int, default=2**24, help="stop doubling here")
+    parser.add_argument("--granularity", type=int, default=None, help="answer's resolution (default 1024 x W)")
+    parser.add_argument("--no_gradient_checkpointing", action="store_true")
+    parser.add_argument("--offload_activations", action="store_true", help="torch.autograd.graph.save_on_cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="autocast dtype (default bfloat16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--sequence_parallel_size", type=int, default=None, help="overrides the accelerate config")
+    parser.add_argument("--sp_mode", default="ring", choices=["ring", "allgather"])
+    parser.add_argument("--timeout_s", type=int, default=600)
+    parser.add_argument("--json", default=None, help="also write the result (and every trial) to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sp_size, _ = resolve_sequence_parallel_size(args.sequence_parallel_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    sp = None
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout_s))
+        sp = init_sequence_parallel(sp_size, args.sp_mode, timeout=datetime.timedelta(seconds=args.timeout_s))
+    elif sp_size != 1:
+        raise ValueError(f"sequence_parallel_size = {sp_size} needs {sp_size} processes; launch with accelerate launch")
+    granularity = args.granularity or 1024 * sp_size
+    start = args.start or max(granularity, 8192 * sp_size // granularity * granularity)
+    if granularity % sp_size:
+        raise ValueError(f"--granularity {granularity} must be a multiple of the SP size {sp_size}")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+
+    config = LaspConfig.from_json_file(args.model_config)
+    torch.manual_seed(0)
+    model = LaspForCausalLM(config).to(device)
+    if not args.no_gradient_checkpointing:
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    model.train()
+    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    trials = []
+
+    def fits(T: int) -> bool:
+        ids = torch.randint(config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T)).to(device)
+        batch = {"input_ids": ids, "labels": ids}
+        batch = shard_batch_for_sp(batch, sp) if sp is not None and sp.world_size > 1 else batch
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        began, ok = time.perf_counter(), True
+        try:
+            offload = torch.autograd.graph.save_on_cpu(pin_memory=cuda) if args.offload_activations else None
+            with offload or contextlib.nullcontext(), torch.autocast(device.type, dtype=dtype,
+                                                                      enabled=dtype != torch.float32):
+                loss = trained(**batch, loss_reduction="sum").loss
+            loss.backward()
+            optimizer.step()
+        except torch.OutOfMemoryError:
+            ok = False
+        optimizer.zero_grad(set_to_none=True)
+        loss = batch = ids = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        verdict = torch.tensor(int(ok), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(verdict, op=dist.ReduceOp.MIN)  # fits only if it fits on every rank
+        ok = bool(verdict.item())
+        peak = peak_memory_gb(device)  # CUDA: allocated since the reset; CPU: the process's peak resident set
+        trials.append({"block_size": T, "fits": ok, "seconds": time.perf_counter() - began, "peak_gb": peak})
+        if rank0:
+            print(f"block_size {T:>10}: {'fits' if ok else 'out of memory'}  (peak {peak:.2f} GB on rank 0, "
+                  f"{T // sp_size} tokens per rank)", flush=True)
+        return ok
+
+    longest = find_longest(fits, start, args.max_block_size, granularity)
+    capped = longest is not None and longest >= args.max_block_size - args.max_block_size % granularity
+    if rank0:
+        where = f"{world} process(es), SP size {sp_size}, {device.type}"
+        note = " (the --max_block_size cap; more may fit)" if capped else ""
+        print(f"longest trainable block_size for {pathlib.Path(args.model_config).name} on {where}: {longest}{note}")
+        if args.json:
+            result = {"model_config": args.model_config, "world_size": world, "sequence_parallel_size": sp_size,
+                      "device": device.type, "longest_block_size": longest, "capped": capped, "trials": trials,
+                      "gradient_checkpointing": not args.no_gradient_checkpointing,
+                      "offload_activations": args.offload_activations, "dtype": str(dtype)}
+            pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
