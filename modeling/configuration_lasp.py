@@ -8,7 +8,7 @@ LAYER_TYPES = ("linear_attention", "full_attention")
 CHANNEL_MIXERS = ("sglu", "swiglu")
 NORM_TYPES = ("rmsnorm", "srmsnorm")
 FEATURE_MAPS = ("elu", "identity")
-OUTPUT_GATE_ACTS = ("sigmoid", "silu")
+OUTPUT_GATE_ACTS = ("sigmoid", "silu", "identity")
 
 
 class LaspConfig(PretrainedConfig):
@@ -46,7 +46,8 @@ class LaspConfig(PretrainedConfig):
         feature_map (`str`, *optional*, defaults to `"elu"`):
             Feature map on queries and keys of the `"linear"` token mixer: `"elu"` (elu + 1) or `"identity"`.
         output_gate_act (`str`, *optional*, defaults to `"sigmoid"`):
-            Activation of the output gate of the `"lightning"` and `"gated"` token mixers: `"sigmoid"` or `"silu"`.
+            Activation of the output gate of the `"lightning"` and `"gated"` token mixers: `"sigmoid"`, `"silu"` or
+            `"identity"` (TransNormerLLM's released models multiply by the raw projection u).
         gate_low_rank_dim (`int`, *optional*, defaults to 16):
             Rank of the decay projection of the `"gated"` token mixer.
         gate_logit_normalizer (`float`, *optional*, defaults to 16.0):

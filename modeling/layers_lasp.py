@@ -105,7 +105,7 @@ class LaspLinearAttention(nn.Module):
         self.u_proj = None
         if self.kind in ("lightning", "gated"):
             self.u_proj = nn.Linear(config.hidden_size, width, bias=False)
-            self.u_act = nn.Sigmoid() if config.output_gate_act == "sigmoid" else nn.SiLU()
+            self.u_act = {"sigmoid": nn.Sigmoid, "silu": nn.SiLU, "identity": nn.Identity}[config.output_gate_act]()
         self.decay_proj = None
         if self.kind == "gated":
             self.decay_proj = nn.Sequential(

@@ -69,9 +69,10 @@ def _recurrence(q, k, v, g, scale):
     return torch.stack(out, dim=1)
 
 
-@pytest.mark.parametrize("kind", ["lightning", "linear", "gated"])
-def test_token_mixer_matches_float64_recurrence(kind):
-    config = tiny_config(kind, norm_type="rmsnorm", feature_map="elu")
+@pytest.mark.parametrize("kind, gate", [("lightning", "identity"), ("lightning", "sigmoid"), ("linear", None),
+                                        ("gated", "silu")])
+def test_token_mixer_matches_float64_recurrence(kind, gate):
+    config = tiny_config(kind, norm_type="rmsnorm", feature_map="elu", output_gate_act=gate or "sigmoid")
     mixer = LaspLinearAttention(config, layer_idx=1)
     with torch.no_grad():
         for p in mixer.parameters():
@@ -96,8 +97,9 @@ def test_token_mixer_matches_float64_recurrence(kind):
         scale = 8 ** -0.5
     o = _recurrence(q, k, v, g, scale).reshape(2, 11, 32)
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * mixer.o_norm.weight.double()
-    if kind != "linear":
-        o = torch.sigmoid(lin(mixer.u_proj)) * o
+    if gate is not None:
+        u = lin(mixer.u_proj)
+        o = {"identity": u, "sigmoid": torch.sigmoid(u), "silu": F.silu(u)}[gate] * o
     ref = F.linear(o, mixer.o_proj.weight.double())
     assert rel_err(out, ref) < 1e-4
 
