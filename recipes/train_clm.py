@@ -144,6 +144,9 @@ def main(argv=None) -> None:
     trainer.save_state()  # trainer_state.json: the log history (loss curve)
     if trainer.is_world_process_zero():
         logger.info("saved the model and tokenizer to %s", os.path.abspath(training_args.output_dir))
+    # Tear the process groups down before the interpreter exits: a communicator thread still alive at exit
+    # can abort a process ("terminate called without an active exception") after a successful run.
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
