@@ -10,8 +10,9 @@ from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 
 
 class LaspStateLayer(LinearAttentionLayer):
-    """The float32 recurrent state `[B, H, K, V]` of one linear-attention layer (transformers' linear-attention
-    cache layer, with the state replaced rather than copied in place so its batch size may change)."""
+    """The float32 recurrent state `[B, H, K, V]` of one linear-attention layer (transformers'
+    linear-attention cache layer, with the state replaced rather than copied in place so its batch size may
+    change)."""
 
     def get_state(self):
         return self.recurrent_states[0] if self.is_recurrent_states_initialized[0] else None
@@ -47,7 +48,9 @@ class LaspStateLayer(LinearAttentionLayer):
         return False
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a linear-attention state cannot be cropped (the past tokens are folded into it)")
+        raise NotImplementedError(
+            "a linear-attention state cannot be cropped (the past tokens are folded into it)"
+        )
 
 
 class LaspCache(Cache):
@@ -63,7 +66,8 @@ class LaspCache(Cache):
     ```python
     >>> cache = LaspCache(model.config)
     >>> out = model(input_ids, past_key_values=cache, use_cache=True)
-    >>> out = model(next_ids, past_key_values=out.past_key_values, use_cache=True)  # `out.cache` on transformers >= 5.2x
+    >>> cache = out.past_key_values  # `out.cache` on newer transformers
+    >>> out = model(next_ids, past_key_values=cache, use_cache=True)
     ```
     """
 
@@ -88,7 +92,9 @@ class LaspCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Appends keys/values `[B, H, T, D]` of a full-attention layer; returns all of them."""
         if not isinstance(self.layers[layer_idx], DynamicLayer):
-            raise ValueError(f"layer {layer_idx} is a linear-attention layer; it keeps a state, not keys and values")
+            raise ValueError(
+                f"layer {layer_idx} is a linear-attention layer; it keeps a state, not keys and values"
+            )
         return self.layers[layer_idx].update(key_states, value_states)
 
     def get_mask_sizes(self, *args, **kwargs):
@@ -111,7 +117,9 @@ class LaspCache(Cache):
         return False
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("LaspCache cannot be cropped: linear-attention states fold the past into one matrix")
+        raise NotImplementedError(
+            "LaspCache cannot be cropped: linear-attention states fold the past into one matrix"
+        )
 
     def reset(self) -> None:
         for layer in self.layers:

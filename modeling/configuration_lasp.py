@@ -13,8 +13,9 @@ OUTPUT_GATE_ACTS = ("sigmoid", "silu", "identity")
 
 class LaspConfig(PretrainedConfig):
     r"""
-    Configuration of a [`LaspModel`] / [`LaspForCausalLM`]: a decoder of pre-norm residual blocks, each a token mixer
-    (linear attention of one of three kinds, or causal softmax attention for hybrids) and a channel mixer (GLU).
+    Configuration of a [`LaspModel`] / [`LaspForCausalLM`]: a decoder of pre-norm residual blocks, each a
+    token mixer (linear attention of one of three kinds, or causal softmax attention for hybrids) and a
+    channel mixer (GLU).
     The defaults give a small TransNormerLLM-style model.
 
     Args:
@@ -31,9 +32,9 @@ class LaspConfig(PretrainedConfig):
         intermediate_size (`int`, *optional*, defaults to 2816):
             Width of the channel mixer's hidden layer.
         token_mixer (`str`, *optional*, defaults to `"lightning"`):
-            Kind of linear attention: `"lightning"` (TransNormerLLM: fixed per-head decay, output gate, scale 1),
-            `"linear"` (the LASP paper's basic linear attention: feature map, no decay) or `"gated"` (a decay per token
-            and head from a learned low-rank projection, as in gated linear attention).
+            Kind of linear attention: `"lightning"` (TransNormerLLM: fixed per-head decay, output gate, scale
+            1), `"linear"` (the LASP paper's basic linear attention: feature map, no decay) or `"gated"` (a
+            decay per token and head from a learned low-rank projection, as in gated linear attention).
         layer_types (`list[str]`, *optional*):
             One of `"linear_attention"` / `"full_attention"` per layer; defaults to all `"linear_attention"`.
             `"full_attention"` layers use causal softmax attention with rotary position embeddings.
@@ -46,8 +47,8 @@ class LaspConfig(PretrainedConfig):
         feature_map (`str`, *optional*, defaults to `"elu"`):
             Feature map on queries and keys of the `"linear"` token mixer: `"elu"` (elu + 1) or `"identity"`.
         output_gate_act (`str`, *optional*, defaults to `"sigmoid"`):
-            Activation of the output gate of the `"lightning"` and `"gated"` token mixers: `"sigmoid"`, `"silu"` or
-            `"identity"` (TransNormerLLM's released models multiply by the raw projection u).
+            Activation of the output gate of the `"lightning"` and `"gated"` token mixers: `"sigmoid"`,
+            `"silu"` or `"identity"` (TransNormerLLM's released models multiply by the raw projection u).
         gate_low_rank_dim (`int`, *optional*, defaults to 16):
             Rank of the decay projection of the `"gated"` token mixer.
         gate_logit_normalizer (`float`, *optional*, defaults to 16.0):
@@ -61,8 +62,8 @@ class LaspConfig(PretrainedConfig):
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether the output projection shares the input embedding's weight.
         loss_chunk_size (`int`, *optional*, defaults to 1024):
-            Tokens per chunk of the chunked cross-entropy: the `[T, vocab_size]` logits are never materialized when a
-            loss is computed, only `[loss_chunk_size, vocab_size]` at a time (forward and backward).
+            Tokens per chunk of the chunked cross-entropy: the `[T, vocab_size]` logits are never materialized
+            when a loss is computed, only `[loss_chunk_size, vocab_size]` at a time (forward and backward).
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether the model returns its cache (recurrent states, and keys/values of full-attention layers).
         pad_token_id (`int`, *optional*):
@@ -112,15 +113,21 @@ class LaspConfig(PretrainedConfig):
         eos_token_id=2,
         **kwargs,
     ):
-        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
-                            ("num_hidden_layers", num_hidden_layers), ("num_attention_heads", num_attention_heads),
-                            ("intermediate_size", intermediate_size), ("gate_low_rank_dim", gate_low_rank_dim),
-                            ("loss_chunk_size", loss_chunk_size)):
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("num_hidden_layers", num_hidden_layers),
+            ("num_attention_heads", num_attention_heads),
+            ("intermediate_size", intermediate_size),
+            ("gate_low_rank_dim", gate_low_rank_dim),
+            ("loss_chunk_size", loss_chunk_size),
+        ):
             _check_positive_int(name, value)
         if head_dim is None:
             if hidden_size % num_attention_heads != 0:
                 raise ValueError(
-                    f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads}), "
+                    f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
+                    f"({num_attention_heads}), "
                     "or head_dim must be given"
                 )
             head_dim = hidden_size // num_attention_heads
@@ -141,10 +148,16 @@ class LaspConfig(PretrainedConfig):
         for layer_type in layer_types:
             _check_choice("layer_types entry", layer_type, LAYER_TYPES)
         if "full_attention" in layer_types and head_dim % 2:
-            raise ValueError(f"full_attention layers use rotary embeddings and need an even head_dim, got {head_dim}")
+            raise ValueError(
+                f"full_attention layers use rotary embeddings and need an even head_dim, got {head_dim}"
+            )
         _check_positive_int("max_position_embeddings", max_position_embeddings)
-        for name, value in (("rms_norm_eps", rms_norm_eps), ("gate_logit_normalizer", gate_logit_normalizer),
-                            ("rope_theta", rope_theta), ("initializer_range", initializer_range)):
+        for name, value in (
+            ("rms_norm_eps", rms_norm_eps),
+            ("gate_logit_normalizer", gate_logit_normalizer),
+            ("rope_theta", rope_theta),
+            ("initializer_range", initializer_range),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
 

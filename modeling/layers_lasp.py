@@ -105,7 +105,9 @@ class LaspLinearAttention(nn.Module):
         self.u_proj = None
         if self.kind in ("lightning", "gated"):
             self.u_proj = nn.Linear(config.hidden_size, width, bias=False)
-            self.u_act = {"sigmoid": nn.Sigmoid, "silu": nn.SiLU, "identity": nn.Identity}[config.output_gate_act]()
+            self.u_act = {"sigmoid": nn.Sigmoid, "silu": nn.SiLU, "identity": nn.Identity}[
+                config.output_gate_act
+            ]()
         self.decay_proj = None
         if self.kind == "gated":
             self.decay_proj = nn.Sequential(
@@ -116,7 +118,7 @@ class LaspLinearAttention(nn.Module):
             self.register_buffer("decay", lightning_decay(config, layer_idx), persistent=False)
         else:
             self.decay = None
-        self.scale = 1.0 if self.kind == "lightning" else self.head_dim ** -0.5
+        self.scale = 1.0 if self.kind == "lightning" else self.head_dim**-0.5
 
     def _apply(self, fn, recurse=True):
         # Keep the fixed decay in float32 when the model is cast to bf16 / fp16 (bf16 would round it by 2^-9).
@@ -144,7 +146,7 @@ class LaspLinearAttention(nn.Module):
             q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
         g = self._log_decay(hidden_states)
         if mask is not None:
-            pad = ~mask[:, :, None]                                   # [B, T, 1]
+            pad = ~mask[:, :, None]  # [B, T, 1]
             k = k.masked_fill(pad[..., None], 0.0)
             v = v.masked_fill(pad[..., None], 0.0)
             if g is not None:
@@ -154,12 +156,21 @@ class LaspLinearAttention(nn.Module):
         if state is not None and T == 1:
             # One decoding token: O(1) in the context length.
             g_step = g[:, 0] if (g is not None and g.dim() == 3) else g
-            o, new_state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale)
+            o, new_state = linear_attention_step(
+                q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale
+            )
             o = o[:, None]
         else:
             o, new_state = linear_attention(
-                q, k, v, g, scale=self.scale, initial_state=state, output_final_state=cache is not None,
-                cu_seqlens=cu_seqlens, sp_group=sp_context,
+                q,
+                k,
+                v,
+                g,
+                scale=self.scale,
+                initial_state=state,
+                output_final_state=cache is not None,
+                cu_seqlens=cu_seqlens,
+                sp_group=sp_context,
                 sp_mode=sp_context.mode if sp_context is not None else "ring",
             )
         if cache is not None:
@@ -236,7 +247,7 @@ class LaspSoftmaxAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_key_value_groups = 1
         self.is_causal = True
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         width = self.num_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
@@ -249,8 +260,16 @@ class LaspSoftmaxAttention(nn.Module):
             return eager_attention_forward
         return ALL_ATTENTION_FUNCTIONS[implementation]
 
-    def forward(self, hidden_states, position_embeddings=None, attn_mask=None, cu_seqlens=None, cache=None,
-                sp_context=None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attn_mask=None,
+        cu_seqlens=None,
+        cache=None,
+        sp_context=None,
+        **kwargs,
+    ):
         B, T, _ = hidden_states.shape
         shape = (B, T, self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)
@@ -261,10 +280,12 @@ class LaspSoftmaxAttention(nn.Module):
         if sp_context is not None:
             from lasp_hf.parallel.attention import sp_softmax_attention
 
-            o = sp_softmax_attention(q, k, v, sp_context=sp_context, cu_seqlens=cu_seqlens, scale=self.scaling)
+            o = sp_softmax_attention(
+                q, k, v, sp_context=sp_context, cu_seqlens=cu_seqlens, scale=self.scaling
+            )
             return self.o_proj(o.reshape(B, T, -1))
 
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))              # [B, H, T, D]
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         attention = self._attention_interface()
@@ -272,8 +293,11 @@ class LaspSoftmaxAttention(nn.Module):
             # Packed documents: one causal call per document, so none attends across a boundary.
             bounds = cu_seqlens.tolist()
             outs = [
-                attention(self, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, dropout=0.0, scaling=self.scaling)[0]
-                for s, e in pairwise(bounds) if e > s
+                attention(
+                    self, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, dropout=0.0, scaling=self.scaling
+                )[0]
+                for s, e in pairwise(bounds)
+                if e > s
             ]
             o = torch.cat(outs, dim=1)
         else:

@@ -18,8 +18,14 @@ def _chunk_loss_sum(hidden, weight, labels, ignore_index: int):
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, shift_labels: torch.Tensor,
-                          chunk_size: int = 1024, reduction: str = "sum", ignore_index: int = -100):
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    shift_labels: torch.Tensor,
+    chunk_size: int = 1024,
+    reduction: str = "sum",
+    ignore_index: int = -100,
+):
     """Cross-entropy of `hidden @ lm_head_weight.T` against `shift_labels`, `chunk_size` tokens at a time.
 
     Args:
@@ -41,7 +47,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, sh
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if hidden.shape[:-1] != shift_labels.shape:
         raise ValueError(
-            f"shift_labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)}"
+            f"shift_labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(shift_labels.shape)}"
         )
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = shift_labels.reshape(-1).to(hidden.device)
@@ -50,9 +57,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, sh
     total = hidden.new_zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     use_checkpoint = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
+        h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
         if use_checkpoint:
-            total = total + checkpoint(_chunk_loss_sum, h, lm_head_weight, y, ignore_index, use_reentrant=False)
+            total = total + checkpoint(
+                _chunk_loss_sum, h, lm_head_weight, y, ignore_index, use_reentrant=False
+            )
         else:
             total = total + _chunk_loss_sum(h, lm_head_weight, y, ignore_index)
     if reduction == "mean":

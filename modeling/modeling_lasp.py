@@ -52,18 +52,37 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = build_norm(config, config.hidden_size)
         self.post_attention_layernorm = build_norm(config, config.hidden_size)
 
-    def forward(self, hidden_states, linear_mask=None, attn_mask=None, position_embeddings=None, cu_seqlens=None,
-                cache=None, sp_context=None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        linear_mask=None,
+        attn_mask=None,
+        position_embeddings=None,
+        cu_seqlens=None,
+        cache=None,
+        sp_context=None,
+        **kwargs,
+    ):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == "full_attention":
             hidden_states = self.token_mixer(
-                hidden_states, position_embeddings=position_embeddings, attn_mask=attn_mask, cu_seqlens=cu_seqlens,
-                cache=cache, sp_context=sp_context, **kwargs,
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attn_mask=attn_mask,
+                cu_seqlens=cu_seqlens,
+                cache=cache,
+                sp_context=sp_context,
+                **kwargs,
             )
         else:
             hidden_states = self.token_mixer(
-                hidden_states, mask=linear_mask, cu_seqlens=cu_seqlens, cache=cache, sp_context=sp_context, **kwargs,
+                hidden_states,
+                mask=linear_mask,
+                cu_seqlens=cu_seqlens,
+                cache=cache,
+                sp_context=sp_context,
+                **kwargs,
             )
         hidden_states = residual + hidden_states
         residual = hidden_states
@@ -99,7 +118,8 @@ class LaspPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LaspRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, LaspLinearAttention) and module.decay is not None:
-            # Non-persistent buffers are not in checkpoints: rebuild them (the model may have been made on meta).
+            # Non-persistent buffers are not in checkpoints: rebuild them (the model may have been made on
+            # meta).
             init.copy_(module.decay, lightning_decay(self.config, module.layer_idx))
         elif isinstance(module, LaspRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(self.config))
@@ -111,7 +131,8 @@ class LaspPreTrainedModel(PreTrainedModel):
 
 
 def _packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """cu_seqlens (int32) of the documents of a packed row (B == 1) whose position_ids restart at 0, or None."""
+    """cu_seqlens (int32) of the documents of a packed row (B == 1) whose position_ids restart at 0, or
+    None."""
     starts = (position_ids[0, 1:] == 0).nonzero().flatten() + 1
     if starts.numel() == 0:
         return None
@@ -157,14 +178,17 @@ class LaspModel(LaspPreTrainedModel):
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(B, T)`): token ids (or pass `inputs_embeds`).
-            attention_mask (`torch.Tensor` of shape `(B, P + T)`, *optional*): 1 for real tokens, 0 for padding (left
-                or right). Real tokens get the same outputs as without the padding.
-            position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): positions for the rotary embeddings of
-                full-attention layers. With B == 1, positions that restart at 0 mark packed documents (as
-                `DataCollatorWithFlattening` makes): states reset and attention stays inside each document.
-            past_key_values (`LaspCache`, *optional*): the cache of a previous call (also accepted as `cache`).
+            attention_mask (`torch.Tensor` of shape `(B, P + T)`, *optional*): 1 for real tokens, 0 for
+                padding (left or right). Real tokens get the same outputs as without the padding.
+            position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): positions for the rotary
+                embeddings of full-attention layers. With B == 1, positions that restart at 0 mark packed
+                documents (as `DataCollatorWithFlattening` makes): states reset and attention stays inside
+                each document.
+            past_key_values (`LaspCache`, *optional*): the cache of a previous call (also accepted as
+                `cache`).
             use_cache (`bool`, *optional*): return a `LaspCache` (defaults to `config.use_cache`).
-            sp_context (`SequenceParallelContext`, *optional*): sequence-parallel group; each rank passes its slice.
+            sp_context (`SequenceParallelContext`, *optional*): sequence-parallel group; each rank passes its
+                slice.
             kwargs: `cu_seq_lens_q` (int `[N + 1]`, packed documents; takes precedence over position_ids),
                 `cache_position`, and anything else, passed on to the layers.
         """
@@ -181,28 +205,39 @@ class LaspModel(LaspPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
 
         if cache is not None and not isinstance(cache, LaspCache):
             raise ValueError(
-                f"past_key_values must be a LaspCache (the model makes one with use_cache=True), got {type(cache).__name__}"
+                "past_key_values must be a LaspCache (the model makes one with use_cache=True), "
+                f"got {type(cache).__name__}"
             )
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be 2-D [B, P + T] (1 = token, 0 = padding), got {attention_mask.dim()}-D")
+            raise ValueError(
+                "attention_mask must be 2-D [B, P + T] (1 = token, 0 = padding), "
+                f"got {attention_mask.dim()}-D"
+            )
         padding = attention_mask is not None and not bool(attention_mask.all())
 
         if cu_seqlens is None and position_ids is not None and sp_context is not None:
-            # A slice cannot tell where the other ranks' documents start: the caller must pass the full boundaries.
-            restarts = bool((position_ids[:, 1:] == 0).any()) or (sp_context.rank > 0 and bool((position_ids[:, 0] == 0).any()))
-            if restarts:
+            # A slice cannot tell where the other ranks' documents start: the caller must pass the full
+            # boundaries.
+            starts_inside = bool((position_ids[:, 1:] == 0).any())
+            starts_at_cut = sp_context.rank > 0 and bool((position_ids[:, 0] == 0).any())
+            if starts_inside or starts_at_cut:
                 raise ValueError(
-                    "under sequence parallelism packed documents need cu_seq_lens_q (the full sequence's boundaries); "
+                    "under sequence parallelism packed documents need cu_seq_lens_q (the full sequence's "
+                    "boundaries); "
                     "the position_ids of one slice cannot give them"
                 )
         elif cu_seqlens is None and position_ids is not None and B == 1 and T > 1 and not padding:
             cu_seqlens = _packed_cu_seqlens(position_ids)
         if cu_seqlens is not None:
             if B != 1:
-                raise ValueError(f"packed sequences (cu_seq_lens_q / restarting position_ids) need batch size 1, got {B}")
+                raise ValueError(
+                    f"packed sequences (cu_seq_lens_q / restarting position_ids) need batch size 1, got {B}"
+                )
             if cache is not None or use_cache:
                 raise ValueError("packed sequences cannot be used with a cache; pass use_cache=False")
             if padding:
@@ -210,22 +245,29 @@ class LaspModel(LaspPreTrainedModel):
             cu_seqlens = cu_seqlens.to(device=inputs_embeds.device, dtype=torch.int32)
         if sp_context is not None:
             if padding:
-                raise ValueError("sequence parallelism does not take padded batches; pack the sequences instead")
+                raise ValueError(
+                    "sequence parallelism does not take padded batches; pack the sequences instead"
+                )
             if cache is not None or use_cache:
                 raise ValueError("sequence parallelism does not use a cache; pass use_cache=False")
 
         if use_cache is None:
             # As transformers' recurrent models: no cache while training, nor for packed or sharded sequences.
-            use_cache = self.config.use_cache and not self.training and cu_seqlens is None and sp_context is None
+            use_cache = (
+                self.config.use_cache and not self.training and cu_seqlens is None and sp_context is None
+            )
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False.")
+            logger.warning_once(
+                "use_cache=True is incompatible with gradient checkpointing; setting use_cache=False."
+            )
             use_cache = False
         if use_cache and cache is None:
             cache = LaspCache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None and attention_mask.shape[1] not in (T, past_length + T):
             raise ValueError(
-                f"attention_mask must cover the cached and new tokens ({past_length} + {T}) or the new ones ({T}), "
+                f"attention_mask must cover the cached and new tokens ({past_length} + {T}) "
+                f"or the new ones ({T}), "
                 f"got shape {tuple(attention_mask.shape)}"
             )
 
@@ -243,7 +285,9 @@ class LaspModel(LaspPreTrainedModel):
                 position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 offset = past_length + (sp_context.rank * T if sp_context is not None else 0)
-                position_ids = torch.arange(offset, offset + T, device=inputs_embeds.device).unsqueeze(0).expand(B, -1)
+                position_ids = (
+                    torch.arange(offset, offset + T, device=inputs_embeds.device).unsqueeze(0).expand(B, -1)
+                )
 
         position_embeddings, attn_mask = None, None
         if self.has_full_attention:
@@ -257,8 +301,14 @@ class LaspModel(LaspPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states = layer(
-                hidden_states, linear_mask=linear_mask, attn_mask=attn_mask, position_embeddings=position_embeddings,
-                cu_seqlens=cu_seqlens, cache=cache, sp_context=sp_context, **kwargs,
+                hidden_states,
+                linear_mask=linear_mask,
+                attn_mask=attn_mask,
+                position_embeddings=position_embeddings,
+                cu_seqlens=cu_seqlens,
+                cache=cache,
+                sp_context=sp_context,
+                **kwargs,
             )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
@@ -273,11 +323,11 @@ class LaspModel(LaspPreTrainedModel):
 
     @staticmethod
     def _softmax_mask(full_mask, B, T, past_length, device):
-        """Boolean `[B, 1, T, P + T]`: causal, no padded key; every query also sees itself, so a padded query's
-        row is never empty (no NaN; its output is unused)."""
+        """Boolean `[B, 1, T, P + T]`: causal, no padded key; every query also sees itself, so a padded
+        query's row is never empty (no NaN; its output is unused)."""
         key_pos = torch.arange(past_length + T, device=device)
         query_pos = key_pos[past_length:]
-        allowed = key_pos[None, :] <= query_pos[:, None]                         # [T, P + T]
+        allowed = key_pos[None, :] <= query_pos[:, None]  # [T, P + T]
         if full_mask is None:
             return allowed[None, None].expand(B, 1, T, past_length + T)
         allowed = allowed[None] & full_mask[:, None, :]
@@ -312,17 +362,19 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # save_pretrained maps only this class in config.json's auto_map; add the base model so that
         # AutoModel.from_pretrained(..., trust_remote_code=True) loads a saved causal LM too.
         if getattr(self, "_auto_class", None) is not None:
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            auto_map.setdefault("AutoModel", f"{type(self.model).__module__.split('.')[-1]}.{type(self.model).__name__}")
+            auto_map.setdefault(
+                "AutoModel", f"{type(self.model).__module__.split('.')[-1]}.{type(self.model).__name__}"
+            )
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
 
     def forward(
         self,
@@ -340,17 +392,18 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
     ):
         r"""
         Args (besides `LaspModel.forward`'s):
-            labels (`torch.LongTensor` of shape `(B, T)`, *optional*): targets, shifted inside (position t predicts
-                labels[t + 1]); -100 is ignored.
-            shift_labels (`torch.LongTensor` of shape `(B, T)`, *optional*, in kwargs): targets already shifted;
-                take precedence over `labels` (required under sequence parallelism).
-            num_items_in_batch (*optional*, in kwargs): the mean divides the summed loss by it (as transformers'
-                `ForCausalLMLoss`) instead of by this batch's valid-label count.
-            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): logits for the last n positions
-                (int, 0 = all) or for the given indices. When a loss is computed, logits are returned only if this
-                is not 0: the loss itself never materializes `[T, vocab]` logits (see `chunked_cross_entropy`).
-            loss_reduction (`str`, *optional*, defaults to `"mean"`): `"sum"` returns the summed token loss (the
-                sequence-parallel trainer reduces it over ranks itself).
+            labels (`torch.LongTensor` of shape `(B, T)`, *optional*): targets, shifted inside (position t
+                predicts labels[t + 1]); -100 is ignored.
+            shift_labels (`torch.LongTensor` of shape `(B, T)`, *optional*, in kwargs): targets already
+                shifted; take precedence over `labels` (required under sequence parallelism).
+            num_items_in_batch (*optional*, in kwargs): the mean divides the summed loss by it (as
+                transformers' `ForCausalLMLoss`) instead of by this batch's valid-label count.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): logits for the last n
+                positions (int, 0 = all) or for the given indices. When a loss is computed, logits are
+                returned only if this is not 0: the loss itself never materializes `[T, vocab]` logits (see
+                `chunked_cross_entropy`).
+            loss_reduction (`str`, *optional*, defaults to `"mean"`): `"sum"` returns the summed token loss
+                (the sequence-parallel trainer reduces it over ranks itself).
         """
         shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -360,13 +413,20 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
             raise ValueError(f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {loss_reduction!r}")
         if sp_context is not None and labels is not None and shift_labels is None:
             raise ValueError(
-                "under sequence parallelism pass shift_labels (shifted on the full sequence before it is cut), "
+                "under sequence parallelism pass shift_labels (shifted on the full sequence before it is "
+                "cut), "
                 "not labels: shifting a slice would lose the prediction at each cut"
             )
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            return_dict=True, sp_context=sp_context, **kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            sp_context=sp_context,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
 
@@ -376,8 +436,12 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
             if shift_labels is None:
                 shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
             loss, num_valid = chunked_cross_entropy(
-                hidden_states, self.lm_head.weight, shift_labels, chunk_size=self.config.loss_chunk_size,
-                reduction="sum", ignore_index=ignore_index,
+                hidden_states,
+                self.lm_head.weight,
+                shift_labels,
+                chunk_size=self.config.loss_chunk_size,
+                reduction="sum",
+                ignore_index=ignore_index,
             )
             if loss_reduction == "mean":
                 denominator = num_items_in_batch if num_items_in_batch is not None else num_valid
@@ -388,7 +452,9 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
             logits = self.lm_head(_keep_last(hidden_states, logits_to_keep))
 
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
             **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
         return output if return_dict is not False else output.to_tuple()

@@ -1,5 +1,6 @@
-"""The lasp model family on CPU: config checks, the token mixers against a float64 recurrence, the loss against
-plain `F.cross_entropy`, padding and packing against unpadded / per-document runs, gradient checkpointing, dtypes."""
+"""The lasp model family on CPU: config checks, the token mixers against a float64 recurrence, the loss
+against plain `F.cross_entropy`, padding and packing against unpadded / per-document runs, gradient
+checkpointing, dtypes."""
 
 import copy
 import math
@@ -14,24 +15,27 @@ from lasp_hf.modeling.modeling_lasp import chunked_cross_entropy
 from test_modeling_common import CASE_IDS, CASES, VOCAB, rel_err, tiny_config, tiny_model
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(token_mixer="softmax"), "token_mixer"),
-    (dict(channel_mixer="geglu"), "channel_mixer"),
-    (dict(norm_type="layernorm"), "norm_type"),
-    (dict(feature_map="relu"), "feature_map"),
-    (dict(output_gate_act="tanh"), "output_gate_act"),
-    (dict(layer_types=["linear_attention"]), "layer_types"),
-    (dict(layer_types=["linear_attention", "sliding_attention"]), "sliding_attention"),
-    (dict(hidden_size=30, num_attention_heads=4), "divisible"),
-    (dict(num_hidden_layers=0), "num_hidden_layers"),
-    (dict(vocab_size=-1), "vocab_size"),
-    (dict(head_dim=0), "head_dim"),
-    (dict(loss_chunk_size=0), "loss_chunk_size"),
-    (dict(rms_norm_eps=0.0), "rms_norm_eps"),
-    (dict(gate_logit_normalizer=-1.0), "gate_logit_normalizer"),
-    (dict(head_dim=7, layer_types=["full_attention", "linear_attention"]), "even head_dim"),
-    (dict(max_position_embeddings=0), "max_position_embeddings"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(token_mixer="softmax"), "token_mixer"),
+        (dict(channel_mixer="geglu"), "channel_mixer"),
+        (dict(norm_type="layernorm"), "norm_type"),
+        (dict(feature_map="relu"), "feature_map"),
+        (dict(output_gate_act="tanh"), "output_gate_act"),
+        (dict(layer_types=["linear_attention"]), "layer_types"),
+        (dict(layer_types=["linear_attention", "sliding_attention"]), "sliding_attention"),
+        (dict(hidden_size=30, num_attention_heads=4), "divisible"),
+        (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(vocab_size=-1), "vocab_size"),
+        (dict(head_dim=0), "head_dim"),
+        (dict(loss_chunk_size=0), "loss_chunk_size"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+        (dict(gate_logit_normalizer=-1.0), "gate_logit_normalizer"),
+        (dict(head_dim=7, layer_types=["full_attention", "linear_attention"]), "even head_dim"),
+        (dict(max_position_embeddings=0), "max_position_embeddings"),
+    ],
+)
 def test_bad_config_values_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**kwargs)
@@ -52,8 +56,9 @@ def test_lightning_decay_follows_transnormer():
         expected = [-(2.0 ** (-8.0 * (h + 1) / 4)) * (1 - layer_idx / 2 + 1e-5) for h in range(4)]
         torch.testing.assert_close(decay, torch.tensor(expected), rtol=1e-6, atol=0)
     one_layer = LaspLinearAttention(tiny_config(num_hidden_layers=1, layer_types=None), 0).decay
-    torch.testing.assert_close(one_layer, -torch.tensor([2.0 ** (-2.0 * (h + 1)) for h in range(4)]) * (1 + 1e-5))
-
+    torch.testing.assert_close(
+        one_layer, -torch.tensor([2.0 ** (-2.0 * (h + 1)) for h in range(4)]) * (1 + 1e-5)
+    )
 
 
 def _recurrence(q, k, v, g, scale):
@@ -69,8 +74,9 @@ def _recurrence(q, k, v, g, scale):
     return torch.stack(out, dim=1)
 
 
-@pytest.mark.parametrize("kind, gate", [("lightning", "identity"), ("lightning", "sigmoid"), ("linear", None),
-                                        ("gated", "silu")])
+@pytest.mark.parametrize(
+    "kind, gate", [("lightning", "identity"), ("lightning", "sigmoid"), ("linear", None), ("gated", "silu")]
+)
 def test_token_mixer_matches_float64_recurrence(kind, gate):
     config = tiny_config(kind, norm_type="rmsnorm", feature_map="elu", output_gate_act=gate or "sigmoid")
     mixer = LaspLinearAttention(config, layer_idx=1)
@@ -86,15 +92,22 @@ def test_token_mixer_matches_float64_recurrence(kind, gate):
     if kind == "lightning":
         q, k = F.silu(q), F.silu(k)
         H, L = 4, 2
-        g = torch.tensor([-(2.0 ** (-8.0 * (h + 1) / H)) * (1 - 1 / (L - 1) + 1e-5) for h in range(H)], dtype=torch.float64)
+        g = torch.tensor(
+            [-(2.0 ** (-8.0 * (h + 1) / H)) * (1 - 1 / (L - 1) + 1e-5) for h in range(H)], dtype=torch.float64
+        )
         g, scale = g.expand(2, 11, 4), 1.0
     elif kind == "linear":
         q, k = F.elu(q) + 1, F.elu(k) + 1
-        g, scale = None, 8 ** -0.5
+        g, scale = None, 8**-0.5
     else:
         low = F.linear(xd, mixer.decay_proj[0].weight.double())
-        g = F.logsigmoid(F.linear(low, mixer.decay_proj[1].weight.double(), mixer.decay_proj[1].bias.double())) / 16
-        scale = 8 ** -0.5
+        g = (
+            F.logsigmoid(
+                F.linear(low, mixer.decay_proj[1].weight.double(), mixer.decay_proj[1].bias.double())
+            )
+            / 16
+        )
+        scale = 8**-0.5
     o = _recurrence(q, k, v, g, scale).reshape(2, 11, 32)
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * mixer.o_norm.weight.double()
     if gate is not None:
@@ -102,7 +115,6 @@ def test_token_mixer_matches_float64_recurrence(kind, gate):
         o = {"identity": u, "sigmoid": torch.sigmoid(u), "silu": F.silu(u)}[gate] * o
     ref = F.linear(o, mixer.o_proj.weight.double())
     assert rel_err(out, ref) < 1e-4
-
 
 
 @pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
@@ -191,7 +203,9 @@ def test_chunked_cross_entropy_never_saves_full_logits():
 
 def test_chunked_cross_entropy_bad_input():
     with pytest.raises(ValueError, match="reduction"):
-        chunked_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long), reduction="none")
+        chunked_cross_entropy(
+            torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long), reduction="none"
+        )
     with pytest.raises(ValueError, match="shift_labels"):
         chunked_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(5, dtype=torch.long))
 
@@ -219,7 +233,6 @@ def test_bad_forward_input_raises():
         model(x, attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="batch size 1"):
         model(x, cu_seq_lens_q=torch.tensor([0, 4, 9]), use_cache=False)
-
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -256,7 +269,9 @@ def test_packed_equals_per_document(mixer, layer_types):
     assert rel_err(via_cu, alone) < 1e-4
     # Packed loss equals the per-document losses (no label crosses a boundary once they are masked).
     labels = torch.cat([F.pad(d[1:], (0, 1), value=-100) for d in docs])[None]
-    loss_sum = model(ids, position_ids=position_ids, shift_labels=labels, loss_reduction="sum", use_cache=False).loss
+    loss_sum = model(
+        ids, position_ids=position_ids, shift_labels=labels, loss_reduction="sum", use_cache=False
+    ).loss
     ref = sum(model(d[None], labels=d[None], loss_reduction="sum", use_cache=False).loss for d in docs)
     assert rel_err(loss_sum, ref) < 1e-4
 
@@ -273,7 +288,6 @@ def test_softmax_layers_sdpa_equals_eager():
     assert rel_err(outs[0], outs[1]) < 1e-5
 
 
-
 @pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("mixer, layer_types", [CASES[0], CASES[4]], ids=["lightning", "hybrid-gated"])
 def test_gradient_checkpointing_gives_same_gradients(mixer, layer_types, use_reentrant):
@@ -282,7 +296,9 @@ def test_gradient_checkpointing_gives_same_gradients(mixer, layer_types, use_ree
     for checkpointing in (False, True):
         model = tiny_model(mixer, layer_types).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
+            )
             assert model.model.layers[0].gradient_checkpointing
         model(x, labels=x).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -294,12 +310,14 @@ def test_gradient_checkpointing_gives_same_gradients(mixer, layer_types, use_ree
 @pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
 def test_half_precision_forward_backward(mixer, layer_types, dtype, tol):
     model = tiny_model(mixer, layer_types).to(dtype)
-    # Reference: the same (rounded) weights run in float32, so the error measured is the half-precision compute.
+    # Reference: the same (rounded) weights run in float32, so the error measured is the half-precision
+    # compute.
     reference = copy.deepcopy(model).float()
     x = torch.randint(1, VOCAB, (2, 17))
     logits = model(x).logits
     assert logits.dtype == dtype
-    # Two blocks, each a few half-precision matmuls and norms deep (about 2^-8 (bf16) / 2^-11 (fp16) per rounding).
+    # Two blocks, each a few half-precision matmuls and norms deep (about 2^-8 (bf16) / 2^-11 (fp16) per
+    # rounding).
     assert rel_err(logits.float(), reference(x).logits) < tol
     for layer in model.model.layers:
         if getattr(layer.token_mixer, "decay", None) is not None:
@@ -348,8 +366,12 @@ def test_tied_embeddings():
 
 
 def test_init_weights():
-    model = tiny_model("gated", layer_types=["linear_attention", "full_attention"], initializer_range=0.02,
-                       norm_type="rmsnorm")
+    model = tiny_model(
+        "gated",
+        layer_types=["linear_attention", "full_attention"],
+        initializer_range=0.02,
+        norm_type="rmsnorm",
+    )
     std = model.model.layers[0].token_mixer.q_proj.weight.std().item()
     assert math.isclose(std, 0.02, rel_tol=0.15)
     assert (model.model.layers[0].token_mixer.decay_proj[1].bias == 0).all()

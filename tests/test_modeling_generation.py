@@ -1,4 +1,5 @@
-"""The lasp cache and generate(): cached == uncached, step-by-step decode == the full forward, O(1) decode steps."""
+"""The lasp cache and generate(): cached == uncached, step-by-step decode == the full forward, O(1)
+decode steps."""
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def test_left_padded_generate_equals_unpadded(mixer, layer_types):
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     for row, prompt in ((0, long), (1, short)):
         alone = model.generate(prompt[None], max_new_tokens=8, do_sample=False)
-        assert torch.equal(batch[row, 8:], alone[0, len(prompt):])
+        assert torch.equal(batch[row, 8:], alone[0, len(prompt) :])
 
 
 @pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
@@ -44,7 +45,7 @@ def test_step_by_step_decode_equals_full_forward(mixer, layer_types):
     assert isinstance(cache, LaspCache) and cache.get_seq_length() == 5
     steps = [out.logits]
     for t in range(5, 10):
-        out = model(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+        out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
         steps.append(out.logits)
     # A multi-token chunk after a cache (prefill continuation), then one more step, through the `cache` name.
     out = model(x[:, 10:13], cache=cache, use_cache=True)
@@ -68,7 +69,9 @@ def test_left_padded_decode_with_cache_equals_unpadded():
     out = model(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
     logits = [out.logits[0, 2:]]
     for t in range(7, 11):
-        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=_cache_of(out), use_cache=True)
+        out = model(
+            ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=_cache_of(out), use_cache=True
+        )
         logits.append(out.logits[0])
     assert rel_err(torch.cat(logits), full) < 1e-4
 

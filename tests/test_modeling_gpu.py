@@ -1,5 +1,6 @@
-"""The lasp model family on a CUDA GPU (Triton kernels through `linear_attention`'s "auto" backend) against the
-same model on CPU (PyTorch reference), and a training step of a real-size preset. Run with `pytest -m gpu`."""
+"""The lasp model family on a CUDA GPU (Triton kernels through `linear_attention`'s "auto" backend)
+against the same model on CPU (PyTorch reference), and a training step of a real-size preset.
+Run with `pytest -m gpu`."""
 
 import copy
 import pathlib

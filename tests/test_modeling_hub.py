@@ -1,5 +1,5 @@
-"""The Hugging Face round trips: Auto classes, save_pretrained / from_pretrained (safetensors), trust_remote_code
-in a fresh process that never imported lasp_hf, and the presets in recipes/configs/."""
+"""The Hugging Face round trips: Auto classes, save_pretrained / from_pretrained (safetensors),
+trust_remote_code in a fresh process that never imported lasp_hf, and the presets in recipes/configs/."""
 
 import json
 import os
@@ -18,8 +18,14 @@ PRESETS = ["tnl-tiny", "tnl-385m", "tnl-1b", "linear-transformer-385m", "hybrid-
 
 
 def test_auto_classes_are_registered():
-    config = AutoConfig.for_model("lasp", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-                                  intermediate_size=64)
+    config = AutoConfig.for_model(
+        "lasp",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        intermediate_size=64,
+    )
     assert isinstance(config, LaspConfig)
     assert type(AutoModel.from_config(config)) is LaspModel
     assert type(AutoModelForCausalLM.from_config(config)) is LaspForCausalLM
@@ -37,7 +43,13 @@ def test_save_and_load_round_trip(tmp_path, tie):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lasp.LaspForCausalLM"
     assert config["auto_map"]["AutoConfig"] == "configuration_lasp.LaspConfig"
     assert config["auto_map"]["AutoModel"] == "modeling_lasp.LaspModel"
-    for name in ("modeling_lasp.py", "configuration_lasp.py", "cache_lasp.py", "layers_lasp.py", "loss_lasp.py"):
+    for name in (
+        "modeling_lasp.py",
+        "configuration_lasp.py",
+        "cache_lasp.py",
+        "layers_lasp.py",
+        "loss_lasp.py",
+    ):
         assert (tmp_path / name).exists(), name
     for loaded in (LaspForCausalLM.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
         assert type(loaded) is LaspForCausalLM
@@ -85,7 +97,12 @@ def test_trust_remote_code_in_a_fresh_process(tmp_path):
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-c", _FRESH_PROCESS, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
-        check=False, cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+        check=False,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
