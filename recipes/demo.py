@@ -48,7 +48,7 @@ def train(output_dir: str, max_steps: int) -> None:
         "--eval_steps", str(max(1, max_steps // 5)),
         *TRAIN_FLAGS,
     ]
-    print("$", " ".join(command[3:]).replace(str(RECIPES.parent) + os.sep, ""), flush=True)
+    print("$ accelerate launch", " ".join(command[3:]).replace(str(RECIPES.parent) + os.sep, ""), flush=True)
     subprocess.run(command, check=True)
 
 
