@@ -91,6 +91,9 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
 
 
 class LaspPreTrainedModel(PreTrainedModel):
+    """Weight initialization, the attention implementations and the generation contract shared by the lasp
+    models (the model builds its own `LaspCache`; generate() must not)."""
+
     config_class = LaspConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -106,6 +109,7 @@ class LaspPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        """Normal(0, initializer_range) weights, zero biases, unit norm weights, and the derived buffers."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
