@@ -179,3 +179,9 @@ def test_collator_flattens_or_stacks():
     assert flat["labels"].dtype == torch.long
     stacked = PackedBlockCollator(flatten=False)(features)
     assert stacked["labels"].tolist() == [[-100, 6, -100], [-100, 9, 10]]
+
+
+def test_empty_eval_split_is_refused(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)
+    with pytest.raises(ValueError, match="no eval block"):
+        build_clm_datasets(tokenizer, 16, train_file=path, eval_fraction=0.05)  # 18 documents: none held out

@@ -222,16 +222,21 @@ def build_clm_datasets(
         train = train.take(max_train_samples) if streaming else train.select(range(min(max_train_samples, len(train))))
     if not streaming and len(train) == 0:
         raise ValueError(f"the corpus holds fewer than block_size={block_size} tokens: no training block")
+    if not streaming and evaluation is not None and len(evaluation) == 0:
+        raise ValueError(f"eval_fraction={eval_fraction} holds out fewer than block_size={block_size} tokens: "
+                         "no eval block; raise eval_fraction or lower block_size")
     return train, evaluation
 
 
 class PackedBlockCollator:
     """Collate packed blocks into tensors.
 
-    flatten=False stacks B blocks into `[B, block_size]` tensors. flatten=True (the default) lays the
-    B blocks end to end in one row `[1, B * block_size]`: every block starts with position 0, so the
-    model sees B packed documents (at least) and resets its state at each; this is the form every
-    model that understands packed `position_ids` accepts, and costs nothing for linear attention.
+    flatten=True (the default) lays the B blocks end to end in one row `[1, B * block_size]`: every
+    block starts with position 0, so the model sees packed documents and resets its state at each.
+    `LaspForCausalLM` (like transformers' models) reads document starts from `position_ids` only when
+    the batch has one row, so this is the form to give it. flatten=False stacks the blocks into
+    `[B, block_size]` tensors, for models that take per-row `position_ids` some other way: given to
+    `LaspForCausalLM`, documents inside a row would share one recurrent state.
     """
 
     def __init__(self, flatten: bool = True):
