@@ -21,6 +21,10 @@ for dq. With B the cumulative log-decay from a sequence's start, the decay gradi
     dL/dB_t = q_t . dq_t - k_t . dk_t  (+ <dS_final, S_final> at the sequence's last token),
     dg_t = sum_{u >= t} dL/dB_u        (a reverse cumulative sum within each sequence),
 since o and S_final depend on B only through q_t exp(B_t), k_u exp(-B_u) and exp(B_last).
+q.dq and k.dk are large and nearly cancel, and the reverse sum carries their rounding over the whole
+sequence, so with bf16 / fp16 inputs the terms are formed more exactly when g needs a gradient: a chunk's
+own pairs as row minus column sums of A = (q k^T) * (do v^T) * decay in float32, and the state products
+with the float32 state split into two bf16 halves (`_dot_f32_left` / `_dot_f32_right`, SPLIT).
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ from lasp_hf.kernels.triton.utils import empty, interpreting
 CHUNK_SIZE = 64
 # Per pass: (largest K x V state tile one program holds, in float32 elements; num_warps; num_stages).
 # A program always holds the whole K axis, so the tile sets the V block. Measured in notes-kernels.md.
-CONFIGS = {"fwd": (8192, 8, 2), "bwd": (8192, 8, 2)}
+CONFIGS = {"fwd": (8192, 4, 2), "bwd": (8192, 4, 2)}
 # Segments are planned for about this many programs per SM when B*H alone does not fill the device.
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 4
 # Set (e.g. by tests) to force a number of chunks per segment; None plans it from the device.
 CHUNKS_PER_SEGMENT = None
 # float32 inputs: three tf32 products per dot (about float32 accuracy on the tensor cores); "ieee" is
@@ -71,10 +75,31 @@ def _token_tiles(x, bos, eos, i_h, H: tl.constexpr, D: tl.constexpr, BT: tl.cons
 
 
 @triton.jit
+def _dot_f32_right(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for a float32 b, rounded to DT for the tensor cores; with SPLIT, b = hi + lo in two products
+    (about 16 mantissa bits instead of 8), which the decay gradient needs (see the module docstring)."""
+    hi = b.to(DT)
+    out = tl.dot(a, hi, input_precision=DOT_PREC)
+    if SPLIT:
+        out += tl.dot(a, (b - hi.to(tl.float32)).to(DT), input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
+def _dot_f32_left(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for a float32 a; see `_dot_f32_right`."""
+    hi = a.to(DT)
+    out = tl.dot(hi, b, input_precision=DOT_PREC)
+    if SPLIT:
+        out += tl.dot((a - hi.to(tl.float32)).to(DT), b, input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
 def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
                               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                              DOT_PREC: tl.constexpr):
+                              DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
     """One program per (segment, head, V block): the segment's state from zero, and its log-decay."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
@@ -95,8 +120,8 @@ def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
         b_k = tiles_k.load([r0, 0]).to(DT)
         b_v = tiles_v.load([r0, i_v * BV]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
-        k_decayed = (b_k * tl.exp(b_last - b)[:, None]).to(b_v.dtype)
-        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_decayed), b_v, input_precision=DOT_PREC)
+        k_decayed = b_k * tl.exp(b_last - b)[:, None]
+        state = state * tl.exp(b_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)
         log_decay += b_last
     p_s = s_loc + ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_s, state, mask=m_k[:, None] & m_v[None, :])
@@ -135,7 +160,7 @@ def _fwd_kernel_segment_combine(s_loc, seg_decay, s_in, h0, seq_first_seg, seq_n
 def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, scale, CPS,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                       DOT_PREC: tl.constexpr):
+                       DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
     """One program per (segment, head, V block): scan the segment's chunks from S_in, writing o."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
@@ -166,8 +191,8 @@ def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, 
         b_o = tl.dot(scores.to(b_v.dtype), b_v, input_precision=DOT_PREC)
         b_o += tl.dot(b_q, state.to(b_q.dtype), input_precision=DOT_PREC) * tl.exp(b)[:, None]
         tiles_o.store([r0, i_v * BV], (b_o * scale).to(o.dtype.element_ty))
-        k_decayed = (b_k * tl.exp(b_last - b)[:, None]).to(b_v.dtype)
-        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_decayed), b_v, input_precision=DOT_PREC)
+        k_decayed = b_k * tl.exp(b_last - b)[:, None]
+        state = state * tl.exp(b_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)
         log_decay += b_last
     tl.store(s_end + p_state, state, mask=m_k[:, None] & m_v[None, :])
     if i_v == 0:
@@ -178,7 +203,7 @@ def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, 
 def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_bos, seg_eos, scale, CPS,
                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                               DOT_PREC: tl.constexpr):
+                               DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
     """One program per (segment, head, V block): dL/dS_in of the segment from its own outputs."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
@@ -198,8 +223,8 @@ def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_bos, seg_eos, scale, CPS,
         b_q = tiles_q.load([r0, 0]).to(DT)
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
-        q_decayed = (b_q * (tl.exp(b) * scale)[:, None]).to(b_do.dtype)
-        dstate = dstate * tl.exp(b_last) + tl.dot(tl.trans(q_decayed), b_do, input_precision=DOT_PREC)
+        q_decayed = b_q * (tl.exp(b) * scale)[:, None]
+        dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
     p_s = ds_loc + ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_s, dstate, mask=m_k[:, None] & m_v[None, :])
 
@@ -238,7 +263,7 @@ def _bwd_kernel_segment_combine(ds_loc, seg_decay, ds_out, dht, dh0, seq_first_s
 def _bwd_kernel_dkv(q, k, v, g, do, dk, dv, kdk, ds_out, ds_start, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr):
     """One program per (segment, head, V block): reverse scan from dS at the segment's end, writing dv,
     this V block's share of dk and of k . dk, and dS at the segment's start."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -275,13 +300,15 @@ def _bwd_kernel_dkv(q, k, v, g, do, dk, dv, kdk, ds_out, ds_start, seg_bos, seg_
         dscores = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC) * decay
         b_dv = tl.dot(tl.trans(scores.to(b_do.dtype)), b_do, input_precision=DOT_PREC)
         b_dv += tl.dot(b_k, dstate.to(b_k.dtype), input_precision=DOT_PREC) * to_end
-        b_dk = tl.dot(tl.trans(dscores.to(b_q.dtype)), b_q, input_precision=DOT_PREC)
-        b_dk += tl.dot(b_v, tl.trans(dstate).to(b_v.dtype), input_precision=DOT_PREC) * to_end
+        dk_state = _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * to_end
+        b_dk = tl.dot(tl.trans(dscores.to(b_q.dtype)), b_q, input_precision=DOT_PREC) + dk_state
         tiles_dv.store([r0, i_v * BV], b_dv.to(dv.dtype.element_ty))
         tiles_dk_part.store([r0, 0], b_dk.to(dk.dtype.element_ty))
-        tl.store(kdk_part + t0 * H + i_h + o_t * H, tl.sum(b_k.to(tl.float32) * b_dk, 1), mask=m_t)
-        q_decayed = (b_q * (tl.exp(b) * scale)[:, None]).to(b_do.dtype)
-        dstate = dstate * tl.exp(b_last) + tl.dot(tl.trans(q_decayed), b_do, input_precision=DOT_PREC)
+        if NEED_DG:
+            # Only the state part of k . dk: the chunk's own pairs enter through the dq kernel (A row/column sums).
+            tl.store(kdk_part + t0 * H + i_h + o_t * H, tl.sum(b_k * dk_state, 1), mask=m_t)
+        q_decayed = b_q * (tl.exp(b) * scale)[:, None]
+        dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
     tl.store(ds_start + p_state, dstate, mask=m_k[:, None] & m_v[None, :])
 
 
@@ -289,7 +316,7 @@ def _bwd_kernel_dkv(q, k, v, g, do, dk, dv, kdk, ds_out, ds_start, seg_bos, seg_
 def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr):
     """One program per (segment, head, V block): forward scan from S_in, writing this V block's share
     of dq and of q . dq."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -320,14 +347,19 @@ def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, 
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         dscores = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         dscores = tl.where(causal, dscores * tl.exp(b[:, None] - b[None, :]), 0.0)
-        b_dq = tl.dot(dscores.to(b_k.dtype), b_k, input_precision=DOT_PREC)
-        b_dq += tl.dot(b_do, tl.trans(state).to(b_do.dtype), input_precision=DOT_PREC) * tl.exp(b)[:, None]
-        b_dq *= scale
+        dq_state = _dot_f32_right(b_do, tl.trans(state), DT, DOT_PREC, SPLIT) * (tl.exp(b) * scale)[:, None]
+        b_dq = tl.dot(dscores.to(b_k.dtype), b_k, input_precision=DOT_PREC) * scale + dq_state
         tiles_dq_part.store([r0, 0], b_dq.to(dq.dtype.element_ty))
-        b_q = tiles_q.load([r0, 0]).to(DT)
-        tl.store(qdq_part + t0 * H + i_h + o_t * H, tl.sum(b_q.to(tl.float32) * b_dq, 1), mask=m_t)
-        k_decayed = (b_k * tl.exp(b_last - b)[:, None]).to(b_v.dtype)
-        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_decayed), b_v, input_precision=DOT_PREC)
+        if NEED_DG:
+            # dL/dB_t = q.dq - k.dk. Within the chunk that is row minus column sums of
+            # A = (q k^T) * (do v^T) * decay * scale, formed in float32 from the inputs, so the large
+            # terms that cancel in q.dq - k.dk carry no bf16 rounding.
+            b_q = tiles_q.load([r0, 0]).to(DT)
+            pairs = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * dscores * scale
+            d_log = tl.sum(pairs, 1) - tl.sum(pairs, 0) + tl.sum(b_q * dq_state, 1)
+            tl.store(qdq_part + t0 * H + i_h + o_t * H, d_log, mask=m_t)
+        k_decayed = b_k * tl.exp(b_last - b)[:, None]
+        state = state * tl.exp(b_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -396,13 +428,18 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _config(phase: str) -> dict:
+def _config(phase: str, dtype, BK: int) -> dict:
     if interpreting():
         return {}
     # Tensor descriptors made inside kernels need a little global scratch memory per launch. Triton keeps
     # the allocator in a context variable, so it is set on every call: backward runs in autograd's thread.
     triton.set_allocator(_scratch)
     _, num_warps, num_stages = CONFIGS[phase]
+    if BK >= 256:
+        num_warps = max(num_warps, 8)   # 64 x 256 q and k tiles spill heavily with 4 warps
+    if dtype == torch.float32:
+        # float32 tiles are twice as large: a second pipeline stage would not fit in shared memory.
+        num_stages = 1
     return {"num_warps": num_warps, "num_stages": num_stages}
 
 
@@ -431,17 +468,18 @@ def _g_mode(g) -> int:
     return G_HEAD if g.dim() == 1 else G_TOKEN
 
 
-def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan):
+def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool):
     """q, k: [NT, H, K]; v: [NT, H, V]; g: None, [H] or [NT, H] float32; h0: None or [N, H, K, V].
-    Returns o [NT, H, V], S_in and S_end per segment [S, H, K, V] and the segments' log-decays [S, H]."""
+    accurate_states: states to ~16 mantissa bits with bf16/fp16 inputs (when dg will be needed). Returns o [NT, H, V], S_in and S_end per segment [S, H, K, V] and the segments' log-decays [S, H]."""
     NT, H, K = q.shape
     V = v.shape[-1]
     BK, BV = _blocks(K, V, "fwd")
     NV = triton.cdiv(V, BV)
     S = plan.num_segs
-    cfg = _config("fwd")
+    cfg = _config("fwd", q.dtype, BK)
     meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
-    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype), **meta)
+    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
+                SPLIT=accurate_states and q.dtype != torch.float32, **meta)
     g_arg = g if g is not None else q
     seg_decay = empty(q, (S, H), torch.float32)
     if plan.max_segs > 1:
@@ -464,16 +502,17 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan):
     return o, s_in, s_end, seg_decay
 
 
-def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan):
+def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_dg: bool):
     """Returns dq, dk, dv (in q's dtype), dL/dB per token [NT, H] (float32) and dh0 [N, H, K, V]."""
     NT, H, K = q.shape
     V = v.shape[-1]
     BK, BV = _blocks(K, V, "bwd")
     NV = triton.cdiv(V, BV)
     S = plan.num_segs
-    cfg = _config("bwd")
+    cfg = _config("bwd", q.dtype, BK)
     meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
-    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype), **meta)
+    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
+                SPLIT=need_dg and q.dtype != torch.float32, **meta)
     g_arg = g if g is not None else q
     if plan.max_segs > 1:
         ds_loc = empty(q, (S, H, K, V), torch.float32)
@@ -495,15 +534,15 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan):
     dq = empty(q, (NV, NT, H, K), part_dtype)
     dk = empty(q, (NV, NT, H, K), part_dtype)
     dv = empty(v, v.shape, v.dtype)
-    qdq = empty(q, (NV, NT, H), torch.float32)
-    kdk = empty(q, (NV, NT, H), torch.float32)
+    qdq = empty(q, (NV, NT, H) if need_dg else (1,), torch.float32)
+    kdk = empty(q, (NV, NT, H) if need_dg else (1,), torch.float32)
     ds_start = empty(ds_out, ds_out.shape, ds_out.dtype)
     _bwd_kernel_dkv[(S, H, NV)](
         q, k, v, g_arg, do, dk, dv, kdk, ds_out, ds_start, plan.seg_bos, plan.seg_eos, scale,
-        plan.chunks_per_segment, NT, **scan, **cfg)
+        plan.chunks_per_segment, NT, NEED_DG=need_dg, **scan, **cfg)
     _bwd_kernel_dq[(S, H, NV)](
         q, k, v, g_arg, do, dq, qdq, s_in, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, NT,
-        **scan, **cfg)
+        NEED_DG=need_dg, **scan, **cfg)
     if dh0 is None:
         dh0 = ds_start[plan.first_seg_index]
         if dht is not None:
@@ -514,15 +553,15 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan):
         dq, dk = dq[0], dk[0]
     else:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(q.dtype)
-    dlogdecay = qdq.sum(0) - kdk.sum(0)
+    dlogdecay = qdq.sum(0) - kdk.sum(0) if need_dg else None
     return dq, dk, dv, dlogdecay, dh0
 
 
 # ----------------------------------------------------------------------------- forward / backward
 
-def chunk_linear_attention_fwd(q, k, v, g, scale, h0, plan: _Plan):
+def chunk_linear_attention_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool = False):
     """Flat inputs (see `_launch_fwd`). Returns o, the final state [N, H, K, V] and what backward needs."""
-    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan)
+    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate_states)
     final = s_end[plan.last_seg_index]
     keep = plan.nonempty.view(-1, 1, 1, 1)
     final = torch.where(keep, final, h0.float() if h0 is not None else torch.zeros_like(final))
@@ -538,7 +577,7 @@ def _reverse_cumsum_per_sequence(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 
 def chunk_linear_attention_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, final, plan: _Plan, need_dg: bool):
-    dq, dk, dv, dlogdecay, dh0 = _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan)
+    dq, dk, dv, dlogdecay, dh0 = _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan, need_dg)
     dg = None
     if need_dg:
         if dht is not None:
@@ -557,7 +596,8 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, plan, output_final_state):
         g32 = g.float().contiguous() if g is not None else None
-        o, final, s_in, seg_decay = chunk_linear_attention_fwd(q, k, v, g32, scale, h0, plan)
+        need_dg = g is not None and ctx.needs_input_grad[3]
+        o, final, s_in, seg_decay = chunk_linear_attention_fwd(q, k, v, g32, scale, h0, plan, need_dg)
         ctx.save_for_backward(q, k, v, g32, s_in, seg_decay, final)
         ctx.scale, ctx.plan = scale, plan
         ctx.g_dtype = g.dtype if g is not None else None

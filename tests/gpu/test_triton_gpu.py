@@ -1,8 +1,10 @@
 """The Triton kernels on a GPU at real shapes, against float64 (the chunked algorithm written in the test
 helper, independent of the kernels): output, final state and every gradient, NaN-poisoned buffers.
 
-bf16 rule (DESIGN.md): relative error <= 1e-2, and o / final state no worse than twice the error of the
-PyTorch reference backend run on the same bf16 inputs. Errors land in $LASP_HF_TEST_OUT/triton_errors.jsonl
+bf16 rule (DESIGN.md): relative error <= 1e-2, and no worse than twice the error of the PyTorch reference
+backend run on the same bf16 inputs for every bf16-rounded result (o, dq, dk, dv) and dh0. The reference
+keeps its states and the decay gradient in float32 with no rounding at all (errors ~1e-7), so for
+final_state and dg only the 1e-2 bound applies. Errors land in $LASP_HF_TEST_OUT/triton_errors.jsonl
 when that variable is set.
 """
 
@@ -108,7 +110,7 @@ def _check(case, B, T, H, K, V, dtype, g_mode, cu_seqlens=None, compare_torch=Tr
     tol = TOL[dtype]
     bad = {n: e for n, e in errors.items() if not e <= tol}
     assert not bad, f"{case}: over {tol}: {bad}; all {errors}"
-    for name in ("o", "final_state"):
+    for name in ("o", "dq", "dk", "dv", "dh0"):
         if name in torch_errors:
             assert errors[name] <= 2 * torch_errors[name] + 1e-6, (
                 f"{case}: {name} error {errors[name]:.2e} > 2 x torch backend's {torch_errors[name]:.2e}")

@@ -63,6 +63,7 @@ def main():
         if chunk_simple_gla is not None:
             row["fla_fwd"], row["fla_fwdbwd"] = time_fn(fla, q, k, v, g, do)
         rows.append(row)
+        print("row", json.dumps(row), flush=True)
         del q, k, v, do
         torch.cuda.empty_cache()
     # Accuracy against float64 at T = 4096 (the issue quotes fla at 0.39%).
