@@ -185,3 +185,9 @@ def test_empty_eval_split_is_refused(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)
     with pytest.raises(ValueError, match="no eval block"):
         build_clm_datasets(tokenizer, 16, train_file=path, eval_fraction=0.05)  # 18 documents: none held out
+
+
+def test_corpus_shorter_than_a_block_is_refused(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS[:2])
+    with pytest.raises(ValueError, match="no training block"):
+        build_clm_datasets(tokenizer, 4096, train_file=path)

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, Value
 from datasets import Sequence as ListFeature  # `List` in datasets >= 4; `Sequence` works in 3.x too
@@ -33,6 +34,7 @@ PACKED_FEATURES = Features(
         "labels": ListFeature(Value("int32")),
     }
 )
+TOKENIZED_FEATURES = Features({"input_ids": ListFeature(Value("int32"))})
 TEXT_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".json", ".jsonl")
 IGNORE_INDEX = -100
@@ -149,8 +151,11 @@ def tokenize_documents(
     map_kwargs: dict[str, Any] = {"batched": True}
     if isinstance(dataset, Dataset):
         map_kwargs.update(num_proc=num_proc, desc="tokenizing")
-    tokenized = dataset.filter(is_nonempty).map(tokenize, **map_kwargs)
-    return tokenized.select_columns(["input_ids"])
+    documents = dataset.filter(is_nonempty)
+    if isinstance(documents, Dataset) and len(documents) == 0:
+        # map() never calls the function on zero rows, so it would not create the column.
+        return Dataset.from_dict({"input_ids": []}, features=TOKENIZED_FEATURES)
+    return documents.map(tokenize, **map_kwargs).select_columns(["input_ids"])
 
 
 def pack_token_documents(documents: Iterable[Sequence[int]], block_size: int) -> Iterator[dict[str, list[int]]]:
@@ -185,6 +190,10 @@ def pack_dataset(tokenized: Dataset | IterableDataset, block_size: int) -> Datas
     gen_kwargs = {"tokenized": tokenized, "block_size": block_size}
     if isinstance(tokenized, IterableDataset):
         return IterableDataset.from_generator(_packed_rows, features=PACKED_FEATURES, gen_kwargs=gen_kwargs)
+    # Dataset.from_generator refuses a generator that yields nothing; count the tokens first (Arrow, no copy).
+    num_tokens = pc.sum(pc.list_value_length(tokenized.with_format("arrow")[:]["input_ids"])).as_py() or 0
+    if num_tokens < block_size:
+        return Dataset.from_dict({key: [] for key in PACKED_FEATURES}, features=PACKED_FEATURES)
     return Dataset.from_generator(_packed_rows, features=PACKED_FEATURES, gen_kwargs=gen_kwargs)
 
 
