@@ -147,6 +147,16 @@ def test_dims_not_powers_of_two(kernels):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("K, V", [(32, 32), (48, 80)])
+def test_several_blocks(kernels, monkeypatch, K, V):
+    # Small state tiles: the forward and dv kernels split V, the dk and dq kernels split K, and the
+    # per-block shares of the decay gradient are summed.
+    monkeypatch.setitem(kernels.CONFIGS, "fwd", (256, 4, 2))
+    monkeypatch.setitem(kernels.CONFIGS, "bwd", (256, 4, 2))
+    _check(kernels, 1, 130, 2, K, V, "token", cps=1)
+
+
+@needs_interpreter
 def test_bfloat16_inputs(kernels):
     _check(kernels, 1, 65, 2, 32, 32, "token", dtype=torch.bfloat16, cps=1, tol=TOL_BF16)
 

@@ -260,56 +260,85 @@ def _bwd_kernel_segment_combine(ds_loc, seg_decay, ds_out, dht, dh0, seq_first_s
 
 
 @triton.jit
-def _bwd_kernel_dkv(q, k, v, g, do, dk, dv, kdk, ds_out, ds_start, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
-                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr):
-    """One program per (segment, head, V block): reverse scan from dS at the segment's end, writing dv,
-    this V block's share of dk and of k . dk, and dS at the segment's start."""
+def _bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr):
+    """One program per (segment, head, K block), with all of V: reverse scan from dS at the segment's end
+    (rows of this K block), writing dk for the block, its share of k . dk and dS at the segment's start."""
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    causal = o_t[:, None] >= o_t[None, :]
+    p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
+    dstate = tl.load(ds_out + p_state, mask=m_kv, other=0.0)
+    kdk_part = kdk + i_k.to(tl.int64) * NUM_TOKENS * H
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_dk = _token_tiles(dk, bos, eos, i_h, H, K, BT, BK)
+    tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
+    tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
+    for i in range(CPS):
+        r0 = (CPS - 1 - i) * BT
+        t0 = bos + r0
+        m_t = o_t < eos - t0
+        b_q = tiles_q.load([r0, i_k * BK]).to(DT)
+        b_v = tiles_v.load([r0, 0]).to(DT)
+        b_do = tiles_do.load([r0, 0]).to(DT)
+        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        dscores = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+        dscores = tl.where(causal, dscores * (tl.exp(b[:, None] - b[None, :]) * scale), 0.0)
+        dk_state = _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * tl.exp(b_last - b)[:, None]
+        b_dk = tl.dot(tl.trans(dscores.to(DT)), b_q, input_precision=DOT_PREC) + dk_state
+        tiles_dk.store([r0, i_k * BK], b_dk.to(dk.dtype.element_ty))
+        if NEED_DG:
+            # Only the state part of k . dk: the chunk's own pairs enter through the dq kernel.
+            b_k = tiles_k.load([r0, i_k * BK]).to(DT)
+            tl.store(kdk_part + t0 * H + i_h + o_t * H, tl.sum(b_k * dk_state, 1), mask=m_t)
+        q_decayed = b_q * (tl.exp(b) * scale)[:, None]
+        dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
+    tl.store(ds_start + p_state, dstate, mask=m_kv)
+
+
+@triton.jit
+def _bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+    """One program per (segment, head, V block), with all of K: reverse scan from dS at the segment's end
+    (columns of this V block), writing dv for the block."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
     eos = tl.load(seg_eos + i_s).to(tl.int64)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
     causal = o_t[:, None] >= o_t[None, :]
     p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
-    dstate = tl.load(ds_out + p_state, mask=m_k[:, None] & m_v[None, :], other=0.0)
-    dk_part = dk + i_v.to(tl.int64) * NUM_TOKENS * H * K
-    kdk_part = kdk + i_v.to(tl.int64) * NUM_TOKENS * H
-    tiles_dk_part = _token_tiles(dk_part, bos, eos, i_h, H, K, BT, BK)
+    dstate = tl.load(ds_out + p_state, mask=m_kv, other=0.0)
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
     tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
     tiles_dv = _token_tiles(dv, bos, eos, i_h, H, V, BT, BV)
-    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
-    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
-    tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
     for i in range(CPS):
         r0 = (CPS - 1 - i) * BT
         t0 = bos + r0
-        m_t = o_t < eos - t0
         b_q = tiles_q.load([r0, 0]).to(DT)
         b_k = tiles_k.load([r0, 0]).to(DT)
-        b_v = tiles_v.load([r0, i_v * BV]).to(DT)
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
-        decay = tl.where(causal, tl.exp(b[:, None] - b[None, :]) * scale, 0.0)
-        to_end = tl.exp(b_last - b)[:, None]
-        scores = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * decay
-        dscores = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC) * decay
-        b_dv = tl.dot(tl.trans(scores.to(b_do.dtype)), b_do, input_precision=DOT_PREC)
-        b_dv += tl.dot(b_k, dstate.to(b_k.dtype), input_precision=DOT_PREC) * to_end
-        dk_state = _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * to_end
-        b_dk = tl.dot(tl.trans(dscores.to(b_q.dtype)), b_q, input_precision=DOT_PREC) + dk_state
+        scores = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
+        scores = tl.where(causal, scores * (tl.exp(b[:, None] - b[None, :]) * scale), 0.0)
+        b_dv = tl.dot(tl.trans(scores.to(DT)), b_do, input_precision=DOT_PREC)
+        b_dv += tl.dot(b_k, dstate.to(DT), input_precision=DOT_PREC) * tl.exp(b_last - b)[:, None]
         tiles_dv.store([r0, i_v * BV], b_dv.to(dv.dtype.element_ty))
-        tiles_dk_part.store([r0, 0], b_dk.to(dk.dtype.element_ty))
-        if NEED_DG:
-            # Only the state part of k . dk: the chunk's own pairs enter through the dq kernel (A row/column sums).
-            tl.store(kdk_part + t0 * H + i_h + o_t * H, tl.sum(b_k * dk_state, 1), mask=m_t)
-        q_decayed = b_q * (tl.exp(b) * scale)[:, None]
-        dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
-    tl.store(ds_start + p_state, dstate, mask=m_k[:, None] & m_v[None, :])
+        q_decayed = (b_q * (tl.exp(b) * scale)[:, None]).to(DT)
+        dstate = dstate * tl.exp(b_last) + tl.dot(tl.trans(q_decayed), b_do, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -317,44 +346,42 @@ def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, 
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
                    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr):
-    """One program per (segment, head, V block): forward scan from S_in, writing this V block's share
-    of dq and of q . dq."""
-    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """One program per (segment, head, K block), with all of V: forward scan from S_in (rows of this K
+    block), writing dq for the block and its share of q . dq."""
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
     eos = tl.load(seg_eos + i_s).to(tl.int64)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
     causal = o_t[:, None] >= o_t[None, :]
     p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
-    state = tl.load(s_in + p_state, mask=m_k[:, None] & m_v[None, :], other=0.0)
-    dq_part = dq + i_v.to(tl.int64) * NUM_TOKENS * H * K
-    qdq_part = qdq + i_v.to(tl.int64) * NUM_TOKENS * H
-    tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
-    tiles_dq_part = _token_tiles(dq_part, bos, eos, i_h, H, K, BT, BK)
-    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    state = tl.load(s_in + p_state, mask=m_kv, other=0.0)
+    qdq_part = qdq + i_k.to(tl.int64) * NUM_TOKENS * H
     tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_dq = _token_tiles(dq, bos, eos, i_h, H, K, BT, BK)
     tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
+    tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
     for i in range(CPS):
         r0 = i * BT
         t0 = bos + r0
         m_t = o_t < eos - t0
-        b_k = tiles_k.load([r0, 0]).to(DT)
-        b_v = tiles_v.load([r0, i_v * BV]).to(DT)
-        b_do = tiles_do.load([r0, i_v * BV]).to(DT)
+        b_k = tiles_k.load([r0, i_k * BK]).to(DT)
+        b_v = tiles_v.load([r0, 0]).to(DT)
+        b_do = tiles_do.load([r0, 0]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         dscores = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         dscores = tl.where(causal, dscores * tl.exp(b[:, None] - b[None, :]), 0.0)
         dq_state = _dot_f32_right(b_do, tl.trans(state), DT, DOT_PREC, SPLIT) * (tl.exp(b) * scale)[:, None]
-        b_dq = tl.dot(dscores.to(b_k.dtype), b_k, input_precision=DOT_PREC) * scale + dq_state
-        tiles_dq_part.store([r0, 0], b_dq.to(dq.dtype.element_ty))
+        b_dq = tl.dot(dscores.to(DT), b_k, input_precision=DOT_PREC) * scale + dq_state
+        tiles_dq.store([r0, i_k * BK], b_dq.to(dq.dtype.element_ty))
         if NEED_DG:
             # dL/dB_t = q.dq - k.dk. Within the chunk that is row minus column sums of
-            # A = (q k^T) * (do v^T) * decay * scale, formed in float32 from the inputs, so the large
-            # terms that cancel in q.dq - k.dk carry no bf16 rounding.
-            b_q = tiles_q.load([r0, 0]).to(DT)
+            # A = (q k^T) * (do v^T) * decay * scale, formed in float32 from the inputs (this K block's
+            # share of q k^T), so the large terms that cancel in q.dq - k.dk carry no bf16 rounding.
+            b_q = tiles_q.load([r0, i_k * BK]).to(DT)
             pairs = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * dscores * scale
             d_log = tl.sum(pairs, 1) - tl.sum(pairs, 0) + tl.sum(b_q * dq_state, 1)
             tl.store(qdq_part + t0 * H + i_h + o_t * H, d_log, mask=m_t)
@@ -401,6 +428,13 @@ def _num_sms(device) -> int:
 def _blocks(K: int, V: int, phase: str) -> tuple[int, int]:
     BK = max(16, triton.next_power_of_2(K))
     BV = min(max(16, triton.next_power_of_2(V)), max(16, CONFIGS[phase][0] // BK))
+    return BK, BV
+
+
+def _blocks_k(K: int, V: int, phase: str) -> tuple[int, int]:
+    """(K block, whole V) for the kernels that hold rows of the state."""
+    BV = max(16, triton.next_power_of_2(V))
+    BK = min(max(16, triton.next_power_of_2(K)), max(16, CONFIGS[phase][0] // BV))
     return BK, BV
 
 
@@ -529,30 +563,32 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
     else:
         ds_out = q.new_zeros(S, H, K, V, dtype=torch.float32)
         dh0 = None
-    # With one V block dq and dk are complete per program; otherwise each block writes its share.
-    part_dtype = q.dtype if NV == 1 else torch.float32
-    dq = empty(q, (NV, NT, H, K), part_dtype)
-    dk = empty(q, (NV, NT, H, K), part_dtype)
+    # dv is blocked over V (it sums over K); dk and dq over K (they sum over V), so every program writes
+    # finished gradients and only the per-token decay terms are summed over blocks.
+    BKK, BVF = _blocks_k(K, V, "bwd")
+    NK = triton.cdiv(K, BKK)
+    scan_k = dict(scan, BK=BKK, BV=BVF)
+    scan_v = {name: value for name, value in scan.items() if name != "SPLIT"}
+    dq = empty(q, q.shape, q.dtype)
+    dk = empty(k, k.shape, k.dtype)
     dv = empty(v, v.shape, v.dtype)
-    qdq = empty(q, (NV, NT, H) if need_dg else (1,), torch.float32)
-    kdk = empty(q, (NV, NT, H) if need_dg else (1,), torch.float32)
+    qdq = empty(q, (NK, NT, H) if need_dg else (1,), torch.float32)
+    kdk = empty(q, (NK, NT, H) if need_dg else (1,), torch.float32)
     ds_start = empty(ds_out, ds_out.shape, ds_out.dtype)
-    _bwd_kernel_dkv[(S, H, NV)](
-        q, k, v, g_arg, do, dk, dv, kdk, ds_out, ds_start, plan.seg_bos, plan.seg_eos, scale,
-        plan.chunks_per_segment, NT, NEED_DG=need_dg, **scan, **cfg)
-    _bwd_kernel_dq[(S, H, NV)](
+    _bwd_kernel_dv[(S, H, NV)](
+        q, k, g_arg, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, **scan_v, **cfg)
+    _bwd_kernel_dk[(S, H, NK)](
+        q, k, v, g_arg, do, dk, kdk, ds_out, ds_start, plan.seg_bos, plan.seg_eos, scale,
+        plan.chunks_per_segment, NT, NEED_DG=need_dg, **scan_k, **cfg)
+    _bwd_kernel_dq[(S, H, NK)](
         q, k, v, g_arg, do, dq, qdq, s_in, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, NT,
-        NEED_DG=need_dg, **scan, **cfg)
+        NEED_DG=need_dg, **scan_k, **cfg)
     if dh0 is None:
         dh0 = ds_start[plan.first_seg_index]
         if dht is not None:
             dh0 = torch.where(plan.nonempty.view(-1, 1, 1, 1), dh0, dht.float())
         else:
             dh0 = dh0 * plan.nonempty.view(-1, 1, 1, 1)
-    if NV == 1:
-        dq, dk = dq[0], dk[0]
-    else:
-        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(q.dtype)
     dlogdecay = qdq.sum(0) - kdk.sum(0) if need_dg else None
     return dq, dk, dv, dlogdecay, dh0
 
