@@ -117,6 +117,9 @@ def main(argv=None):
         elapsed = time.perf_counter() - start
         accelerator.print(f"step {step}: loss {global_loss:.4f}  tokens/s {tokens_seen / elapsed:.0f}  "
                           f"peak memory {peak_memory_gb(accelerator.device):.2f} GB")
+    # Let every rank's gloo threads retire their last collectives before the process groups are torn down
+    # (a completed all-reduce still releasing its Python tensors can otherwise deadlock the exit).
+    accelerator.wait_for_everyone()
     if args.log_file and accelerator.is_main_process:
         pathlib.Path(args.log_file).write_text(json.dumps({"losses": losses, "sequence_parallel_size": sp_size}))
     accelerator.end_training()

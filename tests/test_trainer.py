@@ -120,7 +120,10 @@ def test_precedence_flag_then_env_then_accelerate():
     assert resolve_sequence_parallel_size(8, dict(environ)) == (8, "--sequence_parallel_size")
     assert resolve_sequence_parallel_size(None, dict(environ))[0] == 2
     environ.pop("LASP_SEQUENCE_PARALLEL_SIZE")
-    assert resolve_sequence_parallel_size(None, dict(environ))[0] == 4
+    assert resolve_sequence_parallel_size(None, environ)[0] == 4
+    # accelerate's variables are consumed, and W stays available to later readers in the process.
+    assert environ == {"LASP_SEQUENCE_PARALLEL_SIZE": "4", "ACCELERATE_USE_PARALLELISM_CONFIG": "false"}
+    assert resolve_sequence_parallel_size(None, environ)[0] == 4
     assert resolve_sequence_parallel_size(None, {}) == (1, "default")
     with pytest.raises(ValueError, match="--sequence_parallel_size = 0"):
         resolve_sequence_parallel_size(0, {})

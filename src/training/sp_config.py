@@ -109,6 +109,7 @@ def resolve_sequence_parallel_size(explicit: int | None = None, environ=os.envir
     if environ.get(ENV_VAR):
         return _as_size(environ[ENV_VAR], ENV_VAR), ENV_VAR
     if from_accelerate is not None:
+        environ[ENV_VAR] = str(from_accelerate)  # the variables are gone now: later readers in this process use this
         return from_accelerate, "parallelism_config_sp_size (accelerate config)"
     path = launcher_config_file()
     if path is not None:
