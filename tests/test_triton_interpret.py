@@ -18,9 +18,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import lasp_hf  # noqa: E402
-from triton_reference64 import packed_recurrence64, recurrence64, rel_err  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+import lasp_hf
+from triton.runtime.interpreter import InterpretedFunction
+from triton_reference64 import packed_recurrence64, recurrence64, rel_err
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and isinstance(triton.language.standard.zeros,
                                                                           InterpretedFunction)
@@ -35,7 +35,7 @@ TOL_BF16 = 1e-2
 def test_in_interpreter_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from lasp_hf.kernels.triton.utils import empty, interpreting
 
 G_NONE, G_HEAD, G_BATCH_HEAD = 0, 1, 2

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import lasp_hf  # noqa: E402
-from triton_reference64 import chunked64, rel_err  # noqa: E402
+import lasp_hf
+from triton_reference64 import chunked64, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -1,5 +1,6 @@
 """Times the Triton op (forward, forward+backward) beside fla's chunk_simple_gla, sweeps the kernels'
-launch configs, and prints a table. Run on a GPU machine: python tests/gpu/triton_timing.py OUT_DIR [sweep]."""
+launch configs, and prints a table. Run on a GPU machine: python tests/gpu/triton_timing.py OUT_DIR [sweep].
+Give it several minutes on a fresh machine: fla autotunes its kernels at the first call of each shape."""
 
 from __future__ import annotations
 

@@ -1,0 +1,343 @@
+"""Triton kernels of the chunked linear attention op (the launchers, autograd and the math are in
+`lasp_hf.kernels.triton.chunk`, whose docstring this file follows).
+
+Shapes: H heads, K key/query head dim, V value head dim, BT chunk length, BK / BV the K / V block a
+program holds, S segments. Token tensors are flat [tokens, H, D]; states are float32 [S or N, H, K, V].
+Each scan kernel is one program per (segment, head, block) walking the segment's chunks in order (or in
+reverse), with the state block in registers; chunk tiles come through tensor descriptors, which read
+zeros past a segment's end and drop writes there, so no chunk needs masks.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_decay(g, i_h, t0, length, H: tl.constexpr, G_MODE: tl.constexpr, BT: tl.constexpr):
+    """b (cumulative log-decay inside the chunk, [BT]) and b_last for the chunk starting at t0."""
+    o_t = tl.arange(0, BT)
+    m_t = o_t < length
+    if G_MODE == 1:
+        g_vec = tl.where(m_t, tl.load(g + i_h).to(tl.float32), 0.0)
+    elif G_MODE == 2:
+        g_vec = tl.load(g + t0 * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
+    else:
+        g_vec = tl.zeros([BT], dtype=tl.float32)
+    return tl.cumsum(g_vec, 0), tl.sum(g_vec, 0)
+
+
+@triton.jit
+def _token_tiles(x, bos, eos, i_h, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """Tiles of x[bos:eos, i_h, :] (x laid out [tokens, H, D]), BT tokens by BD features. Reads past the
+    segment or past D give zeros and writes there are dropped, so chunks of any length need no masks."""
+    return tl.make_tensor_descriptor(x + (bos * H + i_h) * D, [eos - bos, D], [H * D, 1], [BT, BD])
+
+
+@triton.jit
+def _dot_f32_right(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for a float32 b, rounded to DT for the tensor cores; with SPLIT, b = hi + lo in two products
+    (about 16 mantissa bits instead of 8), which the decay gradient needs (see the module docstring)."""
+    hi = b.to(DT)
+    out = tl.dot(a, hi, input_precision=DOT_PREC)
+    if SPLIT:
+        out += tl.dot(a, (b - hi.to(tl.float32)).to(DT), input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
+def _dot_f32_left(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for a float32 a; see `_dot_f32_right`."""
+    hi = a.to(DT)
+    out = tl.dot(hi, b, input_precision=DOT_PREC)
+    if SPLIT:
+        out += tl.dot((a - hi.to(tl.float32)).to(DT), b, input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
+def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
+                              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
+                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                              DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """One program per (segment, head, V block): the segment's state from zero, and its log-decay."""
+    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    log_decay = 0.0
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
+    for i in range(CPS):
+        r0 = i * BT
+        t0 = bos + r0
+        b_k = tiles_k.load([r0, 0]).to(DT)
+        b_v = tiles_v.load([r0, i_v * BV]).to(DT)
+        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        k_decayed = b_k * tl.exp(b_last - b)[:, None]
+        state = state * tl.exp(b_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)
+        log_decay += b_last
+    p_s = s_loc + ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
+    tl.store(p_s, state, mask=m_k[:, None] & m_v[None, :])
+    if i_v == 0:
+        tl.store(seg_decay + i_s * H + i_h, log_decay)
+
+
+@triton.jit
+def _fwd_kernel_segment_combine(s_loc, seg_decay, s_in, h0, seq_first_seg, seq_num_segs, MAX_SEGS,
+                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                                BV: tl.constexpr, HAS_INIT: tl.constexpr):
+    """One program per (sequence, head, V block): S_in of each segment, scanning segments in order."""
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first = tl.load(seq_first_seg + i_n)
+    num_segs = tl.load(seq_num_segs + i_n)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    if HAS_INIT:
+        state = tl.load(h0 + ((i_n * H + i_h) * K).to(tl.int64) * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    for i in range(MAX_SEGS):
+        valid = num_segs > i
+        # A vector mask: the interpreter cannot broadcast a scalar mask against a block.
+        m_seg = m_kv & ((o_k * 0 + i) < num_segs)[:, None]
+        base = (((first + i) * H + i_h) * K).to(tl.int64) * V
+        tl.store(s_in + base + o_kv, state, mask=m_seg)
+        local = tl.load(s_loc + base + o_kv, mask=m_seg, other=0.0)
+        decay = tl.exp(tl.load(seg_decay + (first + i) * H + i_h, mask=valid, other=0.0))
+        state = state * decay + local
+
+
+@triton.jit
+def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, scale, CPS,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
+                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                       DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """One program per (segment, head, V block): scan the segment's chunks from S_in, writing o."""
+    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    causal = o_t[:, None] >= o_t[None, :]
+    p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
+    state = tl.load(s_in + p_state, mask=m_k[:, None] & m_v[None, :], other=0.0)
+    log_decay = 0.0
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_o = _token_tiles(o, bos, eos, i_h, H, V, BT, BV)
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
+    for i in range(CPS):
+        r0 = i * BT
+        t0 = bos + r0
+        b_q = tiles_q.load([r0, 0]).to(DT)
+        b_k = tiles_k.load([r0, 0]).to(DT)
+        b_v = tiles_v.load([r0, i_v * BV]).to(DT)
+        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        scores = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
+        scores = tl.where(causal, scores * tl.exp(b[:, None] - b[None, :]), 0.0)
+        b_o = tl.dot(scores.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+        b_o += tl.dot(b_q, state.to(b_q.dtype), input_precision=DOT_PREC) * tl.exp(b)[:, None]
+        tiles_o.store([r0, i_v * BV], (b_o * scale).to(o.dtype.element_ty))
+        k_decayed = b_k * tl.exp(b_last - b)[:, None]
+        state = state * tl.exp(b_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)
+        log_decay += b_last
+    tl.store(s_end + p_state, state, mask=m_k[:, None] & m_v[None, :])
+    if i_v == 0:
+        tl.store(seg_decay + i_s * H + i_h, log_decay)
+
+
+@triton.jit
+def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_bos, seg_eos, scale, CPS,
+                               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
+                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                               DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """One program per (segment, head, V block): dL/dS_in of the segment from its own outputs."""
+    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    dstate = tl.zeros([BK, BV], dtype=tl.float32)
+    tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    for i in range(CPS):
+        r0 = (CPS - 1 - i) * BT
+        t0 = bos + r0
+        b_q = tiles_q.load([r0, 0]).to(DT)
+        b_do = tiles_do.load([r0, i_v * BV]).to(DT)
+        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        q_decayed = b_q * (tl.exp(b) * scale)[:, None]
+        dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
+    p_s = ds_loc + ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
+    tl.store(p_s, dstate, mask=m_k[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _bwd_kernel_segment_combine(ds_loc, seg_decay, ds_out, dht, dh0, seq_first_seg, seq_num_segs, MAX_SEGS,
+                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                                BV: tl.constexpr, HAS_DFINAL: tl.constexpr):
+    """One program per (sequence, head, V block): dL/dS at each segment's end, scanning backwards;
+    what is left at the sequence's start is dL/d initial_state."""
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first = tl.load(seq_first_seg + i_n)
+    num_segs = tl.load(seq_num_segs + i_n)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    p_seq = ((i_n * H + i_h) * K).to(tl.int64) * V + o_kv
+    if HAS_DFINAL:
+        dstate = tl.load(dht + p_seq, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        dstate = tl.zeros([BK, BV], dtype=tl.float32)
+    for i in range(MAX_SEGS):
+        valid = num_segs > i
+        m_seg = m_kv & ((o_k * 0 + i) < num_segs)[:, None]
+        seg = first + num_segs - 1 - i
+        base = ((seg * H + i_h) * K).to(tl.int64) * V
+        tl.store(ds_out + base + o_kv, dstate, mask=m_seg)
+        local = tl.load(ds_loc + base + o_kv, mask=m_seg, other=0.0)
+        decay = tl.exp(tl.load(seg_decay + seg * H + i_h, mask=valid, other=0.0))
+        dstate = dstate * decay + local
+    tl.store(dh0 + p_seq, dstate, mask=m_kv)
+
+
+@triton.jit
+def _bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr):
+    """One program per (segment, head, K block), with all of V: reverse scan from dS at the segment's end
+    (rows of this K block), writing dk for the block, its share of k . dk and dS at the segment's start."""
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    causal = o_t[:, None] >= o_t[None, :]
+    p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
+    dstate = tl.load(ds_out + p_state, mask=m_kv, other=0.0)
+    kdk_part = kdk + i_k.to(tl.int64) * NUM_TOKENS * H
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_dk = _token_tiles(dk, bos, eos, i_h, H, K, BT, BK)
+    tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
+    tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
+    for i in range(CPS):
+        r0 = (CPS - 1 - i) * BT
+        t0 = bos + r0
+        m_t = o_t < eos - t0
+        b_q = tiles_q.load([r0, i_k * BK]).to(DT)
+        b_v = tiles_v.load([r0, 0]).to(DT)
+        b_do = tiles_do.load([r0, 0]).to(DT)
+        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        dscores = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+        dscores = tl.where(causal, dscores * (tl.exp(b[:, None] - b[None, :]) * scale), 0.0)
+        dk_state = _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * tl.exp(b_last - b)[:, None]
+        b_dk = tl.dot(tl.trans(dscores.to(DT)), b_q, input_precision=DOT_PREC) + dk_state
+        tiles_dk.store([r0, i_k * BK], b_dk.to(dk.dtype.element_ty))
+        if NEED_DG:
+            # Only the state part of k . dk: the chunk's own pairs enter through the dq kernel.
+            b_k = tiles_k.load([r0, i_k * BK]).to(DT)
+            tl.store(kdk_part + t0 * H + i_h + o_t * H, tl.sum(b_k * dk_state, 1), mask=m_t)
+        q_decayed = b_q * (tl.exp(b) * scale)[:, None]
+        dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
+    tl.store(ds_start + p_state, dstate, mask=m_kv)
+
+
+@triton.jit
+def _bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+    """One program per (segment, head, V block), with all of K: reverse scan from dS at the segment's end
+    (columns of this V block), writing dv for the block."""
+    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    causal = o_t[:, None] >= o_t[None, :]
+    p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
+    dstate = tl.load(ds_out + p_state, mask=m_kv, other=0.0)
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
+    tiles_dv = _token_tiles(dv, bos, eos, i_h, H, V, BT, BV)
+    for i in range(CPS):
+        r0 = (CPS - 1 - i) * BT
+        t0 = bos + r0
+        b_q = tiles_q.load([r0, 0]).to(DT)
+        b_k = tiles_k.load([r0, 0]).to(DT)
+        b_do = tiles_do.load([r0, i_v * BV]).to(DT)
+        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        scores = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
+        scores = tl.where(causal, scores * (tl.exp(b[:, None] - b[None, :]) * scale), 0.0)
+        b_dv = tl.dot(tl.trans(scores.to(DT)), b_do, input_precision=DOT_PREC)
+        b_dv += tl.dot(b_k, dstate.to(DT), input_precision=DOT_PREC) * tl.exp(b_last - b)[:, None]
+        tiles_dv.store([r0, i_v * BV], b_dv.to(dv.dtype.element_ty))
+        q_decayed = (b_q * (tl.exp(b) * scale)[:, None]).to(DT)
+        dstate = dstate * tl.exp(b_last) + tl.dot(tl.trans(q_decayed), b_do, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr):
+    """One program per (segment, head, K block), with all of V: forward scan from S_in (rows of this K
+    block), writing dq for the block and its share of q . dq."""
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    causal = o_t[:, None] >= o_t[None, :]
+    p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
+    state = tl.load(s_in + p_state, mask=m_kv, other=0.0)
+    qdq_part = qdq + i_k.to(tl.int64) * NUM_TOKENS * H
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_dq = _token_tiles(dq, bos, eos, i_h, H, K, BT, BK)
+    tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
+    tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
+    for i in range(CPS):
+        r0 = i * BT
+        t0 = bos + r0
+        m_t = o_t < eos - t0
+        b_k = tiles_k.load([r0, i_k * BK]).to(DT)
+        b_v = tiles_v.load([r0, 0]).to(DT)
+        b_do = tiles_do.load([r0, 0]).to(DT)
+        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        dscores = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+        dscores = tl.where(causal, dscores * tl.exp(b[:, None] - b[None, :]), 0.0)
+        dq_state = _dot_f32_right(b_do, tl.trans(state), DT, DOT_PREC, SPLIT) * (tl.exp(b) * scale)[:, None]
+        b_dq = tl.dot(dscores.to(DT), b_k, input_precision=DOT_PREC) * scale + dq_state
+        tiles_dq.store([r0, i_k * BK], b_dq.to(dq.dtype.element_ty))
+        if NEED_DG:
+            # dL/dB_t = q.dq - k.dk. Within the chunk that is row minus column sums of
+            # A = (q k^T) * (do v^T) * decay * scale, formed in float32 from the inputs (this K block's
+            # share of q k^T), so the large terms that cancel in q.dq - k.dk carry no bf16 rounding.
+            b_q = tiles_q.load([r0, i_k * BK]).to(DT)
+            pairs = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * dscores * scale
+            d_log = tl.sum(pairs, 1) - tl.sum(pairs, 0) + tl.sum(b_q * dq_state, 1)
+            tl.store(qdq_part + t0 * H + i_h + o_t * H, d_log, mask=m_t)
+        k_decayed = b_k * tl.exp(b_last - b)[:, None]
+        state = state * tl.exp(b_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)
