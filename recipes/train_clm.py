@@ -142,6 +142,8 @@ def main(argv=None) -> None:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     trainer.save_state()  # trainer_state.json: the log history (loss curve)
+    # Every rank retires its last collectives before the process groups are torn down at exit.
+    trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         logger.info("saved the model and tokenizer to %s", os.path.abspath(training_args.output_dir))
     # Tear the process groups down before the interpreter exits: a communicator thread still alive at exit

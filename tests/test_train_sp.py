@@ -236,3 +236,28 @@ def test_bf16_sp2_follows_the_fp32_unsharded_run(runs, tmp_path):
     reference, losses = step_losses(runs / "unsharded"), step_losses(tmp_path / "bf16")
     for step in range(1, NUM_STEPS + 1):
         assert abs(losses[step] - reference[step]) <= 1e-2 * abs(reference[step]), (step, losses[step])
+
+
+def _check_batches(same: bool):
+    import types
+
+    import torch.distributed as dist
+
+    from lasp_hf.parallel import init_sequence_parallel
+    from lasp_hf.training import LaspTrainer
+
+    trainer = types.SimpleNamespace(sp_context=init_sequence_parallel(2), _checked_same_batch=False)
+    ids = torch.arange(8)[None] + (0 if same else dist.get_rank())
+    try:
+        LaspTrainer._check_same_batch_across_sp(trainer, {"input_ids": ids})
+    except ValueError as error:
+        return str(error)
+    return trainer._checked_same_batch
+
+
+def test_ranks_of_an_sp_group_with_different_batches_are_stopped():
+    from distributed_utils import run_distributed
+
+    assert run_distributed(_check_batches, 2, True) == [True, True]
+    for message in run_distributed(_check_batches, 2, False):
+        assert "received different batches" in message

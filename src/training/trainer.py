@@ -138,6 +138,7 @@ class LaspTrainer(Trainer):
     def __init__(self, model=None, args: TrainingArguments | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, *pargs, **kwargs):
         self.sp_context: SequenceParallelContext | None = None
+        self._checked_same_batch = False
         self.sequence_parallel_size = getattr(args, "sequence_parallel_size", None) or 1
         if self.sequence_parallel_size > 1:  # checked before the Trainer builds anything
             if model is None or not _is_lasp_causal_lm(model):
@@ -218,11 +219,27 @@ class LaspTrainer(Trainer):
         batches = []
         for _ in range(num_batches):
             try:
-                batches.append(shard_batch_for_sp(next(epoch_iterator), self.sp_context))
+                batch = next(epoch_iterator)
             except StopIteration:
                 break
+            if not self._checked_same_batch:
+                self._check_same_batch_across_sp(batch)
+            batches.append(shard_batch_for_sp(batch, self.sp_context))
         local = local_target_tokens(batches, device=device)
         return batches, global_target_tokens(local, self.sp_context, self.args.average_tokens_across_devices)
+
+    def _check_same_batch_across_sp(self, batch) -> None:
+        """Once: the W ranks of an SP group must hold the same batch (else each would cut a different sequence)."""
+        ids = batch["input_ids"]
+        flat = ids.reshape(-1).long()
+        signature = torch.stack([flat.new_tensor(flat.numel()), (flat * torch.arange(1, flat.numel() + 1,
+                                                                                      device=flat.device)).sum()])
+        gathered = [torch.empty_like(signature) for _ in range(self.sp_context.world_size)]
+        dist.all_gather(gathered, signature, group=self.sp_context.group)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise ValueError("the ranks of a sequence-parallel group received different batches; a custom dataloader "
+                             "must shard over data-parallel groups only (see prepare_dataloader_over_dp)")
+        self._checked_same_batch = True
 
     # ---- loss ------------------------------------------------------------------------------------
 
