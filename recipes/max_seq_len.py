@@ -25,7 +25,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from lasp_hf import LaspConfig, LaspForCausalLM
 from lasp_hf.parallel import init_sequence_parallel
 from lasp_hf.parallel.sharding import shard_batch_for_sp

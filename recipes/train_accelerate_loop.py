@@ -20,16 +20,22 @@ import time
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, set_seed
-
 from lasp_hf import LaspConfig, LaspForCausalLM
 from lasp_hf.parallel import init_sequence_parallel
 from lasp_hf.parallel.sharding import shard_batch_for_sp
-from lasp_hf.training import (PackedBlockCollator, build_clm_datasets, global_target_tokens, local_target_tokens,
-                              prepare_dataloader_over_dp, resolve_sequence_parallel_size, scale_loss,
-                              with_shift_labels)
+from lasp_hf.training import (
+    PackedBlockCollator,
+    build_clm_datasets,
+    global_target_tokens,
+    local_target_tokens,
+    prepare_dataloader_over_dp,
+    resolve_sequence_parallel_size,
+    scale_loss,
+    with_shift_labels,
+)
 from lasp_hf.training.trainer import peak_memory_gb
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, set_seed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

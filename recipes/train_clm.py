@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers import AutoTokenizer, HfArgumentParser, set_seed
-
 from lasp_hf import LaspConfig, LaspForCausalLM
 from lasp_hf.training import LaspTrainer, LaspTrainingArguments, PackedBlockCollator, build_clm_datasets
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 logger = logging.getLogger("train_clm")

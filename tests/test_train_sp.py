@@ -136,9 +136,8 @@ def test_resumed_run_logs_the_same_next_losses(runs, tmp_path):
 
 
 def _eval_blocks():
-    from transformers import AutoTokenizer
-
     from lasp_hf.training import build_clm_datasets
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
     _, evaluation = build_clm_datasets(tokenizer, BLOCK, train_file=str(REPO / "data" / "corpus.jsonl"),
@@ -180,7 +179,6 @@ def _wait_on_a_silent_peer(timeout_s, silence_s):
     import time
 
     import torch.distributed as dist
-
     from lasp_hf.parallel import init_sequence_parallel
 
     sp = init_sequence_parallel(2, timeout=datetime.timedelta(seconds=timeout_s))
@@ -242,7 +240,6 @@ def _check_batches(same: bool):
     import types
 
     import torch.distributed as dist
-
     from lasp_hf.parallel import init_sequence_parallel
     from lasp_hf.training import LaspTrainer
 

@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 from datasets import Dataset
-
 from lasp_hf import LaspConfig, LaspForCausalLM
 from lasp_hf.training import LaspTrainer, LaspTrainingArguments, PackedBlockCollator, with_shift_labels
 from lasp_hf.training.loss import scale_loss
@@ -242,7 +241,7 @@ def test_max_seq_len_runs_on_the_cpu_with_a_cap(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "recipes" / "max_seq_len.py"), "--start", "64", "--max_block_size", "256",
          "--granularity", "64", "--offload_activations", "--json", str(result_file)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith("longest trainable block_size for tnl-tiny.json")
     import json

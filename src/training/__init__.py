@@ -11,7 +11,12 @@ from lasp_hf.training.data import (
 )
 from lasp_hf.training.loss import global_target_tokens, local_target_tokens, loss_multiplier, scale_loss
 from lasp_hf.training.sp_config import resolve_sequence_parallel_size
-from lasp_hf.training.trainer import LaspTrainer, LaspTrainingArguments, prepare_dataloader_over_dp, with_shift_labels
+from lasp_hf.training.trainer import (
+    LaspTrainer,
+    LaspTrainingArguments,
+    prepare_dataloader_over_dp,
+    with_shift_labels,
+)
 
 __all__ = [
     "LaspTrainer",

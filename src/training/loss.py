@@ -26,7 +26,6 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-
 from lasp_hf.parallel import SequenceParallelContext
 
 IGNORE_INDEX = -100

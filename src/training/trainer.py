@@ -26,15 +26,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from accelerate.data_loader import prepare_data_loader
-from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import EvalLoopOutput, has_length
-from transformers.utils import logging
-
 from lasp_hf.parallel import SequenceParallelContext, init_sequence_parallel
 from lasp_hf.parallel.context import SP_MODES
 from lasp_hf.parallel.sharding import packed_boundaries, shard_batch_for_sp, shift_labels_packed
 from lasp_hf.training.loss import global_target_tokens, local_target_tokens, loss_multiplier, scale_loss
 from lasp_hf.training.sp_config import resolve_sequence_parallel_size
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import EvalLoopOutput, has_length
+from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
