@@ -17,8 +17,9 @@ is small, with LASP's decomposition inside one device:
   3. `_fwd_kernel_output`: each segment scans its chunks from S_in(s) and writes o.
 When every sequence fits one segment (B*H already fills the GPU), steps 1-2 are skipped.
 Backward mirrors it: the segments' local dS (reverse scan over q, do), a reverse combine giving
-dS at each segment's end (and d initial_state), then a reverse scan for dk, dv and a forward scan
-for dq. With B the cumulative log-decay from a sequence's start, the decay gradient follows from
+dS at each segment's end (and d initial_state), then reverse scans for dv (blocked over V) and dk
+(blocked over K) and a forward scan for dq (blocked over K): each gradient is blocked along the axis it
+does not sum over, so every program writes finished values. With B the cumulative log-decay from a sequence's start, the decay gradient follows from
     dL/dB_t = q_t . dq_t - k_t . dk_t  (+ <dS_final, S_final> at the sequence's last token),
     dg_t = sum_{u >= t} dL/dB_u        (a reverse cumulative sum within each sequence),
 since o and S_final depend on B only through q_t exp(B_t), k_u exp(-B_u) and exp(B_last).
@@ -36,6 +37,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+
 from lasp_hf.kernels.triton.chunk_kernels import (
     _bwd_kernel_dk,
     _bwd_kernel_dq,
@@ -50,7 +52,8 @@ from lasp_hf.kernels.triton.utils import empty, interpreting
 
 CHUNK_SIZE = 64
 # Per pass: (largest K x V state tile one program holds, in float32 elements; num_warps; num_stages).
-# A program always holds the whole K axis, so the tile sets the V block. Measured in notes-kernels.md.
+# The tile sets the V block of programs that hold all of K (forward, dS, dv) and the K block of those that
+# hold all of V (dk, dq). Chosen from the H100 sweep in benchmarks/notes-kernels.md.
 CONFIGS = {"fwd": (8192, 4, 2), "bwd": (8192, 4, 2)}
 # Segments are planned for about this many programs per SM when B*H alone does not fill the device.
 PROGRAMS_PER_SM = 4
@@ -113,7 +116,7 @@ def _blocks_k(K: int, V: int, phase: str) -> tuple[int, int]:
 
 def _make_plan(bounds: list[int], H: int, NV: int, device) -> _Plan:
     """Chunks per segment: one segment per sequence when the (sequence, head, V block) programs already
-    fill the device; otherwise enough segments for about two programs per SM."""
+    fill the device; otherwise enough segments for about PROGRAMS_PER_SM programs per SM."""
     max_chunks = max((b - a + CHUNK_SIZE - 1) // CHUNK_SIZE for a, b in itertools.pairwise(bounds))
     max_chunks = max(max_chunks, 1)
     if CHUNKS_PER_SEGMENT is not None:
