@@ -258,3 +258,49 @@ def test_ranks_of_an_sp_group_with_different_batches_are_stopped():
     assert run_distributed(_check_batches, 2, True) == [True, True]
     for message in run_distributed(_check_batches, 2, False):
         assert "received different batches" in message
+
+
+def _fsdp2_sp_gradients(config_kwargs, ids):
+    import torch.distributed as dist
+    from lasp_hf import LaspConfig, LaspForCausalLM
+    from lasp_hf.parallel import init_sequence_parallel
+    from lasp_hf.parallel.sharding import shard_batch_for_sp
+    from lasp_hf.training import global_target_tokens, local_target_tokens, loss_multiplier, scale_loss
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = LaspForCausalLM(LaspConfig(**config_kwargs))
+    sp = init_sequence_parallel(2)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # parameters sharded over all 4 ranks, gradients averaged over all 4
+    batch = shard_batch_for_sp({"input_ids": ids[sp.dp_rank], "labels": ids[sp.dp_rank]}, sp)
+    num_tokens = global_target_tokens(local_target_tokens([batch]), sp)
+    loss = scale_loss(model(**batch, loss_reduction="sum").loss, num_tokens, loss_multiplier(sp))
+    loss.backward()
+    logged = loss.detach().clone()
+    dist.all_reduce(logged)
+    return {name: p.grad.full_tensor() for name, p in model.named_parameters()}, logged.item() / dist.get_world_size()
+
+
+def test_fsdp2_dp2_sp2_gradient_is_the_unsharded_gradient():
+    """torch FSDP2 (fully_shard over 4 CPU ranks, gloo), DP 2 x SP 2: the averaged gradient of the scaled loss is the
+    gradient of the unsharded mean loss over both sequences, and the logged mean is that loss."""
+    from distributed_utils import relative_error, run_distributed
+    from lasp_hf import LaspConfig, LaspForCausalLM
+
+    config_kwargs = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+                         intermediate_size=64)
+    ids = torch.randint(0, 64, (2, 1, 32), generator=torch.Generator().manual_seed(1))  # one sequence per DP group
+    ids[1, 0, 5:] = 7  # the two sequences have different losses
+    grads, logged = run_distributed(_fsdp2_sp_gradients, 4, config_kwargs, ids)[0]
+    torch.manual_seed(0)
+    reference = LaspForCausalLM(LaspConfig(**config_kwargs))  # float32: the op has no float64 path
+    full = ids[:, 0]  # [2, 32]: both sequences, unsharded
+    loss = reference(input_ids=full, labels=full).loss
+    loss.backward()
+    assert abs(logged - loss.item()) <= 1e-5 * loss.item()
+    for name, p in reference.named_parameters():
+        assert relative_error(grads[name], p.grad) <= 1e-4, name
