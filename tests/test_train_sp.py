@@ -291,8 +291,8 @@ def test_fsdp2_dp2_sp2_gradient_is_the_unsharded_gradient():
     from distributed_utils import relative_error, run_distributed
     from lasp_hf import LaspConfig, LaspForCausalLM
 
-    config_kwargs = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
-                         intermediate_size=64)
+    config_kwargs = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "head_dim": 16, "intermediate_size": 64}
     ids = torch.randint(0, 64, (2, 1, 32), generator=torch.Generator().manual_seed(1))  # one sequence per DP group
     ids[1, 0, 5:] = 7  # the two sequences have different losses
     grads, logged = run_distributed(_fsdp2_sp_gradients, 4, config_kwargs, ids)[0]
