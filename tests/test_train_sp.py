@@ -260,7 +260,7 @@ def test_ranks_of_an_sp_group_with_different_batches_are_stopped():
         assert "received different batches" in message
 
 
-def _fsdp2_sp_gradients(config_kwargs, ids):
+def _fsdp2_sp_gradients(config_kwargs, ids, labels, across_dp):
     import torch.distributed as dist
     from lasp_hf import LaspConfig, LaspForCausalLM
     from lasp_hf.parallel import init_sequence_parallel
@@ -276,18 +276,20 @@ def _fsdp2_sp_gradients(config_kwargs, ids):
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)  # parameters sharded over all 4 ranks, gradients averaged over all 4
-    batch = shard_batch_for_sp({"input_ids": ids[sp.dp_rank], "labels": ids[sp.dp_rank]}, sp)
-    num_tokens = global_target_tokens(local_target_tokens([batch]), sp)
-    loss = scale_loss(model(**batch, loss_reduction="sum").loss, num_tokens, loss_multiplier(sp))
+    batch = shard_batch_for_sp({"input_ids": ids[sp.dp_rank], "labels": labels[sp.dp_rank]}, sp)
+    num_tokens = global_target_tokens(local_target_tokens([batch]), sp, across_dp)
+    loss = scale_loss(model(**batch, loss_reduction="sum").loss, num_tokens, loss_multiplier(sp, across_dp))
     loss.backward()
     logged = loss.detach().clone()
     dist.all_reduce(logged)
     return {name: p.grad.full_tensor() for name, p in model.named_parameters()}, logged.item() / dist.get_world_size()
 
 
-def test_fsdp2_dp2_sp2_gradient_is_the_unsharded_gradient():
+@pytest.mark.parametrize("across_dp", [True, False])
+def test_fsdp2_dp2_sp2_gradient_is_the_unsharded_gradient(across_dp):
     """torch FSDP2 (fully_shard over 4 CPU ranks, gloo), DP 2 x SP 2: the averaged gradient of the scaled loss is the
-    gradient of the unsharded mean loss over both sequences, and the logged mean is that loss."""
+    gradient of the unsharded loss, and the logged mean is that loss. Tokens averaged across DP: the mean over all
+    tokens of both sequences; not across DP: the mean of the two sequences' mean losses."""
     from distributed_utils import relative_error, run_distributed
     from lasp_hf import LaspConfig, LaspForCausalLM
 
@@ -295,11 +297,16 @@ def test_fsdp2_dp2_sp2_gradient_is_the_unsharded_gradient():
                      "head_dim": 16, "intermediate_size": 64}
     ids = torch.randint(0, 64, (2, 1, 32), generator=torch.Generator().manual_seed(1))  # one sequence per DP group
     ids[1, 0, 5:] = 7  # the two sequences have different losses
-    grads, logged = run_distributed(_fsdp2_sp_gradients, 4, config_kwargs, ids)[0]
+    labels = ids.clone()
+    labels[1, 0, :12] = -100  # and different numbers of targets, so the two reductions differ
+    grads, logged = run_distributed(_fsdp2_sp_gradients, 4, config_kwargs, ids, labels, across_dp)[0]
     torch.manual_seed(0)
     reference = LaspForCausalLM(LaspConfig(**config_kwargs))  # float32: the op has no float64 path
-    full = ids[:, 0]  # [2, 32]: both sequences, unsharded
-    loss = reference(input_ids=full, labels=full).loss
+    full, full_labels = ids[:, 0], labels[:, 0]  # [2, 32]: both sequences, unsharded
+    if across_dp:
+        loss = reference(input_ids=full, labels=full_labels).loss
+    else:
+        loss = sum(reference(input_ids=full[g:g + 1], labels=full_labels[g:g + 1]).loss for g in range(2)) / 2
     loss.backward()
     assert abs(logged - loss.item()) <= 1e-5 * loss.item()
     for name, p in reference.named_parameters():
