@@ -72,6 +72,17 @@ def _backend_module(backend: str):
     return triton_kernels
 
 
+def _fit_backend(resolved: str, asked: str, K: int, V: int) -> str:
+    """The Triton kernels tile K and V in blocks of 16, up to 256: other head dims use the reference."""
+    if resolved != "triton" or (K % 16 == 0 and V % 16 == 0 and K <= 256 and V <= 256):
+        return resolved
+    message = f"the Triton kernels need K and V to be multiples of 16 up to 256, got K = {K}, V = {V}"
+    if asked == "triton":
+        raise ValueError(message + "; pass backend='torch' or 'auto'.")
+    _warn_once(message + ": linear_attention falls back to the (slower) PyTorch reference.")
+    return "torch"
+
+
 def _check_inputs(q, k, v, g, initial_state, cu_seqlens, sp_mode):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -156,7 +167,7 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None, output_
     if scale is None:
         scale = q.shape[-1] ** -0.5
     scale = float(scale)
-    impl = _backend_module(resolve_backend(backend, q.device))
+    impl = _backend_module(_fit_backend(resolve_backend(backend, q.device), backend, q.shape[-1], v.shape[-1]))
     if sp_group is not None:
         from lasp_hf.parallel import lasp
 
@@ -190,7 +201,7 @@ def linear_attention_step(q, k, v, g=None, *, state=None, scale=None, backend="a
     if state is not None and tuple(state.shape) != (B, H, K, v.shape[-1]):
         raise ValueError(f"state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}, got {tuple(state.shape)}")
     scale = float(K ** -0.5 if scale is None else scale)
-    impl = _backend_module(resolve_backend(backend, q.device))
+    impl = _backend_module(_fit_backend(resolve_backend(backend, q.device), backend, K, v.shape[-1]))
     if not hasattr(impl, "recurrent_step"):
         impl = reference
     return impl.recurrent_step(q, k, v, g, scale=scale, state=state)

@@ -157,3 +157,11 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
     q = torch.randn(1, 4, 1, 4)
     with pytest.raises(ValueError, match="CUDA"):
         linear_attention(q, q, q, backend="triton")
+
+
+def test_triton_backend_rejects_head_dims_it_cannot_tile(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(1, 4, 1, 16)
+    v = torch.randn(1, 4, 1, 6)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        linear_attention(q, q, v, backend="triton")
