@@ -2,7 +2,7 @@
 # Run the GPU tests and the benchmarks on a lent GPU machine, writing everything under $OUT.
 #
 #   bash benchmarks/run_device.sh                 # tests, kernels, sp (in that order)
-#   bash benchmarks/run_device.sh kernels sp      # only some parts: any of  tests kernels sp
+#   bash benchmarks/run_device.sh kernels sp      # only some parts: any of  tests kernels sp train
 #
 # From the repo root, with `.whl` carried (fill it here with `bash ../shared/device/wheels.sh`).
 # The device's copy has no .git: pass the commit, e.g.  LASP_HF_COMMIT=<sha> bash benchmarks/run_device.sh
@@ -59,8 +59,14 @@ for part in "${PARTS[@]}"; do
         run_part "sp-W$W" python3 -m torch.distributed.run --standalone --nproc_per_node "$W" \
           benchmarks/sp_scaling.py --out "$OUT" ${SP_ARGS:-}
       done ;;
+    train)
+      # Loss parity SP=1 vs SP=min(4, #GPUs) through accelerate launch (benchmarks/train_parity.py).
+      TW=$(( NGPU >= 4 ? 4 : NGPU ))
+      # shellcheck disable=SC2086
+      run_part "train-W$TW" python3 benchmarks/train_parity.py --world "$TW" --out "$OUT" \
+        ${TRAIN_ARGS:---model_config recipes/configs/tnl-385m.json --block_size 16384 --steps 20 --bf16} ;;
     *)
-      echo "run_device.sh: unknown part '$part' (use tests, kernels, sp)" >&2; exit 2 ;;
+      echo "run_device.sh: unknown part '$part' (use tests, kernels, sp, train)" >&2; exit 2 ;;
   esac
 done
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -214,7 +215,9 @@ class LaspTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if self.sp_context is None:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
+            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            self._count_tokens(batches, self.accelerator.num_processes)
+            return batches, num_items
         batches = []
         for _ in range(num_batches):
             try:
@@ -224,6 +227,8 @@ class LaspTrainer(Trainer):
             if not self._checked_same_batch:
                 self._check_same_batch_across_sp(batch)
             batches.append(shard_batch_for_sp(batch, self.sp_context))
+        # Each rank holds 1/W of its group's tokens, and D groups train side by side.
+        self._count_tokens(batches, self.sp_context.world_size * self.sp_context.dp_size)
         local = local_target_tokens(batches, device=device)
         return batches, global_target_tokens(local, self.sp_context, self.args.average_tokens_across_devices)
 
@@ -318,8 +323,25 @@ class LaspTrainer(Trainer):
 
     # ---- logging ---------------------------------------------------------------------------------
 
+    def _count_tokens(self, batches, multiplier: int) -> None:
+        """Tokens trained on by all ranks together since the last log (for tokens/s)."""
+        tokens = sum(batch["input_ids"].numel() for batch in batches if "input_ids" in batch) * multiplier
+        self._tokens_since_log = getattr(self, "_tokens_since_log", 0) + tokens
+        if getattr(self, "_last_log_time", None) is None:
+            self._last_log_time = time.perf_counter()
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs["peak_memory_gb"] = round(peak_memory_gb(self.args.device), 4)
+        tokens, since = getattr(self, "_tokens_since_log", 0), getattr(self, "_last_log_time", None)
+        if "loss" in logs and tokens and since is not None:
+            now = time.perf_counter()
+            tokens_per_second = tokens / max(now - since, 1e-9)
+            num_params = sum(p.numel() for p in self.model.parameters())
+            logs["tokens_per_second"] = round(tokens_per_second, 1)
+            # 6 * parameters * tokens: the usual training FLOP count (attention's share is linear in T and small).
+            logs["tflops_per_device"] = round(6 * num_params * tokens_per_second / self.accelerator.num_processes
+                                              / 1e12, 3)
+            self._tokens_since_log, self._last_log_time = 0, now
         super().log(logs, start_time)
 
 
