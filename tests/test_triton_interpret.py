@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 
 import lasp_hf
 from triton.runtime.interpreter import InterpretedFunction
-from triton_reference64 import packed_recurrence64, recurrence64, rel_err
+from triton_reference64 import final_state64, initial_state_grad64, packed_recurrence64, recurrence64, rel_err
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and isinstance(triton.language.standard.zeros,
                                                                           InterpretedFunction)
@@ -215,3 +215,74 @@ def test_recurrent_step_bfloat16(kernels):
     o_ref = K ** -0.5 * (q.double()[..., None, :] @ ref).squeeze(-2)
     # The state is float32 whatever the inputs; only o is rounded to bfloat16.
     assert rel_err(new_state, ref) <= TOL_FP32 and rel_err(o, o_ref) <= TOL_BF16
+
+
+# ----------------------------------------------------------------------------- state-only passes (SP hooks)
+
+def _check_state_only(kernels, B, T, H, K, V, g_mode, *, dtype=torch.float32, cps=None, use_h0=True,
+                      tol=TOL_FP32):
+    from lasp_hf.kernels import triton as backend
+
+    kernels.CHUNKS_PER_SEGMENT = cps
+    k, v = torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, V, dtype=dtype)
+    g = _decay(g_mode, B, T, H)
+    g = g.detach() if g is not None else None
+    h0 = torch.randn(B, H, K, V) if use_h0 else None
+    state = backend.final_state_only(k, v, g, initial_state=h0)
+    dstate = backend.initial_state_grad_only(k, v, g, scale=0.7)
+    for name, got, ref in (("final_state_only", state, final_state64(k, v, g, h0)),
+                           ("initial_state_grad_only", dstate, initial_state_grad64(k, v, g, 0.7))):
+        assert got.dtype == torch.float32 and got.shape == (B, H, K, V), name
+        err = rel_err(got, ref)
+        assert err <= tol, f"{name}: relative error {err:.2e} over {tol}"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("g_mode", ["none", "head", "token"])
+@pytest.mark.parametrize("T, cps", [(1, None), (63, None), (130, None), (130, 1), (200, 2)])
+def test_state_only_passes(kernels, T, cps, g_mode):
+    # cps=1 / 2: one- and two-chunk segments (the last one partial), folded afterwards.
+    _check_state_only(kernels, 2, T, 2, 16, 32, g_mode, cps=cps)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("use_h0", [False, True])
+def test_state_only_passes_one_segment_per_row(kernels, use_h0):
+    # No fold without an initial state: each row's segment state is the answer.
+    _check_state_only(kernels, 3, 65, 2, 16, 16, "token", use_h0=use_h0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("g_mode", ["head", "token"])
+def test_state_only_passes_several_blocks(kernels, monkeypatch, g_mode):
+    # 16 x 16 state tiles over K = 48, V = 80: 3 x 5 programs per (segment, head), the last ones masked.
+    from lasp_hf.kernels.triton import state_only
+
+    monkeypatch.setattr(state_only, "MAX_BLOCK_K", 16)
+    monkeypatch.setattr(state_only, "STATE_TILE", 256)
+    _check_state_only(kernels, 1, 130, 2, 48, 80, g_mode, cps=1)
+
+
+@needs_interpreter
+def test_state_only_passes_bfloat16(kernels):
+    _check_state_only(kernels, 1, 130, 2, 32, 32, "token", dtype=torch.bfloat16, cps=1, tol=TOL_BF16)
+
+
+@needs_interpreter
+def test_state_only_passes_empty(kernels):
+    from lasp_hf.kernels import triton as backend
+
+    k = torch.randn(1, 0, 2, 16)
+    h0 = torch.randn(1, 2, 16, 16)
+    assert torch.equal(backend.final_state_only(k, k, None, initial_state=h0), h0)
+    assert torch.equal(backend.initial_state_grad_only(k, k, None, scale=1.0), torch.zeros(1, 2, 16, 16))
+
+
+def test_sp_uses_the_triton_state_only_passes():
+    # `tests/test_sp_linear_attention.py::test_sp_linear_attention_triton_local_pass` runs the SP op with
+    # the Triton backend as local_impl: these are the names `lasp_hf.parallel.lasp` looks up on it.
+    from lasp_hf.ops import _backend_module
+
+    impl = _backend_module("triton")
+    assert callable(getattr(impl, "final_state_only", None))
+    assert callable(getattr(impl, "initial_state_grad_only", None))

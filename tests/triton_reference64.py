@@ -76,3 +76,28 @@ def chunked64(q, k, v, g, scale, h0=None, chunk: int = 256):
         outs.append(scale * o)
         S = b[..., -1:, None].exp() * S + (kc * (b[..., -1:] - b).exp()[..., None]).transpose(-1, -2) @ vc
     return torch.cat(outs, 2).transpose(1, 2), S
+
+
+def _cumulative_decay64(g, B, T, H, device):
+    """G_t = sum_{u <= t} g_u in float64, [B, T, H] (zeros for g None)."""
+    if g is None:
+        return torch.zeros(B, T, H, dtype=torch.float64, device=device)
+    g = g.double()
+    return (g.view(1, 1, H).expand(B, T, H) if g.dim() == 1 else g).cumsum(1)
+
+
+def final_state64(k, v, g, h0):
+    """The state after all tokens, no output: exp(G_T) h0 + sum_t exp(G_T - G_t) k_t^T v_t, float64
+    [B, H, K, V] (G_t the cumulative log-decay, inclusive). k [B, T, H, K], v [B, T, H, V], h0 or None."""
+    B, T, H, _ = k.shape
+    G = _cumulative_decay64(g, B, T, H, k.device)
+    total = G[:, -1] if T else torch.zeros(B, H, dtype=torch.float64, device=k.device)
+    state = torch.einsum("bthk,bthv,bth->bhkv", k.double(), v.double(), (total[:, None] - G).exp())
+    return state + total.exp()[..., None, None] * h0.double() if h0 is not None else state
+
+
+def initial_state_grad64(q, do, g, scale):
+    """d sum(o * do) / d initial_state = scale * sum_t exp(G_t) q_t^T do_t, float64 [B, H, K, V]."""
+    B, T, H, _ = q.shape
+    G = _cumulative_decay64(g, B, T, H, q.device)
+    return scale * torch.einsum("bthk,bthv,bth->bhkv", q.double(), do.double(), G.exp())

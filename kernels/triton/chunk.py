@@ -193,7 +193,8 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool):
     if plan.max_segs > 1:
         s_loc = empty(q, (S, H, K, V), torch.float32)
         _fwd_kernel_segment_state[(S, H, NV)](
-            k, v, g_arg, s_loc, seg_decay, plan.seg_bos, plan.seg_eos, plan.chunks_per_segment, **scan, **cfg)
+            k, v, g_arg, s_loc, seg_decay, plan.seg_bos, plan.seg_eos, plan.chunks_per_segment, NV=NV, **scan,
+            **cfg)
         s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
         _fwd_kernel_segment_combine[(plan.num_seqs, H, NV)](
             s_loc, seg_decay, s_in, h0 if h0 is not None else s_loc, plan.seq_first_seg, plan.seq_num_segs,
@@ -225,7 +226,8 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
     if plan.max_segs > 1:
         ds_loc = empty(q, (S, H, K, V), torch.float32)
         _bwd_kernel_segment_dstate[(S, H, NV)](
-            q, do, g_arg, ds_loc, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, **scan, **cfg)
+            q, do, g_arg, ds_loc, seg_decay, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, NV=NV,
+            **scan, **cfg)
         ds_out = empty(ds_loc, ds_loc.shape, ds_loc.dtype)
         dh0 = empty(q, (plan.num_seqs, H, K, V), torch.float32)
         _bwd_kernel_segment_combine[(plan.num_seqs, H, NV)](

@@ -58,12 +58,14 @@ def _dot_f32_left(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.cons
 def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
                               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                              DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """One program per (segment, head, V block): the segment's state from zero, and its log-decay."""
-    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                              DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NV: tl.constexpr):
+    """One program per (segment, head, K block x V block; NV V blocks): the segment's state from zero, and
+    its log-decay."""
+    i_s, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = i_kv // NV, i_kv % NV
     bos = tl.load(seg_bos + i_s).to(tl.int64)
     eos = tl.load(seg_eos + i_s).to(tl.int64)
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
     m_v = o_v < V
@@ -74,7 +76,7 @@ def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
     for i in range(CPS):
         r0 = i * BT
         t0 = bos + r0
-        b_k = tiles_k.load([r0, 0]).to(DT)
+        b_k = tiles_k.load([r0, i_k * BK]).to(DT)
         b_v = tiles_v.load([r0, i_v * BV]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         k_decayed = b_k * tl.exp(b_last - b)[:, None]
@@ -82,7 +84,7 @@ def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
         log_decay += b_last
     p_s = s_loc + ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_s, state, mask=m_k[:, None] & m_v[None, :])
-    if i_v == 0:
+    if i_kv == 0:
         tl.store(seg_decay + i_s * H + i_h, log_decay)
 
 
@@ -156,31 +158,71 @@ def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, 
 
 
 @triton.jit
-def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_bos, seg_eos, scale, CPS,
+def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, scale, CPS,
                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                               DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """One program per (segment, head, V block): dL/dS_in of the segment from its own outputs."""
-    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                               DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NV: tl.constexpr,
+                               STORE_DECAY: tl.constexpr = False):
+    """One program per (segment, head, K block x V block; NV V blocks): dL/dS_in of the segment from its
+    own outputs, and (STORE_DECAY) the segment's log-decay."""
+    i_s, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = i_kv // NV, i_kv % NV
     bos = tl.load(seg_bos + i_s).to(tl.int64)
     eos = tl.load(seg_eos + i_s).to(tl.int64)
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
     m_v = o_v < V
     dstate = tl.zeros([BK, BV], dtype=tl.float32)
+    log_decay = 0.0
     tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
     tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
     for i in range(CPS):
         r0 = (CPS - 1 - i) * BT
         t0 = bos + r0
-        b_q = tiles_q.load([r0, 0]).to(DT)
+        b_q = tiles_q.load([r0, i_k * BK]).to(DT)
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         q_decayed = b_q * (tl.exp(b) * scale)[:, None]
         dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
+        log_decay += b_last
     p_s = ds_loc + ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_s, dstate, mask=m_k[:, None] & m_v[None, :])
+    if STORE_DECAY and i_kv == 0:
+        tl.store(seg_decay + i_s * H + i_h, log_decay)
+
+
+@triton.jit
+def _kernel_segment_fold(s_loc, seg_decay, out, start, seq_first_seg, seq_num_segs, MAX_SEGS,
+                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         NV: tl.constexpr, HAS_START: tl.constexpr, REVERSE: tl.constexpr):
+    """One program per (sequence, head, K block x V block): state = state * exp(a_s) + s_loc(s) over the
+    sequence's segments s, in order (the state at the sequence's end) or in REVERSE (a state gradient at
+    its start), from `start` (or zeros); writes only the result, out [N, H, K, V]."""
+    i_n, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = i_kv // NV, i_kv % NV
+    first = tl.load(seq_first_seg + i_n)
+    num_segs = tl.load(seq_num_segs + i_n)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    p_seq = ((i_n * H + i_h) * K).to(tl.int64) * V + o_kv
+    if HAS_START:
+        state = tl.load(start + p_seq, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    for i in range(MAX_SEGS):
+        valid = num_segs > i
+        m_seg = m_kv & ((o_k * 0 + i) < num_segs)[:, None]
+        if REVERSE:
+            seg = first + num_segs - 1 - i
+        else:
+            seg = first + i
+        local = tl.load(s_loc + ((seg * H + i_h) * K).to(tl.int64) * V + o_kv, mask=m_seg, other=0.0)
+        decay = tl.exp(tl.load(seg_decay + seg * H + i_h, mask=valid, other=0.0))
+        state = state * decay + local
+    tl.store(out + p_seq, state, mask=m_kv)
 
 
 @triton.jit

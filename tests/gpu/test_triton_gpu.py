@@ -176,3 +176,35 @@ def test_recurrent_step_matches_chunked(g_mode):
         o_t, state = lasp_hf.linear_attention_step(q[:, t], k[:, t], v[:, t], g_t, state=state, backend="triton")
         assert rel_err(o_t, o_ref[:, t]) <= 1e-4
     assert rel_err(state, s_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("g_mode", ["none", "head", "token"])
+@pytest.mark.parametrize("B, T, H", [(1, 32768, 16), (2, 4096 + 7, 64)])
+def test_state_only_passes_bf16(B, T, H, g_mode):
+    # The SP hooks (final_state_only, initial_state_grad_only) at a rank's real shape, against float64 and
+    # no worse than twice the op's own PyTorch passes on the same bf16 inputs (which round the decayed
+    # k / q to bf16 the same way). B*H = 16: segments folded; B*H = 128: one segment per row.
+    from lasp_hf.kernels import triton as backend
+    from lasp_hf.parallel import lasp
+    from triton_reference64 import final_state64, initial_state_grad64
+
+    torch.manual_seed(0)
+    K = V = 128
+    q, k, v, g, _ = _inputs(B, T, H, K, V, torch.bfloat16, g_mode, B)
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    h0 = torch.randn(B, H, K, V, device="cuda")
+    scale = K ** -0.5
+    ours = {"final_state_only": backend.final_state_only(k, v, g, initial_state=h0),
+            "initial_state_grad_only": backend.initial_state_grad_only(q, do, g, scale=scale)}
+    torch_path = {"final_state_only": lasp._segment_state(k, v, g, 0, T, h0),
+                  "initial_state_grad_only": lasp._carried_state_grad(q, do, g, T, scale)[0]}
+    ref = {"final_state_only": final_state64(k, v, g, h0),
+           "initial_state_grad_only": initial_state_grad64(q, do, g, scale)}
+    errors = {name: rel_err(ours[name], ref[name]) for name in ref}
+    torch_errors = {name: rel_err(torch_path[name], ref[name]) for name in ref}
+    _record(f"state-only bf16 B{B} T{T} H{H} K128 {g_mode}", {"errors": errors, "torch_backend_errors": torch_errors})
+    for name in ref:
+        assert ours[name].dtype == torch.float32 and ours[name].shape == (B, H, K, V)
+        assert errors[name] <= TOL[torch.bfloat16], (name, errors[name])
+        # + 1e-5: with g None both are exact bf16 products summed in float32 in different orders.
+        assert errors[name] <= 2 * torch_errors[name] + 1e-5, (name, errors[name], torch_errors[name])
