@@ -81,15 +81,65 @@ def chunk_linear_attention_dense(q, k, v, g, scale: float, initial_state, output
     return o.to(v.dtype), (state if output_final_state else None)
 
 
+def chunk_linear_attention_packed(q, k, v, g, scale: float, cu_seqlens, chunk_size: int = CHUNK_SIZE):
+    """Packed sequences from zero states, no final states, in one chunked pass (the training case).
+
+    The dense algorithm with document masks: inside a chunk a token attends only to its own
+    document; the state entering a chunk reaches only tokens of the document it belongs to, and
+    leaves the chunk only if no document starts inside it.
+    """
+    _, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    N = (T + C - 1) // C
+    pad = N * C - T
+    tokens = torch.arange(T, device=q.device)
+    doc = torch.bucketize(tokens, cu_seqlens[1:].to(device=q.device, dtype=torch.long), right=True)
+    gf = _expand_decay(g, 1, T, H, q.device)[0].transpose(0, 1)            # [H, T]
+    qf, kf, vf = (x[0].float().transpose(0, 1) for x in (q, k, v))         # [H, T, D]
+    if pad:
+        qf, kf, vf = (F.pad(x, (0, 0, 0, pad)) for x in (qf, kf, vf))
+        gf = F.pad(gf, (0, pad))
+        doc = F.pad(doc, (0, pad), value=-1)
+    qc, kc, vc = qf.reshape(H, N, C, K), kf.reshape(H, N, C, K), vf.reshape(H, N, C, V)
+    b = gf.reshape(H, N, C).cumsum(-1)
+    dc = doc.reshape(N, C)
+    prev_doc = torch.cat([dc.new_full((1,), -2), dc[:-1, -1]])             # document entering each chunk
+    last_doc = dc[:, -1]
+
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    visible = causal & (dc[:, :, None] == dc[:, None, :])                  # [N, C, C]
+    diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~visible, float("-inf"))
+    o = ((qc @ kc.transpose(-1, -2)) * diff.exp()) @ vc                    # [H, N, C, V]
+
+    carried_in = (dc == prev_doc[:, None]).float()                         # [N, C]
+    carried_out = (dc == last_doc[:, None]).float()
+    b_last = b[..., -1:]
+    chunk_states = (kc * ((b_last - b).exp() * carried_out).unsqueeze(-1)).transpose(-1, -2) @ vc
+    chunk_decay = b_last.squeeze(-1).exp() * (last_doc == prev_doc).float()  # [H, N]
+    state = q.new_zeros(H, K, V, dtype=torch.float32)
+    states_before = []
+    for n in range(N):
+        states_before.append(state)
+        state = chunk_decay[:, n, None, None] * state + chunk_states[:, n]
+    prev = torch.stack(states_before, dim=1)                                # [H, N, K, V]
+    o = o + (qc * (b.exp() * carried_in).unsqueeze(-1)) @ prev
+    o = (scale * o).reshape(H, N * C, V)[:, :T].transpose(0, 1)
+    return o.unsqueeze(0).to(v.dtype)
+
+
 def chunk_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None, output_final_state=False,
                            cu_seqlens=None, chunk_size: int = CHUNK_SIZE):
     """Reference backend of `lasp_hf.linear_attention` (inputs already validated).
 
-    With cu_seqlens (int [N+1], B == 1) each packed sequence runs on its own, and initial_state /
-    final_state are [N, H, K, V].
+    With cu_seqlens (int [N+1], B == 1) the state resets at each boundary, and initial_state /
+    final_state are [N, H, K, V]. Without per-document states that is one masked chunked pass;
+    with them, each packed sequence runs on its own.
     """
     if cu_seqlens is None:
         return chunk_linear_attention_dense(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
+    if initial_state is None and not output_final_state:
+        return chunk_linear_attention_packed(q, k, v, g, scale, cu_seqlens, chunk_size), None
     bounds = cu_seqlens.tolist()
     outs, finals = [], []
     for n in range(len(bounds) - 1):
