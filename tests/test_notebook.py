@@ -1,4 +1,7 @@
-"""notebooks/quickstart.ipynb runs end to end in a kernel of this Python (nbclient); any cell error fails."""
+"""notebooks/quickstart.ipynb runs end to end in a kernel of this Python (nbclient); any cell error fails.
+
+Its last section launches recipes/train_clm.py on 2 CPU processes with sequence parallelism and asserts, in the
+notebook, that the per-step losses equal those of the unsharded one-process run within 1e-4 (fp32)."""
 
 import pathlib
 
@@ -10,6 +13,7 @@ NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "quicksta
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_quickstart_notebook_runs():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # kernel "python3" runs with sys.executable (jupyter_client swaps in the running interpreter for "python").
@@ -22,3 +26,6 @@ def test_quickstart_notebook_runs():
     )
     assert "loss per 10 steps" in outputs
     assert "model.safetensors" in outputs and "modeling_lasp.py" in outputs
+    # The SP section ran both trainings (its own asserts check the parity) and the SP run took W from the config.
+    assert "SP=2 vs unsharded: max relative loss difference" in outputs
+    assert "W from lasp_sequence_parallel_size in recipes/accelerate/cpu_sp2.yaml" in outputs
