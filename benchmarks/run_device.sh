@@ -45,7 +45,10 @@ run_part() {  # name, command...: run with a time limit, keep its log, remember 
 for part in "${PARTS[@]}"; do
   case "$part" in
     tests)
-      run_part pytest-gpu python3 -m pytest -m gpu -q ;;
+      # One pytest per file, each with its own limit, so a slow file cannot hide the others' summaries.
+      for f in tests/test_sp_gpu.py tests/gpu/test_triton_gpu.py tests/test_modeling_gpu.py; do
+        run_part "pytest-$(basename "$f" .py)" python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider "$f"
+      done ;;
     kernels)
       # shellcheck disable=SC2086
       run_part kernels python3 benchmarks/kernels.py --out "$OUT" ${KERNELS_ARGS:-} ;;
@@ -73,5 +76,5 @@ done
 echo
 echo "=================== summary ==================="
 python3 benchmarks/common.py summary "$OUT"
-[ -f "$OUT/pytest-gpu.log" ] && tail -n 3 "$OUT/pytest-gpu.log"
+for f in "$OUT"/pytest-*.log; do [ -f "$f" ] && { echo "$f:"; tail -n 3 "$f"; }; done
 printf '%s\n' "${STATUS[@]}"

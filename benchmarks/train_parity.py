@@ -46,6 +46,9 @@ def launch(world: int, args, out_dir: Path) -> dict:
         cmd.append("--gradient_checkpointing")
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "NVSHMEM_DISABLE_NVLS": "1", "HF_HUB_OFFLINE": "1"}
+    if not args.cpu:
+        # SP = 1 on exactly one GPU (a single process seeing several would otherwise be a DataParallel run).
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(world))
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env, timeout=args.timeout_s)
     state = json.loads((out_dir / "trainer_state.json").read_text())

@@ -197,6 +197,15 @@ def test_eval_loss_is_token_weighted_over_all_blocks(tmp_path):
     assert metrics["eval_samples_per_second"] > 0
 
 
+def test_one_process_with_several_gpus_trains_on_one_instead_of_data_parallel(tmp_path):
+    """nn.DataParallel logged twice the true loss on 2 H100s (packed rows are not split): never wrap in it."""
+    training_args = args(tmp_path)
+    _ = training_args.device
+    training_args._n_gpu = 2  # what TrainingArguments sets on a 2-GPU machine without a launcher
+    LaspTrainer(model=tiny_model(), args=training_args, data_collator=PackedBlockCollator(), train_dataset=blocks(2, 8))
+    assert training_args.n_gpu == 1
+
+
 def test_with_shift_labels_masks_document_ends():
     batch = {"input_ids": torch.arange(6)[None], "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]]),
              "labels": torch.tensor([[-100, 11, 12, -100, 14, 15]])}

@@ -155,6 +155,16 @@ class LaspTrainer(Trainer):
                 self._check_block_size(dataset, name)
             # compute_loss divides by the step's global token count itself.
             self.loss_is_scaled_for_ga = True
+        if args is not None and args.n_gpu > 1:
+            # torch.nn.DataParallel splits a batch's rows across GPUs, but the packed collator lays a batch out
+            # as one row and the loss is token-summed: on 2 H100s it logged twice the true loss. One GPU per
+            # process is the supported layout.
+            logger.warning(
+                f"LaspTrainer: this process sees {args.n_gpu} GPUs but is not distributed; it trains on "
+                f"{args.device} only (torch.nn.DataParallel is not supported). Use all GPUs with one process each: "
+                "`accelerate launch --multi_gpu ...` (or restrict this one with CUDA_VISIBLE_DEVICES)."
+            )
+            args._n_gpu = 1
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, *pargs, **kwargs)
 
     # ---- set-up ----------------------------------------------------------------------------------
