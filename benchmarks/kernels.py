@@ -52,6 +52,10 @@ class Run:
     warmup_ms: float = 25
     rep_ms: float = 100
     seed: int = 0
+    providers: tuple = ()  # names to run (empty: all)
+
+    def wants(self, provider: str) -> bool:
+        return not self.providers or provider in self.providers
 
     def shape(self, B: int, T: int, H: int, D: int) -> tuple[int, int, int, int]:
         """The case's shape, or a small stand-in with --tiny (odd T, so padding paths run)."""
@@ -352,8 +356,9 @@ def chunk(run: Run, name: str, B: int, H: int, T: int) -> list[dict]:
             sdpa_ref = sdpa_rows_float64(_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(do), rows_checked)
         nbytes = chunk_bytes(B, T, H, D, D, q.element_size(), decay == "token")
         for provider in PROVIDERS:
-            if decay not in provider.decays:
+            if decay not in provider.decays or not run.wants(provider.name):
                 continue
+            print(f"[kernels] {name} {decay}: {provider.name}", file=sys.stderr, flush=True)
             rows += _run_chunk_provider(run, name, decay, provider, inputs, ref, sdpa_ref, nbytes, shape)
             _free(run.device)  # what the provider allocated is garbage once it returns
         del ref, sdpa_ref, inputs, q, k, v, do, g, g_full
@@ -486,6 +491,9 @@ def decode(run: Run, name: str, B: int, H: int) -> list[dict]:
     candidates = [("lasp_hf", ours, None), ("fla", fla, fla_missing)]
     rows = []
     for provider, step, reason in candidates:
+        if not run.wants(provider):
+            continue
+        print(f"[kernels] {name}: {provider}", file=sys.stderr, flush=True)
         row = _row(name, "decode", "head", provider, shape, floor_ms=floor)
         if provider == "lasp_hf":
             row["note"] = f"backend={run.backend}" + _decode_fallback_note(run)
@@ -560,7 +568,38 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--warmup-ms", type=float, default=25.0)
     parser.add_argument("--rep-ms", type=float, default=100.0)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--providers",
+        default=",".join(PROVIDER_NAMES),
+        help=f"comma-separated subset of {','.join(PROVIDER_NAMES)} (default: all); "
+        "e.g. --providers ours to time our op alone",
+    )
+    args = parser.parse_args(argv)
+    args.providers = parse_providers(args.providers)
+    return args
+
+
+PROVIDER_NAMES = ("ours", "fla", "lasp", "sdpa")  # --providers spelling -> PROVIDERS' names below
+_PROVIDER_ALIASES = {
+    "ours": "lasp_hf",
+    "lasp_hf": "lasp_hf",
+    "fla": "fla",
+    "lasp": "lasp-ref",
+    "lasp-ref": "lasp-ref",
+    "sdpa": "sdpa",
+}
+
+
+def parse_providers(text: str) -> tuple:
+    """Turn "ours,fla" into ("lasp_hf", "fla"); ValueError on an unknown name or an empty list."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in _PROVIDER_ALIASES]
+    if unknown or not names:
+        raise ValueError(
+            f"--providers {text!r}: expected a comma-separated subset of {', '.join(PROVIDER_NAMES)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return tuple(dict.fromkeys(_PROVIDER_ALIASES[name] for name in names))
 
 
 def main(argv=None) -> int:
@@ -577,9 +616,22 @@ def main(argv=None) -> int:
     backend = args.backend or ("torch" if args.cpu else "triton")
     env = common.environment(device)
     bandwidth = common.copy_bandwidth_gbps(device, nbytes=(16 << 20) if args.cpu or args.tiny else 1 << 30)
-    run = Run(device, getattr(torch, args.dtype), backend, args.tiny, bandwidth, args.warmup_ms, args.rep_ms)
+    run = Run(
+        device,
+        getattr(torch, args.dtype),
+        backend,
+        args.tiny,
+        bandwidth,
+        args.warmup_ms,
+        args.rep_ms,
+        providers=args.providers,
+    )
     print(common.describe_env(env))
-    print(f"copy bandwidth {bandwidth:.0f} GB/s; lasp_hf backend {backend}; dtype {args.dtype}", flush=True)
+    print(
+        f"copy bandwidth {bandwidth:.0f} GB/s; lasp_hf backend {backend}; dtype {args.dtype}; "
+        f"providers {', '.join(args.providers)}",
+        flush=True,
+    )
     rows = []
     for case in selected:
         print(f"[kernels] {case.name}", file=sys.stderr, flush=True)

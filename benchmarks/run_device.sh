@@ -8,6 +8,12 @@
 # The device's copy has no .git: pass the commit, e.g.  LASP_HF_COMMIT=<sha> bash benchmarks/run_device.sh
 # Optional: KERNELS_ARGS / SP_ARGS (extra arguments, e.g. KERNELS_ARGS="--cases chunk-B1-*"),
 # PART_TIMEOUT (seconds per part, default 540), SKIP_INSTALL=1, SP_WORLDS (e.g. "2 4"; default: min(4, #GPUs), and 2 if 4).
+# SP_ARGS defaults to --profile (each sp world also writes sp-<card>-W<n>-profile.txt).
+#
+# Files under $OUT (the device returns at most 8): every part's output goes to ONE log, run-device.log
+# (sections "=== <part>"); the .md files written by this run are merged into summary.md at the end
+# (with the compact summary); the JSON and profile files stay. `tests sp` on 4 GPUs: run-device.log,
+# summary.md, sp-*-W4.json, sp-*-W2.json and their two -profile.txt = 6 files; + kernels: 7.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -34,12 +40,18 @@ NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 echo "run_device.sh: parts ${PARTS[*]}; $NGPU GPU(s); commit $LASP_HF_COMMIT; results in $OUT"
 STATUS=()
 
-run_part() {  # name, command...: run with a time limit, keep its log, remember its exit status
+LOG="$OUT/run-device.log"   # one log for every part (few files come back from the device)
+MARK=$(mktemp); PART_OUT=$(mktemp)  # MARK: files newer than it were written by this run
+TAILS=()
+
+run_part() {  # name, command...: run with a time limit, append to the log, remember its exit status
   local name=$1; shift
-  echo "=== $name: $*"
-  timeout "$PART_TIMEOUT" "$@" 2>&1 | tee "$OUT/$name.log"
+  echo "=== $name: $*" | tee -a "$LOG"
+  : > "$PART_OUT"
+  timeout "$PART_TIMEOUT" "$@" 2>&1 | tee -a "$LOG" "$PART_OUT"
   local rc=${PIPESTATUS[0]}
   STATUS+=("$name: exit $rc")
+  case "$name" in pytest-*) TAILS+=("$name: $(grep -v '^\s*$' "$PART_OUT" | tail -n 1)") ;; esac
 }
 
 for part in "${PARTS[@]}"; do
@@ -60,7 +72,7 @@ for part in "${PARTS[@]}"; do
       for W in $WORLDS; do
         # shellcheck disable=SC2086
         run_part "sp-W$W" python3 -m torch.distributed.run --standalone --nproc_per_node "$W" \
-          benchmarks/sp_scaling.py --out "$OUT" ${SP_ARGS:-}
+          benchmarks/sp_scaling.py --out "$OUT" ${SP_ARGS:---profile}
       done ;;
     train)
       # Loss parity SP=1 vs SP=min(4, #GPUs) through accelerate launch (benchmarks/train_parity.py).
@@ -73,8 +85,22 @@ for part in "${PARTS[@]}"; do
   esac
 done
 
+SUMMARY=$(
+  echo "=================== summary ==================="
+  python3 benchmarks/common.py summary "$OUT"
+  printf '%s\n' "${TAILS[@]}" "${STATUS[@]}"
+)
 echo
-echo "=================== summary ==================="
-python3 benchmarks/common.py summary "$OUT"
-for f in "$OUT"/pytest-*.log; do [ -f "$f" ] && { echo "$f:"; tail -n 3 "$f"; }; done
-printf '%s\n' "${STATUS[@]}"
+echo "$SUMMARY"
+# summary.md: the summary, then every .md this run wrote (which are then removed: fewer files).
+MDS=$(find "$OUT" -maxdepth 1 -name '*.md' ! -name summary.md -newer "$MARK" | sort)
+{
+  echo "# run_device.sh: parts ${PARTS[*]}, commit $LASP_HF_COMMIT"
+  echo; echo '```'; echo "$SUMMARY"; echo '```'
+  for md in $MDS; do echo; echo "<!-- $(basename "$md") -->"; cat "$md"; done
+} > "$OUT/summary.md"
+[ -n "$MDS" ] && rm -f $MDS
+rm -f "$MARK" "$PART_OUT"
+NFILES=$(find "$OUT" -type f | wc -l)
+[ "$NFILES" -gt 8 ] && echo "run_device.sh: WARNING: $NFILES files under $OUT; the device returns at most 8" >&2
+echo "files under $OUT: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"

@@ -9,9 +9,16 @@ g_h = -2^(-8(h+1)/H)). Rows, all from one launch:
     ring       linear_attention(..., sp_group=ctx, sp_mode="ring")       (LASP: the state hops)
     allgather  linear_attention(..., sp_group=ctx, sp_mode="allgather")  (LASP-2)
     lasp-ref   lasp.lasp_fuse_parallel, the LASP paper's code (GPU only)
-Timing: a fixed number of iterations, each started on every rank right after a barrier; an
-iteration lasts until its slowest rank finishes (per-iteration max over ranks), and `ms` is the
-median over iterations. tokens/s = W*T / ms; efficiency = single ms / ms. Before timing, every SP
+Timing (--timing barrier|pipelined|both, default both):
+    barrier    `ms`: a fixed number of iterations, each started on every rank right after a barrier;
+               an iteration lasts until its slowest rank finishes (per-iteration max over ranks), and
+               `ms` is the median over iterations. The host's launch latency is exposed every time.
+    pipelined  `ms_pipe`: after ONE barrier, `iters` iterations back to back (the host runs ahead, as
+               in training over layers); CUDA events around the whole loop, total / iters, max over
+               ranks, median over --repeats such loops.
+tokens/s = W*T / ms; efficiency = single ms / ms, each method against the single time measured the
+same way (`eff`, `eff_pipe`). --profile: afterwards, 3 iterations of every provider under
+torch.profiler on rank 0 -> sp-<card>-W<n>-profile.txt (op tables sorted by self CPU and CUDA time). Before timing, every SP
 provider's o and dq, dk, dv on each rank are checked against the unsharded op run on the whole
 sequence (bf16 tolerance 2e-2); a failing row is marked FAILED and gets no efficiency or ratio.
 Writes benchmarks/results/sp-<card>-W<n>.json (+ .md) from rank 0.
@@ -29,6 +36,7 @@ for _name, _value in (
 ):
     os.environ.setdefault(_name, _value)
 
+import functools
 import sys
 import time
 import traceback
@@ -62,6 +70,8 @@ class Run:
     lasp_ready: str | None  # None when the LASP reference can run, else why not
     warmup: int
     iters: int
+    timing: str = "both"  # "barrier", "pipelined" or "both"
+    repeats: int = 3  # pipelined loops per provider (median over them)
     seed: int = 0
 
     def shape(self, B: int, T: int, H: int, D: int) -> tuple[int, int, int, int]:
@@ -119,6 +129,37 @@ def time_across_ranks(run: Run, step: Callable[[], object]) -> dict:
     every = [torch.empty_like(mine) for _ in range(run.world_size)]
     dist.all_gather(every, mine)
     every = torch.stack(every).cpu()  # [W, iters]
+    return {"ms": float(every.max(dim=0).values.median()), "rank_ms": [float(row.median()) for row in every]}
+
+
+def time_pipelined(run: Run, step: Callable[[], object]) -> dict:
+    """Run `step` warmup times, then `repeats` loops of `iters` back-to-back calls, each loop after
+    ONE barrier and timed as a whole; return the median over loops of the slowest rank's
+    loop time / iters, and every rank's own median (ms). Counts are the same on every rank."""
+    cuda = run.device.type == "cuda"
+    for _ in range(run.warmup):
+        step()
+    totals = []
+    for _ in range(run.repeats):
+        dist.barrier()
+        if cuda:
+            torch.cuda.synchronize(run.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(run.iters):
+                step()
+            end.record()
+            end.synchronize()
+            totals.append(start.elapsed_time(end) / run.iters)
+        else:
+            begin = time.perf_counter()
+            for _ in range(run.iters):
+                step()
+            totals.append((time.perf_counter() - begin) * 1e3 / run.iters)
+    mine = torch.tensor(totals, dtype=torch.float64, device=run.device)
+    every = [torch.empty_like(mine) for _ in range(run.world_size)]
+    dist.all_gather(every, mine)
+    every = torch.stack(every).cpu()  # [W, repeats]
     return {"ms": float(every.max(dim=0).values.median()), "rank_ms": [float(row.median()) for row in every]}
 
 
@@ -229,24 +270,157 @@ def _check_and_time(run: Run, provider: str, row: dict, inputs: tuple, ref: dict
     else:
         err = all_ranks_max(run, max(errors.values()))
     row.update(err=err, status="ok" if err <= TOLERANCE[run.dtype] else "FAILED")
-    timing = time_across_ranks(run, lambda: torch.autograd.grad(forward(), leaves, upstream))
+
+    def step():
+        return torch.autograd.grad(forward(), leaves, upstream)
+
     tokens = row["B"] * row["T_local"] * (1 if provider == "single" else run.world_size)
-    row.update(ms=timing["ms"], rank_ms=timing["rank_ms"], tokens_per_s=tokens / (timing["ms"] * 1e-3))
+    if run.timing in ("barrier", "both"):
+        timing = time_across_ranks(run, step)
+        row.update(ms=timing["ms"], rank_ms=timing["rank_ms"], tokens_per_s=tokens / (timing["ms"] * 1e-3))
+    if run.timing in ("pipelined", "both"):
+        timing = time_pipelined(run, step)
+        row.update(
+            ms_pipe=timing["ms"],
+            rank_ms_pipe=timing["rank_ms"],
+            tokens_per_s_pipe=tokens / (timing["ms"] * 1e-3),
+        )
     return row
 
 
+# (time key, tokens/s key, efficiency key, vs-lasp key) of each timing method
+METHODS = (
+    ("ms", "tokens_per_s", "efficiency", "vs_lasp"),
+    ("ms_pipe", "tokens_per_s_pipe", "efficiency_pipe", "vs_lasp_pipe"),
+)
+
+
 def _add_ratios(rows: list[dict]) -> None:
-    """efficiency = single ms / ms at the same local T; vs_lasp = tokens/s over lasp-ref's.
-    Only between rows whose checks passed."""
+    """efficiency = single ms / ms at the same local T; vs_lasp = tokens/s over lasp-ref's; for
+    each timing method against the same method's times. Only between rows whose checks passed."""
     by_provider = {row["provider"]: row for row in rows if row.get("status") == "ok"}
     single, lasp_ref = by_provider.get("single"), by_provider.get("lasp-ref")
     for row in rows:
         if row.get("status") != "ok" or row["provider"] == "single":
             continue
-        if single:
-            row["efficiency"] = single["ms"] / row["ms"]
-        if lasp_ref and row["provider"] != "lasp-ref":
-            row["vs_lasp"] = row["tokens_per_s"] / lasp_ref["tokens_per_s"]
+        for ms, tps, eff, vs in METHODS:
+            if ms not in row:
+                continue
+            if single and ms in single:
+                row[eff] = single[ms] / row[ms]
+            if lasp_ref and tps in lasp_ref and row["provider"] != "lasp-ref":
+                row[vs] = row[tps] / lasp_ref[tps]
+
+
+# ----------------------------------------------------------------------------- profile
+
+PROFILE_ITERS = 3  # iterations under the profiler, per provider and case
+PROFILE_ROWS = 25  # rows of each op table in the file
+PROFILE_PRINT_ROWS = 10  # rows printed per provider
+PROFILE_MAX_BYTES = 1_000_000  # the file is cut there
+
+
+def _device_time(event) -> float:
+    """Self CUDA time (us) of a profiler row, whatever this torch calls it."""
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, attr, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def _profile_tables(prof, cuda: bool) -> str:
+    """The op table sorted by self CPU time and, on CUDA, by self CUDA time."""
+    averages = prof.key_averages()
+    parts = [averages.table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS, max_name_column_width=70)]
+    if cuda:
+        try:
+            key = "self_device_time_total"
+            parts.append(averages.table(sort_by=key, row_limit=PROFILE_ROWS, max_name_column_width=70))
+        except Exception:  # noqa: BLE001 - older torch spells the same key this way
+            key = "self_cuda_time_total"
+            parts.append(averages.table(sort_by=key, row_limit=PROFILE_ROWS, max_name_column_width=70))
+    return "\n".join(parts)
+
+
+def _profile_top(prof, iters: int, cuda: bool) -> list[str]:
+    """The PROFILE_PRINT_ROWS rows of most self CPU time, one short line each, per iteration."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    cpu = sum(e.self_cpu_time_total for e in events) / iters / 1e3
+    total = f"    per iteration: self CPU {cpu:.3f} ms"
+    if cuda:
+        total += f", self CUDA {sum(_device_time(e) for e in events) / iters / 1e3:.3f} ms"
+    lines = [total + " (sums over ops)"]
+    for e in events[:PROFILE_PRINT_ROWS]:
+        line = f"    {e.key[:56]:56} cpu {e.self_cpu_time_total / iters / 1e3:8.3f} ms"
+        if cuda:
+            line += f"  cuda {_device_time(e) / iters / 1e3:8.3f} ms"
+        lines.append(line + f"  calls/it {e.count / iters:g}")
+    return lines
+
+
+def _fwd_bwd(forward: Callable[[], torch.Tensor], leaves: list, upstream: torch.Tensor):
+    return torch.autograd.grad(forward(), leaves, upstream)
+
+
+def profile_case(run: Run, name: str, T: int, rows: list[dict]) -> list[tuple[str, str, list[str]]]:
+    """PROFILE_ITERS fwd+bwd iterations of every provider that ran at this case (status ok or
+    FAILED: the same on every rank), all ranks stepping, rank 0 under torch.profiler. Returns
+    rank 0's (title, tables, top lines) per provider; [] on the other ranks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = run.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    B, T, H, D = run.shape(1, T, 16, 128)
+    gen = torch.Generator(device=run.device).manual_seed(run.seed + 1)
+    q, k, v, do = (
+        torch.randn(B, T, H, D, device=run.device, dtype=run.dtype, generator=gen) for _ in range(4)
+    )
+    g = -slopes(H).to(run.device)
+    sections = []
+    for row in rows:
+        if row["case"] != name or row.get("status") not in ("ok", "FAILED"):
+            continue
+        forward, leaves, upstream, _ = prepare(run, row["provider"], q, k, v, g, do)
+        step = functools.partial(_fwd_bwd, forward, leaves, upstream)
+        step()  # one untimed call: first-call costs are not what the profile is for
+        dist.barrier()
+        prof, title = None, f"{name} {row['provider']} (W={run.world_size}, {PROFILE_ITERS} iterations)"
+        if run.rank == 0:
+            try:
+                prof = profile(activities=activities)
+                prof.start()
+            except Exception as err:  # noqa: BLE001 - the steps must still run: the others wait on them
+                prof, failure = None, f"profiler failed to start: {type(err).__name__}: {err}"
+        for _ in range(PROFILE_ITERS):
+            step()
+        if cuda:
+            torch.cuda.synchronize(run.device)
+        if run.rank == 0:
+            if prof is not None:
+                try:
+                    prof.stop()
+                    sections.append(
+                        (title, _profile_tables(prof, cuda), _profile_top(prof, PROFILE_ITERS, cuda))
+                    )
+                except Exception as err:  # noqa: BLE001
+                    sections.append((title, f"profiler failed: {type(err).__name__}: {err}", []))
+            else:
+                sections.append((title, failure, []))
+        del forward, leaves, upstream, step, prof
+        _free(run.device)
+    return sections
+
+
+def write_profile(path: Path, sections: list[tuple[str, str, list[str]]], header: str) -> Path:
+    """One text file for every provider and case, cut at PROFILE_MAX_BYTES."""
+    text = header + "\n\n" + "\n\n".join(f"===== {title}\n{tables}" for title, tables, _ in sections) + "\n"
+    data = text.encode()
+    if len(data) > PROFILE_MAX_BYTES:
+        data = data[: PROFILE_MAX_BYTES - 40] + b"\n[cut at the size limit]\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
 
 
 def _free(device: torch.device) -> None:
@@ -261,9 +435,12 @@ COLUMNS = [
     Column("W", "W"),
     Column("provider", "provider"),
     Column("ms", "ms", "{:.3f}"),
+    Column("ms_pipe", "ms_pipe", "{:.3f}"),
     Column("tokens_per_s", "tok/s", "{:.3e}"),
     Column("efficiency", "eff", "{:.2f}"),
+    Column("efficiency_pipe", "eff_pipe", "{:.2f}"),
     Column("vs_lasp", "vs lasp", "{:.1f}x"),
+    Column("vs_lasp_pipe", "vs lasp pipe", "{:.1f}x"),
     Column("comm_mb_per_rank", "comm MB/rank", "{:.3g}"),
     Column("err", "rel err", "{:.2e}"),
     Column("status", "status"),
@@ -289,9 +466,30 @@ def parse_args(argv=None):
     )
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 10; 3 with --cpu)")
     parser.add_argument(
+        "--timing",
+        default="both",
+        choices=("barrier", "pipelined", "both"),
+        help="barrier: each iteration after a barrier (ms); pipelined: iterations back to back "
+        "after one barrier (ms_pipe); both (default)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="pipelined loops of --iters iterations (median; default 3)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, 3 iterations of every provider under torch.profiler (rank 0) -> "
+        "<out>/sp-<card>-W<n>-profile.txt, and the top rows printed",
+    )
+    parser.add_argument(
         "--timeout-s", type=int, default=300, help="process-group timeout (a hung rank ends the run)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("iters", "repeats"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
+    return args
 
 
 def _lasp_unavailable(device: torch.device) -> str | None:
@@ -344,6 +542,8 @@ def main(argv=None) -> int:
             lasp_ready,
             args.warmup if args.warmup is not None else (1 if args.cpu else 3),
             args.iters if args.iters is not None else (3 if args.cpu else 10),
+            args.timing,
+            args.repeats,
         )
         env = common.environment(device)
         rows = []
@@ -376,7 +576,14 @@ def main(argv=None) -> int:
                         "ms: fwd+bwd of one layer, median over iterations of the slowest rank "
                         "(each iteration starts after a barrier)"
                     ),
-                    "tok/s: W*T_local/ms (single: one rank's T_local/ms); eff: single ms / ms",
+                    (
+                        f"ms_pipe: {run.iters} iterations back to back after one barrier, total / "
+                        f"iterations, slowest rank, median over {run.repeats} such loops"
+                    ),
+                    (
+                        "tok/s: W*T_local/ms (single: one rank's T_local/ms); eff: single ms / ms; "
+                        "eff_pipe: the same with ms_pipe"
+                    ),
                     "vs lasp: tok/s over lasp-ref's at the same W and T_local",
                     "comm MB/rank: bytes the busiest rank sends per layer, fwd+bwd",
                     (
@@ -386,6 +593,20 @@ def main(argv=None) -> int:
                 ],
             )
             print(f"\nwrote {path}")
+        if args.profile:
+            sections = []
+            for case in selected:
+                if rank == 0:
+                    print(f"[sp W={world_size}] profiling {case.name}", file=sys.stderr, flush=True)
+                sections += profile_case(run, case.name, case.params["T"], rows)
+            if rank == 0:
+                for title, _, top in sections:
+                    print(f"\nprofile {title}, top {PROFILE_PRINT_ROWS} by self CPU time:")
+                    print("\n".join(top))
+                out_dir = Path(args.out) if args.out is not None else common.RESULTS_DIR
+                header = f"{name}: torch.profiler, rank 0; {common.describe_env(env)}"
+                path = write_profile(out_dir / f"{name}-profile.txt", sections, header)
+                print(f"wrote {path}", flush=True)
         bad = any(row["status"] in ("FAILED", "ERROR") for row in rows)
         return 1 if bad else 0
     finally:
