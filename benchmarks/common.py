@@ -350,8 +350,11 @@ def _pivot(rows: Sequence[dict], keys: Sequence[str], providers: Sequence[str], 
             line[f"err_{row['provider']}"] = row.get("err")
             if row["provider"] == providers[0]:
                 line.update({k: row.get(k) for k in ("t_vs_fla", "efficiency", "vs_lasp", "floor_ms")})
+            if row.get("ms_pipe") is not None:  # sp_scaling.py's pipelined timing
+                line[f"{row['provider']}_pipe"] = row["ms_pipe"] if ok else row.get("status")
         if row["provider"] in ("ring", "allgather"):
             line[f"eff_{row['provider']}"] = row.get("efficiency")
+            line[f"eff_pipe_{row['provider']}"] = row.get("efficiency_pipe")
             line[f"vs_lasp_{row['provider']}"] = row.get("vs_lasp")
     return list(lines.values())
 
@@ -395,9 +398,12 @@ def summarize(out_dir: str | Path) -> str:
         cols = [Column("case", "case"), Column("W", "W")] + [
             Column(p, f"{p} ms", "{:.3f}") for p in providers
         ]
+        cols += [Column(f"{p}_pipe", f"{p} pipe", "{:.3f}") for p in providers[:3]]
         cols += [
             Column("eff_ring", "eff ring", "{:.2f}"),
             Column("eff_allgather", "eff ag", "{:.2f}"),
+            Column("eff_pipe_ring", "eff ring pipe", "{:.2f}"),
+            Column("eff_pipe_allgather", "eff ag pipe", "{:.2f}"),
             Column("vs_lasp_ring", "ring/lasp tok/s", "{:.1f}x"),
             Column("vs_lasp_allgather", "ag/lasp tok/s", "{:.1f}x"),
         ]

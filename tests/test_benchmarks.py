@@ -307,6 +307,7 @@ def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
             "sp-T8K",
             "--out",
             str(tmp_path),
+            "--profile",
         ],
         timeout=180,
     )
@@ -324,7 +325,135 @@ def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
         assert rows[provider]["efficiency"] == pytest.approx(rows["single"]["ms"] / rows[provider]["ms"])
         assert rows[provider]["tokens_per_s"] == pytest.approx(2 * 65 / (rows[provider]["ms"] * 1e-3))
     assert rows["ring"]["comm_mb_per_rank"] == pytest.approx(2 * 16 * 16 * 4 / 2**20)
-    assert "sp-T8K" in common.summarize(tmp_path)
+    # --timing both (the default): the pipelined time too, its efficiency against single's pipelined time
+    for provider in ("single", "ring", "allgather"):
+        row = rows[provider]
+        assert row["ms_pipe"] > 0 and len(row["rank_ms_pipe"]) == 2
+        assert row["ms_pipe"] >= max(row["rank_ms_pipe"]) - 1e-9
+    for provider in ("ring", "allgather"):
+        want = rows["single"]["ms_pipe"] / rows[provider]["ms_pipe"]
+        assert rows[provider]["efficiency_pipe"] == pytest.approx(want)
+    summary = common.summarize(tmp_path)
+    assert "sp-T8K" in summary and "ring pipe" in summary
+    # --profile: one text file, a section per provider that ran, CPU op tables (no CUDA on CPU)
+    profile = (tmp_path / "sp-cpu-W2-tiny-profile.txt").read_text()
+    assert len(profile.encode()) < 1_000_000
+    for provider in ("single", "ring", "allgather"):
+        assert f"===== sp-T8K {provider} (W=2, 3 iterations)" in profile
+    assert "lasp-ref" not in profile.split("\n", 1)[1]  # skipped rows are not profiled
+    assert "Self CPU" in profile and "aten::" in profile
+
+
+def test_sp_ratios_per_timing_method():
+    """eff uses single's barrier time, eff_pipe single's pipelined time; a row timed one way only
+    gets only that method's ratios; a FAILED row gets none."""
+    rows = [
+        {"provider": "single", "status": "ok", "ms": 1.0, "ms_pipe": 0.5},
+        {
+            "provider": "ring",
+            "status": "ok",
+            "ms": 2.0,
+            "ms_pipe": 2.0,
+            "tokens_per_s": 10.0,
+            "tokens_per_s_pipe": 20.0,
+        },
+        {"provider": "allgather", "status": "ok", "ms_pipe": 1.0, "tokens_per_s_pipe": 40.0},
+        {
+            "provider": "lasp-ref",
+            "status": "FAILED",
+            "ms": 4.0,
+            "ms_pipe": 4.0,
+            "tokens_per_s": 5.0,
+            "tokens_per_s_pipe": 5.0,
+        },
+    ]
+    sp_scaling._add_ratios(rows)
+    ring, allgather, lasp_ref = rows[1], rows[2], rows[3]
+    assert ring["efficiency"] == 0.5 and ring["efficiency_pipe"] == 0.25
+    assert allgather["efficiency_pipe"] == 0.5 and "efficiency" not in allgather
+    assert "vs_lasp" not in ring and "efficiency" not in lasp_ref  # lasp-ref failed its check
+
+
+def test_sp_rejects_bad_counts():
+    with pytest.raises(ValueError, match="--repeats must be at least 1, got 0"):
+        sp_scaling.parse_args(["--repeats", "0"])
+    assert sp_scaling.parse_args([]).timing == "both"
+
+
+def test_kernels_provider_selection():
+    assert kernels.parse_providers("ours") == ("lasp_hf",)
+    assert kernels.parse_providers("ours, fla,lasp,sdpa") == ("lasp_hf", "fla", "lasp-ref", "sdpa")
+    assert kernels.parse_args([]).providers == ("lasp_hf", "fla", "lasp-ref", "sdpa")
+    with pytest.raises(ValueError, match="unknown: flash"):
+        kernels.parse_providers("ours,flash")
+    with pytest.raises(ValueError, match="expected a comma-separated subset"):
+        kernels.parse_providers(",")
+
+
+def test_kernels_runs_only_the_chosen_providers(tmp_path):
+    """--providers ours: only our rows, and a progress line before each provider's call."""
+    proc = _run(
+        [
+            str(BENCH_DIR / "kernels.py"),
+            "--cpu",
+            "--tiny",
+            "--cases",
+            "chunk-B1-H16-T4K",
+            "decode-B1-*",
+            "--providers",
+            "ours",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    data = json.loads((tmp_path / "kernels-cpu-tiny.json").read_text())
+    assert {r["provider"] for r in data["rows"]} == {"lasp_hf"}
+    assert all(r["status"] == "ok" for r in data["rows"])
+    assert len(data["rows"]) == 5  # head and token x fwd and fwd+bwd, and one decode row
+    for line in (
+        "[kernels] chunk-B1-H16-T4K head: lasp_hf",
+        "[kernels] chunk-B1-H16-T4K token: lasp_hf",
+        "[kernels] decode-B1-H16: lasp_hf",
+    ):
+        assert line in proc.stderr
+    assert "sdpa" not in proc.stderr and ": fla" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_run_device_sp_part_writes_few_files(tmp_path):
+    """run_device.sh sp (CPU stand-in via SP_ARGS): one log, the JSON, the profile and summary.md
+    holding the table that was the .md; far below the device's 8-file limit."""
+    out = tmp_path / "out"
+    venv_bin = str(Path(sys.executable).parent)
+    proc = subprocess.run(
+        ["bash", str(BENCH_DIR / "run_device.sh"), "sp"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        cwd=BENCH_DIR.parent,
+        env={
+            **os.environ,
+            "PATH": venv_bin + os.pathsep + os.environ["PATH"],
+            "OUT": str(out),
+            "SKIP_INSTALL": "1",
+            "SP_WORLDS": "2",
+            "OMP_NUM_THREADS": "1",
+            "LASP_HF_COMMIT": "abc123",
+            "SP_ARGS": "--cpu --tiny --cases sp-T8K --timing pipelined --profile",
+        },
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert files == ["run-device.log", "sp-cpu-W2-tiny-profile.txt", "sp-cpu-W2-tiny.json", "summary.md"]
+    summary = (out / "summary.md").read_text()
+    assert "sp-W2: exit 0" in summary and "<!-- sp-cpu-W2-tiny.md -->" in summary
+    assert "| sp-T8K | 2 | ring |" in summary
+    log = (out / "run-device.log").read_text()
+    assert log.startswith("=== sp-W2:") and "profile sp-T8K ring" in log
+    rows = {r["provider"]: r for r in json.loads((out / "sp-cpu-W2-tiny.json").read_text())["rows"]}
+    assert rows["ring"]["ms_pipe"] > 0 and "ms" not in rows["ring"]  # --timing pipelined only
+    assert rows["ring"]["efficiency_pipe"] > 0 and "efficiency" not in rows["ring"]
 
 
 # ----------------------------------------------------------------------------- GPU
