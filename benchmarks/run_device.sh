@@ -51,7 +51,11 @@ run_part() {  # name, command...: run with a time limit, append to the log, reme
   timeout "$PART_TIMEOUT" "$@" 2>&1 | tee -a "$LOG" "$PART_OUT"
   local rc=${PIPESTATUS[0]}
   STATUS+=("$name: exit $rc")
-  case "$name" in pytest-*) TAILS+=("$name: $(grep -v '^\s*$' "$PART_OUT" | tail -n 1)") ;; esac
+  case "$name" in  # pytest: its result line, and its FAILED/ERROR lines (-rfE), for the summary
+    pytest-*) TAILS+=("$name: $(grep -v '^\s*$' "$PART_OUT" | tail -n 1)")
+      while IFS= read -r line; do TAILS+=("  ${line:0:240}"); done \
+        < <(grep -E '^(FAILED|ERROR) ' "$PART_OUT" | head -n 20) ;;
+  esac
 }
 
 for part in "${PARTS[@]}"; do
