@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node 4 benchmarks/sp_scaling.py          # NCCL, one GPU per rank
     torchrun --standalone --nproc_per_node 2 benchmarks/sp_scaling.py --cpu --tiny   # gloo smoke test
+    torchrun ... benchmarks/sp_scaling.py --cases sp-T8K --timing pipelined --profile  # host-bound?
 
 Every rank holds T local tokens of one sequence of W*T (B=1, H=16, K=V=128, bf16, scale 1.0,
 g_h = -2^(-8(h+1)/H)). Rows, all from one launch:
