@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +72,12 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {w: launch(w, args, out / f"run-sp{w}") for w in (1, args.world)}
+    # The runs' checkpoints and saved models stay out of --out (the GPU machine returns at most 8 files).
+    scratch = Path(tempfile.mkdtemp(prefix="train-parity-"))
+    try:
+        runs = {w: launch(w, args, scratch / f"run-sp{w}") for w in (1, args.world)}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     base, sp = runs[1], runs[args.world]
     rows = []
     for a, b in zip(base, sp):

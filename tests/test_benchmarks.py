@@ -466,3 +466,18 @@ def test_gpu_timing_and_bandwidth():
     ms = common.bench_ms(lambda: x.mul_(1.0), "cuda")
     assert 0 < ms < 10
     assert common.copy_bandwidth_gbps("cuda", nbytes=256 << 20) > 100
+
+
+@pytest.mark.distributed
+def test_train_parity_cpu_two_processes(tmp_path):
+    """benchmarks/train_parity.py: SP=1 and SP=2 runs of train_clm on CPU log the same losses."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "train_parity.py"), "--cpu", "--world", "2", "--steps", "3",
+         "--block_size", "64", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "train-parity-cpu-W2.json").read_text())
+    assert len(data["rows"]) == 3
+    assert data["max_rel_diff"] < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-parity-cpu-W2.json", "train-parity-cpu-W2.md"]
