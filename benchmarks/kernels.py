@@ -299,6 +299,12 @@ def chunk_bytes(B: int, T: int, H: int, K: int, V: int, element: int, token_deca
     return {"fwd": fwd, "fwd+bwd": fwd + bwd}
 
 
+def _rows_without_timing(name, modes, decay, provider, shape, floors, status, err) -> list[dict]:
+    """One untimed row per mode for a provider that was skipped or broke at this shape."""
+    return [_row(name, mode, decay, provider, shape, status=status, note=_error_note(err), floor_ms=floors[mode])
+            for mode in modes]
+
+
 def _row(case: str, mode: str, decay: str, provider: str, shape: dict, **fields) -> dict:
     return {"case": case, "mode": mode, "decay": decay, "provider": provider, **shape, **fields}
 
@@ -380,35 +386,11 @@ def _run_chunk_provider(run, name, decay, provider, inputs, ref, sdpa_ref, nbyte
         prepared = provider.prepare(run, inputs)
         errors = check_chunk(run, provider.name, prepared, ref, sdpa_ref)
     except NotImplementedError as err:
-        return [
-            _row(
-                name,
-                mode,
-                decay,
-                provider.name,
-                shape,
-                status="SKIP",
-                note=_error_note(err),
-                floor_ms=floors[mode],
-            )
-            for mode in modes
-        ]
+        return _rows_without_timing(name, modes, decay, provider.name, shape, floors, "SKIP", err)
     except Exception as err:  # noqa: BLE001 - one broken provider must not stop the others
         traceback.print_exc()
         _free(run.device)
-        return [
-            _row(
-                name,
-                mode,
-                decay,
-                provider.name,
-                shape,
-                status="ERROR",
-                note=_error_note(err),
-                floor_ms=floors[mode],
-            )
-            for mode in modes
-        ]
+        return _rows_without_timing(name, modes, decay, provider.name, shape, floors, "ERROR", err)
     err = max(errors.values())
     status = "ok" if err <= run.tolerance() else "FAILED"
     note = prepared.note + (
