@@ -175,19 +175,23 @@ def _g_mode(g) -> int:
     return G_HEAD if g.dim() == 1 else G_TOKEN
 
 
+def _launch_setup(q, v, g, plan: _Plan, phase: str, accurate_states: bool):
+    """Sizes, block shapes and kernel meta-parameters shared by the forward and backward launchers."""
+    _, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV = _blocks(K, V, phase)
+    cfg = _config(phase, q.dtype, BK, q.device)
+    meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
+    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
+                SPLIT=accurate_states and q.dtype != torch.float32, **meta)
+    return H, K, V, triton.cdiv(V, BV), plan.num_segs, cfg, meta, scan
+
+
 def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool):
     """q, k: [NT, H, K]; v: [NT, H, V]; g: None, [H] or [NT, H] float32; h0: None or [N, H, K, V].
     accurate_states: states to ~16 mantissa bits with bf16/fp16 inputs (when dg will be needed).
     Returns o [NT, H, V], S_in and S_end per segment [S, H, K, V] and the segments' log-decays [S, H]."""
-    _, H, K = q.shape
-    V = v.shape[-1]
-    BK, BV = _blocks(K, V, "fwd")
-    NV = triton.cdiv(V, BV)
-    S = plan.num_segs
-    cfg = _config("fwd", q.dtype, BK, q.device)
-    meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
-    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
-                SPLIT=accurate_states and q.dtype != torch.float32, **meta)
+    H, K, V, NV, S, cfg, meta, scan = _launch_setup(q, v, g, plan, "fwd", accurate_states)
     g_arg = g if g is not None else q
     seg_decay = empty(q, (S, H), torch.float32)
     if plan.max_segs > 1:
@@ -213,15 +217,8 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool):
 
 def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_dg: bool):
     """Returns dq, dk, dv (in q's dtype), dL/dB per token [NT, H] (float32) and dh0 [N, H, K, V]."""
-    NT, H, K = q.shape
-    V = v.shape[-1]
-    BK, BV = _blocks(K, V, "bwd")
-    NV = triton.cdiv(V, BV)
-    S = plan.num_segs
-    cfg = _config("bwd", q.dtype, BK, q.device)
-    meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
-    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
-                SPLIT=need_dg and q.dtype != torch.float32, **meta)
+    NT = q.shape[0]
+    H, K, V, NV, S, cfg, meta, scan = _launch_setup(q, v, g, plan, "bwd", need_dg)
     g_arg = g if g is not None else q
     if plan.max_segs > 1:
         ds_loc = empty(q, (S, H, K, V), torch.float32)
