@@ -26,11 +26,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import card_slug, environment  # noqa: E402
 
 
-def launch(world: int, args, out_dir: Path) -> dict:
-    """One training run; returns its log history."""
+def launch(world: int, args, out_dir: Path, config_file: str | None = None) -> dict:
+    """One training run (with `config_file` for accelerate launch, if given); returns its log history."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(world),
            "--num_machines", "1", "--mixed_precision", "bf16" if args.bf16 else "no", "--dynamo_backend", "no"]
-    if args.cpu and world > 1:
+    if config_file:
+        cmd += ["--config_file", config_file]
+    elif args.cpu and world > 1:
         cmd += ["--config_file", str(REPO / "recipes/accelerate/cpu_sp2.yaml")]
     elif args.cpu:
         cmd.append("--cpu")
@@ -68,39 +70,66 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--timeout-s", dest="timeout_s", type=int, default=900)
     parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
+    parser.add_argument("--accelerate_config", nargs="*", default=[],
+                        help="accelerate config files for the SP=W run(s), e.g. recipes/accelerate/ddp_sp4.yaml "
+                             "recipes/accelerate/fsdp2_sp4.yaml: one SP run each, all against the same SP=1 run "
+                             "(default: one run with `--multi_gpu`, or cpu_sp2.yaml with --cpu)")
     args = parser.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # The runs' checkpoints and saved models stay out of --out (the GPU machine returns at most 8 files).
     scratch = Path(tempfile.mkdtemp(prefix="train-parity-"))
+    configs = args.accelerate_config or [None]
     try:
-        runs = {w: launch(w, args, scratch / f"run-sp{w}") for w in (1, args.world)}
+        base = launch(1, args, scratch / "run-sp1")
+        runs = {}
+        for config in configs:
+            name = Path(config).stem if config else f"default_sp{args.world}"
+            try:
+                runs[name] = launch(args.world, args, scratch / f"run-{name}", config)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+                print(f"{name}: FAILED ({err})", flush=True)
+                runs[name] = None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    base, sp = runs[1], runs[args.world]
-    rows = []
-    for a, b in zip(base, sp):
-        rel = abs(a["loss"] - b["loss"]) / abs(a["loss"])
-        rows.append({"step": a["step"], "loss_sp1": a["loss"], f"loss_sp{args.world}": b["loss"], "rel_diff": rel,
-                     "tok_s_sp1": a.get("tokens_per_second"), f"tok_s_sp{args.world}": b.get("tokens_per_second"),
-                     "mem_gb_sp1": a.get("peak_memory_gb"), f"mem_gb_sp{args.world}": b.get("peak_memory_gb")})
     env = environment()
-    result = {"env": env, "args": vars(args), "rows": rows, "max_rel_diff": max(r["rel_diff"] for r in rows)}
+    W = args.world
+    rows, summary = [], {}
+    for name, hist in runs.items():
+        if hist is None:
+            summary[name] = {"status": "FAILED"}
+            continue
+        diffs = []
+        for a, b in zip(base, hist):
+            rel = abs(a["loss"] - b["loss"]) / abs(a["loss"])
+            diffs.append(rel)
+            rows.append({"run": name, "step": a["step"], "loss_sp1": a["loss"], f"loss_sp{W}": b["loss"],
+                         "rel_diff": rel, "tok_s_sp1": a.get("tokens_per_second"),
+                         f"tok_s_sp{W}": b.get("tokens_per_second"), "tflops_sp1": a.get("tflops_per_device"),
+                         f"tflops_sp{W}": b.get("tflops_per_device"), "mem_gb_sp1": a.get("peak_memory_gb"),
+                         f"mem_gb_sp{W}": b.get("peak_memory_gb")})
+        summary[name] = {"status": "ok", "steps": len(diffs), "max_rel_diff": max(diffs) if diffs else None}
+    result = {"env": env, "args": vars(args), "runs": summary, "rows": rows}
     card = "cpu" if args.cpu else card_slug(env.get("card", "gpu"))
-    path = out / f"train-parity-{card}-W{args.world}.json"
+    path = out / f"train-parity-{card}-W{W}.json"
     path.write_text(json.dumps(result, indent=1))
-    header = f"| step | loss SP=1 | loss SP={args.world} | rel diff | tok/s SP=1 | tok/s SP={args.world} (total) | " \
-             f"peak GB SP=1 | peak GB SP={args.world} |"
-    lines = [f"# train parity, {env.get('card')}, W={args.world}", "", f"`{' '.join(sys.argv)}`", "", header,
-             "|---|---|---|---|---|---|---|---|"]
+    header = (f"| run | step | loss SP=1 | loss SP={W} | rel diff | tok/s SP=1 | tok/s SP={W} (total) | "
+              f"TFLOP/s/GPU SP=1 | TFLOP/s/GPU SP={W} | peak GB SP=1 | peak GB SP={W} |")
+    lines = [f"# train parity, {env.get('card')}, W={W}", "", f"`{' '.join(sys.argv)}`", "", header,
+             "|---" * 11 + "|"]
     for r in rows:
-        lines.append("| {} | {:.5f} | {:.5f} | {:.2e} | {} | {} | {} | {} |".format(
-            r["step"], r["loss_sp1"], r[f"loss_sp{args.world}"], r["rel_diff"], r["tok_s_sp1"],
-            r[f"tok_s_sp{args.world}"], r["mem_gb_sp1"], r[f"mem_gb_sp{args.world}"]))
+        lines.append("| {} | {} | {:.5f} | {:.5f} | {:.2e} | {} | {} | {} | {} | {} | {} |".format(
+            r["run"], r["step"], r["loss_sp1"], r[f"loss_sp{W}"], r["rel_diff"], r["tok_s_sp1"], r[f"tok_s_sp{W}"],
+            r["tflops_sp1"], r[f"tflops_sp{W}"], r["mem_gb_sp1"], r[f"mem_gb_sp{W}"]))
+    lines.append("")
+    for name, info in summary.items():
+        lines.append(f"- {name}: {info}")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"max relative loss difference over {len(rows)} steps: {result['max_rel_diff']:.2e}; wrote {path}")
+    print(f"wrote {path}")
+    if any(info["status"] != "ok" for info in summary.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

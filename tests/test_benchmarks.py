@@ -479,5 +479,7 @@ def test_train_parity_cpu_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "train-parity-cpu-W2.json").read_text())
     assert len(data["rows"]) == 3
-    assert data["max_rel_diff"] < 1e-4
+    assert data["runs"]["default_sp2"]["status"] == "ok"
+    assert data["runs"]["default_sp2"]["max_rel_diff"] < 1e-4
+    assert max(row["rel_diff"] for row in data["rows"]) < 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-parity-cpu-W2.json", "train-parity-cpu-W2.md"]
