@@ -183,11 +183,16 @@ def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, sc
         b_q = tiles_q.load([r0, i_k * BK]).to(DT)
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
-        q_decayed = b_q * (tl.exp(b) * scale)[:, None]
-        dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
+        # scale is applied once to the float32 sum below, not to q here: q * scale rounded back to the
+        # operand type would add a rounding (~2^-9 relative in bf16) that an exact product avoids.
+        if G_MODE == 0:
+            dstate += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC)
+        else:
+            q_decayed = b_q * tl.exp(b)[:, None]
+            dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
         log_decay += b_last
     p_s = ds_loc + ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
-    tl.store(p_s, dstate, mask=m_k[:, None] & m_v[None, :])
+    tl.store(p_s, dstate * scale, mask=m_k[:, None] & m_v[None, :])
     if STORE_DECAY and i_kv == 0:
         tl.store(seg_decay + i_s * H + i_h, log_decay)
 
