@@ -64,6 +64,12 @@ class LaspConfig(PretrainedConfig):
         loss_chunk_size (`int`, *optional*, defaults to 1024):
             Tokens per chunk of the chunked cross-entropy: the `[T, vocab_size]` logits are never materialized
             when a loss is computed, only `[loss_chunk_size, vocab_size]` at a time (forward and backward).
+        mlp_chunk_size (`int`, *optional*):
+            Tokens per chunk of the channel mixer: when set, each block's norm + GLU runs over the token axis in
+            chunks of this many tokens, each under a non-reentrant activation checkpoint while gradients are
+            on, so its `[T, intermediate_size]` tensors exist for one chunk at a time in forward and backward
+            (the outputs are the same). Costs one more GLU forward per step; meant for long sequences where
+            memory binds. `None` (the default) runs it on all tokens at once.
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether the model returns its cache (recurrent states, and keys/values of full-attention layers).
         pad_token_id (`int`, *optional*):
@@ -107,6 +113,7 @@ class LaspConfig(PretrainedConfig):
         initializer_range=0.02,
         tie_word_embeddings=False,
         loss_chunk_size=1024,
+        mlp_chunk_size=None,
         use_cache=True,
         pad_token_id=None,
         bos_token_id=1,
@@ -123,6 +130,8 @@ class LaspConfig(PretrainedConfig):
             ("loss_chunk_size", loss_chunk_size),
         ):
             _check_positive_int(name, value)
+        if mlp_chunk_size is not None:
+            _check_positive_int("mlp_chunk_size", mlp_chunk_size)
         if head_dim is None:
             if hidden_size % num_attention_heads != 0:
                 raise ValueError(
@@ -180,6 +189,7 @@ class LaspConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         self.loss_chunk_size = loss_chunk_size
+        self.mlp_chunk_size = mlp_chunk_size
         self.use_cache = use_cache
         super().__init__(
             pad_token_id=pad_token_id,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lasp_hf.ops import linear_attention, linear_attention_step
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_lasp import LaspConfig
@@ -60,6 +61,21 @@ class LaspGLU(nn.Module):
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def chunked_over_tokens(fn: Callable, chunk_size: int, x: torch.Tensor) -> torch.Tensor:
+    """`fn(x)` for a per-token `fn`, computed on slices of at most `chunk_size` tokens of x `[B, T, ...]` and
+    concatenated on the token axis. With gradients on, each slice runs under a non-reentrant checkpoint: fn's
+    intermediates exist for one slice at a time, in the forward and again when the backward recomputes them.
+
+    The slices come from one `split`, whose backward concatenates their gradients once (slicing with indices
+    would add a full-size `[B, T, ...]` zero-padded gradient per slice).
+    """
+    outs = [
+        checkpoint(fn, piece, use_reentrant=False) if torch.is_grad_enabled() else fn(piece)
+        for piece in x.split(chunk_size, dim=1)
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def lightning_decay(config: LaspConfig, layer_idx: int) -> torch.Tensor:
@@ -313,5 +329,6 @@ __all__ = [
     "LaspSRMSNorm",
     "LaspSoftmaxAttention",
     "build_norm",
+    "chunked_over_tokens",
     "lightning_decay",
 ]

@@ -27,6 +27,7 @@ from .layers_lasp import (
     LaspRotaryEmbedding,
     LaspSoftmaxAttention,
     build_norm,
+    chunked_over_tokens,
     lightning_decay,
 )
 from .loss_lasp import chunked_cross_entropy
@@ -39,7 +40,8 @@ _LOSS_REDUCTIONS = ("mean", "sum")
 
 
 class LaspDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + GLU(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + GLU(norm(x)); the second half in chunks of
+    `config.mlp_chunk_size` tokens when that is set (`chunked_over_tokens`)."""
 
     def __init__(self, config: LaspConfig, layer_idx: int):
         super().__init__()
@@ -51,6 +53,10 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
         self.channel_mixer = LaspGLU(config)
         self.input_layernorm = build_norm(config, config.hidden_size)
         self.post_attention_layernorm = build_norm(config, config.hidden_size)
+        self.config = config
+
+    def _mix_channels(self, hidden_states):
+        return self.channel_mixer(self.post_attention_layernorm(hidden_states))
 
     def forward(
         self,
@@ -85,9 +91,10 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
                 **kwargs,
             )
         hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.channel_mixer(self.post_attention_layernorm(hidden_states))
-        return residual + hidden_states
+        chunk_size = getattr(self.config, "mlp_chunk_size", None)  # read here: it may be set after loading
+        if chunk_size is None:
+            return hidden_states + self._mix_channels(hidden_states)
+        return hidden_states + chunked_over_tokens(self._mix_channels, chunk_size, hidden_states)
 
 
 class LaspPreTrainedModel(PreTrainedModel):

@@ -6,9 +6,19 @@
 
 Each candidate runs one full training step (forward, backward, AdamW step) on one packed sequence of random tokens,
 with the memory savers chosen by flags (activation checkpointing on by default, chunked cross-entropy always,
-`--offload_activations`). The block size doubles from --start until a step runs out of memory or reaches
---max_block_size, then bisects between the last size that fit and the first that did not, to --granularity.
-Under SP the W ranks hold T / W tokens each and agree on every verdict. The last line printed is the answer.
+`--offload_activations`, `--mlp_chunk_size`, `--fsdp`). The block size doubles from --start until a step runs out
+of memory or reaches --max_block_size, then bisects between the last size that fit and the first that did not, to
+--granularity. Under SP the W ranks hold T / W tokens each and agree on every verdict. The last line printed is the
+answer, with the memory savers in use.
+
+    accelerate launch --config_file recipes/accelerate/fsdp2_sp4.yaml recipes/max_seq_len.py \
+        --model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384      # FSDP2, SP = 4
+
+Under an accelerate FSDP config (or with --fsdp) the model is sharded with torch's FSDP2 (`fully_shard` per decoder
+layer and at the root, bf16 compute copies under bf16): parameters, gradients and AdamW states are split over the
+ranks instead of replicated as under DDP. Run as a script, it sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+unless PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF is set already: growable segments keep the allocator from
+fragmenting when tensors of many sizes come and go at these lengths (pass expandable_segments:False to compare).
 
 An OOM on one rank while the others wait in a collective cannot always be recovered; the others then stop after
 --timeout_s, and the sizes printed so far stand.
@@ -22,6 +32,10 @@ import json
 import os
 import pathlib
 import time
+
+# Before torch is imported, as the CUDA allocator may read its settings once, when it loads.
+if __name__ == "__main__" and "PYTORCH_ALLOC_CONF" not in os.environ:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch
 import torch.distributed as dist
@@ -60,6 +74,38 @@ def find_longest(fits, start: int, cap: int, granularity: int) -> int | None:
     return good
 
 
+def shard_with_fsdp2(model, dtype):
+    """FSDP2 over all processes: one `fully_shard` unit per decoder layer (its parameters are gathered only while it
+    runs, forward or backward) and one at the root for the embeddings, final norm and head. Under bf16 the layers
+    compute with bf16 copies of the parameters; gradients are reduced in float32 into float32 shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def allocator_settings() -> str | None:
+    return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+
+
+def memory_savers(args, config, fsdp: bool, world: int, cuda: bool) -> list[str]:
+    """The memory savers of this run, in words, for the result line and the JSON."""
+    savers = [] if args.no_gradient_checkpointing else ["activation checkpointing per layer"]
+    if args.offload_activations:
+        savers.append("activations offloaded to CPU")
+    savers.append(f"chunked cross-entropy ({config.loss_chunk_size} tokens)")
+    if config.mlp_chunk_size is not None:
+        savers.append(f"chunked MLP ({config.mlp_chunk_size} tokens)")
+    if fsdp:
+        savers.append(f"FSDP2 (parameters, gradients, optimizer states / {world})")
+    if cuda and allocator_settings():
+        savers.append(f"allocator {allocator_settings()}")
+    return savers
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_config", default=str(REPO / "recipes" / "configs" / "tnl-tiny.json"))
@@ -68,6 +114,11 @@ def parse_args(argv=None):
     parser.add_argument("--granularity", type=int, default=None, help="answer's resolution (default 1024 x W)")
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
     parser.add_argument("--offload_activations", action="store_true", help="torch.autograd.graph.save_on_cpu")
+    parser.add_argument("--mlp_chunk_size", type=int, default=None,
+                        help="run each block's norm + GLU over this many tokens at a time (config.mlp_chunk_size)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard parameters, gradients and optimizer states with FSDP2 (on by itself under an "
+                             "accelerate FSDP config)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="autocast dtype (default bfloat16 on CUDA, float32 on the CPU)")
     parser.add_argument("--sequence_parallel_size", type=int, default=None, help="overrides the accelerate config")
@@ -97,15 +148,27 @@ def main(argv=None):
         raise ValueError(f"--granularity {granularity} must be a multiple of the SP size {sp_size}")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    fsdp = args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if fsdp and world == 1:
+        raise ValueError("--fsdp (or an accelerate FSDP config) shards over processes: launch with accelerate "
+                         "launch or torchrun and more than 1 process, got WORLD_SIZE 1")
 
     config = LaspConfig.from_json_file(args.model_config)
+    if args.mlp_chunk_size is not None:
+        if args.mlp_chunk_size < 1:
+            raise ValueError(f"--mlp_chunk_size must be a positive number of tokens, got {args.mlp_chunk_size}")
+        config.mlp_chunk_size = args.mlp_chunk_size
     torch.manual_seed(0)
     model = LaspForCausalLM(config).to(device)
     if not args.no_gradient_checkpointing:
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     model.train()
-    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if fsdp:
+        trained = shard_with_fsdp2(model, dtype)
+    else:
+        trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4)
+    savers = memory_savers(args, config, fsdp, world, cuda)
     trials = []
 
     def fits(T: int) -> bool:
@@ -145,12 +208,16 @@ def main(argv=None):
     if rank0:
         where = f"{world} process(es), SP size {sp_size}, {device.type}"
         note = " (the --max_block_size cap; more may fit)" if capped else ""
-        print(f"longest trainable block_size for {pathlib.Path(args.model_config).name} on {where}: {longest}{note}")
+        print(f"longest trainable block_size for {pathlib.Path(args.model_config).name} on {where}: {longest}{note}"
+              f"; memory savers: {', '.join(savers)}")
         if args.json:
             result = {"model_config": args.model_config, "world_size": world, "sequence_parallel_size": sp_size,
                       "device": device.type, "longest_block_size": longest, "capped": capped, "trials": trials,
                       "gradient_checkpointing": not args.no_gradient_checkpointing,
-                      "offload_activations": args.offload_activations, "dtype": str(dtype)}
+                      "offload_activations": args.offload_activations, "dtype": str(dtype),
+                      "loss_chunk_size": config.loss_chunk_size, "mlp_chunk_size": config.mlp_chunk_size,
+                      "fsdp": fsdp, "cuda_alloc_conf": allocator_settings() if cuda else None,
+                      "memory_savers": savers}
             pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
     if dist.is_initialized():
         dist.destroy_process_group()
