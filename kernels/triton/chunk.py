@@ -134,13 +134,30 @@ def _dense_plan(B: int, T: int, H: int, NV: int, device, knobs) -> _Plan:
     return _make_plan([b * T for b in range(B + 1)], H, NV, device)
 
 
+_SCRATCH: dict = {}
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's allocator for the descriptors' scratch: one buffer per (device, stream), grown as needed.
+
+    Kernels launched on one stream run one after another, so they can share it; this saves a
+    torch.empty per launch, which is a noticeable part of a launch's host time.
+    """
+    key = (torch.cuda.current_device(), stream)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < size + alignment:
+        buf = torch.empty(max(2 * size + alignment, 1 << 20), dtype=torch.int8, device="cuda")
+        _SCRATCH[key] = buf
+    offset = (-buf.data_ptr()) % alignment
+    return buf[offset:offset + size]
+
+
 def _config(phase: str, dtype, BK: int, device) -> dict:
     if interpreting():
         return {}
-    # Tensor descriptors made inside kernels need a little global scratch memory per launch, on the
-    # tensors' device. Triton keeps the allocator in a context variable, so it is set on every call
-    # (backward runs in autograd's thread).
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    # Tensor descriptors made inside kernels need a little global scratch memory per launch. Triton keeps
+    # the allocator in a context variable, so it is set on every call (backward runs in autograd's thread).
+    triton.set_allocator(_scratch)
     _, num_warps, num_stages = CONFIGS[phase]
     if BK >= 256:
         num_warps = max(num_warps, 8)   # 64 x 256 q and k tiles spill heavily with 4 warps
@@ -215,8 +232,9 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool):
     return o, s_in, s_end, seg_decay
 
 
-def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_dg: bool):
-    """Returns dq, dk, dv (in q's dtype), dL/dB per token [NT, H] (float32) and dh0 [N, H, K, V]."""
+def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_dg: bool, need_dh0: bool = True):
+    """Returns dq, dk, dv (in q's dtype), dL/dB per token [NT, H] (float32) and dh0 [N, H, K, V] (None
+    when not need_dh0 and no kernel produced it anyway)."""
     NT = q.shape[0]
     H, K, V, NV, S, cfg, meta, scan = _launch_setup(q, v, g, plan, "bwd", need_dg)
     g_arg = g if g is not None else q
@@ -256,7 +274,7 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
     _bwd_kernel_dq[(S, H, NK)](
         q, k, v, g_arg, do, dq, qdq, s_in, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, NT,
         NEED_DG=need_dg, **scan_k, **cfg)
-    if dh0 is None:
+    if dh0 is None and need_dh0:
         dh0 = ds_start[plan.first_seg_index]
         if dht is not None:
             dh0 = torch.where(plan.nonempty.view(-1, 1, 1, 1), dh0, dht.float())
@@ -268,9 +286,13 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
 
 # ----------------------------------------------------------------------------- forward / backward
 
-def chunk_linear_attention_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool = False):
-    """Flat inputs (see `_launch_fwd`). Returns o, the final state [N, H, K, V] and what backward needs."""
+def chunk_linear_attention_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool = False,
+                               need_final: bool = True):
+    """Flat inputs (see `_launch_fwd`). Returns o, the final state [N, H, K, V] (None unless need_final)
+    and what backward needs."""
     o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate_states)
+    if not need_final:
+        return o, None, s_in, seg_decay
     final = s_end[plan.last_seg_index]
     keep = plan.nonempty.view(-1, 1, 1, 1)
     final = torch.where(keep, final, h0.float() if h0 is not None else torch.zeros_like(final))
@@ -285,8 +307,9 @@ def _reverse_cumsum_per_sequence(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return (total - after[ends]).float()
 
 
-def chunk_linear_attention_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, final, plan: _Plan, need_dg: bool):
-    dq, dk, dv, dlogdecay, dh0 = _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan, need_dg)
+def chunk_linear_attention_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, final, plan: _Plan, need_dg: bool,
+                               need_dh0: bool = True):
+    dq, dk, dv, dlogdecay, dh0 = _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan, need_dg, need_dh0)
     dg = None
     if need_dg:
         if dht is not None:
@@ -306,7 +329,9 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, h0, scale, plan, output_final_state):
         g32 = g.float().contiguous() if g is not None else None
         need_dg = g is not None and ctx.needs_input_grad[3]
-        o, final, s_in, seg_decay = chunk_linear_attention_fwd(q, k, v, g32, scale, h0, plan, need_dg)
+        # The final state is needed for the output, and by backward only for dg when it has a gradient.
+        o, final, s_in, seg_decay = chunk_linear_attention_fwd(q, k, v, g32, scale, h0, plan, need_dg,
+                                                               need_final=output_final_state)
         ctx.save_for_backward(q, k, v, g32, s_in, seg_decay, final)
         ctx.scale, ctx.plan = scale, plan
         ctx.g_dtype = g.dtype if g is not None else None
@@ -317,11 +342,12 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g32, s_in, seg_decay, final = ctx.saved_tensors
         need_dg = g32 is not None and ctx.needs_input_grad[3]
+        need_dh0 = ctx.needs_input_grad[4]
         dq, dk, dv, dg, dh0 = chunk_linear_attention_bwd(
             q, k, v, g32, _aligned(do), dht.contiguous() if dht is not None else None, ctx.scale, s_in,
-            seg_decay, final, ctx.plan, need_dg)
+            seg_decay, final, ctx.plan, need_dg, need_dh0)
         dg = dg.to(ctx.g_dtype) if dg is not None else None
-        dh0 = dh0.to(ctx.h0_dtype) if ctx.needs_input_grad[4] else None
+        dh0 = dh0.to(ctx.h0_dtype) if need_dh0 else None
         return dq, dk, dv, dg, dh0, None, None, None
 
 

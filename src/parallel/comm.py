@@ -43,29 +43,49 @@ def post_recv_from_prev(like: torch.Tensor, sp: SequenceParallelContext):
 
     Posting it before this rank's own state pass lets the sender's send complete as soon as it is issued.
     """
+    wait_sends(sp)
     if sp.prev_rank is None:
         return None
     buf = torch.empty_like(like)
     return buf, dist.irecv(buf, src=sp.prev_rank, group=sp.group)
 
 
-def send_to_next(x: torch.Tensor, sp: SequenceParallelContext):
-    """Asynchronous send of x to rank r+1 (None on the last rank); the caller waits on the work."""
-    if sp.next_rank is None:
-        return None
-    return dist.isend(x.contiguous(), dst=sp.next_rank, group=sp.group)
+def _send_later(x: torch.Tensor, dst: int, sp: SequenceParallelContext) -> None:
+    """Asynchronous send of x to rank dst, waited for later by `wait_sends` (the caller does so after
+    its local pass, before it returns).
+
+    Nothing between the send and that point needs the send to have completed, so waiting at once would
+    only put the sender's compute stream (and, on gloo, its host) behind the receiver. The buffer stays
+    referenced until the wait, so the caching allocator cannot hand its memory to another tensor while the
+    send may still read it.
+    """
+    x = x.contiguous()
+    sp.pending_sends.append((dist.isend(x, dst=dst, group=sp.group), x))
 
 
-def send_to_prev(x: torch.Tensor, sp: SequenceParallelContext):
-    """Asynchronous send of x to rank r-1 (None on rank 0); the caller waits on the work."""
-    if sp.prev_rank is None:
-        return None
-    return dist.isend(x.contiguous(), dst=sp.prev_rank, group=sp.group)
+def wait_sends(sp: SequenceParallelContext) -> None:
+    """Wait for (order the current stream after) every send still pending on this context, and drop them."""
+    while sp.pending_sends:
+        work, _ = sp.pending_sends.pop()
+        work.wait()
+
+
+def send_to_next(x: torch.Tensor, sp: SequenceParallelContext) -> None:
+    """Asynchronous send of x to rank r+1 (nothing on the last rank); see `_send_later`."""
+    if sp.next_rank is not None:
+        _send_later(x, sp.next_rank, sp)
+
+
+def send_to_prev(x: torch.Tensor, sp: SequenceParallelContext) -> None:
+    """Asynchronous send of x to rank r-1 (nothing on rank 0); see `_send_later`."""
+    if sp.prev_rank is not None:
+        _send_later(x, sp.prev_rank, sp)
 
 
 def recv_from_next(like: torch.Tensor, sp: SequenceParallelContext) -> torch.Tensor | None:
     """Receive a tensor shaped like `like` from rank r+1 and wait for it (on NCCL the wait only orders
     the current CUDA stream); None on the last rank."""
+    wait_sends(sp)
     if sp.next_rank is None:
         return None
     buf = torch.empty_like(like)
@@ -88,9 +108,7 @@ def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv=None) -
     else:
         s_in, work = pending_recv
         work.wait()
-    work = send_to_next(decay[..., None, None] * s_in + s_loc, sp)
-    if work is not None:
-        work.wait()
+    send_to_next(decay[..., None, None] * s_in + s_loc, sp)
     return s_in
 
 
@@ -100,9 +118,7 @@ def ring_backward(ds_direct, decay, sp: SequenceParallelContext) -> torch.Tensor
     ds_out = recv_from_next(ds_direct, sp)
     if ds_out is None:
         ds_out = torch.zeros_like(ds_direct)
-    work = send_to_prev(ds_direct + decay[..., None, None] * ds_out, sp)
-    if work is not None:
-        work.wait()
+    send_to_prev(ds_direct + decay[..., None, None] * ds_out, sp)
     return ds_out
 
 

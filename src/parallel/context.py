@@ -41,6 +41,8 @@ class SequenceParallelContext:
     checked_signatures: set = field(default_factory=set, repr=False, compare=False)
     # (cu_seqlens tensor, its version, T_local, RankPlan) of the last packed call (see lasp._rank_plan).
     plan_cache: tuple | None = field(default=None, repr=False, compare=False)
+    # Sends whose completion nobody has waited for yet: (work, buffer), see lasp_hf.parallel.comm.
+    pending_sends: list = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self):
         if self.mode not in SP_MODES:

@@ -351,6 +351,7 @@ class _LaspFunction(torch.autograd.Function):
                 *leaves[:4], scale=run.scale, initial_state=leaves[4], output_final_state=True,
                 cu_seqlens=run.local_cu,
             )
+        comm.wait_sends(sp)  # the state's send overlapped the local pass; it must be done before we return
         final = None
         if run.output_final_state:
             num_rows = plan.num_docs if plan.local_bounds is not None else B
@@ -400,6 +401,7 @@ class _LaspFunction(torch.autograd.Function):
 
         wanted = [i for i, x in enumerate(leaves) if x is not None and x.requires_grad]
         got = torch.autograd.grad([o, finals], [leaves[i] for i in wanted], [do, dht], allow_unused=True)
+        comm.wait_sends(sp)  # the gradient's send overlapped the local backward
         grads = [None] * 5
         for i, gr in zip(wanted, got):
             grads[i] = gr
