@@ -2,12 +2,14 @@
 the unchunked model (logits and every parameter gradient), the proof that its `[T, intermediate_size]` tensors
 are not kept whole, and `recipes/max_seq_len.py` with `--mlp_chunk_size` and `--fsdp`."""
 
+import gc
 import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -100,6 +102,22 @@ def test_chunked_mlp_keeps_no_intermediate_tensor_whole():
     ids = torch.randint(1, VOCAB, (B, T))
     assert whole in _saved_shapes(reference.train(), ids)
     assert not any(shape[-2:] == whole[-2:] for shape in _saved_shapes(chunked.train(), ids))
+
+
+def test_chunked_mlp_under_layer_checkpointing_keeps_no_hidden_state_alive():
+    # The chunks' checkpoints save their inputs (slices of the block's mid hidden state) through the layer
+    # checkpoint's hooks, so after the forward the mid hidden states are gone, as without chunks.
+    _, chunked = _pair(BLOCKS[0], 8)
+    chunked.train().activation_checkpointing_enable()
+    mids = []
+    for layer in chunked.model.layers:
+        layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda module, args: mids.append(weakref.ref(args[0]._base))
+        )
+    logits = chunked(input_ids=torch.randint(1, VOCAB, (B, T)), use_cache=False).logits
+    gc.collect()
+    assert len(mids) == 2 * 4 and all(mid() is None for mid in mids)
+    assert logits.requires_grad
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "layer-checkpointing"])
