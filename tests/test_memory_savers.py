@@ -185,3 +185,36 @@ def test_max_seq_len_with_fsdp2_over_two_cpu_ranks(tmp_path):
     assert "FSDP2 (parameters, gradients, optimizer states / 2)" in result.stdout.strip().splitlines()[-1]
     record = json.loads(result_file.read_text())
     assert record["longest_block_size"] == 128 and record["fsdp"] and record["sequence_parallel_size"] == 2
+
+
+def _recipe_fsdp2_gradients(ids, chunk_size):
+    """One step as max_seq_len.py takes it under --fsdp: SP = 2, FSDP2 over both ranks, chunked MLP inside the
+    layer checkpoints, activations offloaded; the full gradients (averaged over the 2 ranks)."""
+    from lasp_hf.parallel import init_sequence_parallel
+    from lasp_hf.parallel.sharding import shard_batch_for_sp
+
+    spec = importlib.util.spec_from_file_location("recipe_max_seq_len_fsdp", REPO / "recipes" / "max_seq_len.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    _, model = _pair(BLOCKS[1], chunk_size)
+    model.train().activation_checkpointing_enable()
+    sharded = recipe.shard_with_fsdp2(model, torch.float32)
+    sp = init_sequence_parallel(2)
+    batch = shard_batch_for_sp({"input_ids": ids, "labels": ids}, sp)
+    with torch.autograd.graph.save_on_cpu():
+        loss = sharded(**batch, loss_reduction="sum").loss
+    loss.backward()
+    return {name: p.grad.full_tensor() for name, p in sharded.named_parameters()}
+
+
+@pytest.mark.distributed
+def test_recipe_fsdp2_with_chunked_mlp_gives_the_unsharded_gradient():
+    from distributed_utils import run_distributed
+
+    ids = torch.randint(1, VOCAB, (1, 2 * T + 2))
+    grads = run_distributed(_recipe_fsdp2_gradients, 2, ids, 8)[0]
+    reference, _ = _pair(BLOCKS[1], 8)
+    reference.train()(input_ids=ids, labels=ids, loss_reduction="sum").loss.backward()
+    for name, p in reference.named_parameters():
+        # FSDP2 averages the two ranks' gradients of their own slices' summed losses: half the full gradient.
+        assert rel_err(2 * grads[name], p.grad) <= 1e-4, name
