@@ -185,6 +185,44 @@ def test_sp_linear_attention_triton_local_pass():
     assert len(results[0]) == 3 * 2 * 2
 
 
+def _reuse_worker(W: int) -> dict:
+    """`_op_worker` on the Triton backend with one chunk per segment, so every rank's plan has several
+    segments and the SP op hands its state-only passes' per-segment results to the local pass and the
+    local backward (`SegmentReuse`); also counts how often the op took them."""
+    from lasp_hf.kernels.triton import chunk
+
+    chunk.CHUNKS_PER_SEGMENT = 1
+    taken = {"states": 0, "dstates": 0}
+    take_states, take_dstates = chunk.SegmentReuse.take_states, chunk.SegmentReuse.take_dstates
+
+    def counting(method, name):
+        def wrapper(self, *args):
+            got = method(self, *args)
+            taken[name] += got is not None
+            return got
+        return wrapper
+
+    chunk.SegmentReuse.take_states = counting(take_states, "states")
+    chunk.SegmentReuse.take_dstates = counting(take_dstates, "dstates")
+    errors = _op_worker(W, "triton", ("dense",), G_MODES, (2, 16, 16))
+    errors["taken"] = {name: float(count) for name, count in taken.items()}
+    return errors
+
+
+@pytest.mark.distributed
+def test_sp_reuses_the_state_only_passes_in_the_local_pass():
+    """Dense input cut into several segments per rank: the local pass and local backward take the per-segment
+    states the SP exchange computed (instead of computing them again), and the result is still exact."""
+    pytest.importorskip("triton")
+    results = run_distributed(_reuse_worker, 2, 2, start_method="spawn", env={"TRITON_INTERPRET": "1"})
+    taken = [errors.pop("taken") for errors in results]
+    bad = _failures(results)
+    assert not bad, "\n".join(bad)
+    assert len(results[0]) == 3 * 2  # g modes x (ring, allgather)
+    # Rank 0 hands its state on (forward reuse), rank 1 receives one (backward reuse): once per g mode and mode.
+    assert taken[0]["states"] == 6 and taken[1]["dstates"] == 6, taken
+
+
 @pytest.mark.distributed
 def test_sp_linear_attention_state_only_hooks():
     """A backend's state-only kernels (final_state_only, initial_state_grad_only) replace the op's own."""

@@ -204,26 +204,51 @@ def _launch_setup(q, v, g, plan: _Plan, phase: str, accurate_states: bool):
     return H, K, V, triton.cdiv(V, BV), plan.num_segs, cfg, meta, scan
 
 
-def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool):
+def _launch_segment_state(k, v, g, plan: _Plan, accurate_states: bool):
+    """Step 1 of the forward: every segment's state from zero [S, H, K, V] and its log-decay [S, H]."""
+    H, K, V, NV, S, cfg, meta, scan = _launch_setup(k, v, g, plan, "fwd", accurate_states)
+    s_loc = empty(k, (S, H, K, V), torch.float32)
+    seg_decay = empty(k, (S, H), torch.float32)
+    _fwd_kernel_segment_state[(S, H, NV)](
+        k, v, g if g is not None else k, s_loc, seg_decay, plan.seg_bos, plan.seg_eos, plan.chunks_per_segment,
+        NV=NV, **scan, **cfg)
+    return s_loc, seg_decay
+
+
+def _launch_segment_dstate(q, do, g, scale, plan: _Plan, need_dg: bool, store_decay: bool = False):
+    """Step 1 of the backward: every segment's dL/dS_in from its own outputs [S, H, K, V] (and, with
+    store_decay, the segments' log-decays [S, H], else None)."""
+    H, K, V, NV, S, cfg, meta, scan = _launch_setup(q, do, g, plan, "bwd", need_dg)
+    ds_loc = empty(q, (S, H, K, V), torch.float32)
+    seg_decay = empty(q, (S, H), torch.float32) if store_decay else ds_loc
+    _bwd_kernel_segment_dstate[(S, H, NV)](
+        q, do, g if g is not None else q, ds_loc, seg_decay, plan.seg_bos, plan.seg_eos, scale,
+        plan.chunks_per_segment, NV=NV, STORE_DECAY=store_decay, **scan, **cfg)
+    return ds_loc, (seg_decay if store_decay else None)
+
+
+def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segment_states=None):
     """q, k: [NT, H, K]; v: [NT, H, V]; g: None, [H] or [NT, H] float32; h0: None or [N, H, K, V].
     accurate_states: states to ~16 mantissa bits with bf16/fp16 inputs (when dg will be needed).
+    segment_states: step 1's result computed earlier by the caller (`SegmentReuse`), or None.
     Returns o [NT, H, V], S_in and S_end per segment [S, H, K, V] and the segments' log-decays [S, H]."""
     H, K, V, NV, S, cfg, meta, scan = _launch_setup(q, v, g, plan, "fwd", accurate_states)
     g_arg = g if g is not None else q
-    seg_decay = empty(q, (S, H), torch.float32)
     if plan.max_segs > 1:
-        s_loc = empty(q, (S, H, K, V), torch.float32)
-        _fwd_kernel_segment_state[(S, H, NV)](
-            k, v, g_arg, s_loc, seg_decay, plan.seg_bos, plan.seg_eos, plan.chunks_per_segment, NV=NV, **scan,
-            **cfg)
+        if segment_states is not None:
+            s_loc, seg_decay = segment_states
+        else:
+            s_loc, seg_decay = _launch_segment_state(k, v, g, plan, accurate_states)
         s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
         _fwd_kernel_segment_combine[(plan.num_seqs, H, NV)](
             s_loc, seg_decay, s_in, h0 if h0 is not None else s_loc, plan.seq_first_seg, plan.seq_num_segs,
             plan.max_segs, HAS_INIT=h0 is not None, **meta, **cfg)
-    elif h0 is not None:
-        s_in = h0.float()[plan.seg_seq].contiguous()
     else:
-        s_in = q.new_zeros(S, H, K, V, dtype=torch.float32)
+        seg_decay = empty(q, (S, H), torch.float32)
+        if h0 is not None:
+            s_in = h0.float()[plan.seg_seq].contiguous()
+        else:
+            s_in = q.new_zeros(S, H, K, V, dtype=torch.float32)
     o = empty(v, v.shape, v.dtype)
     s_end = empty(s_in, s_in.shape, s_in.dtype)
     _fwd_kernel_output[(S, H, NV)](
@@ -232,17 +257,19 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool):
     return o, s_in, s_end, seg_decay
 
 
-def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_dg: bool, need_dh0: bool = True):
+def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_dg: bool, need_dh0: bool = True,
+                segment_dstates=None):
     """Returns dq, dk, dv (in q's dtype), dL/dB per token [NT, H] (float32) and dh0 [N, H, K, V] (None
-    when not need_dh0 and no kernel produced it anyway)."""
+    when not need_dh0 and no kernel produced it anyway). segment_dstates: step 1's result computed earlier
+    by the caller (`SegmentReuse`), or None."""
     NT = q.shape[0]
     H, K, V, NV, S, cfg, meta, scan = _launch_setup(q, v, g, plan, "bwd", need_dg)
     g_arg = g if g is not None else q
     if plan.max_segs > 1:
-        ds_loc = empty(q, (S, H, K, V), torch.float32)
-        _bwd_kernel_segment_dstate[(S, H, NV)](
-            q, do, g_arg, ds_loc, seg_decay, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, NV=NV,
-            **scan, **cfg)
+        if segment_dstates is not None:
+            ds_loc = segment_dstates
+        else:
+            ds_loc, _ = _launch_segment_dstate(q, do, g, scale, plan, need_dg)
         ds_out = empty(ds_loc, ds_loc.shape, ds_loc.dtype)
         dh0 = empty(q, (plan.num_seqs, H, K, V), torch.float32)
         _bwd_kernel_segment_combine[(plan.num_seqs, H, NV)](
@@ -287,10 +314,10 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
 # ----------------------------------------------------------------------------- forward / backward
 
 def chunk_linear_attention_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool = False,
-                               need_final: bool = True):
+                               need_final: bool = True, segment_states=None):
     """Flat inputs (see `_launch_fwd`). Returns o, the final state [N, H, K, V] (None unless need_final)
     and what backward needs."""
-    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate_states)
+    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate_states, segment_states)
     if not need_final:
         return o, None, s_in, seg_decay
     final = s_end[plan.last_seg_index]
@@ -308,8 +335,9 @@ def _reverse_cumsum_per_sequence(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 
 def chunk_linear_attention_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, final, plan: _Plan, need_dg: bool,
-                               need_dh0: bool = True):
-    dq, dk, dv, dlogdecay, dh0 = _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan, need_dg, need_dh0)
+                               need_dh0: bool = True, segment_dstates=None):
+    dq, dk, dv, dlogdecay, dh0 = _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan, need_dg, need_dh0,
+                                             segment_dstates)
     dg = None
     if need_dg:
         if dht is not None:
@@ -324,15 +352,94 @@ def chunk_linear_attention_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, fina
     return dq, dk, dv, dg, dh0
 
 
+class SegmentReuse:
+    """Step 1 of the forward and of the backward (every segment's state, every segment's dL/dS_in), computed
+    by a caller that needs them before the op runs, and then handed to the op instead of computed twice.
+
+    Sequence parallelism (`lasp_hf.parallel.lasp`) is that caller: before its local pass a rank needs the
+    state its tokens produce from a zero start (to send on), and before its local backward the gradient of
+    the state it received; both are folds of exactly these per-segment results. Only for dense input whose
+    rows the plan cuts into several segments (one segment per row has no step 1). `SegmentReuse.make`
+    returns None otherwise. The stored tensors are dropped once the op has used them.
+    """
+
+    def __init__(self, plan: _Plan, shape, accurate_states: bool):
+        self.plan, self.shape, self.accurate_states = plan, shape, accurate_states
+        self.segment_states = None    # (s_loc [S, H, K, V], seg_decay [S, H])
+        self.segment_dstates = None   # ds_loc [S, H, K, V]
+
+    @classmethod
+    def make(cls, q, k, v, g, accurate_states: bool):
+        """For the op's dense inputs q, k [B, T, H, K], v [B, T, H, V]; None where there is nothing to reuse."""
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        plan = _dense_plan(B, T, H, triton.cdiv(V, _blocks(K, V, "fwd")[1]), q.device,
+                           (CHUNKS_PER_SEGMENT, PROGRAMS_PER_SM))
+        return cls(plan, (B, T, H, K, V), accurate_states) if plan.max_segs > 1 else None
+
+    def _flat(self, x):
+        B, T, H = self.shape[:3]
+        return _aligned(x.reshape(B * T, H, x.shape[-1]))
+
+    def _g(self, g):
+        if g is None:
+            return None
+        B, T, H = self.shape[:3]
+        return g.float().reshape(B * T, H).contiguous() if g.dim() == 3 else g.float().contiguous()
+
+    def _fold(self, local, seg_decay, start, reverse: bool):
+        from lasp_hf.kernels.triton.chunk_kernels import _kernel_segment_fold
+
+        B, _, H, K, V = self.shape
+        BK, BV = _blocks_k(K, V, "fwd")
+        NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+        out = empty(local, (B, H, K, V), torch.float32)
+        start = start.float().contiguous() if start is not None else None
+        _kernel_segment_fold[(B, H, NK * NV)](
+            local, seg_decay, out, start if start is not None else local, self.plan.seq_first_seg,
+            self.plan.seq_num_segs, self.plan.max_segs, H=H, K=K, V=V, BK=BK, BV=BV, NV=NV,
+            HAS_START=start is not None, REVERSE=reverse, **_config("fwd", local.dtype, BK, local.device))
+        return out
+
+    @torch.no_grad()
+    def final_state(self, k, v, g, initial_state=None):
+        """The state after each row's T tokens from `initial_state` (zeros if None), float32 [B, H, K, V];
+        keeps the segments' states for the op's forward."""
+        s_loc, seg_decay = _launch_segment_state(self._flat(k), self._flat(v), self._g(g), self.plan,
+                                                 self.accurate_states)
+        self.segment_states = (s_loc, seg_decay)
+        return self._fold(s_loc, seg_decay, initial_state, reverse=False)
+
+    @torch.no_grad()
+    def initial_state_grad(self, q, do, g, scale: float):
+        """d sum(o * do) / d initial_state = scale * sum_t exp(G_t) q_t^T do_t, float32 [B, H, K, V]; keeps
+        the segments' gradients for the op's backward (which must then get the same do)."""
+        ds_loc, seg_decay = _launch_segment_dstate(self._flat(q), self._flat(do.to(q.dtype)), self._g(g), scale,
+                                                   self.plan, self.accurate_states, store_decay=True)
+        self.segment_dstates = ds_loc
+        return self._fold(ds_loc, seg_decay, None, reverse=True)
+
+    def take_states(self, plan: _Plan, accurate_states: bool):
+        """The kept segment states if they fit this call of the op (then forgotten), else None."""
+        states, self.segment_states = self.segment_states, None
+        return states if plan is self.plan and accurate_states == self.accurate_states else None
+
+    def take_dstates(self, plan: _Plan, need_dg: bool):
+        dstates, self.segment_dstates = self.segment_dstates, None
+        return dstates if plan is self.plan and need_dg == self.accurate_states else None
+
+
 class ChunkLinearAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, scale, plan, output_final_state):
+    def forward(ctx, q, k, v, g, h0, scale, plan, output_final_state, reuse=None):
         g32 = g.float().contiguous() if g is not None else None
         need_dg = g is not None and ctx.needs_input_grad[3]
         # The final state is needed for the output, and by backward only for dg when it has a gradient.
-        o, final, s_in, seg_decay = chunk_linear_attention_fwd(q, k, v, g32, scale, h0, plan, need_dg,
-                                                               need_final=output_final_state)
+        o, final, s_in, seg_decay = chunk_linear_attention_fwd(
+            q, k, v, g32, scale, h0, plan, need_dg, need_final=output_final_state,
+            segment_states=reuse.take_states(plan, need_dg) if reuse is not None else None)
         ctx.save_for_backward(q, k, v, g32, s_in, seg_decay, final)
+        ctx.reuse = reuse
         ctx.scale, ctx.plan = scale, plan
         ctx.g_dtype = g.dtype if g is not None else None
         ctx.h0_dtype = h0.dtype if h0 is not None else None
@@ -343,18 +450,19 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
         q, k, v, g32, s_in, seg_decay, final = ctx.saved_tensors
         need_dg = g32 is not None and ctx.needs_input_grad[3]
         need_dh0 = ctx.needs_input_grad[4]
+        dstates = ctx.reuse.take_dstates(ctx.plan, need_dg) if ctx.reuse is not None else None
         dq, dk, dv, dg, dh0 = chunk_linear_attention_bwd(
             q, k, v, g32, _aligned(do), dht.contiguous() if dht is not None else None, ctx.scale, s_in,
-            seg_decay, final, ctx.plan, need_dg, need_dh0)
+            seg_decay, final, ctx.plan, need_dg, need_dh0, dstates)
         dg = dg.to(ctx.g_dtype) if dg is not None else None
         dh0 = dh0.to(ctx.h0_dtype) if need_dh0 else None
-        return dq, dk, dv, dg, dh0, None, None, None
+        return dq, dk, dv, dg, dh0, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public function
 
 def chunk_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None, output_final_state=False,
-                           cu_seqlens=None):
+                           cu_seqlens=None, reuse: SegmentReuse | None = None):
     """Triton backend of `lasp_hf.linear_attention` (inputs already validated by `lasp_hf.ops`).
 
     Args:
@@ -364,6 +472,7 @@ def chunk_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None,
         initial_state: None or [B, H, K, V] ([N, H, K, V] with cu_seqlens).
         output_final_state: also return the float32 state after the last token.
         cu_seqlens: None or int [N + 1] with B == 1: packed sequences.
+        reuse: per-segment results a caller computed already (`SegmentReuse`; dense input only).
     Returns:
         o [B, T, H, V] in v's dtype, and the final state float32 [B or N, H, K, V] or None.
     """
@@ -377,5 +486,7 @@ def chunk_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None,
     flat = [_aligned(x.reshape(B * T, H, x.shape[-1])) for x in (q, k, v)]
     g_flat = g.reshape(B * T, H) if (g is not None and g.dim() == 3) else g
     h0 = initial_state.contiguous() if initial_state is not None else None
-    o, final = ChunkLinearAttentionFunction.apply(*flat, g_flat, h0, scale, plan, output_final_state)
+    if reuse is not None and cu_seqlens is not None:
+        raise ValueError("reuse (SegmentReuse) is for dense input; got cu_seqlens")
+    o, final = ChunkLinearAttentionFunction.apply(*flat, g_flat, h0, scale, plan, output_final_state, reuse)
     return o.view(B, T, H, V), final

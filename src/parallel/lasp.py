@@ -223,18 +223,23 @@ def _segment_state(k, v, g, lo: int, hi: int, h0, local_impl=None):
     return state
 
 
-def _carried_state_grad(q, do, g, n: int, scale: float, local_impl=None):
+def _carried_state_grad(q, do, g, n: int, scale: float, local_impl=None, reuse=None):
     """scale * sum_{t < n} exp(G_t) q_t^T do_t (G inclusive from the rank's start), float32 [B, H, K, V],
     and exp(G_{n-1}) [B, H] (None when g is None).
 
     A backend may provide the first as `initial_state_grad_only(q, do, g, *, scale)`: the gradient
-    of sum(o * do) with respect to the initial state, which needs neither k nor v.
+    of sum(o * do) with respect to the initial state, which needs neither k nor v; or, for dense
+    input (n = L), through the forward's `reuse` object, which keeps its per-segment parts for the
+    local backward.
     """
-    B, _, H, _ = q.shape
+    B, L, H, _ = q.shape
     hook = getattr(local_impl, "initial_state_grad_only", None)
     if hook is not None:
         g_part = g[:, :n] if g is not None and g.dim() == 3 else g
-        ds = hook(q[:, :n], do[:, :n], g_part, scale=scale).float()
+        if reuse is not None and n == L:
+            ds = reuse.initial_state_grad(q, do, g, scale)
+        else:
+            ds = hook(q[:, :n], do[:, :n], g_part, scale=scale).float()
         if g is None:
             return ds, None
         total = g.float() * n if g.dim() == 1 else g[:, :n].float().sum(1)
@@ -333,15 +338,26 @@ class _LaspFunction(torch.autograd.Function):
         state_like = q.new_empty(B, H, K, V, dtype=torch.float32)
         pending = comm.post_recv_from_prev(state_like, sp) if run.mode == "ring" else None
 
+        needs = ctx.needs_input_grad
+        # Dense input on a backend that can: the per-segment states of the state-only passes are kept for the
+        # local pass (forward) and the local backward, which then skip computing them again.
+        make_reuse = getattr(run.local_impl, "SegmentReuse", None)
+        reuse = None
+        if make_reuse is not None and plan.local_bounds is None:
+            reuse = make_reuse.make(q, k, v, g, accurate_states=g is not None and needs[3])
         decay = _rank_decay(g, B, L, H, q.device) if plan.passes_through else q.new_zeros(B, H, dtype=torch.float32)
-        s_loc = _handed_on_state(run, k, v, g, initial_state) if plan.hands_on else torch.zeros_like(state_like)
+        if not plan.hands_on:
+            s_loc = torch.zeros_like(state_like)
+        elif reuse is not None:
+            s_loc = reuse.final_state(k, v, g, initial_state if not plan.carried_len else None)
+        else:
+            s_loc = _handed_on_state(run, k, v, g, initial_state)
         if run.mode == "ring":
             s_in, decays = comm.ring_forward(s_loc, decay, sp, pending), None
         else:
             s_in, decays = comm.allgather_forward(s_loc, decay, sp)
 
         h0 = _local_initial_state(run, initial_state, s_in)
-        needs = ctx.needs_input_grad
         leaves = [
             x.detach().requires_grad_(needs[i]) if x is not None else None
             for i, x in enumerate((q, k, v, g, h0))
@@ -349,14 +365,14 @@ class _LaspFunction(torch.autograd.Function):
         with torch.enable_grad() if any(needs[:5]) else torch.no_grad():
             o, finals = run.local_impl.chunk_linear_attention(
                 *leaves[:4], scale=run.scale, initial_state=leaves[4], output_final_state=True,
-                cu_seqlens=run.local_cu,
+                cu_seqlens=run.local_cu, **({"reuse": reuse} if reuse is not None else {}),
             )
         comm.wait_sends(sp)  # the state's send overlapped the local pass; it must be done before we return
         final = None
         if run.output_final_state:
             num_rows = plan.num_docs if plan.local_bounds is not None else B
             final = comm.all_reduce_sum(_final_states(plan, finals.detach(), initial_state, num_rows), sp)
-        ctx.run, ctx.inner, ctx.decay, ctx.decays = run, (o, finals, leaves), decay, decays
+        ctx.run, ctx.inner, ctx.decay, ctx.decays, ctx.reuse = run, (o, finals, leaves), decay, decays, reuse
         ctx.initial_state_like = (initial_state.shape, initial_state.dtype) if initial_state is not None else None
         return o.detach(), final
 
@@ -386,7 +402,7 @@ class _LaspFunction(torch.autograd.Function):
         ds_direct = q.new_zeros(do.shape[0], *finals.shape[1:], dtype=torch.float32)
         if plan.carried_len:
             ds_direct, first_decay = _carried_state_grad(q.detach(), do, g.detach() if g is not None else None,
-                                                         plan.carried_len, run.scale, run.local_impl)
+                                                         plan.carried_len, run.scale, run.local_impl, ctx.reuse)
             d_first = dht[:1] if packed else dht
             ds_direct = ds_direct + (first_decay[..., None, None] * d_first if first_decay is not None else d_first)
         if run.mode == "ring":
