@@ -402,22 +402,37 @@ class SegmentReuse:
         return out
 
     @torch.no_grad()
+    def prepare_states(self, k, v, g):
+        """Compute and keep the segments' states for the op's forward; returns them (s_loc, seg_decay).
+
+        A rank that waits for a state before its local pass calls this first, so the wait overlaps work
+        its local pass needs anyway."""
+        self.segment_states = _launch_segment_state(self._flat(k), self._flat(v), self._g(g), self.plan,
+                                                    self.accurate_states)
+        return self.segment_states
+
+    @torch.no_grad()
     def final_state(self, k, v, g, initial_state=None):
         """The state after each row's T tokens from `initial_state` (zeros if None), float32 [B, H, K, V];
         keeps the segments' states for the op's forward."""
-        s_loc, seg_decay = _launch_segment_state(self._flat(k), self._flat(v), self._g(g), self.plan,
-                                                 self.accurate_states)
-        self.segment_states = (s_loc, seg_decay)
+        s_loc, seg_decay = self.prepare_states(k, v, g)
         return self._fold(s_loc, seg_decay, initial_state, reverse=False)
 
     @torch.no_grad()
-    def initial_state_grad(self, q, do, g, scale: float):
-        """d sum(o * do) / d initial_state = scale * sum_t exp(G_t) q_t^T do_t, float32 [B, H, K, V]; keeps
-        the segments' gradients for the op's backward (which must then get the same do)."""
+    def prepare_dstates(self, q, do, g, scale: float):
+        """Compute and keep the segments' state gradients for the op's backward (which must then get the
+        same do); returns (ds_loc, seg_decay). Like `prepare_states`, for a rank about to wait."""
         ds_loc, seg_decay = _launch_segment_dstate(self._flat(q), self._flat(do.to(q.dtype)), self._g(g), scale,
                                                    self.plan, self.accurate_states, store_decay=True)
         self.segment_dstates = ds_loc
-        return self._fold(ds_loc, seg_decay, None, reverse=True)
+        return ds_loc, seg_decay
+
+    def initial_state_grad(self, q, do, g, scale: float):
+        """d sum(o * do) / d initial_state = scale * sum_t exp(G_t) q_t^T do_t, float32 [B, H, K, V]; keeps
+        the segments' gradients for the op's backward (which must then get the same do)."""
+        ds_loc, seg_decay = self.prepare_dstates(q, do, g, scale)
+        with torch.no_grad():
+            return self._fold(ds_loc, seg_decay, None, reverse=True)
 
     def take_states(self, plan: _Plan, accurate_states: bool):
         """The kept segment states if they fit this call of the op (then forgotten), else None."""

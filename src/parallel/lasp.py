@@ -348,6 +348,10 @@ class _LaspFunction(torch.autograd.Function):
         decay = _rank_decay(g, B, L, H, q.device) if plan.passes_through else q.new_zeros(B, H, dtype=torch.float32)
         if not plan.hands_on:
             s_loc = torch.zeros_like(state_like)
+            if reuse is not None:
+                # Nothing to send, but the local pass's first step needs no received state: run it now, so
+                # that waiting for the state overlaps it instead of delaying it.
+                reuse.prepare_states(k, v, g)
         elif reuse is not None:
             s_loc = reuse.final_state(k, v, g, initial_state if not plan.carried_len else None)
         else:
@@ -405,6 +409,9 @@ class _LaspFunction(torch.autograd.Function):
                                                          plan.carried_len, run.scale, run.local_impl, ctx.reuse)
             d_first = dht[:1] if packed else dht
             ds_direct = ds_direct + (first_decay[..., None, None] * d_first if first_decay is not None else d_first)
+        elif ctx.reuse is not None and plan.hands_on:
+            # No carried state to differentiate, but the local backward's first step can run before the wait.
+            ctx.reuse.prepare_dstates(q.detach(), do, g.detach() if g is not None else None, run.scale)
         if run.mode == "ring":
             ds_out = comm.ring_backward(ds_direct, ctx.decay, sp)
         else:
