@@ -26,6 +26,7 @@ import torch
 import transformers
 from lasp_hf import LaspConfig, LaspForCausalLM
 from lasp_hf.training import LaspTrainer, LaspTrainingArguments, PackedBlockCollator, build_clm_datasets
+from lasp_hf.training.profiling import ProfileStepsCallback
 from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,6 +66,11 @@ class ScriptArguments:
         default=False, metadata={"help": "Tokenize and pack on the fly (corpora larger than memory; needs --max_steps)."}
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    profile_steps: list[int] | None = field(
+        default=None,
+        metadata={"help": "Two step numbers FIRST LAST: profile those training steps with torch.profiler; rank 0 "
+                          "writes <output_dir>/profile-steps-FIRST-LAST.txt (op tables by device and CPU time)."},
+    )
 
 
 def parse_args(argv=None) -> tuple[ScriptArguments, LaspTrainingArguments]:
@@ -131,6 +137,10 @@ def main(argv=None) -> None:
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=PackedBlockCollator(),
     )
+    if script_args.profile_steps:
+        if len(script_args.profile_steps) != 2:
+            raise ValueError(f"--profile_steps takes two step numbers FIRST LAST, got {script_args.profile_steps}")
+        trainer.add_callback(ProfileStepsCallback(*script_args.profile_steps))
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()  # save_pretrained: safetensors, config with auto_map, the model code, the tokenizer
     trainer.log_metrics("train", result.metrics)
