@@ -2,11 +2,11 @@
 # Run the GPU tests and the benchmarks on a lent GPU machine, writing everything under $OUT.
 #
 #   bash benchmarks/run_device.sh                 # tests, kernels, sp (in that order)
-#   bash benchmarks/run_device.sh kernels sp      # only some parts: any of  tests kernels sp train
+#   bash benchmarks/run_device.sh kernels sp      # only some parts: any of  tests kernels sp train maxlen host
 #
 # From the repo root, with `.whl` carried (fill it here with `bash ../shared/device/wheels.sh`).
 # The device's copy has no .git: pass the commit, e.g.  LASP_HF_COMMIT=<sha> bash benchmarks/run_device.sh
-# Optional: KERNELS_ARGS / SP_ARGS (extra arguments, e.g. KERNELS_ARGS="--cases chunk-B1-*"),
+# Optional: KERNELS_ARGS / SP_ARGS / TRAIN_ARGS / MAXLEN_ARGS / MAXLEN1_ARGS (extra arguments, e.g. KERNELS_ARGS="--cases chunk-B1-*"),
 # PART_TIMEOUT (seconds per part, default 540), SKIP_INSTALL=1, SP_WORLDS (e.g. "2 4"; default: min(4, #GPUs), and 2 if 4).
 # SP_ARGS defaults to --profile (each sp world also writes sp-<card>-W<n>-profile.txt).
 #
@@ -79,13 +79,32 @@ for part in "${PARTS[@]}"; do
           benchmarks/sp_scaling.py --out "$OUT" ${SP_ARGS:---profile}
       done ;;
     train)
-      # Loss parity SP=1 vs SP=min(4, #GPUs) through accelerate launch (benchmarks/train_parity.py).
+      # Loss parity SP=1 vs SP=min(4, #GPUs) through accelerate launch (benchmarks/train_parity.py): 32K tokens
+      # per GPU, one SP run per accelerate config (DDP and FSDP2 on 4 GPUs).
       TW=$(( NGPU >= 4 ? 4 : NGPU ))
+      CONFIGS=""
+      [ "$TW" -eq 4 ] && CONFIGS="--accelerate_config recipes/accelerate/ddp_sp4.yaml recipes/accelerate/fsdp2_sp4.yaml"
       # shellcheck disable=SC2086
-      run_part "train-W$TW" python3 benchmarks/train_parity.py --world "$TW" --out "$OUT" \
-        ${TRAIN_ARGS:---model_config recipes/configs/tnl-385m.json --block_size 16384 --steps 20 --bf16} ;;
+      run_part "train-W$TW" python3 benchmarks/train_parity.py --world "$TW" --out "$OUT" $CONFIGS \
+        ${TRAIN_ARGS:---model_config recipes/configs/tnl-385m.json --block_size $((32768 * TW)) --steps 20 --bf16 --gradient_checkpointing} ;;
+    maxlen)
+      # The longest tnl-1b sequence on all GPUs (SP = #GPUs, FSDP2 config on 4) with every memory saver, and on one.
+      MW=$(( NGPU >= 4 ? 4 : 1 ))
+      if [ "$MW" -eq 4 ]; then
+        # shellcheck disable=SC2086
+        run_part "maxlen-W4" python3 -m accelerate.commands.launch --config_file recipes/accelerate/fsdp2_sp4.yaml \
+          recipes/max_seq_len.py --json "$OUT/max-seq-len-tnl-1b-W4.json" \
+          ${MAXLEN_ARGS:---model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --start 1048576 --granularity 524288 --max_block_size 4194304}
+      fi
+      # shellcheck disable=SC2086
+      CUDA_VISIBLE_DEVICES=0 run_part "maxlen-W1" python3 recipes/max_seq_len.py --json "$OUT/max-seq-len-tnl-1b-W1.json" \
+        ${MAXLEN1_ARGS:---model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --start 262144 --granularity 131072 --max_block_size 2097152} ;;
+    host)
+      run_part "host-W1" python3 benchmarks/host_overhead.py --out "$OUT"
+      [ "$NGPU" -ge 2 ] && run_part "host-W$(( NGPU >= 4 ? 4 : 2 ))" python3 -m torch.distributed.run --standalone \
+        --nproc_per_node "$(( NGPU >= 4 ? 4 : 2 ))" benchmarks/host_overhead.py --out "$OUT" ;;
     *)
-      echo "run_device.sh: unknown part '$part' (use tests, kernels, sp, train)" >&2; exit 2 ;;
+      echo "run_device.sh: unknown part '$part' (use tests, kernels, sp, train, maxlen, host)" >&2; exit 2 ;;
   esac
 done
 
