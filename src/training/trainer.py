@@ -71,10 +71,10 @@ class LaspTrainingArguments(TrainingArguments):
         # would each train alone. Join them over gloo on the CPU instead.
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             self.use_cpu = True
-            for engine in ("FSDP", "DEEPSPEED"):
-                if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
-                    logger.warning(f"accelerate does not run {engine} on the CPU: these processes train with plain "
-                                   "data parallelism over gloo instead")
+            # DeepSpeed's ZeRO does run on the CPU over gloo (tests/test_train_deepspeed.py); FSDP does not.
+            if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+                logger.warning("accelerate does not run FSDP on the CPU: these processes train with plain "
+                               "data parallelism over gloo instead")
         super().__post_init__()
 
 
@@ -346,7 +346,8 @@ class LaspTrainer(Trainer):
         if "loss" in logs and tokens and since is not None:
             now = time.perf_counter()
             tokens_per_second = tokens / max(now - since, 1e-9)
-            num_params = sum(p.numel() for p in self.model.parameters())
+            # ZeRO-3 leaves each rank an empty tensor per parameter; ds_numel is the full size.
+            num_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
             logs["tokens_per_second"] = round(tokens_per_second, 1)
             # 6 * parameters * tokens: the usual training FLOP count (attention's share is linear in T and small).
             logs["tflops_per_device"] = round(6 * num_params * tokens_per_second / self.accelerator.num_processes

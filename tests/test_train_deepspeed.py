@@ -1,0 +1,163 @@
+"""Training under LASP with DeepSpeed ZeRO 1 / 2 / 3 on CPU processes (gloo), through `accelerate launch`.
+
+The reference is the unsharded run: one process, plain torch, a batch of 2 blocks per step. Each ZeRO
+stage takes the same steps with SP = 2 (recipes/accelerate/cpu_deepspeed_zero{1,2,3}_sp2.yaml: 2
+processes, 1 block per micro-batch, 2 gradient-accumulation micro-batches): DeepSpeed shards the
+optimizer states (1), the gradients too (2) and the parameters too (3), averages the gradients over the
+2 ranks, clips them to norm 1 (`max_grad_norm`, which is active here: the norms are about 3) and steps
+its own copy of AdamW. fp32, a fixed seed and the same sampler order, so the per-step losses and
+gradient norms must agree with the unsharded run's to float32 rounding.
+
+Skipped where DeepSpeed is not installed (`pip install lasp-hf[deepspeed]`).
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("deepspeed")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_CLM = REPO / "recipes" / "train_clm.py"
+BLOCK = 64
+NUM_STEPS = 6
+COMMON = [
+    "--max_steps", str(NUM_STEPS), "--block_size", str(BLOCK), "--max_train_samples", "64",
+    "--learning_rate", "3e-3", "--logging_steps", "1", "--seed", "0", "--eval_fraction", "0.02",
+    "--disable_tqdm", "true",
+]
+SHARDED = ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"]
+RTOL = 1e-4  # fp32: the sharded runs sum the same token losses in another order
+STAGES = (1, 2, 3)
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def config_file(stage: int) -> pathlib.Path:
+    return REPO / "recipes" / "accelerate" / f"cpu_deepspeed_zero{stage}_sp2.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(output_dir, *args, stage=None, timeout=300):
+    """`accelerate launch --config_file cpu_deepspeed_zero{stage}_sp2.yaml train_clm.py` (plain python if no stage).
+
+    A timeout kills the launcher's whole process group: its workers too, not only itself.
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("LASP_SEQUENCE_PARALLEL_SIZE", None)
+    if stage is None:
+        command = [sys.executable, str(TRAIN_CLM)]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file(stage)),
+                   "--main_process_port", str(free_port()), str(TRAIN_CLM)]
+    command += ["--output_dir", str(output_dir), *COMMON, *args]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{command} did not finish in {timeout} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    assert process.returncode == 0, f"{command} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    return stdout + stderr
+
+
+def history(output_dir):
+    return json.loads((pathlib.Path(output_dir) / "trainer_state.json").read_text())["log_history"]
+
+
+def per_step(output_dir, key):
+    return {entry["step"]: entry[key] for entry in history(output_dir) if key in entry}
+
+
+def assert_match(values, reference, steps, what, rtol=RTOL):
+    assert sorted(values) == list(steps), f"logged {what} at steps {sorted(values)}, expected {list(steps)}"
+    for step in steps:
+        err = abs(values[step] - reference[step]) / abs(reference[step])
+        assert err <= rtol, f"step {step}: {what} {values[step]} vs unsharded {reference[step]} (rel. error {err:.2e})"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_deepspeed")
+    launch(root / "unsharded", "--per_device_train_batch_size", "2", "--save_strategy", "no")
+    logs = {}
+    for stage in STAGES:
+        save = ["--save_strategy", "steps", "--save_steps", "3"] if stage == 3 else ["--save_strategy", "no"]
+        logs[stage] = launch(root / f"zero{stage}", *SHARDED, *save, stage=stage)
+    return root, logs
+
+
+def test_runs_are_deepspeed_with_sp2(runs):
+    """Guards the test itself: the runs really went through DeepSpeed, with 2 sequence-parallel ranks."""
+    _, logs = runs
+    for stage in STAGES:
+        assert "1 data-parallel groups x 2 sequence-parallel ranks" in logs[stage]
+        assert "DEEPSPEED" in logs[stage], f"ZeRO-{stage} run did not use DeepSpeed"
+        assert "train with plain data parallelism" not in logs[stage]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_losses_and_grad_norms_equal_the_unsharded_run(runs, stage):
+    root, _ = runs
+    steps = range(1, NUM_STEPS + 1)
+    assert_match(per_step(root / f"zero{stage}", "loss"), per_step(root / "unsharded", "loss"), steps, "loss")
+    # The norm before clipping: DeepSpeed's, over its shards, against torch's over the whole model.
+    assert_match(per_step(root / f"zero{stage}", "grad_norm"), per_step(root / "unsharded", "grad_norm"), steps,
+                 "grad_norm")
+    reference = per_step(root / "unsharded", "loss")
+    assert reference[NUM_STEPS] < reference[1] - 0.05  # the run learns: otherwise equal losses would prove little
+
+
+def test_zero3_saved_model_gives_the_logged_eval_loss(runs):
+    """The model saved from ZeRO-3 (parameters gathered from the 2 ranks) evaluates to the eval loss the run
+    logged. Reference: each eval block alone through the saved model, cross-entropy summed in float64."""
+    from lasp_hf import LaspForCausalLM
+    from lasp_hf.training import build_clm_datasets
+    from transformers import AutoTokenizer
+
+    root, _ = runs
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
+    _, evaluation = build_clm_datasets(tokenizer, BLOCK, train_file=str(REPO / "data" / "corpus.jsonl"),
+                                       eval_fraction=0.02, max_train_samples=64)
+    model = LaspForCausalLM.from_pretrained(root / "zero3").eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for block in evaluation:
+            ids = torch.tensor([block["input_ids"]])
+            labels = torch.tensor(block["labels"])
+            logits = model(input_ids=ids, position_ids=torch.tensor([block["position_ids"]])).logits[0].double()
+            targets = labels[1:]  # token t predicts labels[t + 1]; -100 at every document start
+            keep = targets != -100
+            total += F.cross_entropy(logits[:-1][keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    logged = [entry["eval_loss"] for entry in history(root / "zero3") if "eval_loss" in entry][-1]
+    assert abs(logged - total / count) <= 1e-5 * (total / count), (logged, total / count)
+
+
+def test_zero3_resumed_run_logs_the_same_next_losses(runs, tmp_path):
+    """Resuming from the ZeRO-3 checkpoint of step 3 (partitioned parameters and optimizer states per rank)."""
+    root, _ = runs
+    checkpoint = root / "zero3" / "checkpoint-3"
+    assert checkpoint.is_dir()
+    launch(tmp_path / "resumed", *SHARDED, "--save_strategy", "no", "--resume_from_checkpoint", str(checkpoint),
+           stage=3)
+    uninterrupted, resumed = per_step(root / "zero3", "loss"), per_step(tmp_path / "resumed", "loss")
+    assert sorted(resumed) == list(range(1, NUM_STEPS + 1))
+    for step in range(4, NUM_STEPS + 1):
+        err = abs(resumed[step] - uninterrupted[step]) / abs(uninterrupted[step])
+        assert err <= 1e-6, (step, resumed[step], uninterrupted[step])
