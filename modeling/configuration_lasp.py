@@ -70,6 +70,17 @@ class LaspConfig(PretrainedConfig):
             on, so its `[T, intermediate_size]` tensors exist for one chunk at a time in forward and backward
             (the outputs are the same). Costs one more GLU forward per step; meant for long sequences where
             memory binds. `None` (the default) runs it on all tokens at once.
+        attention_chunk_size (`int`, *optional*):
+            Tokens per chunk of the token-wise parts of each linear-attention block, while gradients are on and
+            a call has more tokens than this: the input norm, the q / k / v / gate / decay projections, feature
+            maps and padding mask before the op, and the output norm, gate and o_proj after it, run in chunks
+            of this many tokens, each under a non-reentrant activation checkpoint, so the backward keeps only
+            the block input, q, k, v (and the per-token decay) and the op's output, not the projections'
+            pre-activations or the normed copies (the outputs are the same). The op itself always sees all
+            tokens of the call. Costs one more forward of the block's projections per step. Softmax-attention
+            layers of hybrids are not chunked. A separate field from `mlp_chunk_size` (not one shared
+            `token_chunk_size`) so that configs and scripts that set `mlp_chunk_size` keep their meaning and
+            each half can be chunked on its own. `None` (the default) runs them on all tokens at once.
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether the model returns its cache (recurrent states, and keys/values of full-attention layers).
         pad_token_id (`int`, *optional*):
@@ -114,6 +125,7 @@ class LaspConfig(PretrainedConfig):
         tie_word_embeddings=False,
         loss_chunk_size=1024,
         mlp_chunk_size=None,
+        attention_chunk_size=None,
         use_cache=True,
         pad_token_id=None,
         bos_token_id=1,
@@ -132,6 +144,8 @@ class LaspConfig(PretrainedConfig):
             _check_positive_int(name, value)
         if mlp_chunk_size is not None:
             _check_positive_int("mlp_chunk_size", mlp_chunk_size)
+        if attention_chunk_size is not None:
+            _check_positive_int("attention_chunk_size", attention_chunk_size)
         if head_dim is None:
             if hidden_size % num_attention_heads != 0:
                 raise ValueError(
@@ -190,6 +204,7 @@ class LaspConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.loss_chunk_size = loss_chunk_size
         self.mlp_chunk_size = mlp_chunk_size
+        self.attention_chunk_size = attention_chunk_size
         self.use_cache = use_cache
         super().__init__(
             pad_token_id=pad_token_id,

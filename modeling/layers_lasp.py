@@ -5,6 +5,7 @@ Shapes: B batch, T tokens (this call), H heads, D head dim.
 """
 
 from collections.abc import Callable
+from functools import partial
 from itertools import pairwise
 
 import torch
@@ -63,19 +64,34 @@ class LaspGLU(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def chunked_over_tokens(fn: Callable, chunk_size: int, x: torch.Tensor) -> torch.Tensor:
-    """`fn(x)` for a per-token `fn`, computed on slices of at most `chunk_size` tokens of x `[B, T, ...]` and
-    concatenated on the token axis. With gradients on, each slice runs under a non-reentrant checkpoint: fn's
+def chunked_over_tokens(fn: Callable, chunk_size: int, *inputs: torch.Tensor | None):
+    """`fn(*inputs)` for a per-token `fn`, computed on slices of at most `chunk_size` tokens of the inputs
+    `[B, T, ...]` (None passes through as None) and concatenated on the token axis; fn returns a tensor or a
+    tuple of tensors / None. With gradients on, each slice runs under a non-reentrant checkpoint: fn's
     intermediates exist for one slice at a time, in the forward and again when the backward recomputes them.
 
-    The slices come from one `split`, whose backward concatenates their gradients once (slicing with indices
-    would add a full-size `[B, T, ...]` zero-padded gradient per slice).
+    The slices come from one `split` per input, whose backward concatenates their gradients once (slicing with
+    indices would add a full-size `[B, T, ...]` zero-padded gradient per slice).
     """
-    outs = [
-        checkpoint(fn, piece, use_reentrant=False) if torch.is_grad_enabled() else fn(piece)
-        for piece in x.split(chunk_size, dim=1)
-    ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    T = next(x.shape[1] for x in inputs if x is not None)
+    pieces = zip(
+        *(x.split(chunk_size, dim=1) if x is not None else [None] * -(-T // chunk_size) for x in inputs),
+        strict=True,
+    )
+    grad = torch.is_grad_enabled()
+    outs = [checkpoint(fn, *piece, use_reentrant=False) if grad else fn(*piece) for piece in pieces]
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.cat(outs, dim=1)
+    # One output at a time, its slices dropped once joined: at most one output exists twice (slices + whole).
+    parts = [list(part) for part in zip(*outs, strict=True)]
+    del outs
+    joined = []
+    for i, part in enumerate(parts):
+        joined.append(None if part[0] is None else torch.cat(part, dim=1))
+        parts[i] = None
+    return tuple(joined)
 
 
 def lightning_decay(config: LaspConfig, layer_idx: int) -> torch.Tensor:
@@ -103,6 +119,12 @@ class LaspLinearAttention(nn.Module):
     Padding (`mask` False): k and v are zeroed and g set to 0 there, so a padded token neither adds to the
     state nor decays it. Left pads keep the state exactly zero until the first real token; right pads leave
     it (and the cached state) equal to the state after the last real token.
+
+    With `config.attention_chunk_size` set (training at long T): the token-wise parts before the op (input
+    norm, projections, feature maps, masking, decay projection) and after it (output norm, gate, o_proj) run
+    over the token axis in checkpointed chunks (`chunked_over_tokens`), so for the backward the block keeps
+    only its input, q, k, v (and g), which the op keeps anyway, and the op's output o. The op itself runs on
+    all T tokens (of this rank) at once.
     """
 
     def __init__(self, config: LaspConfig, layer_idx: int):
@@ -143,30 +165,77 @@ class LaspLinearAttention(nn.Module):
             self.decay = self.decay.float()
         return self
 
-    def _log_decay(self, x):
-        if self.kind == "lightning":
-            return self.decay.float()
-        if self.kind == "gated":
-            return F.logsigmoid(self.decay_proj(x).float()) / self.config.gate_logit_normalizer
-        return None
+    def _chunk_size(self, T: int) -> int | None:
+        """Tokens per chunk of the token-wise parts, or None to run them whole: chunks only pay off (and only
+        run) while gradients are on and T exceeds the chunk, so generation and decode steps never chunk."""
+        # Read here, not in __init__: it may be set after loading.
+        chunk_size = getattr(self.config, "attention_chunk_size", None)
+        if chunk_size is None or not torch.is_grad_enabled() or T <= chunk_size:
+            return None
+        return chunk_size
 
-    def forward(self, hidden_states, mask=None, cu_seqlens=None, cache=None, sp_context=None, **kwargs):
-        B, T, _ = hidden_states.shape
+    def _project(self, x, mask, input_norm=None):
+        """The token-wise part before the op: q, k, v `[B, T, H, D]` after the feature map, and the per-token
+        log decay `[B, T, H]` of the "gated" kind (else None); k, v (and g) zeroed at padding (mask False)."""
+        if input_norm is not None:
+            x = input_norm(x)
+        B, T, _ = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape)
-        k = self.k_proj(hidden_states).view(shape)
-        v = self.v_proj(hidden_states).view(shape)
+        q = self.q_proj(x).view(shape)
+        k = self.k_proj(x).view(shape)
+        v = self.v_proj(x).view(shape)
         if self.kind == "lightning":
             q, k = F.silu(q), F.silu(k)
         elif self.kind == "linear" and self.config.feature_map == "elu":
             q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
-        g = self._log_decay(hidden_states)
+        g = None
+        if self.kind == "gated":
+            g = F.logsigmoid(self.decay_proj(x).float()) / self.config.gate_logit_normalizer
         if mask is not None:
             pad = ~mask[:, :, None]  # [B, T, 1]
             k = k.masked_fill(pad[..., None], 0.0)
             v = v.masked_fill(pad[..., None], 0.0)
             if g is not None:
-                g = g.expand(B, T, self.num_heads).masked_fill(pad, 0.0)
+                g = g.masked_fill(pad, 0.0)
+        return q, k, v, g
+
+    def _output(self, o, x, input_norm=None):
+        """The token-wise part after the op: o `[B, T, H, D]` -> norm over all heads, times the output gate
+        of x (the block input, normed by input_norm if given) when the kind has one, -> o_proj
+        `[B, T, hidden]`."""
+        B, T = o.shape[:2]
+        o = self.o_norm(o.reshape(B, T, -1))
+        if self.u_proj is not None:
+            x = input_norm(x) if input_norm is not None else x
+            o = self.u_act(self.u_proj(x)) * o
+        return self.o_proj(o)
+
+    def forward(
+        self,
+        hidden_states,
+        mask=None,
+        cu_seqlens=None,
+        cache=None,
+        sp_context=None,
+        input_norm=None,
+        **kwargs,
+    ):
+        """hidden_states `[B, T, hidden]`, normed already, or the block input when `input_norm` (the block's
+        norm) is given: the norm then runs here, inside the chunks of `config.attention_chunk_size` when those
+        are on, so no normed copy of all T tokens is kept for the backward."""
+        B, T, _ = hidden_states.shape
+        chunk_size = self._chunk_size(T)
+        if chunk_size is None and input_norm is not None:
+            hidden_states, input_norm = input_norm(hidden_states), None
+        if chunk_size is None:
+            q, k, v, g = self._project(hidden_states, mask, input_norm)
+        else:
+            project = partial(self._project, input_norm=input_norm)
+            q, k, v, g = chunked_over_tokens(project, chunk_size, hidden_states, mask)
+        if self.kind == "lightning":
+            g = self.decay.float()
+            if mask is not None:
+                g = g.expand(B, T, self.num_heads).masked_fill(~mask[:, :, None], 0.0)
 
         state = cache.get_state(self.layer_idx) if cache is not None else None
         if state is not None and T == 1:
@@ -192,10 +261,10 @@ class LaspLinearAttention(nn.Module):
         if cache is not None:
             cache.set_state(new_state, self.layer_idx)
 
-        o = self.o_norm(o.reshape(B, T, -1))
-        if self.u_proj is not None:
-            o = self.u_act(self.u_proj(hidden_states)) * o
-        return self.o_proj(o)
+        gate_input = hidden_states if self.u_proj is not None else None
+        if chunk_size is None:
+            return self._output(o, gate_input, input_norm)
+        return chunked_over_tokens(partial(self._output, input_norm=input_norm), chunk_size, o, gate_input)
 
 
 class LaspRotaryEmbedding(nn.Module):

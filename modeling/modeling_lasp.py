@@ -41,7 +41,8 @@ _LOSS_REDUCTIONS = ("mean", "sum")
 
 class LaspDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm residual block: x + mixer(norm(x)), then x + GLU(norm(x)); the second half in chunks of
-    `config.mlp_chunk_size` tokens when that is set (`chunked_over_tokens`)."""
+    `config.mlp_chunk_size` tokens when that is set (`chunked_over_tokens`), and the token-wise parts of a
+    linear mixer (with its norm) in chunks of `config.attention_chunk_size` (see `LaspLinearAttention`)."""
 
     def __init__(self, config: LaspConfig, layer_idx: int):
         super().__init__()
@@ -70,10 +71,9 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ):
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == "full_attention":
             hidden_states = self.token_mixer(
-                hidden_states,
+                self.input_layernorm(hidden_states),
                 position_embeddings=position_embeddings,
                 attn_mask=attn_mask,
                 cu_seqlens=cu_seqlens,
@@ -82,8 +82,10 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
                 **kwargs,
             )
         else:
+            # The mixer applies the norm itself (inside its token chunks under config.attention_chunk_size).
             hidden_states = self.token_mixer(
                 hidden_states,
+                input_norm=self.input_layernorm,
                 mask=linear_mask,
                 cu_seqlens=cu_seqlens,
                 cache=cache,

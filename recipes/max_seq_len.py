@@ -6,13 +6,14 @@
 
 Each candidate runs one full training step (forward, backward, AdamW step) on one packed sequence of random tokens,
 with the memory savers chosen by flags (activation checkpointing on by default, chunked cross-entropy always,
-`--offload_activations`, `--mlp_chunk_size`, `--fsdp`). The block size doubles from --start until a step runs out
-of memory or reaches --max_block_size, then bisects between the last size that fit and the first that did not, to
---granularity. Under SP the W ranks hold T / W tokens each and agree on every verdict. The last line printed is the
-answer, with the memory savers in use.
+`--offload_activations`, `--mlp_chunk_size`, `--attention_chunk_size`, `--fsdp`). The block size doubles from
+--start until a step runs out of memory or reaches --max_block_size, then bisects between the last size that fit and
+the first that did not, to --granularity. Under SP the W ranks hold T / W tokens each and agree on every verdict. The
+last line printed is the answer, with the memory savers in use.
 
     accelerate launch --config_file recipes/accelerate/fsdp2_sp4.yaml recipes/max_seq_len.py \
-        --model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384      # FSDP2, SP = 4
+        --model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 \
+        --attention_chunk_size 16384                                                                # FSDP2, SP = 4
 
 Under an accelerate FSDP config (or with --fsdp) the model is sharded with torch's FSDP2 (`fully_shard` per decoder
 layer and at the root, bf16 compute copies under bf16): parameters, gradients and AdamW states are split over the
@@ -99,6 +100,8 @@ def memory_savers(args, config, fsdp: bool, world: int, cuda: bool) -> list[str]
     savers.append(f"chunked cross-entropy ({config.loss_chunk_size} tokens)")
     if config.mlp_chunk_size is not None:
         savers.append(f"chunked MLP ({config.mlp_chunk_size} tokens)")
+    if config.attention_chunk_size is not None:
+        savers.append(f"chunked attention projections ({config.attention_chunk_size} tokens)")
     if fsdp:
         savers.append(f"FSDP2 (parameters, gradients, optimizer states / {world})")
     if cuda and allocator_settings():
@@ -116,6 +119,10 @@ def parse_args(argv=None):
     parser.add_argument("--offload_activations", action="store_true", help="torch.autograd.graph.save_on_cpu")
     parser.add_argument("--mlp_chunk_size", type=int, default=None,
                         help="run each block's norm + GLU over this many tokens at a time (config.mlp_chunk_size)")
+    parser.add_argument("--attention_chunk_size", type=int, default=None,
+                        help="run the token-wise parts of each linear-attention block (norm, projections, feature "
+                             "maps; output norm, gate, o_proj) over this many tokens at a time "
+                             "(config.attention_chunk_size)")
     parser.add_argument("--fsdp", action="store_true",
                         help="shard parameters, gradients and optimizer states with FSDP2 (on by itself under an "
                              "accelerate FSDP config)")
@@ -158,6 +165,11 @@ def main(argv=None):
         if args.mlp_chunk_size < 1:
             raise ValueError(f"--mlp_chunk_size must be a positive number of tokens, got {args.mlp_chunk_size}")
         config.mlp_chunk_size = args.mlp_chunk_size
+    if args.attention_chunk_size is not None:
+        if args.attention_chunk_size < 1:
+            raise ValueError("--attention_chunk_size must be a positive number of tokens, got "
+                             f"{args.attention_chunk_size}")
+        config.attention_chunk_size = args.attention_chunk_size
     torch.manual_seed(0)
     model = LaspForCausalLM(config).to(device)
     if not args.no_gradient_checkpointing:
@@ -216,6 +228,7 @@ def main(argv=None):
                       "gradient_checkpointing": not args.no_gradient_checkpointing,
                       "offload_activations": args.offload_activations, "dtype": str(dtype),
                       "loss_chunk_size": config.loss_chunk_size, "mlp_chunk_size": config.mlp_chunk_size,
+                      "attention_chunk_size": config.attention_chunk_size,
                       "fsdp": fsdp, "cuda_alloc_conf": allocator_settings() if cuda else None,
                       "memory_savers": savers}
             pathlib.Path(args.json).write_text(json.dumps(result, indent=2))

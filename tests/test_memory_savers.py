@@ -1,6 +1,7 @@
-"""Memory savers for very long sequences, on CPU: the chunked channel mixer (`config.mlp_chunk_size`) against
-the unchunked model (logits and every parameter gradient), the proof that its `[T, intermediate_size]` tensors
-are not kept whole, and `recipes/max_seq_len.py` with `--mlp_chunk_size` and `--fsdp`."""
+"""Memory savers for very long sequences, on CPU: the chunked channel mixer (`config.mlp_chunk_size`) and the
+chunked token-wise parts of the linear-attention block (`config.attention_chunk_size`) against the unchunked
+model (logits and every parameter gradient; padded, packed, cached), the proof that the chunked tensors are not
+kept whole, and `recipes/max_seq_len.py` with `--mlp_chunk_size`, `--attention_chunk_size` and `--fsdp`."""
 
 import gc
 import importlib.util
@@ -27,13 +28,22 @@ BLOCKS = [
 BLOCK_IDS = ["lightning-sglu", "hybrid-gated-swiglu"]
 
 
-def _pair(block, chunk_size, seed=0):
-    """The same weights twice: without and with `mlp_chunk_size`."""
+def _pair(block, chunk_size, seed=0, **chunking):
+    """The same weights twice: without and with `mlp_chunk_size` (and the `chunking` fields)."""
     token_mixer, layer_types, channel_mixer, norm_type = block
-    kwargs = {"channel_mixer": channel_mixer, "norm_type": norm_type}
+    return _same_weights(
+        {"token_mixer": token_mixer, "layer_types": layer_types, "channel_mixer": channel_mixer,
+         "norm_type": norm_type},
+        {"mlp_chunk_size": chunk_size, **chunking},
+        seed,
+    )
+
+
+def _same_weights(kwargs, chunking, seed=0):
+    """Two models of `tiny_config(**kwargs)` with the same weights, the second with the `chunking` fields."""
     torch.manual_seed(seed)
-    reference = LaspForCausalLM(tiny_config(token_mixer, layer_types, **kwargs))
-    chunked = LaspForCausalLM(tiny_config(token_mixer, layer_types, mlp_chunk_size=chunk_size, **kwargs))
+    reference = LaspForCausalLM(tiny_config(**kwargs))
+    chunked = LaspForCausalLM(tiny_config(**kwargs, **chunking))
     chunked.load_state_dict(reference.state_dict())
     with torch.no_grad():  # unit norm weights would not tell a wrong weight gradient from a right one
         for model in (reference, chunked):
@@ -43,11 +53,11 @@ def _pair(block, chunk_size, seed=0):
     return reference, chunked
 
 
-def _logits_and_grads(model, ids, probe, checkpointing):
+def _logits_and_grads(model, ids, probe, checkpointing, **inputs):
     model.train()
     if checkpointing:
         model.activation_checkpointing_enable()
-    logits = model(input_ids=ids, use_cache=False).logits
+    logits = model(input_ids=ids, use_cache=False, **inputs).logits
     (logits * probe).sum().backward()
     return logits.detach(), {name: p.grad for name, p in model.named_parameters()}
 
@@ -141,6 +151,206 @@ def test_chunked_mlp_runs_every_gate_on_one_chunk_in_forward_and_backward(checkp
         assert set(lengths) == {8, 5} and len(lengths) >= 4, lengths
 
 
+# ---- attention_chunk_size -------------------------------------------------------------------------------
+
+# Every linear kind, and a hybrid whose softmax layer stays unchunked: tnl-1b's lightning block (identity output
+# gate, no norm weight), basic linear attention (elu + 1, weighted norms), gated (per-token decay, sigmoid gate).
+ATTENTION_BLOCKS = [
+    {"token_mixer": "lightning", "output_gate_act": "identity"},
+    {"token_mixer": "linear", "norm_type": "rmsnorm", "channel_mixer": "swiglu"},
+    {"token_mixer": "gated", "norm_type": "rmsnorm"},
+    {"token_mixer": "lightning", "layer_types": ["full_attention", "linear_attention"], "norm_type": "rmsnorm",
+     "output_gate_act": "silu"},
+]
+ATTENTION_BLOCK_IDS = ["lightning", "linear", "gated", "hybrid-lightning"]
+
+
+def _attention_pair(block, chunk_size, **more):
+    return _same_weights(block, {"attention_chunk_size": chunk_size, **more})
+
+
+def _assert_same_logits_and_grads(reference, chunked, checkpointing=False, *, input_ids, **inputs):
+    probe = torch.randn(*input_ids.shape, VOCAB)
+    ref_logits, ref_grads = _logits_and_grads(reference, input_ids, probe, checkpointing, **inputs)
+    logits, grads = _logits_and_grads(chunked, input_ids, probe, checkpointing, **inputs)
+    assert rel_err(logits, ref_logits) <= 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name, ref_grad in ref_grads.items():
+        assert ref_grad is not None and grads[name] is not None, name
+        assert rel_err(grads[name], ref_grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize("value", [0, -4, 2.5, True, "64"])
+def test_bad_attention_chunk_size_raises(value):
+    with pytest.raises(ValueError, match="attention_chunk_size"):
+        tiny_config(attention_chunk_size=value)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "layer-checkpointing"])
+@pytest.mark.parametrize("chunk_size", [8, 28], ids=["4-chunks", "28+1"])
+@pytest.mark.parametrize("block", ATTENTION_BLOCKS, ids=ATTENTION_BLOCK_IDS)
+def test_chunked_attention_matches_unchunked(block, chunk_size, checkpointing):
+    reference, chunked = _attention_pair(block, chunk_size)
+    _assert_same_logits_and_grads(reference, chunked, checkpointing, input_ids=torch.randint(1, VOCAB, (B, T)))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "layer-checkpointing"])
+def test_chunked_attention_and_mlp_together_match_unchunked(checkpointing):
+    reference, chunked = _attention_pair(ATTENTION_BLOCKS[2], 8, mlp_chunk_size=6)
+    _assert_same_logits_and_grads(reference, chunked, checkpointing, input_ids=torch.randint(1, VOCAB, (B, T)))
+
+
+@pytest.mark.parametrize("block", ATTENTION_BLOCKS, ids=ATTENTION_BLOCK_IDS)
+def test_chunked_attention_with_padding_matches_unchunked(block):
+    # Left pads in row 1 and right pads in row 0, so chunks hold pads and real tokens alike.
+    reference, chunked = _attention_pair(block, 8)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, -6:] = 0
+    mask[1, :11] = 0
+    ids = torch.randint(1, VOCAB, (B, T)) * mask
+    _assert_same_logits_and_grads(reference, chunked, input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("block", ATTENTION_BLOCKS, ids=ATTENTION_BLOCK_IDS)
+def test_chunked_attention_with_packed_documents_matches_unchunked(block):
+    # Documents of 10, 13 and 6 tokens: boundaries inside chunks and on none of their edges.
+    reference, chunked = _attention_pair(block, 8)
+    positions = torch.cat([torch.arange(n) for n in (10, 13, 6)])[None]
+    ids = torch.randint(1, VOCAB, (1, T))
+    _assert_same_logits_and_grads(reference, chunked, input_ids=ids, position_ids=positions)
+
+
+@pytest.mark.parametrize("block", [ATTENTION_BLOCKS[2], ATTENTION_BLOCKS[3]], ids=["gated", "hybrid-lightning"])
+def test_chunked_attention_prefill_with_cache_under_grad_then_decode(block):
+    # A prefill with gradients on (so chunked) fills the cache; the decode steps after it (T == 1, unchunked)
+    # and their cache match the unchunked model's.
+    reference, chunked = _attention_pair(block, 8)
+    ids = torch.randint(1, VOCAB, (B, T + 4))
+    logits = {}
+    for name, model in (("reference", reference), ("chunked", chunked)):
+        model.train()
+        out = model(input_ids=ids[:, :T], use_cache=True)
+        cache = out.cache if "cache" in out else out.past_key_values
+        steps = [out.logits]
+        with torch.no_grad():
+            for t in range(T, T + 4):
+                out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                steps.append(out.logits)
+        logits[name] = torch.cat(steps, dim=1).detach()
+    assert rel_err(logits["chunked"], logits["reference"]) <= 1e-5
+
+
+@pytest.mark.parametrize("block", ATTENTION_BLOCKS, ids=ATTENTION_BLOCK_IDS)
+def test_generate_with_attention_chunk_size_equals_without(block):
+    reference, chunked = _attention_pair(block, 4)
+    ids = torch.randint(1, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids = ids * mask
+    outputs = [
+        model.eval().generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        for model in (reference, chunked)
+    ]
+    assert outputs[0].shape == (2, 15) and torch.equal(outputs[1], outputs[0])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "layer-checkpointing"])
+def test_chunked_attention_projects_and_outputs_one_chunk_at_a_time(checkpointing):
+    _, chunked = _attention_pair(ATTENTION_BLOCKS[0], 8)
+    chunked.train()
+    if checkpointing:
+        chunked.activation_checkpointing_enable()
+    calls = []
+    for layer_idx, layer in enumerate(chunked.model.layers):
+        for name in ("q_proj", "u_proj", "o_proj"):
+            getattr(layer.token_mixer, name).register_forward_hook(
+                lambda module, args, out, key=(layer_idx, name): calls.append((*key, args[0].shape[1]))
+            )
+    logits = chunked(input_ids=torch.randint(1, VOCAB, (B, T)), use_cache=False).logits
+    expected = [
+        (idx, name, n) for idx in (0, 1) for part in (("q_proj",), ("u_proj", "o_proj"))
+        for n in (8, 8, 8, 5) for name in part
+    ]
+    assert calls == expected
+    calls.clear()
+    logits.sum().backward()
+    # The backward recomputes the projections chunk by chunk (every chunk at least once per layer), never whole;
+    # o_proj only if at all (its output is saved by nothing, so the checkpoints' recompute may stop before it).
+    for key in [(idx, name) for idx in (0, 1) for name in ("q_proj", "u_proj", "o_proj")]:
+        lengths = [n for *k, n in calls if tuple(k) == key]
+        if key[1] == "o_proj":
+            assert set(lengths) <= {8, 5}, (key, lengths)
+        else:
+            assert set(lengths) == {8, 5} and len(lengths) >= 4, (key, lengths)
+
+
+def test_chunked_attention_keeps_no_pre_activation_or_normed_copy_alive():
+    # After the forward (gradients on, no layer checkpointing: what one layer's recompute keeps for its backward)
+    # the pre-activation q, the normed block inputs and the output norm's results are gone when chunked; the
+    # unchunked model keeps them, so the check can fail.
+    models = _attention_pair(ATTENTION_BLOCKS[0], 8)
+    ids = torch.randint(1, VOCAB, (B, T))
+    alive = {}
+    for name, model in zip(("reference", "chunked"), models, strict=True):
+        model.train()
+        outs = []
+        for layer in model.model.layers:
+            for module in (layer.token_mixer.q_proj, layer.input_layernorm, layer.token_mixer.o_norm):
+                module.register_forward_hook(lambda module, args, out, outs=outs: outs.append(weakref.ref(out)))
+        logits = model(input_ids=ids, use_cache=False).logits
+        gc.collect()
+        assert logits.requires_grad and len(outs) >= 3 * 2
+        alive[name] = sum(out() is not None for out in outs)
+    assert alive["reference"] >= 3 * 2
+    assert alive["chunked"] == 0
+
+
+def _storages_saved_outside_the_op(layer, x, monkeypatch):
+    """The distinct storages autograd keeps for the backward of `layer(x)` (no layer checkpointing), apart from
+    what the linear-attention op keeps itself (its own hooks take those: it keeps q, k, v and more whatever the
+    block does); and, by name, the storages of the block input, the op's output and the mid hidden state."""
+    from lasp_hf.modeling import layers_lasp
+
+    op = layers_lasp.linear_attention
+    known = {"input": x.untyped_storage().data_ptr()}
+
+    def op_with_own_hooks(*args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor):
+            o, state = op(*args, **kwargs)
+        known["op output"] = o.untyped_storage().data_ptr()
+        return o, state
+
+    def mid_hook(module, args):
+        known["mid"] = args[0].untyped_storage().data_ptr()
+
+    monkeypatch.setattr(layers_lasp, "linear_attention", op_with_own_hooks)
+    handle = layer.post_attention_layernorm.register_forward_pre_hook(mid_hook)
+    storages = set()
+
+    def pack(tensor):
+        storages.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x)
+    handle.remove()
+    monkeypatch.undo()
+    return storages, known
+
+
+@pytest.mark.parametrize("block", ATTENTION_BLOCKS[:3], ids=ATTENTION_BLOCK_IDS[:3])
+def test_chunked_attention_block_keeps_only_its_input_and_the_op_output(block, monkeypatch):
+    # With both halves chunked, a layer keeps for its backward (besides what the op keeps) only the block input
+    # and the op's output o (the attention chunks' inputs) and the mid hidden state (the MLP chunks' inputs): no
+    # normed copy, projection, pre-activation q / k, gate or output norm. The unchunked block keeps those too.
+    reference, chunked = _attention_pair(block, 8, mlp_chunk_size=8)
+    x = torch.randn(B, T, chunked.config.hidden_size, requires_grad=True)
+    storages, known = _storages_saved_outside_the_op(chunked.model.layers[0].train(), x, monkeypatch)
+    assert len(known) == 3 and storages == set(known.values())
+    storages, known = _storages_saved_outside_the_op(reference.model.layers[0].train(), x, monkeypatch)
+    assert len(storages - set(known.values())) >= 5
+
+
 # ---- recipes/max_seq_len.py ------------------------------------------------------------------------------
 
 
@@ -152,15 +362,17 @@ def _max_seq_len(*args, launcher=(sys.executable,), env=None):
     )
 
 
-def test_max_seq_len_with_chunked_mlp_on_the_cpu(tmp_path):
+def test_max_seq_len_with_chunked_mlp_and_attention_on_the_cpu(tmp_path):
     result_file = tmp_path / "result.json"
     result = _max_seq_len("--start", "64", "--max_block_size", "128", "--granularity", "64", "--mlp_chunk_size",
-                          "48", "--offload_activations", "--json", str(result_file))
+                          "48", "--attention_chunk_size", "40", "--offload_activations", "--json", str(result_file))
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("longest trainable block_size for tnl-tiny.json") and "chunked MLP (48 tokens)" in last
+    assert "chunked attention projections (40 tokens)" in last
     record = json.loads(result_file.read_text())
     assert record["longest_block_size"] == 128 and record["mlp_chunk_size"] == 48 and not record["fsdp"]
+    assert record["attention_chunk_size"] == 40
     assert "activations offloaded to CPU" in record["memory_savers"]
 
 
@@ -172,6 +384,8 @@ def test_max_seq_len_rejects_bad_memory_flags():
         recipe.main(["--fsdp"])
     with pytest.raises(ValueError, match="--mlp_chunk_size"):
         recipe.main(["--mlp_chunk_size", "0"])
+    with pytest.raises(ValueError, match="--attention_chunk_size"):
+        recipe.main(["--attention_chunk_size", "-1"])
 
 
 @pytest.mark.distributed
@@ -188,15 +402,15 @@ def test_max_seq_len_with_fsdp2_over_two_cpu_ranks(tmp_path):
 
 
 def _recipe_fsdp2_gradients(ids, chunk_size):
-    """One step as max_seq_len.py takes it under --fsdp: SP = 2, FSDP2 over both ranks, chunked MLP inside the
-    layer checkpoints, activations offloaded; the full gradients (averaged over the 2 ranks)."""
+    """One step as max_seq_len.py takes it under --fsdp: SP = 2, FSDP2 over both ranks, chunked MLP and attention
+    block inside the layer checkpoints, activations offloaded; the full gradients (averaged over the 2 ranks)."""
     from lasp_hf.parallel import init_sequence_parallel
     from lasp_hf.parallel.sharding import shard_batch_for_sp
 
     spec = importlib.util.spec_from_file_location("recipe_max_seq_len_fsdp", REPO / "recipes" / "max_seq_len.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    _, model = _pair(BLOCKS[1], chunk_size)
+    _, model = _pair(BLOCKS[1], chunk_size, attention_chunk_size=chunk_size)
     model.train().activation_checkpointing_enable()
     sharded = recipe.shard_with_fsdp2(model, torch.float32)
     sp = init_sequence_parallel(2)
@@ -208,7 +422,7 @@ def _recipe_fsdp2_gradients(ids, chunk_size):
 
 
 @pytest.mark.distributed
-def test_recipe_fsdp2_with_chunked_mlp_gives_the_unsharded_gradient():
+def test_recipe_fsdp2_with_chunked_mlp_and_attention_gives_the_unsharded_gradient():
     from distributed_utils import run_distributed
 
     ids = torch.randint(1, VOCAB, (1, 2 * T + 2))
