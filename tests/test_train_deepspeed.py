@@ -99,6 +99,7 @@ def runs(tmp_path_factory):
     for stage in STAGES:
         save = ["--save_strategy", "steps", "--save_steps", "3"] if stage == 3 else ["--save_strategy", "no"]
         logs[stage] = launch(root / f"zero{stage}", *SHARDED, *save, stage=stage)
+    logs["zero3_bf16"] = launch(root / "zero3_bf16", *SHARDED, "--bf16", "--save_strategy", "no", stage=3)
     return root, logs
 
 
@@ -111,6 +112,16 @@ def test_runs_are_deepspeed_with_sp2(runs):
         assert "train with plain data parallelism" not in logs[stage]
 
 
+def test_zero3_partitions_every_parameter(runs):
+    """Guards the test itself: under ZeRO-3 no rank held a whole parameter (a tiny model's would stay whole at
+    DeepSpeed's default persistence threshold). A rank's checkpoint keeps the module's tensors as it held them."""
+    root, _ = runs
+    (states,) = (root / "zero3" / "checkpoint-3").glob("global_step3/zero_pp_rank_0_mp_rank_00_model_states.pt")
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    assert module and all(tensor.numel() == 0 for tensor in module.values()), {
+        name: tuple(tensor.shape) for name, tensor in module.items() if tensor.numel()}
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_zero_losses_and_grad_norms_equal_the_unsharded_run(runs, stage):
     root, _ = runs
@@ -121,6 +132,13 @@ def test_zero_losses_and_grad_norms_equal_the_unsharded_run(runs, stage):
                  "grad_norm")
     reference = per_step(root / "unsharded", "loss")
     assert reference[NUM_STEPS] < reference[1] - 0.05  # the run learns: otherwise equal losses would prove little
+
+
+def test_zero3_bf16_follows_the_fp32_unsharded_run(runs):
+    """The GPU recipes' setting: DeepSpeed's bf16 (model cast to bf16, fp32 master weights in the optimizer)."""
+    root, _ = runs
+    assert_match(per_step(root / "zero3_bf16", "loss"), per_step(root / "unsharded", "loss"), range(1, NUM_STEPS + 1),
+                 "loss", rtol=1e-2)
 
 
 def test_zero3_saved_model_gives_the_logged_eval_loss(runs):
