@@ -284,6 +284,19 @@ def test_chunked_attention_projects_and_outputs_one_chunk_at_a_time(checkpointin
             assert set(lengths) == {8, 5} and len(lengths) >= 4, (key, lengths)
 
 
+def test_attention_is_not_chunked_without_grad_or_within_one_chunk():
+    # Generation and eval (no grad), and calls of at most one chunk, run the projections on all tokens at once.
+    _, chunked = _attention_pair(ATTENTION_BLOCKS[0], 8)
+    lengths = []
+    chunked.model.layers[0].token_mixer.q_proj.register_forward_hook(
+        lambda module, args, out: lengths.append(args[0].shape[1])
+    )
+    with torch.no_grad():
+        chunked.train()(input_ids=torch.randint(1, VOCAB, (B, T)), use_cache=False)
+    chunked(input_ids=torch.randint(1, VOCAB, (B, 8)), use_cache=False)
+    assert lengths == [T, 8]
+
+
 def test_chunked_attention_keeps_no_pre_activation_or_normed_copy_alive():
     # After the forward (gradients on, no layer checkpointing: what one layer's recompute keeps for its backward)
     # the pre-activation q, the normed block inputs and the output norm's results are gone when chunked; the
