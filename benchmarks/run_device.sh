@@ -94,11 +94,11 @@ for part in "${PARTS[@]}"; do
         # shellcheck disable=SC2086
         run_part "maxlen-W4" python3 -m accelerate.commands.launch --config_file recipes/accelerate/fsdp2_sp4.yaml \
           recipes/max_seq_len.py --json "$OUT/max-seq-len-tnl-1b-W4.json" \
-          ${MAXLEN_ARGS:---model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --start 1048576 --granularity 524288 --max_block_size 4194304}
+          ${MAXLEN_ARGS:---model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --attention_chunk_size 16384 --start 1048576 --granularity 524288 --max_block_size 4194304}
       fi
       # shellcheck disable=SC2086
       CUDA_VISIBLE_DEVICES=0 run_part "maxlen-W1" python3 recipes/max_seq_len.py --json "$OUT/max-seq-len-tnl-1b-W1.json" \
-        ${MAXLEN1_ARGS:---model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --start 262144 --granularity 131072 --max_block_size 2097152} ;;
+        ${MAXLEN1_ARGS:---model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --attention_chunk_size 16384 --start 262144 --granularity 131072 --max_block_size 2097152} ;;
     host)
       run_part "host-W1" python3 benchmarks/host_overhead.py --out "$OUT"
       [ "$NGPU" -ge 2 ] && run_part "host-W$(( NGPU >= 4 ? 4 : 2 ))" python3 -m torch.distributed.run --standalone \
