@@ -1,5 +1,5 @@
 # Sourced by recipes/demo.sh and tests/run.sh: make sure .venv (at the repo root) exists and holds lasp-hf
-# installed in editable mode with the dev extra. Sets PYTHON to the venv's interpreter.
+# installed in editable mode with the dev and deepspeed extras. Sets PYTHON to the venv's interpreter.
 # Reinstalls only when pyproject.toml changed since the last install (a stamp file in .venv records its hash).
 
 VENV="${LASP_VENV:-.venv}"
@@ -20,8 +20,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
             && echo "installed $("$PYTHON" -m pip list 2>/dev/null | grep -E '^torch ' | tr -s ' ') from a local wheel" \
             || true
     fi
-    echo "installing lasp-hf and its dev extra into $VENV"
-    "$PYTHON" -m pip install -q -e ".[dev]"
+    echo "installing lasp-hf and its dev and deepspeed extras into $VENV"
+    # DeepSpeed (an sdist; built without its ops in seconds) runs tests/test_train_deepspeed.py: ZeRO on CPU processes.
+    "$PYTHON" -m pip install -q -e ".[dev,deepspeed]"
     echo "$wanted" > "$stamp"
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # everything here is local: fail fast instead of reaching out

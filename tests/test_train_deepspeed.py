@@ -1,8 +1,9 @@
 """Training under LASP with DeepSpeed ZeRO 1 / 2 / 3 on CPU processes (gloo), through `accelerate launch`.
 
 The reference is the unsharded run: one process, plain torch, a batch of 2 blocks per step. Each ZeRO
-stage takes the same steps with SP = 2 (recipes/accelerate/cpu_deepspeed_zero{1,2,3}_sp2.yaml: 2
-processes, 1 block per micro-batch, 2 gradient-accumulation micro-batches): DeepSpeed shards the
+stage takes the same steps with SP = 2 (recipes/accelerate/cpu_deepspeed_zero{1,2,3}_sp2.yaml): ZeRO-2
+and ZeRO-3 on 2 processes, 1 block per micro-batch, 2 gradient-accumulation micro-batches; ZeRO-1 on 4
+processes, DP 2 x SP 2, 1 block each: DeepSpeed shards the
 optimizer states (1), the gradients too (2) and the parameters too (3), averages the gradients over the
 2 ranks, clips them to norm 1 (`max_grad_norm`, which is active here: the norms are about 3) and steps
 its own copy of AdamW. fp32, a fixed seed and the same sampler order, so the per-step losses and
@@ -34,7 +35,7 @@ COMMON = [
     "--learning_rate", "3e-3", "--logging_steps", "1", "--seed", "0", "--eval_fraction", "0.02",
     "--disable_tqdm", "true",
 ]
-SHARDED = ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"]
+SHARDED = ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"]  # SP 2: 2 blocks a step
 RTOL = 1e-4  # fp32: the sharded runs sum the same token losses in another order
 STAGES = (1, 2, 3)
 
@@ -51,7 +52,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(output_dir, *args, stage=None, timeout=300):
+def launch(output_dir, *args, stage=None, num_processes=None, timeout=300):
     """`accelerate launch --config_file cpu_deepspeed_zero{stage}_sp2.yaml train_clm.py` (plain python if no stage).
 
     A timeout kills the launcher's whole process group: its workers too, not only itself.
@@ -62,7 +63,10 @@ def launch(output_dir, *args, stage=None, timeout=300):
         command = [sys.executable, str(TRAIN_CLM)]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file(stage)),
-                   "--main_process_port", str(free_port()), str(TRAIN_CLM)]
+                   "--main_process_port", str(free_port())]
+        if num_processes is not None:
+            command += ["--num_processes", str(num_processes)]
+        command += [str(TRAIN_CLM)]
     command += ["--output_dir", str(output_dir), *COMMON, *args]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                stdin=subprocess.DEVNULL, start_new_session=True)
@@ -95,10 +99,11 @@ def assert_match(values, reference, steps, what, rtol=RTOL):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_deepspeed")
     launch(root / "unsharded", "--per_device_train_batch_size", "2", "--save_strategy", "no")
-    logs = {}
-    for stage in STAGES:
-        save = ["--save_strategy", "steps", "--save_steps", "3"] if stage == 3 else ["--save_strategy", "no"]
-        logs[stage] = launch(root / f"zero{stage}", *SHARDED, *save, stage=stage)
+    # ZeRO-1 as DP 2 x SP 2 (4 processes, 1 block each); ZeRO-2 and 3 as SP 2 with gradient accumulation.
+    logs = {1: launch(root / "zero1", "--per_device_train_batch_size", "1", "--save_strategy", "no", stage=1,
+                      num_processes=4)}
+    logs[2] = launch(root / "zero2", *SHARDED, "--save_strategy", "no", stage=2)
+    logs[3] = launch(root / "zero3", *SHARDED, "--save_strategy", "steps", "--save_steps", "3", stage=3)
     logs["zero3_bf16"] = launch(root / "zero3_bf16", *SHARDED, "--bf16", "--save_strategy", "no", stage=3)
     return root, logs
 
@@ -107,7 +112,8 @@ def test_runs_are_deepspeed_with_sp2(runs):
     """Guards the test itself: the runs really went through DeepSpeed, with 2 sequence-parallel ranks."""
     _, logs = runs
     for stage in STAGES:
-        assert "1 data-parallel groups x 2 sequence-parallel ranks" in logs[stage]
+        num_dp_groups = 2 if stage == 1 else 1
+        assert f"{num_dp_groups} data-parallel groups x 2 sequence-parallel ranks" in logs[stage]
         assert "DEEPSPEED" in logs[stage], f"ZeRO-{stage} run did not use DeepSpeed"
         assert "train with plain data parallelism" not in logs[stage]
 
