@@ -36,7 +36,9 @@ def test_model_example_runs(tmp_path):
     result = subprocess.run([sys.executable, "-c", example], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("Return the")
+    # The example prints one sample that starts with its prompt. (With DeepSpeed installed, transformers imports it,
+    # and DeepSpeed logs its accelerator choice to stdout first.)
+    assert any(line.startswith("Return the") for line in result.stdout.splitlines()), result.stdout[-2000:]
 
 
 def test_presets_named_in_the_readme_exist():
