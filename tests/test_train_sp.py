@@ -10,18 +10,14 @@ recipes/accelerate/cpu_sp2.yaml (its `# lasp_sequence_parallel_size: 2` line).
 
 import json
 import os
-import pathlib
-import signal
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TRAIN_CLM = REPO / "recipes" / "train_clm.py"
+from train_clm_runs import REPO, assert_match, free_port, history, launch_train_clm, per_step, run_in_own_group
+
 CPU_SP2 = REPO / "recipes" / "accelerate" / "cpu_sp2.yaml"
 BLOCK = 64
 NUM_STEPS = 10
@@ -35,51 +31,14 @@ RTOL = 1e-4  # fp32: the sharded runs sum the same token losses in another order
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_in_own_group(command, env, timeout):
-    """subprocess.run, but a timeout kills the launcher's whole process group: its workers too, not only itself."""
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"{command} did not finish in {timeout} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-def launch(output_dir, *args, num_processes=None, expect_ok=True, extra_env=None, timeout=300):
+def launch(output_dir, *args, num_processes=None, **kwargs):
     """`accelerate launch --config_file cpu_sp2.yaml train_clm.py` (plain python when num_processes == 0)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           **(extra_env or {})}
-    env.pop("LASP_SEQUENCE_PARALLEL_SIZE", None)
-    if num_processes == 0:
-        command = [sys.executable, str(TRAIN_CLM)]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_SP2),
-                   "--main_process_port", str(free_port())]
-        if num_processes is not None:
-            command += ["--num_processes", str(num_processes)]
-        command += [str(TRAIN_CLM)]
-    command += ["--output_dir", str(output_dir), *COMMON, *args]
-    result = run_in_own_group(command, env, timeout)
-    if expect_ok:
-        assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
-
-
-def history(output_dir):
-    return json.loads((pathlib.Path(output_dir) / "trainer_state.json").read_text())["log_history"]
+    config = None if num_processes == 0 else CPU_SP2
+    return launch_train_clm(output_dir, *COMMON, *args, config_file=config, num_processes=num_processes, **kwargs)
 
 
 def step_losses(output_dir):
-    return {entry["step"]: entry["loss"] for entry in history(output_dir) if "loss" in entry}
+    return per_step(output_dir, "loss")
 
 
 def eval_loss(output_dir):
@@ -87,10 +46,7 @@ def eval_loss(output_dir):
 
 
 def assert_losses_match(losses, reference, steps):
-    assert sorted(losses) == list(steps), f"logged steps {sorted(losses)}, expected {list(steps)}"
-    for step in steps:
-        err = abs(losses[step] - reference[step]) / abs(reference[step])
-        assert err <= RTOL, f"step {step}: loss {losses[step]} vs unsharded {reference[step]} (rel. error {err:.2e})"
+    assert_match(losses, reference, steps, "loss", RTOL)
 
 
 @pytest.fixture(scope="module")
