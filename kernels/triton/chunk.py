@@ -47,6 +47,7 @@ from lasp_hf.kernels.triton.chunk_kernels import (
     _fwd_kernel_output,
     _fwd_kernel_segment_combine,
     _fwd_kernel_segment_state,
+    _kernel_segment_fold,
 )
 from lasp_hf.kernels.triton.utils import empty, interpreting
 
@@ -150,6 +151,12 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
         _SCRATCH[key] = buf
     offset = (-buf.data_ptr()) % alignment
     return buf[offset:offset + size]
+
+
+def _op_dense_plan(B: int, T: int, H: int, K: int, V: int, device) -> _Plan:
+    """The (cached) plan of the op on dense input: programs per (row, head, forward V block)."""
+    NV = triton.cdiv(V, _blocks(K, V, "fwd")[1])
+    return _dense_plan(B, T, H, NV, device, (CHUNKS_PER_SEGMENT, PROGRAMS_PER_SM))
 
 
 def _config(phase: str, dtype, BK: int, device) -> dict:
@@ -352,6 +359,28 @@ def chunk_linear_attention_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, fina
     return dq, dk, dv, dg, dh0
 
 
+def flat_g(g, B: int, T: int, H: int):
+    """g as the kernels read it: None, float32 [H] or float32 [B*T, H]."""
+    if g is None:
+        return None
+    return g.float().reshape(B * T, H).contiguous() if g.dim() == 3 else g.float().contiguous()
+
+
+def fold_segments(local, seg_decay, plan: _Plan, start, reverse: bool, BK: int, BV: int):
+    """Each row's segment results local [S, H, K, V] (log-decays seg_decay [S, H]) folded in order (a state at
+    the row's end) or in reverse (a state gradient at its start), from `start` [B, H, K, V] or zeros; float32
+    [B, H, K, V]. BK x BV: the programs' tile (the fold is elementwise over K x V)."""
+    _, H, K, V = local.shape
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    out = empty(local, (plan.num_seqs, H, K, V), torch.float32)
+    start = start.float().contiguous() if start is not None else None
+    _kernel_segment_fold[(plan.num_seqs, H, NK * NV)](
+        local, seg_decay, out, start if start is not None else local, plan.seq_first_seg, plan.seq_num_segs,
+        plan.max_segs, H=H, K=K, V=V, BK=BK, BV=BV, NV=NV, HAS_START=start is not None, REVERSE=reverse,
+        **_config("fwd", local.dtype, BK, local.device))
+    return out
+
+
 class SegmentReuse:
     """Step 1 of the forward and of the backward (every segment's state, every segment's dL/dS_in), computed
     by a caller that needs them before the op runs, and then handed to the op instead of computed twice.
@@ -373,8 +402,7 @@ class SegmentReuse:
         """For the op's dense inputs q, k [B, T, H, K], v [B, T, H, V]; None where there is nothing to reuse."""
         B, T, H, K = q.shape
         V = v.shape[-1]
-        plan = _dense_plan(B, T, H, triton.cdiv(V, _blocks(K, V, "fwd")[1]), q.device,
-                           (CHUNKS_PER_SEGMENT, PROGRAMS_PER_SM))
+        plan = _op_dense_plan(B, T, H, K, V, q.device)  # the very plan the op will use (take_* checks identity)
         return cls(plan, (B, T, H, K, V), accurate_states) if plan.max_segs > 1 else None
 
     def _flat(self, x):
@@ -382,24 +410,11 @@ class SegmentReuse:
         return _aligned(x.reshape(B * T, H, x.shape[-1]))
 
     def _g(self, g):
-        if g is None:
-            return None
-        B, T, H = self.shape[:3]
-        return g.float().reshape(B * T, H).contiguous() if g.dim() == 3 else g.float().contiguous()
+        return flat_g(g, *self.shape[:3])
 
     def _fold(self, local, seg_decay, start, reverse: bool):
-        from lasp_hf.kernels.triton.chunk_kernels import _kernel_segment_fold
-
-        B, _, H, K, V = self.shape
-        BK, BV = _blocks_k(K, V, "fwd")
-        NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
-        out = empty(local, (B, H, K, V), torch.float32)
-        start = start.float().contiguous() if start is not None else None
-        _kernel_segment_fold[(B, H, NK * NV)](
-            local, seg_decay, out, start if start is not None else local, self.plan.seq_first_seg,
-            self.plan.seq_num_segs, self.plan.max_segs, H=H, K=K, V=V, BK=BK, BV=BV, NV=NV,
-            HAS_START=start is not None, REVERSE=reverse, **_config("fwd", local.dtype, BK, local.device))
-        return out
+        K, V = self.shape[3:]
+        return fold_segments(local, seg_decay, self.plan, start, reverse, *_blocks_k(K, V, "fwd"))
 
     @torch.no_grad()
     def prepare_states(self, k, v, g):
@@ -493,11 +508,11 @@ def chunk_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None,
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    NV = triton.cdiv(V, _blocks(K, V, "fwd")[1])
     if cu_seqlens is None:
-        plan = _dense_plan(B, T, H, NV, q.device, (CHUNKS_PER_SEGMENT, PROGRAMS_PER_SM))
+        plan = _op_dense_plan(B, T, H, K, V, q.device)
     else:
-        plan = _make_plan([int(x) for x in cu_seqlens.tolist()], H, NV, q.device)
+        plan = _make_plan([int(x) for x in cu_seqlens.tolist()], H, triton.cdiv(V, _blocks(K, V, "fwd")[1]),
+                          q.device)
     flat = [_aligned(x.reshape(B * T, H, x.shape[-1])) for x in (q, k, v)]
     g_flat = g.reshape(B * T, H) if (g is not None and g.dim() == 3) else g
     h0 = initial_state.contiguous() if initial_state is not None else None

@@ -20,7 +20,6 @@ from lasp_hf.kernels.triton import chunk
 from lasp_hf.kernels.triton.chunk_kernels import (
     _bwd_kernel_segment_dstate,
     _fwd_kernel_segment_state,
-    _kernel_segment_fold,
 )
 from lasp_hf.kernels.triton.utils import empty
 
@@ -37,13 +36,6 @@ def _state_blocks(K: int, V: int) -> tuple[int, int]:
     return BK, BV
 
 
-def _flat_g(g, B: int, T: int, H: int):
-    """g as the kernels read it: None, float32 [H] or float32 [B*T, H]."""
-    if g is None:
-        return None
-    return g.float().reshape(B * T, H).contiguous() if g.dim() == 3 else g.float().contiguous()
-
-
 def _state_pass(x, y, g, start, scale: float, gradient: bool):
     """sum over each row's segments of x^T y (decayed as in the module docstring), folded from `start`."""
     B, T, H, K = x.shape
@@ -54,7 +46,7 @@ def _state_pass(x, y, g, start, scale: float, gradient: bool):
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     plan = chunk._dense_plan(B, T, H, NK * NV, x.device, (chunk.CHUNKS_PER_SEGMENT, chunk.PROGRAMS_PER_SM))
     xf, yf = (chunk._aligned(z.reshape(B * T, H, z.shape[-1])) for z in (x, y))
-    g32 = _flat_g(g, B, T, H)
+    g32 = chunk.flat_g(g, B, T, H)
     S = plan.num_segs
     cfg = chunk._config("fwd", x.dtype, BK, x.device)
     meta = {"H": H, "K": K, "V": V, "BK": BK, "BV": BV, "NV": NV}
@@ -72,12 +64,7 @@ def _state_pass(x, y, g, start, scale: float, gradient: bool):
                                         plan.chunks_per_segment, **scan, **cfg)
     if plan.max_segs == 1 and start is None:
         return local  # one segment per row, in row order
-    out = empty(x, (B, H, K, V), torch.float32)
-    start = start.contiguous() if start is not None else None
-    _kernel_segment_fold[(B, H, NK * NV)](
-        local, seg_decay, out, start if start is not None else local, plan.seq_first_seg, plan.seq_num_segs,
-        plan.max_segs, HAS_START=start is not None, REVERSE=gradient, **meta, **cfg)
-    return out
+    return chunk.fold_segments(local, seg_decay, plan, start, gradient, BK, BV)
 
 
 @torch.no_grad()

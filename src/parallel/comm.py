@@ -43,7 +43,6 @@ def post_recv_from_prev(like: torch.Tensor, sp: SequenceParallelContext):
 
     Posting it before this rank's own state pass lets the sender's send complete as soon as it is issued.
     """
-    wait_sends(sp)
     if sp.prev_rank is None:
         return None
     buf = torch.empty_like(like)
@@ -85,7 +84,6 @@ def send_to_prev(x: torch.Tensor, sp: SequenceParallelContext) -> None:
 def recv_from_next(like: torch.Tensor, sp: SequenceParallelContext) -> torch.Tensor | None:
     """Receive a tensor shaped like `like` from rank r+1 and wait for it (on NCCL the wait only orders
     the current CUDA stream); None on the last rank."""
-    wait_sends(sp)
     if sp.next_rank is None:
         return None
     buf = torch.empty_like(like)
