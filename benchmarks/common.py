@@ -34,6 +34,12 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 PEER_DISTRIBUTIONS = ("flash-linear-attention", "fla-core", "lasp")
 KI = 1024
 
+# Multicast (NVLS) is off on the lent GPU machines. Set on import, so before any benchmark makes a process group,
+# and passed on by those that start processes of their own.
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+for _name, _value in NO_MULTICAST_ENV.items():
+    os.environ.setdefault(_name, _value)
+
 
 # ----------------------------------------------------------------------------- environment
 

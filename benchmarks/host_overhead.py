@@ -20,15 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                      ("NVSHMEM_DISABLE_NVLS", "1")):
-    os.environ.setdefault(_name, _value)
-
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+import common  # noqa: E402 - also turns NCCL multicast off (NO_MULTICAST_ENV)
 
 
 def main() -> int:
@@ -95,7 +91,8 @@ def main() -> int:
             pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(args.top)
             head = f"== {provider} T={T}: " + ", ".join(
                 f"{n}: host {h:.0f} us, gpu-loop {gl:.0f} us per call" for n, (h, gl) in results.items())
-            print(head, flush=True) if rank == 0 else None
+            if rank == 0:
+                print(head, flush=True)
             lines += ["", head, stream.getvalue()]
     if rank == 0:
         out = Path(args.out)

@@ -27,17 +27,8 @@ Writes benchmarks/results/sp-<card>-W<n>.json (+ .md) from rank 0.
 
 from __future__ import annotations
 
-import os
-
-# Multicast (NVLS) is off on the lent machines; set before any process group exists.
-for _name, _value in (
-    ("NCCL_NVLS_ENABLE", "0"),
-    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-    ("NVSHMEM_DISABLE_NVLS", "1"),
-):
-    os.environ.setdefault(_name, _value)
-
 import functools
+import os
 import sys
 import time
 import traceback

@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from common import card_slug, environment  # noqa: E402
+from common import NO_MULTICAST_ENV, card_slug, environment  # noqa: E402
 
 
 def launch(world: int, args, out_dir: Path, config_file: str | None = None) -> dict:
@@ -48,8 +48,7 @@ def launch(world: int, args, out_dir: Path, config_file: str | None = None) -> d
         cmd.append("--bf16")
     if args.gradient_checkpointing:
         cmd.append("--gradient_checkpointing")
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-           "NVSHMEM_DISABLE_NVLS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **NO_MULTICAST_ENV, "HF_HUB_OFFLINE": "1"}
     if not args.cpu:
         # SP = 1 on exactly one GPU (a single process seeing several would otherwise be a DataParallel run).
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(world))
