@@ -2,11 +2,11 @@
 # Run the GPU tests and the benchmarks on a lent GPU machine, writing everything under $OUT.
 #
 #   bash benchmarks/run_device.sh                 # tests, kernels, sp (in that order)
-#   bash benchmarks/run_device.sh kernels sp      # only some parts: any of  tests kernels sp train maxlen host
+#   bash benchmarks/run_device.sh kernels sp      # only some parts: any of  tests kernels sp train maxlen host sweep mfu
 #
 # From the repo root, with `.whl` carried (fill it here with `bash ../shared/device/wheels.sh`).
 # The device's copy has no .git: pass the commit, e.g.  LASP_HF_COMMIT=<sha> bash benchmarks/run_device.sh
-# Optional: KERNELS_ARGS / SP_ARGS / TRAIN_ARGS / MAXLEN_ARGS / MAXLEN1_ARGS (extra arguments, e.g. KERNELS_ARGS="--cases chunk-B1-*"),
+# Optional: KERNELS_ARGS / SP_ARGS / TRAIN_ARGS / MAXLEN_ARGS / MAXLEN1_ARGS / SWEEP_ARGS / MFU_ARGS (extra arguments, e.g. KERNELS_ARGS="--cases chunk-B1-*"),
 # PART_TIMEOUT (seconds per part, default 540), SKIP_INSTALL=1, SP_WORLDS (e.g. "2 4"; default: min(4, #GPUs), and 2 if 4).
 # SP_ARGS defaults to --profile (each sp world also writes sp-<card>-W<n>-profile.txt).
 #
@@ -99,12 +99,21 @@ for part in "${PARTS[@]}"; do
       # shellcheck disable=SC2086
       CUDA_VISIBLE_DEVICES=0 run_part "maxlen-W1" python3 recipes/max_seq_len.py --json "$OUT/max-seq-len-tnl-1b-W1.json" \
         ${MAXLEN1_ARGS:---model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --attention_chunk_size 16384 --start 262144 --granularity 131072 --max_block_size 2097152} ;;
+    sweep)
+      # shellcheck disable=SC2086
+      CUDA_VISIBLE_DEVICES=0 run_part sweep python3 benchmarks/kernel_sweep.py --out "$OUT" ${SWEEP_ARGS:-} ;;
+    mfu)
+      # Training throughput / MFU of tnl-1b at 32K tokens per GPU (SP = min(4, #GPUs)), checkpointing on and off.
+      FW=$(( NGPU >= 4 ? 4 : NGPU ))
+      # shellcheck disable=SC2086
+      run_part "mfu-W$FW" python3 benchmarks/train_mfu.py --world "$FW" --out "$OUT" \
+        ${MFU_ARGS:---accelerate_config recipes/accelerate/ddp_sp$FW.yaml --checkpointing on off --profile_steps 8 9} ;;
     host)
       run_part "host-W1" python3 benchmarks/host_overhead.py --out "$OUT"
       [ "$NGPU" -ge 2 ] && run_part "host-W$(( NGPU >= 4 ? 4 : 2 ))" python3 -m torch.distributed.run --standalone \
         --nproc_per_node "$(( NGPU >= 4 ? 4 : 2 ))" benchmarks/host_overhead.py --out "$OUT" ;;
     *)
-      echo "run_device.sh: unknown part '$part' (use tests, kernels, sp, train, maxlen, host)" >&2; exit 2 ;;
+      echo "run_device.sh: unknown part '$part' (use tests, kernels, sp, train, maxlen, host, sweep, mfu)" >&2; exit 2 ;;
   esac
 done
 

@@ -26,8 +26,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import NO_MULTICAST_ENV, card_slug, environment  # noqa: E402
 
 
-def launch(world: int, args, out_dir: Path, config_file: str | None = None) -> dict:
-    """One training run (with `config_file` for accelerate launch, if given); returns its log history."""
+def launch(world: int, args, out_dir: Path, config_file: str | None = None, extra: list[str] | None = None) -> dict:
+    """One training run (with `config_file` for accelerate launch, if given, and `extra` arguments for
+    train_clm.py); returns its log history."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(world),
            "--num_machines", "1", "--mixed_precision", "bf16" if args.bf16 else "no", "--dynamo_backend", "no"]
     if config_file:
@@ -48,6 +49,7 @@ def launch(world: int, args, out_dir: Path, config_file: str | None = None) -> d
         cmd.append("--bf16")
     if args.gradient_checkpointing:
         cmd.append("--gradient_checkpointing")
+    cmd += extra or []
     env = {**os.environ, **NO_MULTICAST_ENV, "HF_HUB_OFFLINE": "1"}
     if not args.cpu:
         # SP = 1 on exactly one GPU (a single process seeing several would otherwise be a DataParallel run).
