@@ -18,8 +18,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_lasp import LaspConfig
 
 
+def _rms_normalize(x, eps: float):
+    """x / rms(x) over the last axis, computed in float32 and returned in x's dtype: one fused kernel on CUDA
+    (`F.rms_norm`), outside autocast so that a bf16 input stays bf16."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
 class LaspRMSNorm(nn.Module):
-    """RMSNorm with a learned weight (computed in float32)."""
+    """RMSNorm with a learned weight (normalized in float32, rounded to the input's dtype, times the weight)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -27,9 +34,7 @@ class LaspRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * _rms_normalize(x, self.eps)
 
 
 class LaspSRMSNorm(nn.Module):
@@ -41,8 +46,7 @@ class LaspSRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return _rms_normalize(x, self.eps)
 
 
 def build_norm(config: LaspConfig, dim: int) -> nn.Module:

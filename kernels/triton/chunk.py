@@ -54,10 +54,16 @@ from lasp_hf.kernels.triton.utils import empty, interpreting
 CHUNK_SIZE = 64
 # Per pass: (largest K x V state tile one program holds, in float32 elements; num_warps; num_stages).
 # The tile sets the V block of programs that hold all of K (forward, dS, dv) and the K block of those that
-# hold all of V (dk, dq). Chosen from the H100 sweep in benchmarks/notes-kernels.md.
-CONFIGS = {"fwd": (8192, 4, 2), "bwd": (8192, 4, 2)}
+# hold all of V (dk, dq); "state" is the SP state-only passes (`state_only`, 128 x 64 tiles). Chosen from
+# the H100 sweeps (benchmarks/kernel_sweep.py, benchmarks/results/kernel-sweep-*.md): the forward holds the
+# whole 128 x 128 state with 8 warps, so q and k are read once per chunk (0.55 -> 0.49 ms at B1 H16 T32K,
+# 1.82 -> 1.54 ms at 128K); the backward is best at 128 x 64 with 4 warps.
+CONFIGS = {"fwd": (16384, 8, 3), "bwd": (8192, 4, 2), "state": (8192, 4, 2)}
 # Segments are planned for about this many programs per SM when B*H alone does not fill the device.
 PROGRAMS_PER_SM = 4
+# A sequence is cut into segments when it is more than this many times longer than the work per program
+# slot (packed documents of very different lengths), even if the (sequence, head) programs fill the device.
+MAX_IMBALANCE = 4
 # Set (e.g. by tests) to force a number of chunks per segment; None plans it from the device.
 CHUNKS_PER_SEGMENT = None
 # float32 inputs: three tf32 products per dot (about float32 accuracy on the tensor cores); "ieee" is
@@ -116,17 +122,24 @@ def _blocks_k(K: int, V: int, phase: str) -> tuple[int, int]:
 
 
 def _make_plan(bounds: list[int], H: int, NV: int, device) -> _Plan:
-    """Chunks per segment: one segment per sequence when the (sequence, head, V block) programs already
-    fill the device; otherwise enough segments for about PROGRAMS_PER_SM programs per SM."""
-    max_chunks = max((b - a + CHUNK_SIZE - 1) // CHUNK_SIZE for a, b in itertools.pairwise(bounds))
-    max_chunks = max(max_chunks, 1)
+    """Chunks per segment (cps). With W the chunk-steps per program slot if all (chunk, head, V block) work
+    were spread evenly over PROGRAMS_PER_SM programs per SM: one segment per sequence when those programs
+    already fill the device and no sequence is longer than MAX_IMBALANCE x W chunks (dense batches, packed
+    documents of similar lengths); otherwise segments of about W chunks, so that a long sequence (B*H too
+    small, or one long document among short ones) is scanned by many programs in parallel. The compiled
+    kernels walk only a segment's own chunks, so short sequences cost their length, not cps."""
+    chunks = [(b - a + CHUNK_SIZE - 1) // CHUNK_SIZE for a, b in itertools.pairwise(bounds)]
+    max_chunks = max(max(chunks), 1)
     if CHUNKS_PER_SEGMENT is not None:
         cps = CHUNKS_PER_SEGMENT
     else:
-        programs = (len(bounds) - 1) * H * NV
         sms = _num_sms(device)
-        splits = 1 if programs >= sms else min(max_chunks, triton.cdiv(PROGRAMS_PER_SM * sms, programs))
-        cps = triton.cdiv(max_chunks, splits)
+        programs = len(chunks) * H * NV
+        per_slot = max(1, triton.cdiv(sum(chunks) * H * NV, PROGRAMS_PER_SM * sms))
+        if programs >= sms and max_chunks <= MAX_IMBALANCE * per_slot:
+            cps = max_chunks
+        else:
+            cps = triton.cdiv(max_chunks, triton.cdiv(max_chunks, per_slot))  # even segments of the longest
     return _Plan(bounds, device, cps)
 
 
@@ -168,6 +181,7 @@ def _config(phase: str, dtype, BK: int, device) -> dict:
     _, num_warps, num_stages = CONFIGS[phase]
     if BK >= 256:
         num_warps = max(num_warps, 8)   # 64 x 256 q and k tiles spill heavily with 4 warps
+        num_stages = min(num_stages, 2)  # three stages of 64 x 256 q and k tiles would not fit shared memory
     if dtype == torch.float32:
         # float32 tiles are twice as large: a second pipeline stage would not fit in shared memory.
         num_stages = 1
@@ -207,7 +221,7 @@ def _launch_setup(q, v, g, plan: _Plan, phase: str, accurate_states: bool):
     cfg = _config(phase, q.dtype, BK, q.device)
     meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
     scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
-                SPLIT=accurate_states and q.dtype != torch.float32, **meta)
+                SPLIT=accurate_states and q.dtype != torch.float32, DYN_LOOP=not interpreting(), **meta)
     return H, K, V, triton.cdiv(V, BV), plan.num_segs, cfg, meta, scan
 
 

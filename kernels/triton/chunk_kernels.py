@@ -27,6 +27,17 @@ def _chunk_decay(g, i_h, t0, length, H: tl.constexpr, G_MODE: tl.constexpr, BT: 
 
 
 @triton.jit
+def _num_chunks(bos, eos, CPS, BT: tl.constexpr, DYN_LOOP: tl.constexpr):
+    """Chunks a scan walks: the segment's own count (DYN_LOOP, compiled kernels), or the plan's CPS for
+    every segment (the interpreter needs a plain loop bound; chunks past a segment's end read zeros,
+    have zero log-decay and change nothing)."""
+    n_chunks = CPS
+    if DYN_LOOP:
+        n_chunks = tl.cdiv(eos - bos, BT).to(tl.int32)
+    return n_chunks
+
+
+@triton.jit
 def _token_tiles(x, bos, eos, i_h, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """Tiles of x[bos:eos, i_h, :] (x laid out [tokens, H, D]), BT tokens by BD features. Reads past the
     segment or past D give zeros and writes there are dropped, so chunks of any length need no masks."""
@@ -58,7 +69,8 @@ def _dot_f32_left(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.cons
 def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
                               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                              DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NV: tl.constexpr):
+                              DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NV: tl.constexpr,
+                              DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, K block x V block; NV V blocks): the segment's state from zero, and
     its log-decay."""
     i_s, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -73,7 +85,8 @@ def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
     log_decay = 0.0
     tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
     tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
-    for i in range(CPS):
+    n_chunks = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
+    for i in range(n_chunks):
         r0 = i * BT
         t0 = bos + r0
         b_k = tiles_k.load([r0, i_k * BK]).to(DT)
@@ -119,7 +132,7 @@ def _fwd_kernel_segment_combine(s_loc, seg_decay, s_in, h0, seq_first_seg, seq_n
 def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, scale, CPS,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                       DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+                       DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, V block): scan the segment's chunks from S_in, writing o."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
@@ -137,7 +150,8 @@ def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, 
     tiles_o = _token_tiles(o, bos, eos, i_h, H, V, BT, BV)
     tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
     tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
-    for i in range(CPS):
+    n_chunks = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
+    for i in range(n_chunks):
         r0 = i * BT
         t0 = bos + r0
         b_q = tiles_q.load([r0, 0]).to(DT)
@@ -162,7 +176,7 @@ def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, sc
                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
                                DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NV: tl.constexpr,
-                               STORE_DECAY: tl.constexpr = False):
+                               STORE_DECAY: tl.constexpr = False, DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, K block x V block; NV V blocks): dL/dS_in of the segment from its
     own outputs, and (STORE_DECAY) the segment's log-decay."""
     i_s, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -177,8 +191,9 @@ def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, sc
     log_decay = 0.0
     tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
     tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
-    for i in range(CPS):
-        r0 = (CPS - 1 - i) * BT
+    n_chunks = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
+    for i in range(n_chunks):
+        r0 = (n_chunks - 1 - i) * BT
         t0 = bos + r0
         b_q = tiles_q.load([r0, i_k * BK]).to(DT)
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
@@ -264,7 +279,8 @@ def _bwd_kernel_segment_combine(ds_loc, seg_decay, ds_out, dht, dh0, seq_first_s
 def _bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr):
+                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr,
+                   DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, K block), with all of V: reverse scan from dS at the segment's end
     (rows of this K block), writing dk for the block, its share of k . dk and dS at the segment's start."""
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -283,8 +299,9 @@ def _bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, 
     tiles_dk = _token_tiles(dk, bos, eos, i_h, H, K, BT, BK)
     tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
     tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
-    for i in range(CPS):
-        r0 = (CPS - 1 - i) * BT
+    n_chunks = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
+    for i in range(n_chunks):
+        r0 = (n_chunks - 1 - i) * BT
         t0 = bos + r0
         m_t = o_t < eos - t0
         b_q = tiles_q.load([r0, i_k * BK]).to(DT)
@@ -309,7 +326,7 @@ def _bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, 
 def _bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   DOT_PREC: tl.constexpr, DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, V block), with all of K: reverse scan from dS at the segment's end
     (columns of this V block), writing dv for the block."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -326,8 +343,9 @@ def _bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
     tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
     tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
     tiles_dv = _token_tiles(dv, bos, eos, i_h, H, V, BT, BV)
-    for i in range(CPS):
-        r0 = (CPS - 1 - i) * BT
+    n_chunks = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
+    for i in range(n_chunks):
+        r0 = (n_chunks - 1 - i) * BT
         t0 = bos + r0
         b_q = tiles_q.load([r0, 0]).to(DT)
         b_k = tiles_k.load([r0, 0]).to(DT)
@@ -346,7 +364,8 @@ def _bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
 def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr):
+                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr,
+                   DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, K block), with all of V: forward scan from S_in (rows of this K
     block), writing dq for the block and its share of q . dq."""
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -365,7 +384,8 @@ def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, 
     tiles_dq = _token_tiles(dq, bos, eos, i_h, H, K, BT, BK)
     tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
     tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
-    for i in range(CPS):
+    n_chunks = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
+    for i in range(n_chunks):
         r0 = i * BT
         t0 = bos + r0
         m_t = o_t < eos - t0

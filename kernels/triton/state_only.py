@@ -21,10 +21,10 @@ from lasp_hf.kernels.triton.chunk_kernels import (
     _bwd_kernel_segment_dstate,
     _fwd_kernel_segment_state,
 )
-from lasp_hf.kernels.triton.utils import empty
+from lasp_hf.kernels.triton.utils import empty, interpreting
 
 # A program's state tile: at most MAX_BLOCK_K rows of K and STATE_TILE float32 elements (128 x 64 at
-# K = V = 128, the chunk forward's tile). Each (K, V) block re-reads its k (q) and v (do) columns, so the
+# K = V = 128; launch config `chunk.CONFIGS["state"]`). Each (K, V) block re-reads its k (q) and v (do) columns, so the
 # tile is as large as fits without spilling: x is read V / BV times and y K / BK times.
 MAX_BLOCK_K = 128
 STATE_TILE = 8192
@@ -48,10 +48,10 @@ def _state_pass(x, y, g, start, scale: float, gradient: bool):
     xf, yf = (chunk._aligned(z.reshape(B * T, H, z.shape[-1])) for z in (x, y))
     g32 = chunk.flat_g(g, B, T, H)
     S = plan.num_segs
-    cfg = chunk._config("fwd", x.dtype, BK, x.device)
+    cfg = chunk._config("state", x.dtype, BK, x.device)
     meta = {"H": H, "K": K, "V": V, "BK": BK, "BV": BV, "NV": NV}
     scan = dict(G_MODE=chunk._g_mode(g), BT=chunk.CHUNK_SIZE, DT=chunk._dot_dtype(x.dtype),
-                DOT_PREC=chunk._dot_precision(x.dtype), SPLIT=False, **meta)
+                DOT_PREC=chunk._dot_precision(x.dtype), SPLIT=False, DYN_LOOP=not interpreting(), **meta)
     g_arg = g32 if g32 is not None else xf
     local = empty(x, (S, H, K, V), torch.float32)
     seg_decay = empty(x, (S, H), torch.float32)
