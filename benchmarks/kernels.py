@@ -53,6 +53,7 @@ class Run:
     rep_ms: float = 100
     seed: int = 0
     providers: tuple = ()  # names to run (empty: all)
+    decays: tuple = ("head", "token")  # decay kinds of the chunk cases
 
     def wants(self, provider: str) -> bool:
         return not self.providers or provider in self.providers
@@ -336,7 +337,7 @@ def chunk(run: Run, name: str, B: int, H: int, T: int) -> list[dict]:
     B, T, H, D = run.shape(B, T, H, 128)
     shape = dict(B=B, T=T, H=H, K=D, V=D)
     rows = []
-    for decay in ("head", "token"):
+    for decay in run.decays:
         gen = torch.Generator(device=run.device).manual_seed(run.seed)
         q, k, v, do = (
             torch.randn(B, T, H, D, device=run.device, dtype=run.dtype, generator=gen) for _ in range(4)
@@ -556,7 +557,11 @@ def parse_args(argv=None):
         help=f"comma-separated subset of {','.join(PROVIDER_NAMES)} (default: all); "
         "e.g. --providers ours to time our op alone",
     )
+    parser.add_argument("--decays", default="head,token",
+                        help="decay kinds of the chunk cases: head (g [H], the targets' case), token (g [B, T, H])")
     args = parser.parse_args(argv)
+    if not set(args.decays.split(",")) <= {"head", "token"} or not args.decays:
+        raise ValueError(f"--decays takes head and/or token, comma-separated; got {args.decays!r}")
     args.providers = parse_providers(args.providers)
     return args
 
@@ -607,6 +612,7 @@ def main(argv=None) -> int:
         args.warmup_ms,
         args.rep_ms,
         providers=args.providers,
+        decays=tuple(args.decays.split(",")),
     )
     print(common.describe_env(env))
     print(
