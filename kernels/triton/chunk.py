@@ -56,8 +56,8 @@ CHUNK_SIZE = 64
 # The tile sets the V block of programs that hold all of K (forward, dS, dv) and the K block of those that
 # hold all of V (dk, dq); "state" is the SP state-only passes (`state_only`, 128 x 64 tiles). Chosen from
 # the H100 sweeps (benchmarks/kernel_sweep.py, benchmarks/results/kernel-sweep-*.md): the forward holds the
-# whole 128 x 128 state with 8 warps, so q and k are read once per chunk (0.55 -> 0.49 ms at B1 H16 T32K,
-# 1.82 -> 1.54 ms at 128K); the backward is best at 128 x 64 with 4 warps.
+# whole 128 x 128 state with 8 warps, so q and k are read once per chunk (0.57 -> 0.49 ms at B1 H16 T32K,
+# 2.06 -> 1.54 ms at 128K, same sweep); the backward is best at 128 x 64 with 4 warps.
 CONFIGS = {"fwd": (16384, 8, 3), "bwd": (8192, 4, 2), "state": (8192, 4, 2)}
 # Segments are planned for about this many programs per SM when B*H alone does not fill the device.
 PROGRAMS_PER_SM = 4
