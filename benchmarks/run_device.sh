@@ -88,13 +88,14 @@ for part in "${PARTS[@]}"; do
       run_part "train-W$TW" python3 benchmarks/train_parity.py --world "$TW" --out "$OUT" $CONFIGS \
         ${TRAIN_ARGS:---model_config recipes/configs/tnl-385m.json --block_size $((32768 * TW)) --steps 20 --bf16 --gradient_checkpointing} ;;
     maxlen)
-      # The longest tnl-1b sequence on all GPUs (SP = #GPUs, FSDP2 config on 4) with every memory saver, and on one.
+      # The longest tnl-1b sequence on all GPUs (SP = #GPUs, FSDP2 config on 4) with every memory saver, and on one;
+      # on 4 GPUs each rank's first out-of-memory also writes what held the memory (mem-tnl-1b-W4.rank<r>.txt).
       MW=$(( NGPU >= 4 ? 4 : 1 ))
       if [ "$MW" -eq 4 ]; then
         # shellcheck disable=SC2086
         run_part "maxlen-W4" python3 -m accelerate.commands.launch --config_file recipes/accelerate/fsdp2_sp4.yaml \
           recipes/max_seq_len.py --json "$OUT/max-seq-len-tnl-1b-W4.json" \
-          ${MAXLEN_ARGS:---model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --attention_chunk_size 16384 --start 1048576 --granularity 524288 --max_block_size 4194304}
+          ${MAXLEN_ARGS:---model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --attention_chunk_size 16384 --start 1048576 --granularity 524288 --max_block_size 4194304 --memory_report $OUT/mem-tnl-1b-W4}
       fi
       # shellcheck disable=SC2086
       CUDA_VISIBLE_DEVICES=0 run_part "maxlen-W1" python3 recipes/max_seq_len.py --json "$OUT/max-seq-len-tnl-1b-W1.json" \

@@ -21,6 +21,9 @@ ranks instead of replicated as under DDP. Run as a script, it sets PYTORCH_CUDA_
 unless PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF is set already: growable segments keep the allocator from
 fragmenting when tensors of many sizes come and go at these lengths (pass expandable_segments:False to compare).
 
+With --memory_report PATH (CUDA), allocations are recorded and each rank's first out-of-memory writes
+PATH.rank<r>.txt: the memory held at the failure, summed by allocation site (file:line function), largest first.
+
 An OOM on one rank while the others wait in a collective cannot always be recovered; the others then stop after
 --timeout_s, and the sizes printed so far stand.
 """
@@ -88,6 +91,33 @@ def shard_with_fsdp2(model, dtype):
     return model
 
 
+def summarize_snapshot(snapshot: dict, top: int = 30) -> str:
+    """What holds the memory in a `torch.cuda.memory._snapshot()` taken with `_record_memory_history` on: the
+    active blocks summed by allocation site (the innermost Python frame outside torch / triton, with the
+    function that asked), largest first."""
+    sites: dict[str, list[int]] = {}
+    active = reserved = 0
+    for segment in snapshot.get("segments", []):
+        reserved += segment.get("total_size", 0)
+        for block in segment.get("blocks", []):
+            if block.get("state") != "active_allocated":
+                continue
+            active += block["size"]
+            frames = block.get("frames") or []
+            site = next((f for f in frames if not any(part in f.get("filename", "")
+                                                      for part in ("/torch/", "/triton/", "<frozen"))), None)
+            key = f"{site['filename']}:{site['line']} {site['name']}" if site else "(no Python frame recorded)"
+            entry = sites.setdefault(key, [0, 0])
+            entry[0] += block["size"]
+            entry[1] += 1
+    gib = 2**30
+    lines = [f"active {active / gib:.2f} GiB in {sum(n for _, n in sites.values())} blocks, "
+             f"reserved {reserved / gib:.2f} GiB", "", "GiB      blocks  allocation site"]
+    for key, (size, count) in sorted(sites.items(), key=lambda item: -item[1][0])[:top]:
+        lines.append(f"{size / gib:7.3f}  {count:6d}  {key}")
+    return "\n".join(lines) + "\n"
+
+
 def allocator_settings() -> str | None:
     return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
 
@@ -132,6 +162,9 @@ def parse_args(argv=None):
     parser.add_argument("--sp_mode", default="ring", choices=["ring", "allgather"])
     parser.add_argument("--timeout_s", type=int, default=600)
     parser.add_argument("--json", default=None, help="also write the result (and every trial) to this file")
+    parser.add_argument("--memory_report", default=None,
+                        help="CUDA: record allocations, and at a rank's first out-of-memory write what held the memory "
+                             "(by allocation site) to <this path>.rank<r>.txt")
     return parser.parse_args(argv)
 
 
@@ -182,8 +215,14 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4)
     savers = memory_savers(args, config, fsdp, world, cuda)
     trials = []
+    if args.memory_report:
+        if not cuda:
+            raise ValueError("--memory_report records CUDA allocations; this run has no GPU")
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
+    reported = False
 
     def fits(T: int) -> bool:
+        nonlocal reported
         ids = torch.randint(config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T)).to(device)
         batch = {"input_ids": ids, "labels": ids}
         batch = shard_batch_for_sp(batch, sp) if sp is not None and sp.world_size > 1 else batch
@@ -199,6 +238,12 @@ def main(argv=None):
             optimizer.step()
         except torch.OutOfMemoryError:
             ok = False
+            if args.memory_report and not reported:  # what is held at the failure, before anything is freed
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                report = pathlib.Path(f"{args.memory_report}.rank{rank}.txt")
+                report.write_text(f"block_size {T}, {T // sp_size} tokens per rank, rank {rank}\n"
+                                  + summarize_snapshot(torch.cuda.memory._snapshot()))
+                reported = True
         optimizer.zero_grad(set_to_none=True)
         loss = batch = ids = None
         gc.collect()

@@ -399,6 +399,34 @@ def test_max_seq_len_rejects_bad_memory_flags():
         recipe.main(["--mlp_chunk_size", "0"])
     with pytest.raises(ValueError, match="--attention_chunk_size"):
         recipe.main(["--attention_chunk_size", "-1"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--memory_report records CUDA allocations"):
+            recipe.main(["--memory_report", "report"])
+
+
+def test_memory_report_sums_active_blocks_by_allocation_site():
+    spec = importlib.util.spec_from_file_location("recipe_max_seq_len_report", REPO / "recipes" / "max_seq_len.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    torch_frame = {"filename": "/x/site-packages/torch/nn/functional.py", "line": 10, "name": "linear"}
+    ours = {"filename": "/repo/modeling/layers_lasp.py", "line": 200, "name": "_project"}
+    loss = {"filename": "/repo/modeling/loss_lasp.py", "line": 30, "name": "chunked_loss"}
+    gib = 2**30
+    snapshot = {"segments": [
+        {"total_size": 4 * gib, "blocks": [
+            {"size": gib, "state": "active_allocated", "frames": [torch_frame, ours]},
+            {"size": gib, "state": "active_allocated", "frames": [ours]},
+            {"size": gib // 2, "state": "active_allocated", "frames": [torch_frame, loss, ours]},
+            {"size": gib, "state": "inactive", "frames": [ours]},
+        ]},
+        {"total_size": gib, "blocks": [{"size": gib // 4, "state": "active_allocated", "frames": []}]},
+    ]}
+    lines = recipe.summarize_snapshot(snapshot).splitlines()
+    assert lines[0] == "active 2.75 GiB in 4 blocks, reserved 5.00 GiB"
+    rows = [line.split(None, 2) for line in lines[3:]]
+    assert rows == [["2.000", "2", "/repo/modeling/layers_lasp.py:200 _project"],
+                    ["0.500", "1", "/repo/modeling/loss_lasp.py:30 chunked_loss"],
+                    ["0.250", "1", "(no Python frame recorded)"]]
 
 
 @pytest.mark.distributed
