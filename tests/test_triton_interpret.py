@@ -150,10 +150,9 @@ def test_dims_not_powers_of_two(kernels):
 @pytest.mark.parametrize("K, V", [(32, 32), (48, 80)])
 def test_several_blocks(kernels, monkeypatch, K, V):
     # Small state tiles: the forward and dv kernels split V, the dk and dq kernels split K, and the
-    # per-block shares of the decay gradient are summed; the segment combines run on 2 x V-block tiles.
+    # per-block shares of the decay gradient are summed.
     monkeypatch.setitem(kernels.CONFIGS, "fwd", (256, 4, 2))
     monkeypatch.setitem(kernels.CONFIGS, "bwd", (256, 4, 2))
-    monkeypatch.setattr(kernels, "FOLD_TILE", 256)
     _check(kernels, 1, 130, 2, K, V, "token", cps=1)
 
 
@@ -261,7 +260,6 @@ def test_state_only_passes_several_blocks(kernels, monkeypatch, g_mode):
 
     monkeypatch.setattr(state_only, "MAX_BLOCK_K", 16)
     monkeypatch.setattr(state_only, "STATE_TILE", 256)
-    monkeypatch.setattr(kernels, "FOLD_TILE", 256)  # the fold over segments on 2 x 128 tiles: 24 K blocks
     _check_state_only(kernels, 1, 130, 2, 48, 80, g_mode, cps=1)
 
 

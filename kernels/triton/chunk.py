@@ -61,10 +61,6 @@ CHUNK_SIZE = 64
 CONFIGS = {"fwd": (16384, 8, 3), "bwd": (8192, 4, 2), "state": (8192, 4, 2)}
 # Segments are planned for about this many programs per SM when B*H alone does not fill the device.
 PROGRAMS_PER_SM = 4
-# The serial scans over a sequence's segments (combine, fold) are elementwise over the K x V state: each program
-# holds a FOLD_TILE-element block (16 x 128 at K = V = 128), so a head's scan is spread over K*V / FOLD_TILE
-# programs, each with little to load per step.
-FOLD_TILE = 2048
 # A sequence is cut into segments when it is more than this many times longer than the work per program
 # slot (packed documents of very different lengths), even if the (sequence, head) programs fill the device.
 MAX_IMBALANCE = 4
@@ -192,14 +188,6 @@ def _config(phase: str, dtype, BK: int, device) -> dict:
     return {"num_warps": num_warps, "num_stages": num_stages}
 
 
-def _fold_launch(K: int, V: int) -> tuple[int, int, int, dict]:
-    """(BK, BV, programs per head, launch config) of the segment scans (`FOLD_TILE`)."""
-    BV = min(max(16, triton.next_power_of_2(V)), 128)
-    BK = min(max(1, FOLD_TILE // BV), triton.next_power_of_2(K))
-    cfg = {} if interpreting() else {"num_warps": 4, "num_stages": 2}
-    return BK, BV, triton.cdiv(K, BK) * triton.cdiv(V, BV), cfg
-
-
 def _dot_dtype(dtype):
     """Operand type of the matrix products: the input's, except in the interpreter, whose bfloat16
     arithmetic is wrong (Triton 3.9: products of bfloat16 blocks come out as garbage), so it gets float32."""
@@ -273,10 +261,9 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segme
         else:
             s_loc, seg_decay = _launch_segment_state(k, v, g, plan, accurate_states)
         s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
-        BKF, BVF, NF, cfg_f = _fold_launch(K, V)
-        _fwd_kernel_segment_combine[(plan.num_seqs, H, NF)](
+        _fwd_kernel_segment_combine[(plan.num_seqs, H, NV)](
             s_loc, seg_decay, s_in, h0 if h0 is not None else s_loc, plan.seq_first_seg, plan.seq_num_segs,
-            plan.max_segs, H=H, K=K, V=V, BK=BKF, BV=BVF, NV=triton.cdiv(V, BVF), HAS_INIT=h0 is not None, **cfg_f)
+            plan.max_segs, HAS_INIT=h0 is not None, **meta, **cfg)
     else:
         seg_decay = empty(q, (S, H), torch.float32)
         if h0 is not None:
@@ -306,11 +293,9 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
             ds_loc, _ = _launch_segment_dstate(q, do, g, scale, plan, need_dg)
         ds_out = empty(ds_loc, ds_loc.shape, ds_loc.dtype)
         dh0 = empty(q, (plan.num_seqs, H, K, V), torch.float32)
-        BKF, BVF, NF, cfg_f = _fold_launch(K, V)
-        _bwd_kernel_segment_combine[(plan.num_seqs, H, NF)](
+        _bwd_kernel_segment_combine[(plan.num_seqs, H, NV)](
             ds_loc, seg_decay, ds_out, dht if dht is not None else ds_loc, dh0, plan.seq_first_seg,
-            plan.seq_num_segs, plan.max_segs, H=H, K=K, V=V, BK=BKF, BV=BVF, NV=triton.cdiv(V, BVF),
-            HAS_DFINAL=dht is not None, **cfg_f)
+            plan.seq_num_segs, plan.max_segs, HAS_DFINAL=dht is not None, **meta, **cfg)
     elif dht is not None:
         ds_out = dht.float()[plan.seg_seq].contiguous()
         dh0 = None
@@ -395,18 +380,18 @@ def flat_g(g, B: int, T: int, H: int):
     return g.float().reshape(B * T, H).contiguous() if g.dim() == 3 else g.float().contiguous()
 
 
-def fold_segments(local, seg_decay, plan: _Plan, start, reverse: bool):
+def fold_segments(local, seg_decay, plan: _Plan, start, reverse: bool, BK: int, BV: int):
     """Each row's segment results local [S, H, K, V] (log-decays seg_decay [S, H]) folded in order (a state at
     the row's end) or in reverse (a state gradient at its start), from `start` [B, H, K, V] or zeros; float32
-    [B, H, K, V]."""
+    [B, H, K, V]. BK x BV: the programs' tile (the fold is elementwise over K x V)."""
     _, H, K, V = local.shape
-    BK, BV, NF, cfg = _fold_launch(K, V)
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     out = empty(local, (plan.num_seqs, H, K, V), torch.float32)
     start = start.float().contiguous() if start is not None else None
-    _kernel_segment_fold[(plan.num_seqs, H, NF)](
+    _kernel_segment_fold[(plan.num_seqs, H, NK * NV)](
         local, seg_decay, out, start if start is not None else local, plan.seq_first_seg, plan.seq_num_segs,
-        plan.max_segs, H=H, K=K, V=V, BK=BK, BV=BV, NV=triton.cdiv(V, BV), HAS_START=start is not None,
-        REVERSE=reverse, **cfg)
+        plan.max_segs, H=H, K=K, V=V, BK=BK, BV=BV, NV=NV, HAS_START=start is not None, REVERSE=reverse,
+        **_config("fwd", local.dtype, BK, local.device))
     return out
 
 
@@ -442,7 +427,8 @@ class SegmentReuse:
         return flat_g(g, *self.shape[:3])
 
     def _fold(self, local, seg_decay, start, reverse: bool):
-        return fold_segments(local, seg_decay, self.plan, start, reverse)
+        K, V = self.shape[3:]
+        return fold_segments(local, seg_decay, self.plan, start, reverse, *_blocks_k(K, V, "fwd"))
 
     @torch.no_grad()
     def prepare_states(self, k, v, g):

@@ -104,14 +104,12 @@ def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
 @triton.jit
 def _fwd_kernel_segment_combine(s_loc, seg_decay, s_in, h0, seq_first_seg, seq_num_segs, MAX_SEGS,
                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                                BV: tl.constexpr, NV: tl.constexpr, HAS_INIT: tl.constexpr):
-    """One program per (sequence, head, K block x V block; NV V blocks): S_in of each segment, scanning
-    segments in order (elementwise over the state, so small blocks give many programs for this serial scan)."""
-    i_n, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_k, i_v = i_kv // NV, i_kv % NV
+                                BV: tl.constexpr, HAS_INIT: tl.constexpr):
+    """One program per (sequence, head, V block): S_in of each segment, scanning segments in order."""
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(seq_first_seg + i_n)
     num_segs = tl.load(seq_num_segs + i_n)
-    o_k = i_k * BK + tl.arange(0, BK)
+    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
     o_kv = o_k[:, None] * V + o_v[None, :]
@@ -250,14 +248,13 @@ def _kernel_segment_fold(s_loc, seg_decay, out, start, seq_first_seg, seq_num_se
 @triton.jit
 def _bwd_kernel_segment_combine(ds_loc, seg_decay, ds_out, dht, dh0, seq_first_seg, seq_num_segs, MAX_SEGS,
                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                                BV: tl.constexpr, NV: tl.constexpr, HAS_DFINAL: tl.constexpr):
-    """One program per (sequence, head, K block x V block; NV V blocks): dL/dS at each segment's end,
-    scanning backwards; what is left at the sequence's start is dL/d initial_state."""
-    i_n, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_k, i_v = i_kv // NV, i_kv % NV
+                                BV: tl.constexpr, HAS_DFINAL: tl.constexpr):
+    """One program per (sequence, head, V block): dL/dS at each segment's end, scanning backwards;
+    what is left at the sequence's start is dL/d initial_state."""
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(seq_first_seg + i_n)
     num_segs = tl.load(seq_num_segs + i_n)
-    o_k = i_k * BK + tl.arange(0, BK)
+    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
     o_kv = o_k[:, None] * V + o_v[None, :]

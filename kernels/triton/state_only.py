@@ -64,7 +64,7 @@ def _state_pass(x, y, g, start, scale: float, gradient: bool):
                                         plan.chunks_per_segment, **scan, **cfg)
     if plan.max_segs == 1 and start is None:
         return local  # one segment per row, in row order
-    return chunk.fold_segments(local, seg_decay, plan, start, gradient)
+    return chunk.fold_segments(local, seg_decay, plan, start, gradient, BK, BV)
 
 
 @torch.no_grad()
