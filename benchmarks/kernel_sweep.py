@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -68,11 +69,11 @@ def main() -> None:
         g = -(2.0 ** (-8.0 * torch.arange(1, H + 1, device=dev, dtype=torch.float32) / H))
         do = torch.randn_like(v)
 
-        def fwd():
+        def fwd(q=q, k=k, v=v, g=g):
             with torch.no_grad():
                 lasp_hf.linear_attention(q, k, v, g, scale=1.0, backend="triton")
 
-        def fwd_bwd():
+        def fwd_bwd(q=q, k=k, v=v, g=g, do=do):
             lasp_hf.linear_attention(q, k, v, g, scale=1.0, backend="triton")[0].backward(do)
 
         best = None
@@ -81,7 +82,7 @@ def main() -> None:
             ms = timed(fwd, warmup=50, rep=200)
             rows.append({"B": B, "T": T, "H": H, "phase": "fwd", "fwd_cfg": fc, "bwd_cfg": None, "pps": pps, "ms": ms})
             print(f"B{B} T{T} H{H} fwd {fc} pps {pps}: {ms:.3f} ms", flush=True)
-            if ms == ms and (best is None or ms < best[0]):
+            if not math.isnan(ms) and (best is None or ms < best[0]):
                 best = (ms, fc, pps)
         for bc, pps in itertools.product(BWD_CONFIGS, PPS):
             apply(best[1], bc, pps)
@@ -89,7 +90,7 @@ def main() -> None:
             rows.append({"B": B, "T": T, "H": H, "phase": "fwd+bwd", "fwd_cfg": best[1], "bwd_cfg": bc, "pps": pps,
                          "ms": ms})
             print(f"B{B} T{T} H{H} fwd+bwd fwd {best[1]} bwd {bc} pps {pps}: {ms:.3f} ms", flush=True)
-        del q, k, v, do
+        del q, k, v, do, fwd, fwd_bwd
         torch.cuda.empty_cache()
     apply(base_cfg["fwd"], base_cfg["bwd"], base_pps)
 
@@ -100,7 +101,7 @@ def main() -> None:
     lines = [f"# kernel launch sweep, {env.get('card')}", "", "| B | T | H | phase | fwd cfg | bwd cfg | pps | ms |",
              "|---" * 8 + "|"]
     for (B, T, H, phase), group in itertools.groupby(rows, key=lambda r: (r["B"], r["T"], r["H"], r["phase"])):
-        group = sorted(group, key=lambda r: (r["ms"] != r["ms"], r["ms"]))
+        group = sorted(group, key=lambda r: (math.isnan(r["ms"]), r["ms"]))
         for r in group[:4]:  # the four fastest of each (shape, phase)
             lines.append(f"| {B} | {T} | {H} | {phase} | {r['fwd_cfg']} | {r['bwd_cfg']} | {r['pps']} | {r['ms']:.3f} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")

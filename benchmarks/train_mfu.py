@@ -103,8 +103,9 @@ def main() -> None:
     result = {"env": env, "args": vars(args), "peak_tflops": peak, "rows": rows}
     path = out / f"train-mfu-{card_slug(card)}-W{args.world}.json"
     path.write_text(json.dumps(result, indent=1))
-    lines = [f"# training MFU, {card}, W={args.world}, {Path(args.model_config).name}, "
-             f"{args.tokens_per_gpu} tokens per GPU", "", f"`{' '.join(sys.argv)}`", "",
+    title = (f"# training MFU, {card}, W={args.world}, {Path(args.model_config).name}, "
+             f"{args.tokens_per_gpu} tokens per GPU")
+    lines = [title, "", f"`{' '.join(sys.argv)}`", "",
              "| run | tok/s total | tok/s/GPU | TFLOP/s/GPU | MFU | peak GB | final loss |", "|---" * 7 + "|"]
     for r in rows:
         if r["status"] != "ok":

@@ -483,3 +483,33 @@ def test_train_parity_cpu_two_processes(tmp_path):
     assert data["runs"]["default_sp2"]["max_rel_diff"] < 1e-4
     assert max(row["rel_diff"] for row in data["rows"]) < 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-parity-cpu-W2.json", "train-parity-cpu-W2.md"]
+
+
+def test_train_mfu_cpu_two_processes(tmp_path):
+    """benchmarks/train_mfu.py: one row per (config, checkpointing), the steady-state mean after --skip, the profile."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "train_mfu.py"), "--cpu", "--world", "2", "--model_config",
+         str(BENCH_DIR.parent / "recipes/configs/tnl-tiny.json"), "--tokens_per_gpu", "32", "--steps", "3", "--skip",
+         "1", "--accelerate_config", str(BENCH_DIR.parent / "recipes/accelerate/cpu_sp2.yaml"), "--checkpointing",
+         "on", "off", "--profile_steps", "2", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "train-mfu-cpu-W2.json").read_text())
+    assert [row["run"] for row in data["rows"]] == ["cpu_sp2-ckpt-on", "cpu_sp2-ckpt-off"]
+    for row in data["rows"]:
+        assert row["status"] == "ok" and row["steps_averaged"] == 2
+        assert row["tokens_per_second"] > 0 and row["tokens_per_second_per_gpu"] == row["tokens_per_second"] / 2
+        assert row["mfu"] is None  # no bf16 peak for a CPU
+    assert data["peak_tflops"] is None
+    assert "training steps 2..2" in (tmp_path / "train-mfu-cpu-profile.txt").read_text()
+    assert (tmp_path / "train-mfu-cpu-W2.md").exists()
+
+
+def test_train_mfu_card_peaks():
+    sys.path.insert(0, str(BENCH_DIR))
+    import train_mfu
+
+    assert train_mfu.card_peak("NVIDIA H100 80GB HBM3") == 989.4
+    assert train_mfu.card_peak("NVIDIA H200") == 989.4
+    assert train_mfu.card_peak("cpu") is None
