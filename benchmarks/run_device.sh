@@ -104,11 +104,14 @@ for part in "${PARTS[@]}"; do
       # shellcheck disable=SC2086
       CUDA_VISIBLE_DEVICES=0 run_part sweep python3 benchmarks/kernel_sweep.py --out "$OUT" ${SWEEP_ARGS:-} ;;
     mfu)
-      # Training throughput / MFU of tnl-1b at 32K tokens per GPU (SP = min(4, #GPUs)), checkpointing on and off.
+      # Training throughput / MFU of tnl-1b at 32K tokens per GPU (SP = min(4, #GPUs)), checkpointing off and on,
+      # with the profile of the first run (FSDP2 on 4 GPUs: DDP without checkpointing does not fit 80 GB there).
       FW=$(( NGPU >= 4 ? 4 : NGPU ))
+      MFU_CONFIG=recipes/accelerate/ddp_sp$FW.yaml
+      [ "$FW" -eq 4 ] && MFU_CONFIG=recipes/accelerate/fsdp2_sp4.yaml
       # shellcheck disable=SC2086
       run_part "mfu-W$FW" python3 benchmarks/train_mfu.py --world "$FW" --out "$OUT" \
-        ${MFU_ARGS:---accelerate_config recipes/accelerate/ddp_sp$FW.yaml --checkpointing on off --profile_steps 8 9} ;;
+        ${MFU_ARGS:---accelerate_config $MFU_CONFIG --checkpointing off on --profile_steps 8 9} ;;
     host)
       run_part "host-W1" python3 benchmarks/host_overhead.py --out "$OUT"
       [ "$NGPU" -ge 2 ] && run_part "host-W$(( NGPU >= 4 ? 4 : 2 ))" python3 -m torch.distributed.run --standalone \
