@@ -73,15 +73,7 @@ def test_bad_mlp_chunk_size_raises(value):
 @pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
 def test_chunked_mlp_matches_unchunked(block, chunk_size, checkpointing):
     reference, chunked = _pair(block, chunk_size)
-    ids = torch.randint(1, VOCAB, (B, T))
-    probe = torch.randn(B, T, VOCAB)
-    ref_logits, ref_grads = _logits_and_grads(reference, ids, probe, checkpointing)
-    logits, grads = _logits_and_grads(chunked, ids, probe, checkpointing)
-    assert rel_err(logits, ref_logits) <= 1e-5
-    assert grads.keys() == ref_grads.keys()
-    for name, ref_grad in ref_grads.items():
-        assert ref_grad is not None and grads[name] is not None, name
-        assert rel_err(grads[name], ref_grad) <= 1e-5, name
+    _assert_same_logits_and_grads(reference, chunked, checkpointing, input_ids=torch.randint(1, VOCAB, (B, T)))
 
 
 def test_chunked_mlp_matches_unchunked_without_grad():

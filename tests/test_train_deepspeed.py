@@ -16,11 +16,10 @@ import pathlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("deepspeed")
 
-from train_clm_runs import REPO, assert_match, history, launch_train_clm, per_step
+from train_clm_runs import REPO, assert_match, history, launch_train_clm, per_step, saved_model_eval_loss
 
 BLOCK = 64
 NUM_STEPS = 6
@@ -104,27 +103,10 @@ def test_zero3_bf16_follows_the_fp32_unsharded_run(runs):
 def test_zero3_saved_model_gives_the_logged_eval_loss(runs):
     """The model saved from ZeRO-3 (parameters gathered from the 2 ranks) evaluates to the eval loss the run
     logged. Reference: each eval block alone through the saved model, cross-entropy summed in float64."""
-    from lasp_hf import LaspForCausalLM
-    from lasp_hf.training import build_clm_datasets
-    from transformers import AutoTokenizer
-
     root, _ = runs
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
-    _, evaluation = build_clm_datasets(tokenizer, BLOCK, train_file=str(REPO / "data" / "corpus.jsonl"),
-                                       eval_fraction=0.02, max_train_samples=64)
-    model = LaspForCausalLM.from_pretrained(root / "zero3").eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for block in evaluation:
-            ids = torch.tensor([block["input_ids"]])
-            labels = torch.tensor(block["labels"])
-            logits = model(input_ids=ids, position_ids=torch.tensor([block["position_ids"]])).logits[0].double()
-            targets = labels[1:]  # token t predicts labels[t + 1]; -100 at every document start
-            keep = targets != -100
-            total += F.cross_entropy(logits[:-1][keep], targets[keep], reduction="sum").item()
-            count += int(keep.sum())
+    reference = saved_model_eval_loss(root / "zero3", BLOCK)
     logged = [entry["eval_loss"] for entry in history(root / "zero3") if "eval_loss" in entry][-1]
-    assert abs(logged - total / count) <= 1e-5 * (total / count), (logged, total / count)
+    assert abs(logged - reference) <= 1e-5 * reference, (logged, reference)
 
 
 def test_zero3_resumed_run_logs_the_same_next_losses(runs, tmp_path):

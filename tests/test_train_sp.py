@@ -14,9 +14,16 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-
-from train_clm_runs import REPO, assert_match, free_port, history, launch_train_clm, per_step, run_in_own_group
+from train_clm_runs import (
+    REPO,
+    assert_match,
+    free_port,
+    history,
+    launch_train_clm,
+    per_step,
+    run_in_own_group,
+    saved_model_eval_loss,
+)
 
 CPU_SP2 = REPO / "recipes" / "accelerate" / "cpu_sp2.yaml"
 BLOCK = 64
@@ -91,33 +98,10 @@ def test_resumed_run_logs_the_same_next_losses(runs, tmp_path):
         assert err <= 1e-6, (step, resumed[step], uninterrupted[step])
 
 
-def _eval_blocks():
-    from lasp_hf.training import build_clm_datasets
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
-    _, evaluation = build_clm_datasets(tokenizer, BLOCK, train_file=str(REPO / "data" / "corpus.jsonl"),
-                                       eval_fraction=0.02, max_train_samples=64)
-    return evaluation
-
-
 @pytest.mark.parametrize("run", ["sp2", "dp2_sp2"])
 def test_eval_loss_is_the_token_weighted_loss_of_the_saved_model(runs, run):
     """Reference: each eval block alone through the saved model, cross-entropy summed in float64."""
-    from lasp_hf import LaspForCausalLM
-
-    model = LaspForCausalLM.from_pretrained(runs / run).eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for block in _eval_blocks():
-            ids = torch.tensor([block["input_ids"]])
-            labels = torch.tensor(block["labels"])
-            logits = model(input_ids=ids, position_ids=torch.tensor([block["position_ids"]])).logits[0].double()
-            targets = labels[1:]  # token t predicts labels[t + 1]; -100 at every document start
-            keep = targets != -100
-            total += F.cross_entropy(logits[:-1][keep], targets[keep], reduction="sum").item()
-            count += int(keep.sum())
-    reference = total / count
+    reference = saved_model_eval_loss(runs / run, BLOCK)
     logged = eval_loss(runs / run)
     assert abs(logged - reference) <= 1e-5 * reference, (logged, reference)
 

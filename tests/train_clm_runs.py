@@ -76,3 +76,29 @@ def assert_match(values, reference, steps, what, rtol):
     for step in steps:
         err = abs(values[step] - reference[step]) / abs(reference[step])
         assert err <= rtol, f"step {step}: {what} {values[step]} vs unsharded {reference[step]} (rel. error {err:.2e})"
+
+
+def saved_model_eval_loss(model_dir, block_size: int, max_train_samples: int = 64) -> float:
+    """The reference eval loss of a saved model: each eval block of the shipped corpus (as train_clm.py splits it)
+    alone through the model, cross-entropy summed in float64 over the tokens that have a label."""
+    import torch
+    import torch.nn.functional as F
+    from lasp_hf import LaspForCausalLM
+    from lasp_hf.training import build_clm_datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
+    _, evaluation = build_clm_datasets(tokenizer, block_size, train_file=str(REPO / "data" / "corpus.jsonl"),
+                                       eval_fraction=0.02, max_train_samples=max_train_samples)
+    model = LaspForCausalLM.from_pretrained(model_dir).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for block in evaluation:
+            ids = torch.tensor([block["input_ids"]])
+            labels = torch.tensor(block["labels"])
+            logits = model(input_ids=ids, position_ids=torch.tensor([block["position_ids"]])).logits[0].double()
+            targets = labels[1:]  # token t predicts labels[t + 1]; -100 at every document start
+            keep = targets != -100
+            total += F.cross_entropy(logits[:-1][keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total / count
