@@ -6,7 +6,8 @@
 #
 # From the repo root, with `.whl` carried (fill it here with `bash ../shared/device/wheels.sh`).
 # The device's copy has no .git: pass the commit, e.g.  LASP_HF_COMMIT=<sha> bash benchmarks/run_device.sh
-# Optional: KERNELS_ARGS / SP_ARGS / TRAIN_ARGS / MAXLEN_ARGS / MAXLEN1_ARGS / SWEEP_ARGS / MFU_ARGS (extra arguments, e.g. KERNELS_ARGS="--cases chunk-B1-*"),
+# Optional: KERNELS_ARGS / SP_ARGS / TRAIN_ARGS / MAXLEN_ARGS / MAXLEN1_ARGS / SWEEP_ARGS / MFU_ARGS (extra arguments, e.g. KERNELS_ARGS="--cases chunk-B1-*";
+# MAXLEN1_ARGS=skip leaves out the one-GPU max_seq_len run),
 # PART_TIMEOUT (seconds per part, default 540), SKIP_INSTALL=1, SP_WORLDS (e.g. "2 4"; default: min(4, #GPUs), and 2 if 4).
 # SP_ARGS defaults to --profile (each sp world also writes sp-<card>-W<n>-profile.txt).
 #
@@ -99,7 +100,7 @@ for part in "${PARTS[@]}"; do
           ${MAXLEN_ARGS:---model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --attention_chunk_size 16384 --start 1048576 --granularity 524288 --max_block_size 4194304 --memory_report $OUT/mem-tnl-1b-W4}
       fi
       # shellcheck disable=SC2086
-      CUDA_VISIBLE_DEVICES=0 run_part "maxlen-W1" python3 recipes/max_seq_len.py --json "$OUT/max-seq-len-tnl-1b-W1.json" \
+      [ "${MAXLEN1_ARGS:-}" != skip ] && CUDA_VISIBLE_DEVICES=0 run_part "maxlen-W1" python3 recipes/max_seq_len.py --json "$OUT/max-seq-len-tnl-1b-W1.json" \
         ${MAXLEN1_ARGS:---model_config recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --attention_chunk_size 16384 --start 262144 --granularity 131072 --max_block_size 2097152} ;;
     sweep)
       # shellcheck disable=SC2086
