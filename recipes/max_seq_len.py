@@ -93,9 +93,10 @@ def shard_with_fsdp2(model, dtype):
 
 def summarize_snapshot(snapshot: dict, top: int = 30) -> str:
     """What holds the memory in a `torch.cuda.memory._snapshot()` taken with `_record_memory_history` on: the
-    active blocks summed by allocation site (the innermost Python frame outside torch / triton, with the
-    function that asked), largest first."""
+    active blocks summed by allocation site (the innermost Python frame outside torch / triton), largest first,
+    then by block size."""
     sites: dict[str, list[int]] = {}
+    sizes: dict[int, int] = {}
     active = reserved = 0
     for segment in snapshot.get("segments", []):
         reserved += segment.get("total_size", 0)
@@ -103,18 +104,25 @@ def summarize_snapshot(snapshot: dict, top: int = 30) -> str:
             if block.get("state") != "active_allocated":
                 continue
             active += block["size"]
+            sizes[block["size"]] = sizes.get(block["size"], 0) + 1
             frames = block.get("frames") or []
-            site = next((f for f in frames if not any(part in f.get("filename", "")
-                                                      for part in ("/torch/", "/triton/", "<frozen"))), None)
+            python = [f for f in frames if f.get("filename", "").endswith(".py")]  # C++ frames come first
+            site = next((f for f in python if not any(part in f["filename"] for part in ("/torch/", "/triton/"))),
+                        None)
             key = f"{site['filename']}:{site['line']} {site['name']}" if site else "(no Python frame recorded)"
-            entry = sites.setdefault(key, [0, 0])
+            entry = sites.setdefault(key, [0, 0, 0])
             entry[0] += block["size"]
             entry[1] += 1
+            entry[2] = max(entry[2], block["size"])
     gib = 2**30
-    lines = [f"active {active / gib:.2f} GiB in {sum(n for _, n in sites.values())} blocks, "
-             f"reserved {reserved / gib:.2f} GiB", "", "GiB      blocks  allocation site"]
-    for key, (size, count) in sorted(sites.items(), key=lambda item: -item[1][0])[:top]:
-        lines.append(f"{size / gib:7.3f}  {count:6d}  {key}")
+    lines = [f"active {active / gib:.2f} GiB in {sum(entry[1] for entry in sites.values())} blocks, "
+             f"reserved {reserved / gib:.2f} GiB", "", "GiB      blocks  largest MiB  allocation site"]
+    for key, (size, count, largest) in sorted(sites.items(), key=lambda item: -item[1][0])[:top]:
+        lines.append(f"{size / gib:7.3f}  {count:6d}  {largest / 2**20:11.1f}  {key}")
+    # Blocks allocated by the autograd engine have no Python frame; their sizes say which tensors they are.
+    lines += ["", "GiB      blocks  block MiB  (active blocks by size)"]
+    for size, count in sorted(sizes.items(), key=lambda item: -item[0] * item[1])[:top]:
+        lines.append(f"{size * count / gib:7.3f}  {count:6d}  {size / 2**20:9.1f}")
     return "\n".join(lines) + "\n"
 
 

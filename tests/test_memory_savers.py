@@ -398,11 +398,12 @@ def test_memory_report_sums_active_blocks_by_allocation_site():
     torch_frame = {"filename": "/x/site-packages/torch/nn/functional.py", "line": 10, "name": "linear"}
     ours = {"filename": "/repo/modeling/layers_lasp.py", "line": 200, "name": "_project"}
     loss = {"filename": "/repo/modeling/loss_lasp.py", "line": 30, "name": "chunked_loss"}
+    cpp = {"filename": "??", "line": 0, "name": "torch::unwind::unwind()"}  # C++ frames come first
     gib = 2**30
     snapshot = {"segments": [
         {"total_size": 4 * gib, "blocks": [
-            {"size": gib, "state": "active_allocated", "frames": [torch_frame, ours]},
-            {"size": gib, "state": "active_allocated", "frames": [ours]},
+            {"size": gib, "state": "active_allocated", "frames": [cpp, torch_frame, ours]},
+            {"size": gib, "state": "active_allocated", "frames": [cpp, ours]},
             {"size": gib // 2, "state": "active_allocated", "frames": [torch_frame, loss, ours]},
             {"size": gib, "state": "inactive", "frames": [ours]},
         ]},
@@ -410,10 +411,12 @@ def test_memory_report_sums_active_blocks_by_allocation_site():
     ]}
     lines = recipe.summarize_snapshot(snapshot).splitlines()
     assert lines[0] == "active 2.75 GiB in 4 blocks, reserved 5.00 GiB"
-    rows = [line.split(None, 2) for line in lines[3:]]
-    assert rows == [["2.000", "2", "/repo/modeling/layers_lasp.py:200 _project"],
-                    ["0.500", "1", "/repo/modeling/loss_lasp.py:30 chunked_loss"],
-                    ["0.250", "1", "(no Python frame recorded)"]]
+    rows = [line.split(None, 3) for line in lines[3:6]]
+    assert rows == [["2.000", "2", "1024.0", "/repo/modeling/layers_lasp.py:200 _project"],
+                    ["0.500", "1", "512.0", "/repo/modeling/loss_lasp.py:30 chunked_loss"],
+                    ["0.250", "1", "256.0", "(no Python frame recorded)"]]
+    assert [line.split() for line in lines[8:]] == [["2.000", "2", "1024.0"], ["0.500", "1", "512.0"],
+                                                     ["0.250", "1", "256.0"]]
 
 
 @pytest.mark.distributed
