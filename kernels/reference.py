@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from lasp_hf.kernels.host import host_bounds
 
 CHUNK_SIZE = 64
 
@@ -140,7 +141,7 @@ def chunk_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None,
         return chunk_linear_attention_dense(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
     if initial_state is None and not output_final_state:
         return chunk_linear_attention_packed(q, k, v, g, scale, cu_seqlens, chunk_size), None
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     outs, finals = [], []
     for n in range(len(bounds) - 1):
         start, end = bounds[n], bounds[n + 1]

@@ -10,6 +10,7 @@ from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
+from lasp_hf.kernels.host import host_bounds
 from lasp_hf.ops import linear_attention, linear_attention_step
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -380,7 +381,7 @@ class LaspSoftmaxAttention(nn.Module):
         attention = self._attention_interface()
         if cu_seqlens is not None:
             # Packed documents: one causal call per document, so none attends across a boundary.
-            bounds = cu_seqlens.tolist()
+            bounds = host_bounds(cu_seqlens)
             outs = [
                 attention(
                     self, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, dropout=0.0, scaling=self.scaling

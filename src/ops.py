@@ -12,6 +12,7 @@ import os
 import torch
 
 from lasp_hf.kernels import reference
+from lasp_hf.kernels.host import host_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def _check_inputs(q, k, v, g, initial_state, cu_seqlens, sp_mode):
             raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1] of cumulative sequence lengths")
         if B != 1:
             raise ValueError(f"cu_seqlens packs sequences along T and needs B == 1, got B = {B}")
-        bounds = cu_seqlens.tolist()
+        bounds = host_bounds(cu_seqlens)
         if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b > a for a, b in zip(bounds[1:], bounds)):
             raise ValueError(
                 f"cu_seqlens must start at 0, end at T = {T} and never decrease, got {bounds[:4]}...{bounds[-2:]}"

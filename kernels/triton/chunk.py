@@ -49,6 +49,7 @@ from lasp_hf.kernels.triton.chunk_kernels import (
     _fwd_kernel_segment_state,
     _kernel_segment_fold,
 )
+from lasp_hf.kernels.host import device_tables, host_bounds
 from lasp_hf.kernels.triton.utils import empty, interpreting
 
 CHUNK_SIZE = 64
@@ -76,7 +77,8 @@ G_NONE, G_HEAD, G_TOKEN = 0, 1, 2  # the kernels' G_MODE
 
 class _Plan:
     """How the flat token axis is cut: segments of at most `chunks_per_segment` chunks, each inside one
-    sequence. Tables are int32 on the tensors' device."""
+    sequence. The tables are built on the host and reach the tensors' device in two copies that do not wait
+    for the GPU (`lasp_hf.kernels.host`): int32 for the kernels, int64 for indexing."""
 
     def __init__(self, bounds: list[int], device, chunks_per_segment: int):
         lengths = torch.tensor(bounds[1:], dtype=torch.int64) - torch.tensor(bounds[:-1], dtype=torch.int64)
@@ -91,15 +93,21 @@ class _Plan:
         self.num_seqs = len(lengths)
         self.num_segs = int(num_segs.sum())
         self.max_segs = int(num_segs.max()) if len(lengths) else 0
+        self.num_tokens = int(lengths.sum())
         self.chunks_per_segment = chunks_per_segment
-        self.nonempty = (num_segs > 0).to(device)
-        self.first_seg_index = first_seg.clamp(max=max(self.num_segs - 1, 0)).to(device)
-        self.last_seg_index = (first_seg + num_segs - 1).clamp(min=0).to(device)
-        to_dev = functools.partial(torch.as_tensor, dtype=torch.int32, device=device)
-        self.seg_bos, self.seg_eos = to_dev(seg_bos), to_dev(seg_eos)
-        self.seq_first_seg, self.seq_num_segs = to_dev(first_seg), to_dev(num_segs)
-        self.seg_seq = seg_seq.to(device)
-        self.lengths = lengths
+        kernel_tables = device_tables({"seg_bos": seg_bos, "seg_eos": seg_eos, "seq_first_seg": first_seg,
+                                       "seq_num_segs": num_segs}, device, torch.int32)
+        index_tables = device_tables({
+            "first_seg_index": first_seg.clamp(max=max(self.num_segs - 1, 0)),
+            "last_seg_index": (first_seg + num_segs - 1).clamp(min=0),
+            "seg_seq": seg_seq, "lengths": lengths, "seq_ends": torch.cumsum(lengths, 0),
+        }, device)
+        self.seg_bos, self.seg_eos = kernel_tables["seg_bos"], kernel_tables["seg_eos"]
+        self.seq_first_seg, self.seq_num_segs = kernel_tables["seq_first_seg"], kernel_tables["seq_num_segs"]
+        self.first_seg_index, self.last_seg_index = index_tables["first_seg_index"], index_tables["last_seg_index"]
+        self.seg_seq, self.lengths, self.seq_ends = index_tables["seg_seq"], index_tables["lengths"], \
+            index_tables["seq_ends"]
+        self.nonempty = self.lengths > 0
 
 
 def _num_sms(device) -> int:
@@ -143,6 +151,13 @@ def _make_plan(bounds: list[int], H: int, NV: int, device) -> _Plan:
     return _Plan(bounds, device, cps)
 
 
+@functools.lru_cache(maxsize=16)
+def _packed_plan(bounds: tuple[int, ...], H: int, NV: int, device, knobs) -> _Plan:
+    """The plan of one packed batch, made once for all its layers (forward and backward); `knobs` keys the
+    planning settings that tests change."""
+    return _make_plan(bounds, H, NV, device)
+
+
 @functools.lru_cache(maxsize=64)
 def _dense_plan(B: int, T: int, H: int, NV: int, device, knobs) -> _Plan:
     return _make_plan([b * T for b in range(B + 1)], H, NV, device)
@@ -169,7 +184,7 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 def _op_dense_plan(B: int, T: int, H: int, K: int, V: int, device) -> _Plan:
     """The (cached) plan of the op on dense input: programs per (row, head, forward V block)."""
     NV = triton.cdiv(V, _blocks(K, V, "fwd")[1])
-    return _dense_plan(B, T, H, NV, device, (CHUNKS_PER_SEGMENT, PROGRAMS_PER_SM))
+    return _dense_plan(B, T, H, NV, device, (CHUNKS_PER_SEGMENT, PROGRAMS_PER_SM, MAX_IMBALANCE))
 
 
 def _config(phase: str, dtype, BK: int, device) -> dict:
@@ -351,7 +366,7 @@ def _reverse_cumsum_per_sequence(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """sum_{u >= t, u in t's sequence} x_u for x [NT, H]."""
     total = x.double().flip(0).cumsum(0).flip(0)
     after = torch.cat([total, total.new_zeros(1, x.shape[1])])
-    ends = torch.repeat_interleave(torch.cumsum(plan.lengths, 0), plan.lengths).to(x.device)
+    ends = torch.repeat_interleave(plan.seq_ends, plan.lengths, output_size=plan.num_tokens)
     return (total - after[ends]).float()
 
 
@@ -363,10 +378,10 @@ def chunk_linear_attention_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, fina
     if need_dg:
         if dht is not None:
             # The final state depends on B at each sequence's last token through exp(B_last).
-            last_token = torch.cumsum(plan.lengths, 0) - 1
-            nonempty = plan.lengths > 0
-            final_term = (dht.float() * final).sum((-1, -2))[nonempty.to(final.device)]
-            dlogdecay = dlogdecay.index_add(0, last_token[nonempty].to(q.device), final_term)
+            # (Empty sequences add zero at index 0: no boolean indexing, which would wait for the GPU.)
+            last_token = (plan.seq_ends - 1).clamp(min=0)
+            final_term = (dht.float() * final).sum((-1, -2)) * plan.nonempty[:, None]
+            dlogdecay = dlogdecay.index_add(0, last_token, final_term)
         dg = _reverse_cumsum_per_sequence(dlogdecay, plan)
         if g.dim() == 1:
             dg = dg.sum(0)
@@ -525,8 +540,8 @@ def chunk_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None,
     if cu_seqlens is None:
         plan = _op_dense_plan(B, T, H, K, V, q.device)
     else:
-        plan = _make_plan([int(x) for x in cu_seqlens.tolist()], H, triton.cdiv(V, _blocks(K, V, "fwd")[1]),
-                          q.device)
+        plan = _packed_plan(host_bounds(cu_seqlens), H, triton.cdiv(V, _blocks(K, V, "fwd")[1]), q.device,
+                            (CHUNKS_PER_SEGMENT, PROGRAMS_PER_SM, MAX_IMBALANCE))
     flat = [_aligned(x.reshape(B * T, H, x.shape[-1])) for x in (q, k, v)]
     g_flat = g.reshape(B * T, H) if (g is not None and g.dim() == 3) else g
     h0 = initial_state.contiguous() if initial_state is not None else None

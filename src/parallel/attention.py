@@ -15,6 +15,7 @@ import bisect
 
 import torch
 import torch.nn.functional as F
+from lasp_hf.kernels.host import host_bounds
 from lasp_hf.parallel import comm
 from lasp_hf.parallel.context import as_sp_context
 from torch.nn.attention.bias import causal_lower_right
@@ -26,7 +27,7 @@ def _query_segments(L: int, rank: int, world_size: int, cu_seqlens):
     start = rank * L
     if cu_seqlens is None:
         return [(0, L, 0)]
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     T = L * world_size
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b > a for a, b in zip(bounds[1:], bounds)):
         raise ValueError(

@@ -30,10 +30,11 @@ group. Every rank must back-propagate through o (the exchange is collective).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from lasp_hf.kernels.host import device_cu_seqlens, device_ints, host_bounds
 from lasp_hf.parallel import comm
 from lasp_hf.parallel.context import SP_MODES, SequenceParallelContext, as_sp_context
 
@@ -59,6 +60,22 @@ class RankPlan:
     num_docs: int
     length: int
     hands_on: bool = False
+    # Tables of the plan already copied to a device (see `on_device`).
+    device_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def on_device(self, name: str, device) -> torch.Tensor:
+        """One of the plan's index lists on `device`, copied once per plan without waiting for the GPU:
+        "local_bounds" (int32 cu_seqlens of the local pass), "seg_docs", "ending_segs", "ending_docs",
+        "empty_docs" (int64)."""
+        key = (name, str(device))
+        if key not in self.device_cache:
+            if name == "local_bounds":
+                self.device_cache[key] = device_cu_seqlens(self.local_bounds, device)
+            else:
+                values = {"ending_segs": [seg for seg, _ in self.ending],
+                          "ending_docs": [doc for _, doc in self.ending]}.get(name)
+                self.device_cache[key] = device_ints(getattr(self, name) if values is None else values, device)
+        return self.device_cache[key]
 
     @property
     def num_segments(self) -> int:
@@ -119,7 +136,7 @@ def _rank_plan(sp: SequenceParallelContext, cu_seqlens, L: int) -> RankPlan:
     cached = sp.plan_cache
     if version is not None and cached is not None and cached[0] is cu_seqlens and cached[1:3] == (version, L):
         return cached[3]
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     total = L * sp.world_size
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds)):
         raise ValueError(
@@ -286,7 +303,7 @@ def _local_initial_state(run: _Run, initial_state, s_in):
     if initial_state is None and not plan.carried_len:
         return None
     if initial_state is not None:
-        rows = initial_state.index_select(0, torch.tensor(plan.seg_docs, device=s_in.device)).float()
+        rows = initial_state.index_select(0, plan.on_device("seg_docs", s_in.device)).float()
     else:
         rows = s_in.new_zeros(plan.num_segments, *s_in.shape[1:])
     if plan.carried_len:
@@ -318,7 +335,7 @@ def _final_states(plan: RankPlan, finals, initial_state, num_rows: int):
         index.append(doc)
     out = finals.new_zeros(num_rows, H, K, V)
     if rows:
-        out = out.index_copy(0, torch.tensor(index, device=finals.device), torch.cat(rows))
+        out = out.index_copy(0, device_ints(index, finals.device), torch.cat(rows))
     return out
 
 
@@ -399,8 +416,7 @@ class _LaspFunction(torch.autograd.Function):
                 if plan.ending:
                     dht = dht + dfinal_total
             elif plan.ending:
-                segs = torch.tensor([seg for seg, _ in plan.ending], device=dht.device)
-                docs = torch.tensor([doc for _, doc in plan.ending], device=dht.device)
+                segs, docs = plan.on_device("ending_segs", dht.device), plan.on_device("ending_docs", dht.device)
                 dht = dht.index_add(0, segs, dfinal_total.index_select(0, docs))
         # ... then the direct gradient of S_in(r), the exchange, and dS_out(r) for the handed-on state.
         ds_direct = q.new_zeros(do.shape[0], *finals.shape[1:], dtype=torch.float32)
@@ -440,10 +456,10 @@ class _LaspFunction(torch.autograd.Function):
             else:
                 first = 1 if plan.carried_len else 0
                 if dh0 is not None and first < plan.num_segments:
-                    docs = torch.tensor(plan.seg_docs[first:], device=do.device)
+                    docs = plan.on_device("seg_docs", do.device)[first:]
                     d_init = d_init.index_add(0, docs, dh0[first:].float())
                 if plan.empty_docs and dfinal_total is not None:
-                    docs = torch.tensor(plan.empty_docs, device=do.device)
+                    docs = plan.on_device("empty_docs", do.device)
                     d_init = d_init.index_add(0, docs, dfinal_total.index_select(0, docs))
             d_init = d_init.to(dtype)
         return grads[0], grads[1], grads[2], grads[3], d_init, None
@@ -480,7 +496,7 @@ def sp_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None, ou
         raise ValueError(f"cu_seqlens packs documents along T and needs B == 1, got B = {B}")
     plan = _rank_plan(sp, cu_seqlens, L)
     _check_state(initial_state, (plan.num_docs if packed else B, H, K, V), packed)
-    local_cu = torch.tensor(plan.local_bounds, dtype=torch.int32, device=q.device) if packed else None
+    local_cu = plan.on_device("local_bounds", q.device) if packed else None
     run = _Run(sp, plan, sp_mode, scale, local_impl, local_cu, bool(output_final_state))
     o, final = _LaspFunction.apply(q, k, v, g, initial_state, run)
     return o, (final if output_final_state else None)
