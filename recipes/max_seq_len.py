@@ -21,8 +21,9 @@ ranks instead of replicated as under DDP. Run as a script, it sets PYTORCH_CUDA_
 unless PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF is set already: growable segments keep the allocator from
 fragmenting when tensors of many sizes come and go at these lengths (pass expandable_segments:False to compare).
 
-With --memory_report PATH (CUDA), allocations are recorded and each rank's first out-of-memory writes
-PATH.rank<r>.txt: the memory held at the failure, summed by allocation site (file:line function), largest first.
+With --memory_report PATH (CUDA), rank 0 records its allocations during each trial and writes PATH.T<size>.txt:
+the blocks alive at the trial's highest point (or its out-of-memory), summed by allocation site (file:line
+function) and by block size, largest first.
 
 An OOM on one rank while the others wait in a collective cannot always be recovered; the others then stop after
 --timeout_s, and the sizes printed so far stand.
@@ -91,39 +92,63 @@ def shard_with_fsdp2(model, dtype):
     return model
 
 
-def summarize_snapshot(snapshot: dict, top: int = 30) -> str:
-    """What holds the memory in a `torch.cuda.memory._snapshot()` taken with `_record_memory_history` on: the
-    active blocks summed by allocation site (the innermost Python frame outside torch / triton), largest first,
-    then by block size."""
+def _site(frames) -> str:
+    """The innermost Python frame outside torch / triton of an allocation's stack (C++ frames come first)."""
+    python = [f for f in frames or [] if f.get("filename", "").endswith(".py")]
+    site = next((f for f in python if not any(part in f["filename"] for part in ("/torch/", "/triton/"))), None)
+    return f"{site['filename']}:{site['line']} {site['name']}" if site else "(no Python frame recorded)"
+
+
+def _tables(blocks, top: int) -> list[str]:
+    """Blocks (size, frames) summed by allocation site, then by block size (the autograd engine's blocks have no
+    Python frame; their sizes say which tensors they are)."""
     sites: dict[str, list[int]] = {}
     sizes: dict[int, int] = {}
-    active = reserved = 0
-    for segment in snapshot.get("segments", []):
-        reserved += segment.get("total_size", 0)
-        for block in segment.get("blocks", []):
-            if block.get("state") != "active_allocated":
-                continue
-            active += block["size"]
-            sizes[block["size"]] = sizes.get(block["size"], 0) + 1
-            frames = block.get("frames") or []
-            python = [f for f in frames if f.get("filename", "").endswith(".py")]  # C++ frames come first
-            site = next((f for f in python if not any(part in f["filename"] for part in ("/torch/", "/triton/"))),
-                        None)
-            key = f"{site['filename']}:{site['line']} {site['name']}" if site else "(no Python frame recorded)"
-            entry = sites.setdefault(key, [0, 0, 0])
-            entry[0] += block["size"]
-            entry[1] += 1
-            entry[2] = max(entry[2], block["size"])
+    for size, frames in blocks:
+        entry = sites.setdefault(_site(frames), [0, 0, 0])
+        entry[0] += size
+        entry[1] += 1
+        entry[2] = max(entry[2], size)
+        sizes[size] = sizes.get(size, 0) + 1
     gib = 2**30
-    lines = [f"active {active / gib:.2f} GiB in {sum(entry[1] for entry in sites.values())} blocks, "
-             f"reserved {reserved / gib:.2f} GiB", "", "GiB      blocks  largest MiB  allocation site"]
+    lines = ["GiB      blocks  largest MiB  allocation site"]
     for key, (size, count, largest) in sorted(sites.items(), key=lambda item: -item[1][0])[:top]:
         lines.append(f"{size / gib:7.3f}  {count:6d}  {largest / 2**20:11.1f}  {key}")
-    # Blocks allocated by the autograd engine have no Python frame; their sizes say which tensors they are.
-    lines += ["", "GiB      blocks  block MiB  (active blocks by size)"]
+    lines += ["", "GiB      blocks  block MiB  (blocks by size)"]
     for size, count in sorted(sizes.items(), key=lambda item: -item[0] * item[1])[:top]:
         lines.append(f"{size * count / gib:7.3f}  {count:6d}  {size / 2**20:9.1f}")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def summarize_peak(trace: list[dict], held_before: int, top: int = 30) -> str:
+    """The blocks alive at the highest point of an allocator trace (one device's `device_traces` of a
+    snapshot, recorded from the start of a training step), by allocation site and by size. `held_before`:
+    bytes allocated when recording began (parameters, optimizer states), whose frees appear without an alloc."""
+    current = peak = held_before
+    peak_index = -1
+    for index, event in enumerate(trace):
+        if event["action"] == "alloc":
+            current += event["size"]
+        elif event["action"] == "free_completed":
+            current -= event["size"]
+        if current > peak:
+            peak, peak_index = current, index
+    live, freed_early = {}, 0
+    for event in trace[:peak_index + 1]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], event.get("frames"))
+        elif event["action"] == "free_completed":
+            if live.pop(event["addr"], None) is None:
+                freed_early += event["size"]
+    ooms = [event for event in trace if event["action"] == "oom"]
+    gib = 2**30
+    head = [f"peak {peak / gib:.2f} GiB allocated (trace event {peak_index + 1} of {len(trace)}): "
+            f"{(held_before - freed_early) / gib:.2f} GiB held from before the step, "
+            f"{sum(size for size, _ in live.values()) / gib:.2f} GiB allocated in it"]
+    if ooms:
+        head.append(f"out of memory asking for {ooms[0]['size'] / 2**20:.1f} MiB "
+                    f"({ooms[0].get('device_free', 0) / 2**20:.1f} MiB free on the device)")
+    return "\n".join(head + [""] + _tables(live.values(), top)) + "\n"
 
 
 def allocator_settings() -> str | None:
@@ -171,8 +196,8 @@ def parse_args(argv=None):
     parser.add_argument("--timeout_s", type=int, default=600)
     parser.add_argument("--json", default=None, help="also write the result (and every trial) to this file")
     parser.add_argument("--memory_report", default=None,
-                        help="CUDA: record allocations, and at a rank's first out-of-memory write what held the memory "
-                             "(by allocation site) to <this path>.rank<r>.txt")
+                        help="CUDA: rank 0 records allocations during each trial and writes what was alive at its "
+                             "peak (by allocation site and block size) to <this path>.T<block_size>.txt")
     return parser.parse_args(argv)
 
 
@@ -223,20 +248,20 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4)
     savers = memory_savers(args, config, fsdp, world, cuda)
     trials = []
-    if args.memory_report:
-        if not cuda:
-            raise ValueError("--memory_report records CUDA allocations; this run has no GPU")
-        torch.cuda.memory._record_memory_history(max_entries=200_000)
-    reported = False
+    if args.memory_report and not cuda:
+        raise ValueError("--memory_report records CUDA allocations; this run has no GPU")
+    report = args.memory_report and rank0
 
     def fits(T: int) -> bool:
-        nonlocal reported
         ids = torch.randint(config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T)).to(device)
         batch = {"input_ids": ids, "labels": ids}
         batch = shard_batch_for_sp(batch, sp) if sp is not None and sp.world_size > 1 else batch
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         began, ok = time.perf_counter(), True
+        if report:  # Python stacks only: unwinding C++ stacks in autograd's thread broke an OOM (torch 2.11)
+            held_before = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
         try:
             offload = torch.autograd.graph.save_on_cpu(pin_memory=cuda) if args.offload_activations else None
             with offload or contextlib.nullcontext(), torch.autocast(device.type, dtype=dtype,
@@ -246,12 +271,12 @@ def main(argv=None):
             optimizer.step()
         except torch.OutOfMemoryError:
             ok = False
-            if args.memory_report and not reported:  # what is held at the failure, before anything is freed
-                rank = dist.get_rank() if dist.is_initialized() else 0
-                report = pathlib.Path(f"{args.memory_report}.rank{rank}.txt")
-                report.write_text(f"block_size {T}, {T // sp_size} tokens per rank, rank {rank}\n"
-                                  + summarize_snapshot(torch.cuda.memory._snapshot()))
-                reported = True
+        if report:
+            trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+            torch.cuda.memory._record_memory_history(enabled=None)
+            pathlib.Path(f"{args.memory_report}.T{T}.txt").write_text(
+                f"block_size {T}, {T // sp_size} tokens per rank, rank 0, {'fits' if ok else 'out of memory'}\n"
+                + summarize_peak(trace, held_before))
         optimizer.zero_grad(set_to_none=True)
         loss = batch = ids = None
         gc.collect()

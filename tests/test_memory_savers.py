@@ -391,32 +391,36 @@ def test_max_seq_len_rejects_bad_memory_flags():
             recipe.main(["--memory_report", "report"])
 
 
-def test_memory_report_sums_active_blocks_by_allocation_site():
+def test_memory_report_lists_the_blocks_alive_at_the_peak_by_site_and_size():
     spec = importlib.util.spec_from_file_location("recipe_max_seq_len_report", REPO / "recipes" / "max_seq_len.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
+    cpp = {"filename": "??", "line": 0, "name": "torch::unwind::unwind()"}  # C++ frames come first
     torch_frame = {"filename": "/x/site-packages/torch/nn/functional.py", "line": 10, "name": "linear"}
     ours = {"filename": "/repo/modeling/layers_lasp.py", "line": 200, "name": "_project"}
     loss = {"filename": "/repo/modeling/loss_lasp.py", "line": 30, "name": "chunked_loss"}
-    cpp = {"filename": "??", "line": 0, "name": "torch::unwind::unwind()"}  # C++ frames come first
-    gib = 2**30
-    snapshot = {"segments": [
-        {"total_size": 4 * gib, "blocks": [
-            {"size": gib, "state": "active_allocated", "frames": [cpp, torch_frame, ours]},
-            {"size": gib, "state": "active_allocated", "frames": [cpp, ours]},
-            {"size": gib // 2, "state": "active_allocated", "frames": [torch_frame, loss, ours]},
-            {"size": gib, "state": "inactive", "frames": [ours]},
-        ]},
-        {"total_size": gib, "blocks": [{"size": gib // 4, "state": "active_allocated", "frames": []}]},
-    ]}
-    lines = recipe.summarize_snapshot(snapshot).splitlines()
-    assert lines[0] == "active 2.75 GiB in 4 blocks, reserved 5.00 GiB"
-    rows = [line.split(None, 3) for line in lines[3:6]]
-    assert rows == [["2.000", "2", "1024.0", "/repo/modeling/layers_lasp.py:200 _project"],
-                    ["0.500", "1", "512.0", "/repo/modeling/loss_lasp.py:30 chunked_loss"],
-                    ["0.250", "1", "256.0", "(no Python frame recorded)"]]
-    assert [line.split() for line in lines[8:]] == [["2.000", "2", "1024.0"], ["0.500", "1", "512.0"],
-                                                     ["0.250", "1", "256.0"]]
+    mib = 2**20
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 512 * mib, "frames": [cpp, torch_frame, ours]},
+        {"action": "free_completed", "addr": 99, "size": 256 * mib},  # allocated before the step
+        {"action": "alloc", "addr": 2, "size": 512 * mib, "frames": [ours]},
+        {"action": "alloc", "addr": 3, "size": 256 * mib, "frames": [torch_frame, loss, ours]},
+        {"action": "alloc", "addr": 4, "size": 128 * mib, "frames": []},
+        # the peak: 1024 (held) - 256 + 512 + 512 + 256 + 128 MiB = 2176 MiB
+        {"action": "free_completed", "addr": 2, "size": 512 * mib},
+        {"action": "alloc", "addr": 5, "size": 256 * mib, "frames": [ours]},
+        {"action": "oom", "size": 1024 * mib, "device_free": 10 * mib},
+    ]
+    lines = recipe.summarize_peak(trace, held_before=1024 * mib).splitlines()
+    assert lines[0] == ("peak 2.12 GiB allocated (trace event 5 of 8): 0.75 GiB held from before the step, "
+                        "1.38 GiB allocated in it")
+    assert lines[1] == "out of memory asking for 1024.0 MiB (10.0 MiB free on the device)"
+    rows = [line.split(None, 3) for line in lines[4:7]]
+    assert rows == [["1.000", "2", "512.0", "/repo/modeling/layers_lasp.py:200 _project"],
+                    ["0.250", "1", "256.0", "/repo/modeling/loss_lasp.py:30 chunked_loss"],
+                    ["0.125", "1", "128.0", "(no Python frame recorded)"]]
+    assert [line.split() for line in lines[9:]] == [["1.000", "2", "512.0"], ["0.250", "1", "256.0"],
+                                                    ["0.125", "1", "128.0"]]
 
 
 @pytest.mark.distributed
