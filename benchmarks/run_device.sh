@@ -8,7 +8,7 @@
 # The device's copy has no .git: pass the commit, e.g.  LASP_HF_COMMIT=<sha> bash benchmarks/run_device.sh
 # Optional: KERNELS_ARGS / SP_ARGS / TRAIN_ARGS / MAXLEN_ARGS / MAXLEN1_ARGS / SWEEP_ARGS / MFU_ARGS (extra arguments, e.g. KERNELS_ARGS="--cases chunk-B1-*";
 # MAXLEN1_ARGS=skip leaves out the one-GPU max_seq_len run),
-# PART_TIMEOUT (seconds per part, default 540), SKIP_INSTALL=1, SP_WORLDS (e.g. "2 4"; default: min(4, #GPUs), and 2 if 4).
+# TEST_FILES (the tests part's pytest files), PART_TIMEOUT (seconds per part, default 540), SKIP_INSTALL=1, SP_WORLDS (e.g. "2 4"; default: min(4, #GPUs), and 2 if 4).
 # SP_ARGS defaults to --profile (each sp world also writes sp-<card>-W<n>-profile.txt).
 #
 # Files under $OUT (the device returns at most 8): every part's output goes to ONE log, run-device.log
@@ -63,7 +63,7 @@ for part in "${PARTS[@]}"; do
   case "$part" in
     tests)
       # One pytest per file, each with its own limit, so a slow file cannot hide the others' summaries.
-      for f in tests/test_sp_gpu.py tests/gpu/test_triton_gpu.py tests/test_modeling_gpu.py; do
+      for f in ${TEST_FILES:-tests/test_host.py tests/test_sp_gpu.py tests/gpu/test_triton_gpu.py tests/test_modeling_gpu.py}; do
         run_part "pytest-$(basename "$f" .py)" python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider "$f"
       done ;;
     kernels)
