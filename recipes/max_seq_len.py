@@ -251,34 +251,51 @@ def main(argv=None):
     if args.memory_report and not cuda:
         raise ValueError("--memory_report records CUDA allocations; this run has no GPU")
     report = args.memory_report and rank0
+    held_before = 0
 
-    def fits(T: int) -> bool:
+    def train_step(T: int) -> None:
         ids = torch.randint(config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T)).to(device)
         batch = {"input_ids": ids, "labels": ids}
         batch = shard_batch_for_sp(batch, sp) if sp is not None and sp.world_size > 1 else batch
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=cuda) if args.offload_activations else None
+        with offload or contextlib.nullcontext(), torch.autocast(device.type, dtype=dtype,
+                                                                  enabled=dtype != torch.float32):
+            loss = trained(**batch, loss_reduction="sum").loss
+        loss.backward()
+        optimizer.step()
+
+    def write_report(T: int, verdict: str) -> None:
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        pathlib.Path(f"{args.memory_report}.T{T}.txt").write_text(
+            f"block_size {T}, {T // sp_size} tokens per rank, rank 0, {verdict}\n"
+            + summarize_peak(trace, held_before))
+
+    # A small step first: kernels compile and NCCL connects (FSDP's collectives allocate their buffers at first
+    # use, outside PyTorch's allocator) before the first long trial fills the GPU.
+    train_step(8192 * sp_size)
+    optimizer.zero_grad(set_to_none=True)
+
+    def fits(T: int) -> bool:
+        nonlocal held_before
         if cuda:
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         began, ok = time.perf_counter(), True
         if report:  # Python stacks only: unwinding C++ stacks in autograd's thread broke an OOM (torch 2.11)
             held_before = torch.cuda.memory_allocated()
             torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
         try:
-            offload = torch.autograd.graph.save_on_cpu(pin_memory=cuda) if args.offload_activations else None
-            with offload or contextlib.nullcontext(), torch.autocast(device.type, dtype=dtype,
-                                                                      enabled=dtype != torch.float32):
-                loss = trained(**batch, loss_reduction="sum").loss
-            loss.backward()
-            optimizer.step()
+            train_step(T)
         except torch.OutOfMemoryError:
             ok = False
+        except BaseException as error:  # e.g. NCCL out of memory: report what held the memory, then fail
+            if report:
+                write_report(T, f"failed: {type(error).__name__}")
+            raise
         if report:
-            trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
-            torch.cuda.memory._record_memory_history(enabled=None)
-            pathlib.Path(f"{args.memory_report}.T{T}.txt").write_text(
-                f"block_size {T}, {T // sp_size} tokens per rank, rank 0, {'fits' if ok else 'out of memory'}\n"
-                + summarize_peak(trace, held_before))
+            write_report(T, "fits" if ok else "out of memory")
         optimizer.zero_grad(set_to_none=True)
-        loss = batch = ids = None
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

@@ -50,7 +50,8 @@ class SequenceParallelContext:
 
     @classmethod
     def from_group(cls, group: dist.ProcessGroup, mode: str = "ring", *, dp_group=None) -> SequenceParallelContext:
-        """A context for an existing process group (this process must belong to it)."""
+        """A context for an existing process group (this process must belong to it). On NCCL every rank of the
+        group must call it: it connects the ring's neighbours (`comm.connect_neighbours`)."""
         _require_initialized()
         rank = dist.get_rank(group)
         if rank < 0:
@@ -58,12 +59,16 @@ class SequenceParallelContext:
         world_size = dist.get_world_size(group)
         dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
-        return cls(
+        ctx = cls(
             group=group, rank=rank, world_size=world_size, mode=mode, dp_group=dp_group, dp_rank=dp_rank,
             dp_size=dp_size,
             prev_rank=dist.get_global_rank(group, rank - 1) if rank > 0 else None,
             next_rank=dist.get_global_rank(group, rank + 1) if rank < world_size - 1 else None,
         )
+        from lasp_hf.parallel.comm import connect_neighbours  # comm imports this module
+
+        connect_neighbours(ctx)
+        return ctx
 
     def validate(self) -> None:
         """Raise ValueError when the recorded rank / world size disagree with the process group."""
