@@ -5,6 +5,7 @@ unpacked rows and packed documents that cross the cuts, ring and allgather."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -77,15 +78,19 @@ def _checkpointing_cases(W, rank, ctx):
     ref = model(**batch, loss_reduction="sum")
     ref_grads = torch.autograd.grad(ref.loss, params, allow_unused=True)
     ref_flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(params, ref_grads)])
-    for reentrant in (True, False):
+    # Under saved-tensor hooks (non-reentrant checkpointing, save_on_cpu) the SP op saves its inputs through the
+    # hooks and records its local pass again in backward; without them it records the pass in forward.
+    for reentrant, offload in ((True, False), (False, False), (False, True), (None, True)):
         model.train()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.zero_grad()
-        out = model(**shard_batch_for_sp(batch, ctx), loss_reduction="sum")
+        with torch.autograd.graph.save_on_cpu() if offload else contextlib.nullcontext():
+            out = model(**shard_batch_for_sp(batch, ctx), loss_reduction="sum")
         out.loss.backward()
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
         dist.all_reduce(flat)
-        errors[f"checkpointing/reentrant={reentrant}/grads"] = relative_error(flat, ref_flat)
+        errors[f"checkpointing/reentrant={reentrant}/save_on_cpu={offload}/grads"] = relative_error(flat, ref_flat)
         model.gradient_checkpointing_disable()
     return errors
 
@@ -101,4 +106,4 @@ def test_model_under_sp_matches_unsharded(W):
     results = _run(W)
     bad = [f"rank {r} {k}: {e:.2e}" for r, errs in enumerate(results) for k, e in errs.items() if not e <= TOL]
     assert not bad, "\n".join(bad)
-    assert len(results[0]) == len(CASES) * 2 * 2 * 4 + 2
+    assert len(results[0]) == len(CASES) * 2 * 2 * 4 + 4

@@ -339,11 +339,34 @@ def _final_states(plan: RankPlan, finals, initial_state, num_rows: int):
     return out
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (checkpointing, save_on_cpu) apply to what is saved now; True when this torch
+    cannot tell (the memory-safe answer)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _local_pass(run: _Run, inputs, needs, reuse, record: bool):
+    """The local pass from (q, k, v, g, h0): (o, finals, leaves); with `record`, through autograd from leaves
+    (detached inputs that require grad where the caller's do)."""
+    leaves = [x.detach().requires_grad_(needs[i] and record) if x is not None else None for i, x in enumerate(inputs)]
+    with torch.enable_grad() if record else torch.no_grad():
+        o, finals = run.local_impl.chunk_linear_attention(
+            *leaves[:4], scale=run.scale, initial_state=leaves[4], output_final_state=True,
+            cu_seqlens=run.local_cu, **({"reuse": reuse} if reuse is not None else {}),
+        )
+    return o, finals, leaves
+
+
 class _LaspFunction(torch.autograd.Function):
     """One linear-attention layer on this rank's slice, the carried state exchanged across ranks.
 
-    The local pass runs through `local_impl`'s own autograd (recorded inside forward, replayed
-    in backward with the exchanged final-state gradient), so any backend works.
+    The local pass runs through `local_impl`'s own autograd, replayed in backward with the exchanged
+    final-state gradient, so any backend works. Its graph is recorded inside forward, except under
+    saved-tensor hooks (activation checkpointing, `save_on_cpu`): a graph kept on ctx would hold q, k, v and o
+    of every layer on the GPU where the hooks cannot reach them (64 GiB at 256K tokens per GPU for tnl-1b).
+    There the inputs are saved with `save_for_backward` (so the hooks drop or offload them) and backward runs
+    the local pass again to record it.
     """
 
     @staticmethod
@@ -379,21 +402,17 @@ class _LaspFunction(torch.autograd.Function):
             s_in, decays = comm.allgather_forward(s_loc, decay, sp)
 
         h0 = _local_initial_state(run, initial_state, s_in)
-        leaves = [
-            x.detach().requires_grad_(needs[i]) if x is not None else None
-            for i, x in enumerate((q, k, v, g, h0))
-        ]
-        with torch.enable_grad() if any(needs[:5]) else torch.no_grad():
-            o, finals = run.local_impl.chunk_linear_attention(
-                *leaves[:4], scale=run.scale, initial_state=leaves[4], output_final_state=True,
-                cu_seqlens=run.local_cu, **({"reuse": reuse} if reuse is not None else {}),
-            )
+        record = any(needs[:5]) and not _saved_tensor_hooks_active()
+        o, finals, leaves = _local_pass(run, (q, k, v, g, h0), needs, reuse, record)
+        if not record:
+            ctx.save_for_backward(q, k, v, g, h0)
         comm.wait_sends(sp)  # the state's send overlapped the local pass; it must be done before we return
         final = None
         if run.output_final_state:
             num_rows = plan.num_docs if plan.local_bounds is not None else B
             final = comm.all_reduce_sum(_final_states(plan, finals.detach(), initial_state, num_rows), sp)
-        ctx.run, ctx.inner, ctx.decay, ctx.decays, ctx.reuse = run, (o, finals, leaves), decay, decays, reuse
+        ctx.inner = (o, finals, leaves) if record else None
+        ctx.run, ctx.decay, ctx.decays, ctx.reuse = run, decay, decays, reuse
         ctx.initial_state_like = (initial_state.shape, initial_state.dtype) if initial_state is not None else None
         return o.detach(), final
 
@@ -401,6 +420,8 @@ class _LaspFunction(torch.autograd.Function):
     def backward(ctx, do, dfinal):
         run = ctx.run
         sp, plan = run.sp, run.plan
+        if ctx.inner is None:  # recorded again now (see the class docstring)
+            ctx.inner = _local_pass(run, ctx.saved_tensors, ctx.needs_input_grad, ctx.reuse, record=True)
         o, finals, leaves = ctx.inner
         del ctx.inner
         q, _, _, g, _ = leaves
