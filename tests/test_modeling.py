@@ -167,38 +167,129 @@ def test_chunked_loss_gradients_equal_unchunked():
         assert rel_err(grads[1][name], p.grad) < 1e-4, name
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 7, 1000])
-def test_chunked_cross_entropy_matches_full(chunk_size):
-    hidden = torch.randn(3, 10, 16, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+def _full_cross_entropy(hidden, weight, labels, reduction, scale):
+    """Reference: `F.cross_entropy` of all float64 logits at once, and its gradients times `scale`."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    loss = F.cross_entropy((h @ w.T).reshape(-1, w.shape[0]), labels.reshape(-1), reduction=reduction)
+    grad_h, grad_w = torch.autograd.grad(loss * scale, (h, w))
+    return loss.detach(), grad_h, grad_w
+
+
+def _labels_with_ignored_chunks():
+    """`[3, 10]` labels over a vocabulary of 50; tokens 7..13 are ignored, so the chunks [7, 14) of 7 and
+    [8, 12) of 4 have no valid label at all."""
     labels = torch.randint(0, 50, (3, 10))
-    labels[1, ::3] = -100
-    loss, num_valid = chunked_cross_entropy(hidden, weight, labels, chunk_size)
-    assert num_valid.item() == (labels != -100).sum().item()
-    gh, gw = torch.autograd.grad(loss, (hidden, weight))
-    ref = F.cross_entropy((hidden @ weight.T).reshape(-1, 50), labels.reshape(-1), reduction="sum")
-    rh, rw = torch.autograd.grad(ref, (hidden, weight))
-    assert rel_err(loss, ref) < 1e-12 and rel_err(gh, rh) < 1e-12 and rel_err(gw, rw) < 1e-12
-    mean, _ = chunked_cross_entropy(hidden, weight, labels, chunk_size, reduction="mean")
-    assert rel_err(mean, ref / num_valid) < 1e-12
+    labels.view(-1)[7:14] = -100
+    labels[2, ::4] = -100
+    return labels
 
 
-def test_chunked_cross_entropy_never_saves_full_logits():
-    """Backward memory is O(chunk x vocab): nothing of [T, vocab] size is kept for the backward pass."""
+@pytest.mark.parametrize("trainable", ["both", "hidden", "weight"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 30, 1000])
+def test_chunked_cross_entropy_matches_full(chunk_size, reduction, trainable):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 10, 16, dtype=torch.float64, requires_grad=trainable != "weight")
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=trainable != "hidden")
+    labels = _labels_with_ignored_chunks()
+    loss, num_valid = chunked_cross_entropy(hidden, weight, labels, chunk_size, reduction=reduction)
+    (loss * 3.7).backward()
+    ref, ref_grad_h, ref_grad_w = _full_cross_entropy(hidden, weight, labels, reduction, scale=3.7)
+    assert num_valid.item() == (labels != -100).sum().item() and num_valid.dtype == torch.long
+    assert loss.dtype == torch.float64 and rel_err(loss, ref) < 1e-12
+    assert (hidden.grad is None) == (trainable == "weight")
+    assert (weight.grad is None) == (trainable == "hidden")
+    if hidden.grad is not None:
+        assert hidden.grad.shape == hidden.shape and rel_err(hidden.grad, ref_grad_h) < 1e-12
+    if weight.grad is not None:
+        assert rel_err(weight.grad, ref_grad_w) < 1e-12
+
+
+def test_chunked_cross_entropy_without_grad():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 10, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    labels = _labels_with_ignored_chunks()
+    ref = _full_cross_entropy(hidden, weight, labels, "sum", scale=1.0)[0]
+    with torch.no_grad():
+        loss, _ = chunked_cross_entropy(hidden, weight, labels, 4)
+    assert not loss.requires_grad and rel_err(loss, ref) < 1e-12
+    loss, _ = chunked_cross_entropy(hidden.detach(), weight, labels, 4)
+    assert not loss.requires_grad and rel_err(loss, ref) < 1e-12
+
+
+def test_chunked_cross_entropy_float32():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 10, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = _labels_with_ignored_chunks()
+    loss, _ = chunked_cross_entropy(hidden, weight, labels, 7, reduction="mean")
+    (loss * 3.7).backward()
+    ref, ref_grad_h, ref_grad_w = _full_cross_entropy(hidden, weight, labels, "mean", scale=3.7)
+    assert loss.dtype == hidden.grad.dtype == weight.grad.dtype == torch.float32
+    # float32 rounds at 6e-8; sums of 16 products and softmaxes over 50 logits lose a few ulps (2e-7 here).
+    assert rel_err(loss, ref) < 1e-6 and rel_err(hidden.grad, ref_grad_h) < 1e-6
+    assert rel_err(weight.grad, ref_grad_w) < 1e-6
+
+
+@pytest.mark.parametrize("params", ["float32 under autocast", "bfloat16"])
+def test_chunked_cross_entropy_bfloat16(params):
+    """bf16 matmuls and a float32 softmax, as `F.linear(...).float()` gives: against float64 and that."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if params == "bfloat16" else torch.float32
+    hidden = torch.randn(4, 60, 64).to(dtype).requires_grad_()
+    weight = (torch.randn(500, 64) / 8).to(dtype).requires_grad_()
+    labels = torch.randint(0, 500, (4, 60))
+    labels[1, 10:50] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=params != "bfloat16"):
+        loss, _ = chunked_cross_entropy(hidden, weight, labels, 64, reduction="mean")
+        plain = F.cross_entropy(F.linear(hidden, weight).float().reshape(-1, 500), labels.reshape(-1))
+    (loss * 3.7).backward()
+    ref, ref_grad_h, ref_grad_w = _full_cross_entropy(hidden, weight, labels, "mean", scale=3.7)
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == dtype
+    # bf16 rounds at u = 2^-8: the inputs, the logits gradient and each gradient matmul's output are rounded
+    # (u each at worst, u/2 on average), so each gradient is within 3u of float64; the loss, a mean of 200
+    # token losses whose rounding errors partly cancel, is far closer. Measured: 3e-3 (grads), 3e-5 (loss).
+    u = 2.0**-8
+    assert rel_err(loss, ref) < u / 10
+    assert rel_err(hidden.grad, ref_grad_h) < 3 * u and rel_err(weight.grad, ref_grad_w) < 3 * u
+    # The same bf16 logits as the plain matmul (only float32 summation order differs); float32 logits would be
+    # as far from `plain` as float64 ones, 3e-5 here.
+    assert rel_err(loss, plain) < 1e-6
+
+
+def test_chunked_cross_entropy_never_materializes_full_logits():
+    """Forward and backward create nothing of `[T, vocab]` size, and keep only `[T, D]` and `[vocab, D]`
+    tensors (the two gradients) for the backward pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
     T, D, vocab, chunk = 256, 8, 400, 16
     hidden = torch.randn(T, D, requires_grad=True)
     weight = torch.randn(vocab, D, requires_grad=True)
     labels = torch.randint(0, vocab, (T,))
-    sizes = []
+    saved = []
 
     def pack(t):
-        sizes.append(t.numel())
+        saved.append(t.numel())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with LargestOutput() as largest, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = chunked_cross_entropy(hidden, weight, labels, chunk)
-    loss.backward()
-    assert max(sizes) <= max(T * D, vocab * D, chunk * vocab) < T * vocab
+        loss.backward()
+    assert hidden.grad is not None and weight.grad is not None
+    assert sorted(saved) == [T * D, vocab * D]
+    assert largest.numel <= max(T * D, vocab * D, chunk * vocab) < T * vocab
 
 
 def test_chunked_cross_entropy_bad_input():
@@ -208,6 +299,10 @@ def test_chunked_cross_entropy_bad_input():
         )
     with pytest.raises(ValueError, match="shift_labels"):
         chunked_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="dtype"):
+        chunked_cross_entropy(
+            torch.randn(4, 3), torch.randn(5, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
+        )
 
 
 def test_logits_to_keep():
