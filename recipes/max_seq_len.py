@@ -23,7 +23,8 @@ fragmenting when tensors of many sizes come and go at these lengths (pass expand
 
 With --memory_report PATH (CUDA), rank 0 records its allocations during each trial and writes PATH.T<size>.txt:
 the blocks alive at the trial's highest point (or its out-of-memory), summed by allocation site (file:line
-function) and by block size, largest first.
+function) and by block size, largest first. It is for finding where memory goes, not for the verdict: on torch 2.11
+recording stacks inside the checkpoint's recompute has killed a step with SystemError on the recording rank.
 
 An OOM on one rank while the others wait in a collective cannot always be recovered; the others then stop after
 --timeout_s, and the sizes printed so far stand.
