@@ -8,6 +8,7 @@ hand, as DDP would. One spawn per W runs all cases (modes x g modes x layouts).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 
@@ -231,3 +232,50 @@ def test_sp_linear_attention_state_only_hooks():
     bad = _failures(results)
     assert not bad, "\n".join(bad)
     assert len(results[0]) == 3 * 3 * 2
+
+
+def _hooks_worker(W: int) -> dict:
+    """The SP op under saved-tensor hooks (what checkpointing and save_on_cpu install) against the unsharded op,
+    and what its autograd node holds: under hooks only tensors saved through them (its local graph on ctx would
+    keep q, k, v and o alive where the hooks cannot reach them), without hooks the graph recorded in forward."""
+    rank = dist.get_rank()
+    sp = SequenceParallelContext.from_group(dist.group.WORLD)
+    L = 40
+    mine = slice(rank * L, (rank + 1) * L)
+    q, k, v, g, h0, w_o, _, cu = _inputs(W, L, "token", None, seed=7)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    o_ref, _ = linear_attention(*leaves, backend="torch")
+    ref_grads = _grads((o_ref * w_o).sum(), leaves)
+    errors, held = {}, {}
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor.shape)
+        return tensor.clone()
+
+    for hooked in (False, True):
+        local = [x[:, mine].clone().requires_grad_() for x in (q, k, v, g)]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if hooked else contextlib.nullcontext():
+            o, _ = linear_attention(*local, backend="torch", sp_group=sp)
+        held[f"hooks={hooked}"] = {"graph_on_ctx": float(o.grad_fn.inner is not None),
+                                   "saved_through_hooks": float(len(packed))}
+        grads = _grads((o * w_o[:, mine]).sum(), local)
+        case = errors.setdefault(f"hooks={hooked}", {})
+        case["o"] = relative_error(o, o_ref[:, mine])
+        for name, got, ref in zip(("dq", "dk", "dv", "dg"), grads, ref_grads):
+            case[name] = relative_error(got, ref[:, mine])
+        packed.clear()
+    errors["held"] = held
+    return errors
+
+
+@pytest.mark.distributed
+def test_sp_op_under_saved_tensor_hooks_keeps_no_graph_on_ctx():
+    results = run_distributed(_hooks_worker, 2, 2)
+    held = [errors.pop("held") for errors in results]
+    bad = _failures(results)
+    assert not bad, "\n".join(bad)
+    for rank_held in held:
+        assert rank_held["hooks=False"]["graph_on_ctx"] == 1.0
+        assert rank_held["hooks=True"]["graph_on_ctx"] == 0.0
+        assert rank_held["hooks=True"]["saved_through_hooks"] >= 4  # q, k, v, g at least
