@@ -151,10 +151,15 @@ def _make_plan(bounds: list[int], H: int, NV: int, device) -> _Plan:
     return _Plan(bounds, device, cps)
 
 
+def _planning_knobs() -> tuple:
+    """The module settings `_make_plan` reads (tests change them), part of the plan caches' keys."""
+    return (CHUNKS_PER_SEGMENT, PROGRAMS_PER_SM, MAX_IMBALANCE)
+
+
 @functools.lru_cache(maxsize=16)
 def _packed_plan(bounds: tuple[int, ...], H: int, NV: int, device, knobs) -> _Plan:
     """The plan of one packed batch, made once for all its layers (forward and backward); `knobs` keys the
-    planning settings that tests change."""
+    planning settings (`_planning_knobs`)."""
     return _make_plan(bounds, H, NV, device)
 
 
@@ -184,7 +189,7 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 def _op_dense_plan(B: int, T: int, H: int, K: int, V: int, device) -> _Plan:
     """The (cached) plan of the op on dense input: programs per (row, head, forward V block)."""
     NV = triton.cdiv(V, _blocks(K, V, "fwd")[1])
-    return _dense_plan(B, T, H, NV, device, (CHUNKS_PER_SEGMENT, PROGRAMS_PER_SM, MAX_IMBALANCE))
+    return _dense_plan(B, T, H, NV, device, _planning_knobs())
 
 
 def _config(phase: str, dtype, BK: int, device) -> dict:
@@ -541,7 +546,7 @@ def chunk_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None,
         plan = _op_dense_plan(B, T, H, K, V, q.device)
     else:
         plan = _packed_plan(host_bounds(cu_seqlens), H, triton.cdiv(V, _blocks(K, V, "fwd")[1]), q.device,
-                            (CHUNKS_PER_SEGMENT, PROGRAMS_PER_SM, MAX_IMBALANCE))
+                            _planning_knobs())
     flat = [_aligned(x.reshape(B * T, H, x.shape[-1])) for x in (q, k, v)]
     g_flat = g.reshape(B * T, H) if (g is not None and g.dim() == 3) else g
     h0 = initial_state.contiguous() if initial_state is not None else None

@@ -44,7 +44,7 @@ def _state_pass(x, y, g, start, scale: float, gradient: bool):
         return start.float().clone() if start is not None else x.new_zeros(B, H, K, V, dtype=torch.float32)
     BK, BV = _state_blocks(K, V)
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
-    plan = chunk._dense_plan(B, T, H, NK * NV, x.device, (chunk.CHUNKS_PER_SEGMENT, chunk.PROGRAMS_PER_SM))
+    plan = chunk._dense_plan(B, T, H, NK * NV, x.device, chunk._planning_knobs())
     xf, yf = (chunk._aligned(z.reshape(B * T, H, z.shape[-1])) for z in (x, y))
     g32 = chunk.flat_g(g, B, T, H)
     S = plan.num_segs

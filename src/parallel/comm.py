@@ -38,25 +38,6 @@ def reduce_scatter_stacked(xs: torch.Tensor, sp: SequenceParallelContext) -> tor
     return out
 
 
-def connect_neighbours(sp: SequenceParallelContext) -> None:
-    """On NCCL, one tiny exchange with each neighbour in each direction, the ring's own send/recv calls.
-
-    NCCL connects peers (and allocates their buffers, outside PyTorch's allocator) at the first send or
-    receive between them. Left to the first layer, the backward direction's connection is made in the middle of
-    the backward pass of a long sequence, when the GPU is full: NCCL then fails with "Cuda failure 2 'out of
-    memory'" (seen on tnl-1b at 256K tokens per GPU). Collective over the SP group."""
-    if sp.world_size == 1 or dist.get_backend(sp.group) != "nccl":
-        return
-    x = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
-    for first, second in ((sp.prev_rank, sp.next_rank), (sp.next_rank, sp.prev_rank)):  # forward, backward
-        works = [dist.irecv(torch.empty_like(x), src=first, group=sp.group)] if first is not None else []
-        if second is not None:
-            works.append(dist.isend(x, dst=second, group=sp.group))
-        for work in works:
-            work.wait()
-    torch.cuda.current_stream().synchronize()
-
-
 def post_recv_from_prev(like: torch.Tensor, sp: SequenceParallelContext):
     """Post the receive of the state that rank r-1 will send; returns (buffer, work) or None on rank 0.
 
@@ -137,6 +118,26 @@ def ring_backward(ds_direct, decay, sp: SequenceParallelContext) -> torch.Tensor
         ds_out = torch.zeros_like(ds_direct)
     send_to_prev(ds_direct + decay[..., None, None] * ds_out, sp)
     return ds_out
+
+
+def connect_neighbours(sp: SequenceParallelContext) -> None:
+    """One ring step each way on a one-element state: the ring's own sends and receives, once.
+
+    NCCL connects peers (and allocates their buffers, outside PyTorch's allocator) at the first send or
+    receive between them. Left to the first layer, the backward direction's connection is made in the middle of
+    the backward pass of a long sequence, when the GPU is full: NCCL then fails with "Cuda failure 2 'out of
+    memory'" (seen on tnl-1b at 256K tokens per GPU). On gloo it costs next to nothing. Collective over the SP
+    group."""
+    if sp.world_size == 1:
+        return
+    nccl = dist.get_backend(sp.group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    state, decay = torch.zeros(1, 1, 1, 1, device=device), torch.zeros(1, 1, device=device)
+    ring_forward(state, decay, sp)
+    ring_backward(state, decay, sp)
+    wait_sends(sp)
+    if nccl:
+        torch.cuda.current_stream().synchronize()
 
 
 def allgather_forward(s_loc, decay, sp: SequenceParallelContext):

@@ -39,8 +39,6 @@ class SequenceParallelContext:
     next_rank: int | None = None
     # Shape signatures already checked to agree across the group (see lasp._check_across_ranks).
     checked_signatures: set = field(default_factory=set, repr=False, compare=False)
-    # (cu_seqlens tensor, its version, T_local, RankPlan) of the last packed call (see lasp._rank_plan).
-    plan_cache: tuple | None = field(default=None, repr=False, compare=False)
     # Sends whose completion nobody has waited for yet: (work, buffer), see lasp_hf.parallel.comm.
     pending_sends: list = field(default_factory=list, repr=False, compare=False)
 
@@ -50,8 +48,8 @@ class SequenceParallelContext:
 
     @classmethod
     def from_group(cls, group: dist.ProcessGroup, mode: str = "ring", *, dp_group=None) -> SequenceParallelContext:
-        """A context for an existing process group (this process must belong to it). On NCCL every rank of the
-        group must call it: it connects the ring's neighbours (`comm.connect_neighbours`)."""
+        """A context for an existing process group (this process must belong to it). Every rank of the group must
+        call it: it connects the ring's neighbours (`comm.connect_neighbours`)."""
         _require_initialized()
         rank = dist.get_rank(group)
         if rank < 0:

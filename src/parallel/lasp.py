@@ -30,6 +30,7 @@ group. Every rank must back-propagate through o (the exchange is collective).
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -130,23 +131,20 @@ def packed_plan(bounds: list, L: int, rank: int, world_size: int) -> RankPlan:
 def _rank_plan(sp: SequenceParallelContext, cu_seqlens, L: int) -> RankPlan:
     if cu_seqlens is None:
         return dense_plan(L, sp.rank, sp.world_size)
-    # The same cu_seqlens tensor is passed to every layer: read it back to the host once per batch.
-    # (Tensors made under inference_mode have no version counter: no caching for them.)
-    version = None if cu_seqlens.is_inference() else cu_seqlens._version
-    cached = sp.plan_cache
-    if version is not None and cached is not None and cached[0] is cu_seqlens and cached[1:3] == (version, L):
-        return cached[3]
-    bounds = host_bounds(cu_seqlens)
-    total = L * sp.world_size
+    return _checked_packed_plan(host_bounds(cu_seqlens), L, sp.rank, sp.world_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_packed_plan(bounds: tuple[int, ...], L: int, rank: int, world_size: int) -> RankPlan:
+    """`packed_plan` after checking the boundaries; once per batch, since every layer (forward and backward)
+    passes the same ones."""
+    total = L * world_size
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds)):
         raise ValueError(
             f"under SP, cu_seqlens describes the full packed sequence: it must start at 0, never decrease and end "
-            f"at T_local * W = {L} * {sp.world_size} = {total}; got {bounds[:4]}...{bounds[-2:]}"
+            f"at T_local * W = {L} * {world_size} = {total}; got {bounds[:4]}...{bounds[-2:]}"
         )
-    plan = packed_plan(bounds, L, sp.rank, sp.world_size)
-    if version is not None:
-        sp.plan_cache = (cu_seqlens, version, L, plan)
-    return plan
+    return packed_plan(bounds, L, rank, world_size)
 
 
 def _check_across_ranks(sp: SequenceParallelContext, q, v, g, initial_state, output_final_state, packed, mode):
