@@ -47,10 +47,8 @@ def device_ints(values, device, dtype=torch.int64) -> torch.Tensor:
 
 def device_tables(tables: dict[str, torch.Tensor], device, dtype=torch.int64) -> dict[str, torch.Tensor]:
     """Several 1-D host int tensors on `device` with one copy (see `device_ints`), as views of one buffer."""
-    names = list(tables)
-    flat = device_ints(torch.cat([tables[name].to(dtype).reshape(-1) for name in names]) if names
-                       else torch.zeros(0, dtype=dtype), device, dtype)
-    return dict(zip(names, flat.split([tables[name].numel() for name in names])))
+    flat = device_ints(torch.cat([table.to(dtype).reshape(-1) for table in tables.values()]), device, dtype)
+    return dict(zip(tables, flat.split([table.numel() for table in tables.values()])))
 
 
 def device_cu_seqlens(bounds, device) -> torch.Tensor:
