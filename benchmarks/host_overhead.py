@@ -7,6 +7,10 @@ For each provider and T: `host_us` (Python time per fwd+bwd call, no synchronisa
 loop that the GPU cannot keep up with only if the GPU is slower), `gpu_us` (CUDA events around the same
 loop: max(host, GPU) per call when host-bound) and the top functions of a cProfile of the loop (rank 0),
 sorted by own time. Writes benchmarks/results/host-overhead-<card>-W<n>.txt from rank 0.
+
+--breakdown: instead of cProfile (which inflates Python calls several times), wall-clock accumulators
+around every Triton kernel launch (per kernel), the torch.distributed calls, and torch.profiler's count of
+ATen ops per call: where the host's microseconds go, without the profiler's distortion of the totals.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import os
 import pstats
 import sys
@@ -27,14 +32,88 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402 - also turns NCCL multicast off (NO_MULTICAST_ENV)
 
 
+class _Timed:
+    """Wraps `owner.name` with a wall-clock accumulator (per label) until `restore`."""
+
+    def __init__(self, totals: dict):
+        self.totals, self.undo = totals, []
+
+    def wrap(self, owner, name: str, label=None):
+        original = getattr(owner, name)
+        totals = self.totals
+
+        def timed(*a, **kw):
+            key = label(a) if label is not None else name
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                slot = totals.setdefault(key, [0, 0.0])
+                slot[0] += 1
+                slot[1] += time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+        self.undo.append((owner, name, original))
+
+    def restore(self):
+        for owner, name, original in reversed(self.undo):
+            setattr(owner, name, original)
+        self.undo.clear()
+
+
+def breakdown(step, iters: int) -> str:
+    """Per call of `step`: host microseconds in each Triton kernel's launches, in torch.distributed calls,
+    and the number of ATen ops (torch.profiler, CPU only, a separate loop)."""
+    import triton.runtime.jit as jit
+
+    totals: dict = {}
+    timed = _Timed(totals)
+    from lasp_hf.kernels.triton import launch
+
+    timed.wrap(launch.FastLaunch, "launch", label=lambda a: "launch " + a[0].__name__)
+    # Triton's own path: inside `launch` on a cache miss (so not added to the total again), or direct.
+    timed.wrap(jit.JITFunction, "run", label=lambda a: "(triton run) " + getattr(a[0], "__name__", "?"))
+    for name in ("isend", "irecv", "all_gather_into_tensor", "all_reduce", "barrier"):
+        if hasattr(dist, name):
+            timed.wrap(dist, name, label=lambda a, name=name: "dist." + name)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    try:
+        for _ in range(iters):
+            step()
+    finally:
+        timed.restore()
+    whole = (time.perf_counter() - t0) / iters * 1e6
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            step()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    out = [f"  whole call (instrumented): {whole:.0f} us"]
+    accounted = 0.0
+    for key, (count, seconds) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        us = seconds / iters * 1e6
+        accounted += 0.0 if key.startswith("(triton run)") else us
+        out.append(f"  {key:<45} {count / iters:5.1f} x  {us:7.0f} us  ({us / max(count / iters, 1e-9):5.1f} us each)")
+    out.append(f"  {'rest (Python, ATen ops, autograd)':<45}         {whole - accounted:7.0f} us")
+    out.append(f"  ATen ops per call (incl. nested): {sum(e.count for e in events) / 5:.0f}; most frequent:")
+    for e in sorted(events, key=lambda e: -e.count)[:12]:
+        out.append(f"    {e.key:<40} {e.count / 5:5.1f} x  self {e.self_cpu_time_total / 5:6.0f} us (profiled)")
+    return "\n".join(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--T", type=int, nargs="+", default=[256, 8192])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--breakdown", action="store_true", help="accumulators instead of cProfile (see above)")
+    parser.add_argument("--launch", nargs="+", default=["fast"], choices=["fast", "triton"],
+                        help="kernel launches through lasp_hf's cached path (fast) and/or Triton's own (triton)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     import lasp_hf
+    from lasp_hf.kernels.triton import launch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -51,7 +130,8 @@ def main() -> int:
     for T in args.T:
         q, k, v, do = (torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16) for _ in range(4))
         leaves = [x.requires_grad_() for x in (q, k, v)]
-        for provider in providers:
+        for mode, provider in itertools.product(args.launch, providers):
+            launch.ENABLED = mode == "fast"
             extra = {} if provider == "single" else {"sp_group": ctx, "sp_mode": provider}
 
             def step():
@@ -81,6 +161,14 @@ def main() -> int:
                 results[name] = (host, start.elapsed_time(end) / args.iters * 1e3)
             if world > 1:
                 dist.barrier()
+            if args.breakdown:
+                head = f"== {provider} T={T} ({mode} launches): " + ", ".join(
+                    f"{n}: host {h:.0f} us, gpu-loop {gl:.0f} us per call" for n, (h, gl) in results.items())
+                text = breakdown(step, args.iters)
+                if rank == 0:
+                    print(head + "\n" + text, flush=True)
+                lines += ["", head, text]
+                continue
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(args.iters):
@@ -89,11 +177,12 @@ def main() -> int:
             torch.cuda.synchronize()
             stream = io.StringIO()
             pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(args.top)
-            head = f"== {provider} T={T}: " + ", ".join(
+            head = f"== {provider} T={T} ({mode} launches): " + ", ".join(
                 f"{n}: host {h:.0f} us, gpu-loop {gl:.0f} us per call" for n, (h, gl) in results.items())
             if rank == 0:
                 print(head, flush=True)
             lines += ["", head, stream.getvalue()]
+    launch.ENABLED = True
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,11 @@
 # Run the GPU tests and the benchmarks on a lent GPU machine, writing everything under $OUT.
 #
 #   bash benchmarks/run_device.sh                 # tests, kernels, sp (in that order)
-#   bash benchmarks/run_device.sh kernels sp      # only some parts: any of  tests kernels sp train maxlen host sweep mfu
+#   bash benchmarks/run_device.sh kernels sp      # only some parts: any of  tests kernels sp train maxlen host sweep breakdown mfu
 #
 # From the repo root, with `.whl` carried (fill it here with `bash ../shared/device/wheels.sh`).
 # The device's copy has no .git: pass the commit, e.g.  LASP_HF_COMMIT=<sha> bash benchmarks/run_device.sh
-# Optional: KERNELS_ARGS / SP_ARGS / TRAIN_ARGS / MAXLEN_ARGS / MAXLEN1_ARGS / SWEEP_ARGS / MFU_ARGS (extra arguments, e.g. KERNELS_ARGS="--cases chunk-B1-*";
+# Optional: KERNELS_ARGS / SP_ARGS / TRAIN_ARGS / MAXLEN_ARGS / MAXLEN1_ARGS / SWEEP_ARGS / BREAKDOWN_ARGS / HOST_ARGS / MFU_ARGS (extra arguments, e.g. KERNELS_ARGS="--cases chunk-B1-*";
 # MAXLEN1_ARGS=skip leaves out the one-GPU max_seq_len run),
 # TEST_FILES (the tests part's pytest files), PART_TIMEOUT (seconds per part, default 540), SKIP_INSTALL=1, SP_WORLDS (e.g. "2 4"; default: min(4, #GPUs), and 2 if 4).
 # SP_ARGS defaults to --profile (each sp world also writes sp-<card>-W<n>-profile.txt).
@@ -105,6 +105,9 @@ for part in "${PARTS[@]}"; do
     sweep)
       # shellcheck disable=SC2086
       CUDA_VISIBLE_DEVICES=0 run_part sweep python3 benchmarks/kernel_sweep.py --out "$OUT" ${SWEEP_ARGS:-} ;;
+    breakdown)
+      # shellcheck disable=SC2086
+      CUDA_VISIBLE_DEVICES=0 run_part breakdown python3 benchmarks/kernel_breakdown.py --out "$OUT" ${BREAKDOWN_ARGS:-} ;;
     mfu)
       # Training throughput / MFU of tnl-1b at 32K tokens per GPU (SP = min(4, #GPUs)), checkpointing off and on,
       # with the profile of the first run (FSDP2 on 4 GPUs: DDP without checkpointing does not fit 80 GB there).
@@ -115,9 +118,11 @@ for part in "${PARTS[@]}"; do
       run_part "mfu-W$FW" python3 benchmarks/train_mfu.py --world "$FW" --out "$OUT" \
         ${MFU_ARGS:---accelerate_config $MFU_CONFIG --checkpointing off on --profile_steps 8 9} ;;
     host)
-      run_part "host-W1" python3 benchmarks/host_overhead.py --out "$OUT"
+      # shellcheck disable=SC2086
+      run_part "host-W1" python3 benchmarks/host_overhead.py --out "$OUT" ${HOST_ARGS:-}
+      # shellcheck disable=SC2086
       [ "$NGPU" -ge 2 ] && run_part "host-W$(( NGPU >= 4 ? 4 : 2 ))" python3 -m torch.distributed.run --standalone \
-        --nproc_per_node "$(( NGPU >= 4 ? 4 : 2 ))" benchmarks/host_overhead.py --out "$OUT" ;;
+        --nproc_per_node "$(( NGPU >= 4 ? 4 : 2 ))" benchmarks/host_overhead.py --out "$OUT" ${HOST_ARGS:-} ;;
     *)
       echo "run_device.sh: unknown part '$part' (use tests, kernels, sp, train, maxlen, host, sweep, mfu)" >&2; exit 2 ;;
   esac

@@ -59,7 +59,10 @@ CHUNK_SIZE = 64
 # the H100 sweeps (benchmarks/kernel_sweep.py, benchmarks/results/kernel-sweep-*.md): the forward holds the
 # whole 128 x 128 state with 8 warps, so q and k are read once per chunk (0.57 -> 0.49 ms at B1 H16 T32K,
 # 2.06 -> 1.54 ms at 128K, same sweep); the backward is best at 128 x 64 with 4 warps.
-CONFIGS = {"fwd": (16384, 8, 3), "bwd": (8192, 4, 2), "state": (8192, 4, 2)}
+# "fwd_state" is the forward's step 1 (segment states) and "combine" its step 2 (the serial scan over segments,
+# one program per (sequence, head, V block): a smaller tile gives more programs for that latency-bound walk).
+CONFIGS = {"fwd": (16384, 8, 3), "bwd": (8192, 4, 2), "state": (8192, 4, 2), "fwd_state": (16384, 8, 3),
+           "combine": (16384, 8, 3)}
 # Segments are planned for about this many programs per SM when B*H alone does not fill the device.
 PROGRAMS_PER_SM = 4
 # A sequence is cut into segments when it is more than this many times longer than the work per program
@@ -169,21 +172,29 @@ def _dense_plan(B: int, T: int, H: int, NV: int, device, knobs) -> _Plan:
 
 
 _SCRATCH: dict = {}
+_SCRATCH_VIEWS: dict = {}
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     """Triton's allocator for the descriptors' scratch: one buffer per (device, stream), grown as needed.
 
     Kernels launched on one stream run one after another, so they can share it; this saves a
-    torch.empty per launch, which is a noticeable part of a launch's host time.
+    torch.empty per launch, which is a noticeable part of a launch's host time. The view handed out for
+    a (size, alignment) is kept too: a launch then costs a dictionary look-up here.
     """
     key = (torch.cuda.current_device(), stream)
+    view = _SCRATCH_VIEWS.get((key, size, alignment))
+    if view is not None:
+        return view
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < size + alignment:
         buf = torch.empty(max(2 * size + alignment, 1 << 20), dtype=torch.int8, device="cuda")
         _SCRATCH[key] = buf
+        for old in [k for k in _SCRATCH_VIEWS if k[0] == key]:
+            del _SCRATCH_VIEWS[old]
     offset = (-buf.data_ptr()) % alignment
-    return buf[offset:offset + size]
+    view = _SCRATCH_VIEWS[(key, size, alignment)] = buf[offset:offset + size]
+    return view
 
 
 def _op_dense_plan(B: int, T: int, H: int, K: int, V: int, device) -> _Plan:
@@ -247,7 +258,7 @@ def _launch_setup(q, v, g, plan: _Plan, phase: str, accurate_states: bool):
 
 def _launch_segment_state(k, v, g, plan: _Plan, accurate_states: bool):
     """Step 1 of the forward: every segment's state from zero [S, H, K, V] and its log-decay [S, H]."""
-    H, K, V, NV, S, cfg, meta, scan = _launch_setup(k, v, g, plan, "fwd", accurate_states)
+    H, K, V, NV, S, cfg, meta, scan = _launch_setup(k, v, g, plan, "fwd_state", accurate_states)
     s_loc = empty(k, (S, H, K, V), torch.float32)
     seg_decay = empty(k, (S, H), torch.float32)
     _fwd_kernel_segment_state[(S, H, NV)](
@@ -281,9 +292,11 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segme
         else:
             s_loc, seg_decay = _launch_segment_state(k, v, g, plan, accurate_states)
         s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
-        _fwd_kernel_segment_combine[(plan.num_seqs, H, NV)](
+        BKC, BVC = _blocks(K, V, "combine")
+        _fwd_kernel_segment_combine[(plan.num_seqs, H, triton.cdiv(V, BVC))](
             s_loc, seg_decay, s_in, h0 if h0 is not None else s_loc, plan.seq_first_seg, plan.seq_num_segs,
-            plan.max_segs, HAS_INIT=h0 is not None, **meta, **cfg)
+            plan.max_segs, HAS_INIT=h0 is not None, H=H, K=K, V=V, BK=BKC, BV=BVC,
+            **_config("combine", q.dtype, BKC, q.device))
     else:
         seg_decay = empty(q, (S, H), torch.float32)
         if h0 is not None:

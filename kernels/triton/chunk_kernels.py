@@ -6,10 +6,12 @@ program holds, S segments. Token tensors are flat [tokens, H, D]; states are flo
 Each scan kernel is one program per (segment, head, block) walking the segment's chunks in order (or in
 reverse), with the state block in registers; chunk tiles come through tensor descriptors, which read
 zeros past a segment's end and drop writes there, so no chunk needs masks.
+The launched kernels are wrapped in `launch.fast`: the same `kernel[grid](...)` call, with less host time.
 """
 
 import triton
 import triton.language as tl
+from lasp_hf.kernels.triton.launch import fast
 
 
 @triton.jit
@@ -65,6 +67,7 @@ def _dot_f32_left(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.cons
     return out
 
 
+@fast
 @triton.jit
 def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
                               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
@@ -101,6 +104,7 @@ def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
         tl.store(seg_decay + i_s * H + i_h, log_decay)
 
 
+@fast
 @triton.jit
 def _fwd_kernel_segment_combine(s_loc, seg_decay, s_in, h0, seq_first_seg, seq_num_segs, MAX_SEGS,
                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
@@ -128,6 +132,7 @@ def _fwd_kernel_segment_combine(s_loc, seg_decay, s_in, h0, seq_first_seg, seq_n
         state = state * decay + local
 
 
+@fast
 @triton.jit
 def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, scale, CPS,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
@@ -171,6 +176,7 @@ def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, 
         tl.store(seg_decay + i_s * H + i_h, log_decay)
 
 
+@fast
 @triton.jit
 def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, scale, CPS,
                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
@@ -212,6 +218,7 @@ def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, sc
         tl.store(seg_decay + i_s * H + i_h, log_decay)
 
 
+@fast
 @triton.jit
 def _kernel_segment_fold(s_loc, seg_decay, out, start, seq_first_seg, seq_num_segs, MAX_SEGS,
                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -245,6 +252,7 @@ def _kernel_segment_fold(s_loc, seg_decay, out, start, seq_first_seg, seq_num_se
     tl.store(out + p_seq, state, mask=m_kv)
 
 
+@fast
 @triton.jit
 def _bwd_kernel_segment_combine(ds_loc, seg_decay, ds_out, dht, dh0, seq_first_seg, seq_num_segs, MAX_SEGS,
                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
@@ -275,6 +283,7 @@ def _bwd_kernel_segment_combine(ds_loc, seg_decay, ds_out, dht, dh0, seq_first_s
     tl.store(dh0 + p_seq, dstate, mask=m_kv)
 
 
+@fast
 @triton.jit
 def _bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
@@ -322,6 +331,7 @@ def _bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, 
     tl.store(ds_start + p_state, dstate, mask=m_kv)
 
 
+@fast
 @triton.jit
 def _bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
@@ -360,6 +370,7 @@ def _bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
         dstate = dstate * tl.exp(b_last) + tl.dot(tl.trans(q_decayed), b_do, input_precision=DOT_PREC)
 
 
+@fast
 @triton.jit
 def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lasp_hf.kernels.triton.launch import fast
 from lasp_hf.kernels.triton.utils import empty, interpreting
 
 G_NONE, G_HEAD, G_BATCH_HEAD = 0, 1, 2
 
 
+@fast
 @triton.jit
 def _recurrent_step_kernel(q, k, v, g, state, new_state, o, scale,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,

@@ -218,3 +218,35 @@ def test_state_only_passes_bf16(B, T, H, g_mode):
 def test_state_only_passes_other_dims(K, V, dtype):
     # K = 256: two K blocks per program column; K = 48, V = 80: masked tiles, float32 (tf32x3 products).
     _check_state_only(f"state-only {dtype} B1 T4099 H4 K{K} V{V} token", 1, 4096 + 3, 4, K, V, dtype, "token")
+
+
+def test_cached_launches_match_tritons_own():
+    # Packed documents, per-token decay, an initial state and every gradient: each kernel runs through the cached
+    # path (after a first call) and through Triton's own, with identical results.
+    from lasp_hf.kernels.triton import chunk_kernels, launch
+
+    B, T, H, K, V = 1, 5000, 4, 64, 128
+    q, k, v, g, _ = _inputs(B, T, H, K, V, torch.bfloat16, "token", 1)
+    cu = torch.tensor([0, 100, 2300, 2301, 5000], device="cuda", dtype=torch.int32)
+    h0 = torch.randn(4, H, K, V, device="cuda")
+    do = torch.randn_like(v)
+
+    def run():
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, h0)]
+        o, final = lasp_hf.linear_attention(*leaves[:4], scale=0.5, initial_state=leaves[4], output_final_state=True,
+                                            cu_seqlens=cu, backend="triton")
+        grads = torch.autograd.grad([o, final], leaves, [do, torch.ones_like(final)])
+        return [o, final, *grads]
+
+    assert launch.ENABLED
+    run()  # first launches: Triton's path, filling the caches
+    fast = run()
+    assert launch.ENABLED, "the cached path turned itself off"
+    assert chunk_kernels._fwd_kernel_output.cache and chunk_kernels._bwd_kernel_dq.cache
+    launch.ENABLED = False
+    try:
+        slow = run()
+    finally:
+        launch.ENABLED = True
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
