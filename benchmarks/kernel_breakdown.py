@@ -30,15 +30,14 @@ from lasp_hf.kernels.triton import chunk  # noqa: E402
 # name -> (CONFIGS overrides, programs per SM or None for the default)
 VARIANTS = {
     "default": ({}, None),
-    "state 4w/64": ({"fwd_state": (8192, 4, 2)}, None),
-    "combine 16": ({"combine": (2048, 4, 1)}, None),
-    "combine 32": ({"combine": (4096, 4, 1)}, None),
-    "state 4w + comb 16": ({"fwd_state": (8192, 4, 2), "combine": (2048, 4, 1)}, None),
-    "pps 2": ({}, 2),
-    "pps 3": ({}, 3),
-    "pps 6": ({}, 6),
-    "out stages 2": ({"fwd": (16384, 8, 2), "fwd_state": (16384, 8, 3)}, None),
-    "out stages 4": ({"fwd": (16384, 8, 4), "fwd_state": (16384, 8, 3)}, None),
+    "state_4w": ({"fwd_state": (8192, 4, 2)}, None),
+    "scan_256": ({"scan": (256, 4, 1)}, None),
+    "scan_1024": ({"scan": (1024, 4, 1)}, None),
+    "pps_2": ({}, 2),
+    "pps_3": ({}, 3),
+    "pps_6": ({}, 6),
+    "out_stages_2": ({"fwd": (16384, 8, 2), "fwd_state": (16384, 8, 3)}, None),
+    "out_stages_4": ({"fwd": (16384, 8, 4), "fwd_state": (16384, 8, 3)}, None),
 }
 
 
@@ -64,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["1x32768x16"], help="BxTxH (K = V = --dim, bf16, g per head)")
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
     args = parser.parse_args()
     dev = torch.device("cuda")

@@ -153,16 +153,17 @@ def test_several_blocks(kernels, monkeypatch, K, V):
     # per-block shares of the decay gradient are summed.
     monkeypatch.setitem(kernels.CONFIGS, "fwd", (256, 4, 2))
     monkeypatch.setitem(kernels.CONFIGS, "fwd_state", (256, 4, 2))
-    monkeypatch.setitem(kernels.CONFIGS, "combine", (256, 4, 2))
+    monkeypatch.setitem(kernels.CONFIGS, "scan", (64, 4, 1))
     monkeypatch.setitem(kernels.CONFIGS, "bwd", (256, 4, 2))
     _check(kernels, 1, 130, 2, K, V, "token", cps=1)
 
 
 @needs_interpreter
 def test_forward_steps_with_their_own_tiles(kernels, monkeypatch):
-    # The forward's step 1 (segment states) and step 2 (combine) split V into blocks while step 3 holds all of it.
+    # The forward's step 1 (segment states) splits V into blocks while step 3 holds all of it; the walks over
+    # segments (step 2 both ways) take the state in blocks of 128 elements.
     monkeypatch.setitem(kernels.CONFIGS, "fwd_state", (256, 4, 2))
-    monkeypatch.setitem(kernels.CONFIGS, "combine", (256, 4, 2))
+    monkeypatch.setitem(kernels.CONFIGS, "scan", (128, 4, 1))
     _check(kernels, 1, 130, 2, 32, 48, "token", cps=1)
 
 

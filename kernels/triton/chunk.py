@@ -13,7 +13,7 @@ Dense input is treated as B packed sequences of length T, so every kernel sees o
 Work is split into segments (runs of consecutive chunks of one sequence) to fill the GPU when B*H
 is small, with LASP's decomposition inside one device:
   1. `_fwd_kernel_segment_state`: each segment's state from a zero start, and its total log-decay;
-  2. `_fwd_kernel_segment_combine`: S_in(s) = exp(a_{s-1}) S_in(s-1) + S_loc(s-1), per sequence;
+  2. `_kernel_segment_scan`: S_in(s) = exp(a_{s-1}) S_in(s-1) + S_loc(s-1), per sequence;
   3. `_fwd_kernel_output`: each segment scans its chunks from S_in(s) and writes o.
 When every sequence fits one segment (B*H already fills the GPU), steps 1-2 are skipped.
 Backward mirrors it: the segments' local dS (reverse scan over q, do), a reverse combine giving
@@ -42,12 +42,10 @@ from lasp_hf.kernels.triton.chunk_kernels import (
     _bwd_kernel_dk,
     _bwd_kernel_dq,
     _bwd_kernel_dv,
-    _bwd_kernel_segment_combine,
     _bwd_kernel_segment_dstate,
     _fwd_kernel_output,
-    _fwd_kernel_segment_combine,
     _fwd_kernel_segment_state,
-    _kernel_segment_fold,
+    _kernel_segment_scan,
 )
 from lasp_hf.kernels.host import device_tables, host_bounds
 from lasp_hf.kernels.triton.utils import empty, interpreting
@@ -59,10 +57,10 @@ CHUNK_SIZE = 64
 # the H100 sweeps (benchmarks/kernel_sweep.py, benchmarks/results/kernel-sweep-*.md): the forward holds the
 # whole 128 x 128 state with 8 warps, so q and k are read once per chunk (0.57 -> 0.49 ms at B1 H16 T32K,
 # 2.06 -> 1.54 ms at 128K, same sweep); the backward is best at 128 x 64 with 4 warps.
-# "fwd_state" is the forward's step 1 (segment states) and "combine" its step 2 (the serial scan over segments,
-# one program per (sequence, head, V block): a smaller tile gives more programs for that latency-bound walk).
+# "fwd_state" is the forward's step 1 (segment states); "scan" the walks over segments (the forward's and the
+# backward's step 2, the SP folds): (flat state elements per program, num_warps, num_stages).
 CONFIGS = {"fwd": (16384, 8, 3), "bwd": (8192, 4, 2), "state": (8192, 4, 2), "fwd_state": (16384, 8, 3),
-           "combine": (16384, 8, 3)}
+           "scan": (512, 4, 1)}
 # Segments are planned for about this many programs per SM when B*H alone does not fill the device.
 PROGRAMS_PER_SM = 4
 # A sequence is cut into segments when it is more than this many times longer than the work per program
@@ -292,11 +290,7 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segme
         else:
             s_loc, seg_decay = _launch_segment_state(k, v, g, plan, accurate_states)
         s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
-        BKC, BVC = _blocks(K, V, "combine")
-        _fwd_kernel_segment_combine[(plan.num_seqs, H, triton.cdiv(V, BVC))](
-            s_loc, seg_decay, s_in, h0 if h0 is not None else s_loc, plan.seq_first_seg, plan.seq_num_segs,
-            plan.max_segs, HAS_INIT=h0 is not None, H=H, K=K, V=V, BK=BKC, BV=BVC,
-            **_config("combine", q.dtype, BKC, q.device))
+        _scan_segments(s_loc, seg_decay, plan, start=h0, each=s_in, end=None, reverse=False)
     else:
         seg_decay = empty(q, (S, H), torch.float32)
         if h0 is not None:
@@ -326,9 +320,7 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
             ds_loc, _ = _launch_segment_dstate(q, do, g, scale, plan, need_dg)
         ds_out = empty(ds_loc, ds_loc.shape, ds_loc.dtype)
         dh0 = empty(q, (plan.num_seqs, H, K, V), torch.float32)
-        _bwd_kernel_segment_combine[(plan.num_seqs, H, NV)](
-            ds_loc, seg_decay, ds_out, dht if dht is not None else ds_loc, dh0, plan.seq_first_seg,
-            plan.seq_num_segs, plan.max_segs, HAS_DFINAL=dht is not None, **meta, **cfg)
+        _scan_segments(ds_loc, seg_decay, plan, start=dht, each=ds_out, end=dh0, reverse=True)
     elif dht is not None:
         ds_out = dht.float()[plan.seg_seq].contiguous()
         dh0 = None
@@ -413,18 +405,29 @@ def flat_g(g, B: int, T: int, H: int):
     return g.float().reshape(B * T, H).contiguous() if g.dim() == 3 else g.float().contiguous()
 
 
-def fold_segments(local, seg_decay, plan: _Plan, start, reverse: bool, BK: int, BV: int):
+def _scan_segments(local, seg_decay, plan: _Plan, start, each, end, reverse: bool) -> None:
+    """The walk over each sequence's segments (`_kernel_segment_scan`): local [S, H, K, V] with log-decays
+    seg_decay [S, H], from start [N, H, K, V] (None: zeros); fills `each` [S, H, K, V] with the state before
+    every segment's step and `end` [N, H, K, V] with the state after the last, where given."""
+    _, H, K, V = local.shape
+    block, num_warps, num_stages = CONFIGS["scan"]
+    BLOCK = min(block, triton.next_power_of_2(K * V))
+    cfg = {} if interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
+    _kernel_segment_scan[(plan.num_seqs, H, triton.cdiv(K * V, BLOCK))](
+        local, seg_decay, each if each is not None else local, start if start is not None else local,
+        end if end is not None else local, plan.seq_first_seg, plan.seq_num_segs, plan.max_segs,
+        H=H, KV=K * V, BLOCK=BLOCK, HAS_START=start is not None, STORE_EACH=each is not None,
+        STORE_END=end is not None, REVERSE=reverse, **cfg)
+
+
+def fold_segments(local, seg_decay, plan: _Plan, start, reverse: bool):
     """Each row's segment results local [S, H, K, V] (log-decays seg_decay [S, H]) folded in order (a state at
     the row's end) or in reverse (a state gradient at its start), from `start` [B, H, K, V] or zeros; float32
-    [B, H, K, V]. BK x BV: the programs' tile (the fold is elementwise over K x V)."""
+    [B, H, K, V]."""
     _, H, K, V = local.shape
-    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     out = empty(local, (plan.num_seqs, H, K, V), torch.float32)
     start = start.float().contiguous() if start is not None else None
-    _kernel_segment_fold[(plan.num_seqs, H, NK * NV)](
-        local, seg_decay, out, start if start is not None else local, plan.seq_first_seg, plan.seq_num_segs,
-        plan.max_segs, H=H, K=K, V=V, BK=BK, BV=BV, NV=NV, HAS_START=start is not None, REVERSE=reverse,
-        **_config("fwd", local.dtype, BK, local.device))
+    _scan_segments(local, seg_decay, plan, start=start, each=None, end=out, reverse=reverse)
     return out
 
 
@@ -460,8 +463,7 @@ class SegmentReuse:
         return flat_g(g, *self.shape[:3])
 
     def _fold(self, local, seg_decay, start, reverse: bool):
-        K, V = self.shape[3:]
-        return fold_segments(local, seg_decay, self.plan, start, reverse, *_blocks_k(K, V, "fwd"))
+        return fold_segments(local, seg_decay, self.plan, start, reverse)
 
     @torch.no_grad()
     def prepare_states(self, k, v, g):

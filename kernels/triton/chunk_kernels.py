@@ -104,32 +104,64 @@ def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
         tl.store(seg_decay + i_s * H + i_h, log_decay)
 
 
+@triton.jit
+def _scan_load(local, seg_decay, first, num_segs, i, i_h, o, m, H: tl.constexpr, KV: tl.constexpr,
+               REVERSE: tl.constexpr):
+    """Step i of a segment walk: the segment's flat state offset, mask, tile of `local` and decay factor
+    (zeros and 1 past the sequence's segments, which then change nothing)."""
+    if REVERSE:
+        seg = first + num_segs - 1 - i
+    else:
+        seg = first + i
+    base = (seg * H + i_h).to(tl.int64) * KV
+    # A vector mask: the interpreter cannot broadcast a scalar mask against a block.
+    mask = m & ((o * 0 + i) < num_segs)
+    tile = tl.load(local + base + o, mask=mask, other=0.0)
+    decay = tl.exp(tl.load(seg_decay + seg * H + i_h, mask=i < num_segs, other=0.0))
+    return base, mask, tile, decay
+
+
+@triton.jit
+def _scan_step(each, state, base, mask, tile, decay, o, STORE_EACH: tl.constexpr):
+    if STORE_EACH:
+        tl.store(each + base + o, state, mask=mask)
+    return state * decay + tile
+
+
 @fast
 @triton.jit
-def _fwd_kernel_segment_combine(s_loc, seg_decay, s_in, h0, seq_first_seg, seq_num_segs, MAX_SEGS,
-                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                                BV: tl.constexpr, HAS_INIT: tl.constexpr):
-    """One program per (sequence, head, V block): S_in of each segment, scanning segments in order."""
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _kernel_segment_scan(local, seg_decay, each, start, end, seq_first_seg, seq_num_segs, MAX_SEGS,
+                         H: tl.constexpr, KV: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
+                         STORE_EACH: tl.constexpr, STORE_END: tl.constexpr, REVERSE: tl.constexpr):
+    """One program per (sequence, head, BLOCK elements of the flattened K x V state): the walk over the
+    sequence's segments s (in order, or REVERSE) of  state = state * exp(a_s) + local(s)  from `start`
+    [N, H, K, V] (or zeros). STORE_EACH writes the state before each segment's step to `each` [S, H, K, V]
+    (forward: S_in of every segment; reverse: dL/dS at every segment's end); STORE_END writes the state after
+    the last step to `end` [N, H, K, V] (the sequence's final state, or dL/d initial_state in reverse).
+
+    The walk is serial and its work tiny, so it waits on memory: four segments' tiles are loaded before their
+    four steps (one wait per four segments), and small blocks give many programs."""
+    i_n, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(seq_first_seg + i_n)
     num_segs = tl.load(seq_num_segs + i_n)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-    o_kv = o_k[:, None] * V + o_v[None, :]
-    if HAS_INIT:
-        state = tl.load(h0 + ((i_n * H + i_h) * K).to(tl.int64) * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+    o = i_b * BLOCK + tl.arange(0, BLOCK)
+    m = o < KV
+    p_seq = (i_n * H + i_h).to(tl.int64) * KV + o
+    if HAS_START:
+        state = tl.load(start + p_seq, mask=m, other=0.0).to(tl.float32)
     else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
-    for i in range(MAX_SEGS):
-        valid = num_segs > i
-        # A vector mask: the interpreter cannot broadcast a scalar mask against a block.
-        m_seg = m_kv & ((o_k * 0 + i) < num_segs)[:, None]
-        base = (((first + i) * H + i_h) * K).to(tl.int64) * V
-        tl.store(s_in + base + o_kv, state, mask=m_seg)
-        local = tl.load(s_loc + base + o_kv, mask=m_seg, other=0.0)
-        decay = tl.exp(tl.load(seg_decay + (first + i) * H + i_h, mask=valid, other=0.0))
-        state = state * decay + local
+        state = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, MAX_SEGS, 4):
+        b0, m0, t0, d0 = _scan_load(local, seg_decay, first, num_segs, i, i_h, o, m, H, KV, REVERSE)
+        b1, m1, t1, d1 = _scan_load(local, seg_decay, first, num_segs, i + 1, i_h, o, m, H, KV, REVERSE)
+        b2, m2, t2, d2 = _scan_load(local, seg_decay, first, num_segs, i + 2, i_h, o, m, H, KV, REVERSE)
+        b3, m3, t3, d3 = _scan_load(local, seg_decay, first, num_segs, i + 3, i_h, o, m, H, KV, REVERSE)
+        state = _scan_step(each, state, b0, m0, t0, d0, o, STORE_EACH)
+        state = _scan_step(each, state, b1, m1, t1, d1, o, STORE_EACH)
+        state = _scan_step(each, state, b2, m2, t2, d2, o, STORE_EACH)
+        state = _scan_step(each, state, b3, m3, t3, d3, o, STORE_EACH)
+    if STORE_END:
+        tl.store(end + p_seq, state, mask=m)
 
 
 @fast
@@ -216,71 +248,6 @@ def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, sc
     tl.store(p_s, dstate * scale, mask=m_k[:, None] & m_v[None, :])
     if STORE_DECAY and i_kv == 0:
         tl.store(seg_decay + i_s * H + i_h, log_decay)
-
-
-@fast
-@triton.jit
-def _kernel_segment_fold(s_loc, seg_decay, out, start, seq_first_seg, seq_num_segs, MAX_SEGS,
-                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         NV: tl.constexpr, HAS_START: tl.constexpr, REVERSE: tl.constexpr):
-    """One program per (sequence, head, K block x V block): state = state * exp(a_s) + s_loc(s) over the
-    sequence's segments s, in order (the state at the sequence's end) or in REVERSE (a state gradient at
-    its start), from `start` (or zeros); writes only the result, out [N, H, K, V]."""
-    i_n, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_k, i_v = i_kv // NV, i_kv % NV
-    first = tl.load(seq_first_seg + i_n)
-    num_segs = tl.load(seq_num_segs + i_n)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-    o_kv = o_k[:, None] * V + o_v[None, :]
-    p_seq = ((i_n * H + i_h) * K).to(tl.int64) * V + o_kv
-    if HAS_START:
-        state = tl.load(start + p_seq, mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
-    for i in range(MAX_SEGS):
-        valid = num_segs > i
-        m_seg = m_kv & ((o_k * 0 + i) < num_segs)[:, None]
-        if REVERSE:
-            seg = first + num_segs - 1 - i
-        else:
-            seg = first + i
-        local = tl.load(s_loc + ((seg * H + i_h) * K).to(tl.int64) * V + o_kv, mask=m_seg, other=0.0)
-        decay = tl.exp(tl.load(seg_decay + seg * H + i_h, mask=valid, other=0.0))
-        state = state * decay + local
-    tl.store(out + p_seq, state, mask=m_kv)
-
-
-@fast
-@triton.jit
-def _bwd_kernel_segment_combine(ds_loc, seg_decay, ds_out, dht, dh0, seq_first_seg, seq_num_segs, MAX_SEGS,
-                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                                BV: tl.constexpr, HAS_DFINAL: tl.constexpr):
-    """One program per (sequence, head, V block): dL/dS at each segment's end, scanning backwards;
-    what is left at the sequence's start is dL/d initial_state."""
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    first = tl.load(seq_first_seg + i_n)
-    num_segs = tl.load(seq_num_segs + i_n)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-    o_kv = o_k[:, None] * V + o_v[None, :]
-    p_seq = ((i_n * H + i_h) * K).to(tl.int64) * V + o_kv
-    if HAS_DFINAL:
-        dstate = tl.load(dht + p_seq, mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        dstate = tl.zeros([BK, BV], dtype=tl.float32)
-    for i in range(MAX_SEGS):
-        valid = num_segs > i
-        m_seg = m_kv & ((o_k * 0 + i) < num_segs)[:, None]
-        seg = first + num_segs - 1 - i
-        base = ((seg * H + i_h) * K).to(tl.int64) * V
-        tl.store(ds_out + base + o_kv, dstate, mask=m_seg)
-        local = tl.load(ds_loc + base + o_kv, mask=m_seg, other=0.0)
-        decay = tl.exp(tl.load(seg_decay + seg * H + i_h, mask=valid, other=0.0))
-        dstate = dstate * decay + local
-    tl.store(dh0 + p_seq, dstate, mask=m_kv)
 
 
 @fast

@@ -8,7 +8,7 @@ log-decay from the first token (inclusive) and G_T its total:
 Each reads its two token tensors once: the chunk kernels' segment passes (`_fwd_kernel_segment_state`,
 `_bwd_kernel_segment_dstate`) give every segment's state (gradient) and log-decay, one program per
 (segment, head, K block x V block), the decay formed in registers from g; when B*H does not fill the
-device the rows are cut into segments, folded afterwards by `_kernel_segment_fold` (in order for S,
+device the rows are cut into segments, folded afterwards by `_kernel_segment_scan` (in order for S,
 in reverse for dS). Both return float32 [B, H, K, V] and are not differentiable.
 """
 
@@ -64,7 +64,7 @@ def _state_pass(x, y, g, start, scale: float, gradient: bool):
                                         plan.chunks_per_segment, **scan, **cfg)
     if plan.max_segs == 1 and start is None:
         return local  # one segment per row, in row order
-    return chunk.fold_segments(local, seg_decay, plan, start, gradient, BK, BV)
+    return chunk.fold_segments(local, seg_decay, plan, start, gradient)
 
 
 @torch.no_grad()
