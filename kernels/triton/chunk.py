@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -508,33 +509,82 @@ class SegmentReuse:
         return dstates if plan is self.plan and need_dg == self.accurate_states else None
 
 
+@dataclass
+class LocalPass:
+    """What `local_backward` needs besides the saved tensors (returned by `local_forward`)."""
+
+    plan: _Plan
+    scale: float
+    shape: tuple          # (B, T, H, K, V)
+    need_dg: bool
+    g_shape: tuple | None
+    g_dtype: torch.dtype | None
+    h0_dtype: torch.dtype | None
+    reuse: SegmentReuse | None
+
+
+def _plan_for(B: int, T: int, H: int, K: int, V: int, cu_seqlens, device) -> _Plan:
+    if cu_seqlens is None:
+        return _op_dense_plan(B, T, H, K, V, device)
+    return _packed_plan(host_bounds(cu_seqlens), H, triton.cdiv(V, _blocks(K, V, "fwd")[1]), device,
+                        _planning_knobs())
+
+
+def local_forward(q, k, v, g=None, *, scale: float, initial_state=None, cu_seqlens=None, need_final=False,
+                  need_dg=False, reuse: SegmentReuse | None = None):
+    """The forward pass without autograd, for a caller that runs the backward itself (sequence parallelism).
+
+    Arguments as `chunk_linear_attention` (need_final: also return the final state, which a backward with a
+    final-state gradient needs for g's gradient; need_dg: the backward will want g's gradient). Returns o [B, T, H, V], the final state (or None), the tensors the backward needs (a
+    tuple for `ctx.save_for_backward`) and a `LocalPass` for `local_backward`.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if reuse is not None and cu_seqlens is not None:
+        raise ValueError("reuse (SegmentReuse) is for dense input; got cu_seqlens")
+    plan = _plan_for(B, T, H, K, V, cu_seqlens, q.device)
+    qf, kf, vf = (_aligned(x.reshape(B * T, H, x.shape[-1])) for x in (q, k, v))
+    g32 = None if g is None else g.float().reshape(B * T, H).contiguous() if g.dim() == 3 else g.float().contiguous()
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    need_dg = need_dg and g is not None
+    o, final, s_in, seg_decay = chunk_linear_attention_fwd(
+        qf, kf, vf, g32, scale, h0, plan, need_dg, need_final=need_final,
+        segment_states=reuse.take_states(plan, need_dg) if reuse is not None else None)
+    info = LocalPass(plan, scale, (B, T, H, K, V), need_dg, tuple(g.shape) if g is not None else None,
+                     g.dtype if g is not None else None, h0.dtype if h0 is not None else None, reuse)
+    return o.view(B, T, H, V), final, (qf, kf, vf, g32, s_in, seg_decay, final), info
+
+
+def local_backward(saved, info: LocalPass, do, dfinal=None, *, need_dh0: bool = False):
+    """The backward of `local_forward` from its saved tensors: (dq, dk, dv, dg, dh0) shaped as the inputs (dg
+    None unless need_dg was set; dh0 None unless need_dh0). dfinal: the final state's gradient, or None."""
+    q, k, v, g32, s_in, seg_decay, final = saved
+    B, T, H, K, V = info.shape
+    dstates = info.reuse.take_dstates(info.plan, info.need_dg) if info.reuse is not None else None
+    dq, dk, dv, dg, dh0 = chunk_linear_attention_bwd(
+        q, k, v, g32, _aligned(do.reshape(B * T, H, V)), dfinal.contiguous() if dfinal is not None else None,
+        info.scale, s_in, seg_decay, final, info.plan, info.need_dg, need_dh0, dstates)
+    if dg is not None:
+        dg = dg.reshape(info.g_shape).to(info.g_dtype)
+    dh0 = dh0.to(info.h0_dtype) if need_dh0 and dh0 is not None else None
+    return dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, H, V), dg, dh0
+
+
 class ChunkLinearAttentionFunction(torch.autograd.Function):
+    """`local_forward` / `local_backward` as one autograd node."""
+
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, scale, plan, output_final_state, reuse=None):
-        g32 = g.float().contiguous() if g is not None else None
-        need_dg = g is not None and ctx.needs_input_grad[3]
-        # The final state is needed for the output, and by backward only for dg when it has a gradient.
-        o, final, s_in, seg_decay = chunk_linear_attention_fwd(
-            q, k, v, g32, scale, h0, plan, need_dg, need_final=output_final_state,
-            segment_states=reuse.take_states(plan, need_dg) if reuse is not None else None)
-        ctx.save_for_backward(q, k, v, g32, s_in, seg_decay, final)
-        ctx.reuse = reuse
-        ctx.scale, ctx.plan = scale, plan
-        ctx.g_dtype = g.dtype if g is not None else None
-        ctx.h0_dtype = h0.dtype if h0 is not None else None
-        return o, (final if output_final_state else None)
+    def forward(ctx, q, k, v, g, h0, scale, cu_seqlens, output_final_state, reuse=None):
+        o, final, saved, info = local_forward(
+            q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens, need_final=output_final_state,
+            need_dg=ctx.needs_input_grad[3], reuse=reuse)
+        ctx.save_for_backward(*saved)
+        ctx.info = info
+        return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g32, s_in, seg_decay, final = ctx.saved_tensors
-        need_dg = g32 is not None and ctx.needs_input_grad[3]
-        need_dh0 = ctx.needs_input_grad[4]
-        dstates = ctx.reuse.take_dstates(ctx.plan, need_dg) if ctx.reuse is not None else None
-        dq, dk, dv, dg, dh0 = chunk_linear_attention_bwd(
-            q, k, v, g32, _aligned(do), dht.contiguous() if dht is not None else None, ctx.scale, s_in,
-            seg_decay, final, ctx.plan, need_dg, need_dh0, dstates)
-        dg = dg.to(ctx.g_dtype) if dg is not None else None
-        dh0 = dh0.to(ctx.h0_dtype) if need_dh0 else None
+        dq, dk, dv, dg, dh0 = local_backward(ctx.saved_tensors, ctx.info, do, dht, need_dh0=ctx.needs_input_grad[4])
         return dq, dk, dv, dg, dh0, None, None, None, None
 
 
@@ -555,17 +605,4 @@ def chunk_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None,
     Returns:
         o [B, T, H, V] in v's dtype, and the final state float32 [B or N, H, K, V] or None.
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if cu_seqlens is None:
-        plan = _op_dense_plan(B, T, H, K, V, q.device)
-    else:
-        plan = _packed_plan(host_bounds(cu_seqlens), H, triton.cdiv(V, _blocks(K, V, "fwd")[1]), q.device,
-                            _planning_knobs())
-    flat = [_aligned(x.reshape(B * T, H, x.shape[-1])) for x in (q, k, v)]
-    g_flat = g.reshape(B * T, H) if (g is not None and g.dim() == 3) else g
-    h0 = initial_state.contiguous() if initial_state is not None else None
-    if reuse is not None and cu_seqlens is not None:
-        raise ValueError("reuse (SegmentReuse) is for dense input; got cu_seqlens")
-    o, final = ChunkLinearAttentionFunction.apply(*flat, g_flat, h0, scale, plan, output_final_state, reuse)
-    return o.view(B, T, H, V), final
+    return ChunkLinearAttentionFunction.apply(q, k, v, g, initial_state, scale, cu_seqlens, output_final_state, reuse)

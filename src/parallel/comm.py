@@ -38,20 +38,48 @@ def reduce_scatter_stacked(xs: torch.Tensor, sp: SequenceParallelContext) -> tor
     return out
 
 
-def post_recv_from_prev(like: torch.Tensor, sp: SequenceParallelContext):
-    """Post the receive of the state that rank r-1 will send; returns (buffer, work) or None on rank 0.
+def _isend(x: torch.Tensor, peer: int, sp: SequenceParallelContext):
+    """Asynchronous send to SP-group rank `peer`, straight to the process group (`dist.isend` checks its
+    arguments and translates ranks first: a noticeable part of a layer's host time on a slow host)."""
+    return sp.group.send([x], peer, 0)
+
+
+def _irecv(x: torch.Tensor, peer: int, sp: SequenceParallelContext):
+    """Asynchronous receive from SP-group rank `peer` into x (see `_isend`)."""
+    return sp.group.recv([x], peer, 0)
+
+
+def post_recv_from_prev(shape, device, sp: SequenceParallelContext):
+    """Post the receive of the float32 state that rank r-1 will send; returns (buffer, work) or None on rank 0.
 
     Posting it before this rank's own state pass lets the sender's send complete as soon as it is issued.
     """
     if sp.prev_rank is None:
         return None
-    buf = torch.empty_like(like)
-    return buf, dist.irecv(buf, src=sp.prev_rank, group=sp.group)
+    buf = torch.empty(shape, dtype=torch.float32, device=device)
+    return buf, _irecv(buf, sp.rank - 1, sp)
 
 
-def _send_later(x: torch.Tensor, dst: int, sp: SequenceParallelContext) -> None:
-    """Asynchronous send of x to rank dst, waited for later by `wait_sends` (the caller does so after
-    its local pass, before it returns).
+def post_recv_from_next(shape, device, sp: SequenceParallelContext):
+    """The same from rank r+1 (None on the last rank)."""
+    if sp.next_rank is None:
+        return None
+    buf = torch.empty(shape, dtype=torch.float32, device=device)
+    return buf, _irecv(buf, sp.rank + 1, sp)
+
+
+def _received(pending) -> torch.Tensor | None:
+    """Wait for a posted receive (on NCCL the wait only orders the current CUDA stream); its buffer, or None."""
+    if pending is None:
+        return None
+    buf, work = pending
+    work.wait()
+    return buf
+
+
+def _send_later(x: torch.Tensor, peer: int, sp: SequenceParallelContext) -> None:
+    """Asynchronous send of x to SP-group rank `peer`, waited for later by `wait_sends` (the caller does so
+    after its local pass, before it returns).
 
     Nothing between the send and that point needs the send to have completed, so waiting at once would
     only put the sender's compute stream (and, on gloo, its host) behind the receiver. The buffer stays
@@ -59,7 +87,7 @@ def _send_later(x: torch.Tensor, dst: int, sp: SequenceParallelContext) -> None:
     send may still read it.
     """
     x = x.contiguous()
-    sp.pending_sends.append((dist.isend(x, dst=dst, group=sp.group), x))
+    sp.pending_sends.append((_isend(x, peer, sp), x))
 
 
 def wait_sends(sp: SequenceParallelContext) -> None:
@@ -69,54 +97,36 @@ def wait_sends(sp: SequenceParallelContext) -> None:
         work.wait()
 
 
-def send_to_next(x: torch.Tensor, sp: SequenceParallelContext) -> None:
-    """Asynchronous send of x to rank r+1 (nothing on the last rank); see `_send_later`."""
-    if sp.next_rank is not None:
-        _send_later(x, sp.next_rank, sp)
+def _combine(local, decay, carried):
+    """local + decay * carried (decay: a factor [B, H, 1, 1]); a None decay or carried state stands for zeros."""
+    if carried is None or decay is None:
+        return local
+    return torch.addcmul(local, decay, carried)
 
 
-def send_to_prev(x: torch.Tensor, sp: SequenceParallelContext) -> None:
-    """Asynchronous send of x to rank r-1 (nothing on rank 0); see `_send_later`."""
-    if sp.prev_rank is not None:
-        _send_later(x, sp.prev_rank, sp)
+def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv=None):
+    """LASP ring step: S_in(r) arrives from rank r-1; S_out(r) = a_r S_in(r) + S_loc(r) leaves for rank r+1.
+    Only this combine and the hop are serial across ranks.
 
-
-def recv_from_next(like: torch.Tensor, sp: SequenceParallelContext) -> torch.Tensor | None:
-    """Receive a tensor shaped like `like` from rank r+1 and wait for it (on NCCL the wait only orders
-    the current CUDA stream); None on the last rank."""
-    if sp.next_rank is None:
-        return None
-    buf = torch.empty_like(like)
-    dist.irecv(buf, src=sp.next_rank, group=sp.group).wait()
-    return buf
-
-
-
-def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv=None) -> torch.Tensor:
-    """LASP ring step: S_in(r) arrives from rank r-1 (zeros on rank 0); S_out(r) = a_r S_in(r) + S_loc(r)
-    leaves for rank r+1. Only this combine and the hop are serial across ranks.
-
-    s_loc: [B, H, K, V] float32; decay: [B, H] float32 (a_r); pending_recv: what `post_recv_from_prev`
-    returned (posted early), or None to receive now. Returns S_in(r).
+    s_loc: [B, H, K, V] float32; decay: a_r as [B, H, 1, 1] float32, None when a document starts on this rank
+    (a_r = 0); pending_recv: what `post_recv_from_prev` returned (posted early), or None to receive now.
+    Returns S_in(r), None on rank 0 (zeros).
     """
     if pending_recv is None:
-        pending_recv = post_recv_from_prev(s_loc, sp)
-    if pending_recv is None:
-        s_in = torch.zeros_like(s_loc)
-    else:
-        s_in, work = pending_recv
-        work.wait()
-    send_to_next(decay[..., None, None] * s_in + s_loc, sp)
+        pending_recv = post_recv_from_prev(s_loc.shape, s_loc.device, sp)
+    s_in = _received(pending_recv)
+    if sp.next_rank is not None:
+        _send_later(_combine(s_loc, decay, s_in), sp.rank + 1, sp)
     return s_in
 
 
-def ring_backward(ds_direct, decay, sp: SequenceParallelContext) -> torch.Tensor:
-    """The ring the other way: dS_out(r) arrives from rank r+1 (zeros on the last rank) and
-    dS_in(r) = dS_direct(r) + a_r dS_out(r) leaves for rank r-1. Returns dS_out(r)."""
-    ds_out = recv_from_next(ds_direct, sp)
-    if ds_out is None:
-        ds_out = torch.zeros_like(ds_direct)
-    send_to_prev(ds_direct + decay[..., None, None] * ds_out, sp)
+def ring_backward(ds_direct, decay, sp: SequenceParallelContext, pending_recv):
+    """The ring the other way: dS_out(r) arrives from rank r+1 and dS_in(r) = dS_direct(r) + a_r dS_out(r)
+    leaves for rank r-1. ds_direct: [B, H, K, V] float32 (zeros when no state is carried into this rank);
+    pending_recv: what `post_recv_from_next` returned. Returns dS_out(r), None on the last rank (zeros)."""
+    ds_out = _received(pending_recv)
+    if sp.prev_rank is not None:
+        _send_later(_combine(ds_direct, decay, ds_out), sp.rank - 1, sp)
     return ds_out
 
 
@@ -132,9 +142,9 @@ def connect_neighbours(sp: SequenceParallelContext) -> None:
         return
     nccl = dist.get_backend(sp.group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    state, decay = torch.zeros(1, 1, 1, 1, device=device), torch.zeros(1, 1, device=device)
+    state, decay = torch.zeros(1, 1, 1, 1, device=device), torch.zeros(1, 1, 1, 1, device=device)
     ring_forward(state, decay, sp)
-    ring_backward(state, decay, sp)
+    ring_backward(state, decay, sp, post_recv_from_next(state.shape, device, sp))
     wait_sends(sp)
     if nccl:
         torch.cuda.current_stream().synchronize()
@@ -142,30 +152,34 @@ def connect_neighbours(sp: SequenceParallelContext) -> None:
 
 def allgather_forward(s_loc, decay, sp: SequenceParallelContext):
     """LASP-2: one all_gather of every rank's (S_loc, a); rank r combines the prefix
-    S_in(0) = 0, S_in(s+1) = a_s S_in(s) + S_loc(s). Returns (S_in(r), every a_s [W, B, H])."""
+    S_in(0) = 0, S_in(s+1) = a_s S_in(s) + S_loc(s). s_loc [B, H, K, V] float32; decay [B, H, 1, 1] or None
+    (a_r = 0). Returns (S_in(r) or None for zeros, every a_s [W, B, H, 1, 1])."""
     W, r = sp.world_size, sp.rank
+    if decay is None:
+        decay = s_loc.new_zeros(*s_loc.shape[:2], 1, 1)
     if W == 1:
-        return torch.zeros_like(s_loc), decay[None]
+        return None, decay[None]
     n_state = s_loc.numel()
     gathered = all_gather_stacked(torch.cat([s_loc.reshape(-1), decay.reshape(-1)]), sp)
     s_locs = gathered[:, :n_state].view(W, *s_loc.shape)
     decays = gathered[:, n_state:].view(W, *decay.shape)
-    s_in = torch.zeros_like(s_loc)
+    s_in = None
     for s in range(r):
-        s_in = decays[s][..., None, None] * s_in + s_locs[s]
+        s_in = _combine(s_locs[s], decays[s], s_in)
     return s_in, decays
 
 
-def allgather_backward(ds_direct, decays, sp: SequenceParallelContext) -> torch.Tensor:
-    """LASP-2 backward: one all_gather of every rank's dS_direct; rank r suffix-combines
-    dS_in(s) = dS_direct(s) + a_s dS_in(s+1) from the last rank down to r+1. Returns dS_out(r) = dS_in(r+1)."""
+def allgather_backward(ds_direct, decays, sp: SequenceParallelContext) -> torch.Tensor | None:
+    """LASP-2 backward: one all_gather of every rank's dS_direct [B, H, K, V]; rank r suffix-combines
+    dS_in(s) = dS_direct(s) + a_s dS_in(s+1) from the last rank down to r+1. Returns dS_out(r) = dS_in(r+1),
+    None on the last rank (zeros)."""
     W, r = sp.world_size, sp.rank
     if W == 1:
-        return torch.zeros_like(ds_direct)
+        return None
     directs = all_gather_stacked(ds_direct, sp)
-    ds = torch.zeros_like(ds_direct)
+    ds = None
     for s in range(W - 1, r, -1):
-        ds = directs[s] + decays[s][..., None, None] * ds
+        ds = _combine(directs[s], decays[s], ds)
     return ds
 
 

@@ -271,12 +271,12 @@ def _carried_state_grad(q, do, g, n: int, scale: float, local_impl=None, reuse=N
 
 
 def _rank_decay(g, B: int, L: int, H: int, device):
-    """a_r = exp(sum of g over the rank's L tokens), float32 [B, H]."""
+    """a_r = exp(sum of g over the rank's L tokens), float32 [B, H, 1, 1] (a factor on states)."""
     if g is None:
-        return torch.ones(B, H, device=device)
+        return torch.ones(B, H, 1, 1, device=device)
     if g.dim() == 1:
-        return (g.float() * L).exp().expand(B, H).contiguous()
-    return g.float().sum(1).exp()
+        return (g.float() * L).exp().view(1, H, 1, 1).expand(B, H, 1, 1)
+    return g.float().sum(1).exp().view(B, H, 1, 1)
 
 
 @dataclass
@@ -301,7 +301,7 @@ def _local_initial_state(run: _Run, initial_state, s_in):
     if initial_state is None and not plan.carried_len:
         return None
     if initial_state is not None:
-        rows = initial_state.index_select(0, plan.on_device("seg_docs", s_in.device)).float()
+        rows = initial_state.index_select(0, plan.on_device("seg_docs", initial_state.device)).float()
     else:
         rows = s_in.new_zeros(plan.num_segments, *s_in.shape[1:])
     if plan.carried_len:
@@ -359,12 +359,13 @@ def _local_pass(run: _Run, inputs, needs, reuse, record: bool):
 class _LaspFunction(torch.autograd.Function):
     """One linear-attention layer on this rank's slice, the carried state exchanged across ranks.
 
-    The local pass runs through `local_impl`'s own autograd, replayed in backward with the exchanged
-    final-state gradient, so any backend works. Its graph is recorded inside forward, except under
-    saved-tensor hooks (activation checkpointing, `save_on_cpu`): a graph kept on ctx would hold q, k, v and o
-    of every layer on the GPU where the hooks cannot reach them (64 GiB at 256K tokens per GPU for tnl-1b).
-    There the inputs are saved with `save_for_backward` (so the hooks drop or offload them) and backward runs
-    the local pass again to record it.
+    The local pass runs through the backend's `local_forward` / `local_backward` where it has them (the Triton
+    kernels: no autograd inside, its tensors saved with `save_for_backward`). Otherwise it runs through the
+    backend's own autograd, replayed in backward with the exchanged final-state gradient, so any backend works.
+    That graph is recorded inside forward, except under saved-tensor hooks (activation checkpointing,
+    `save_on_cpu`): a graph kept on ctx would hold q, k, v and o of every layer on the GPU where the hooks cannot
+    reach them (64 GiB at 256K tokens per GPU for tnl-1b). There the inputs are saved with `save_for_backward`
+    (so the hooks drop or offload them) and backward runs the local pass again to record it.
     """
 
     @staticmethod
@@ -372,9 +373,10 @@ class _LaspFunction(torch.autograd.Function):
         sp, plan = run.sp, run.plan
         B, L, H, K = q.shape
         V = v.shape[-1]
+        ring = run.mode == "ring"
+        state_shape = (B, H, K, V)
         # Post the receive first: the sender's send then completes as soon as it is issued.
-        state_like = q.new_empty(B, H, K, V, dtype=torch.float32)
-        pending = comm.post_recv_from_prev(state_like, sp) if run.mode == "ring" else None
+        pending = comm.post_recv_from_prev(state_shape, q.device, sp) if ring else None
 
         needs = ctx.needs_input_grad
         # Dense input on a backend that can: the per-segment states of the state-only passes are kept for the
@@ -383,89 +385,122 @@ class _LaspFunction(torch.autograd.Function):
         reuse = None
         if make_reuse is not None and plan.local_bounds is None:
             reuse = make_reuse.make(q, k, v, g, accurate_states=g is not None and needs[3])
-        decay = _rank_decay(g, B, L, H, q.device) if plan.passes_through else q.new_zeros(B, H, dtype=torch.float32)
-        if not plan.hands_on:
-            s_loc = torch.zeros_like(state_like)
+        decay = _rank_decay(g, B, L, H, q.device) if plan.passes_through else None  # None: a_r = 0
+        if plan.hands_on:
             if reuse is not None:
-                # Nothing to send, but the local pass's first step needs no received state: run it now, so
-                # that waiting for the state overlaps it instead of delaying it.
-                reuse.prepare_states(k, v, g)
-        elif reuse is not None:
-            s_loc = reuse.final_state(k, v, g, initial_state if not plan.carried_len else None)
+                s_loc = reuse.final_state(k, v, g, initial_state if not plan.carried_len else None)
+            else:
+                s_loc = _handed_on_state(run, k, v, g, initial_state)
         else:
-            s_loc = _handed_on_state(run, k, v, g, initial_state)
-        if run.mode == "ring":
+            # Nothing to hand on (the next rank starts a document, or there is none): zeros where the exchange
+            # still sends something.
+            s_loc = q.new_zeros(state_shape, dtype=torch.float32) if not ring or sp.next_rank is not None else None
+            if reuse is not None:
+                # The local pass's first step needs no received state: run it now, so that waiting for the
+                # state overlaps it instead of delaying it.
+                reuse.prepare_states(k, v, g)
+        if ring:
             s_in, decays = comm.ring_forward(s_loc, decay, sp, pending), None
         else:
             s_in, decays = comm.allgather_forward(s_loc, decay, sp)
 
         h0 = _local_initial_state(run, initial_state, s_in)
-        record = any(needs[:5]) and not _saved_tensor_hooks_active()
-        o, finals, leaves = _local_pass(run, (q, k, v, g, h0), needs, reuse, record)
-        if not record:
-            ctx.save_for_backward(q, k, v, g, h0)
+        raw = getattr(run.local_impl, "local_forward", None)
+        if raw is not None:
+            # The local final states: for the output, and for dg when a final-state gradient comes back.
+            need_final = run.output_final_state or (needs[3] and g is not None and plan.hands_on)
+            o, finals, saved, info = raw(q, k, v, g, scale=run.scale, initial_state=h0, cu_seqlens=run.local_cu,
+                                         need_final=need_final, need_dg=needs[3], reuse=reuse)
+            ctx.save_for_backward(*saved)
+            ctx.inner, ctx.info = None, info
+        else:
+            record = any(needs[:5]) and not _saved_tensor_hooks_active()
+            o, finals, leaves = _local_pass(run, (q, k, v, g, h0), needs, reuse, record)
+            if not record:
+                ctx.save_for_backward(q, k, v, g, h0)
+            ctx.inner, ctx.info = (o, finals, leaves) if record else None, None
         comm.wait_sends(sp)  # the state's send overlapped the local pass; it must be done before we return
         final = None
         if run.output_final_state:
             num_rows = plan.num_docs if plan.local_bounds is not None else B
             final = comm.all_reduce_sum(_final_states(plan, finals.detach(), initial_state, num_rows), sp)
-        ctx.inner = (o, finals, leaves) if record else None
         ctx.run, ctx.decay, ctx.decays, ctx.reuse = run, decay, decays, reuse
+        ctx.finals_shape = (plan.num_segments if plan.local_bounds is not None else B, H, K, V)
         ctx.initial_state_like = (initial_state.shape, initial_state.dtype) if initial_state is not None else None
-        return o.detach(), final
+        return o.detach() if raw is None else o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         run = ctx.run
         sp, plan = run.sp, run.plan
-        if ctx.inner is None:  # recorded again now (see the class docstring)
-            ctx.inner = _local_pass(run, ctx.saved_tensors, ctx.needs_input_grad, ctx.reuse, record=True)
-        o, finals, leaves = ctx.inner
-        del ctx.inner
-        q, _, _, g, _ = leaves
+        ring = run.mode == "ring"
         packed = plan.local_bounds is not None
+        B, L, H, V = do.shape
+        state_shape = (B, H, ctx.finals_shape[2], V)
+        pending = comm.post_recv_from_next(state_shape, do.device, sp) if ring else None
+        if ctx.info is not None:
+            saved = ctx.saved_tensors
+            q, g = saved[0].view(B, L, H, -1), saved[3]  # the local pass's flat q and float32 g
+            if g is not None and g.dim() == 2:
+                g = g.view(B, L, H)
+        else:
+            if ctx.inner is None:  # recorded again now (see the class docstring)
+                ctx.inner = _local_pass(run, ctx.saved_tensors, ctx.needs_input_grad, ctx.reuse, record=True)
+            o, finals, leaves = ctx.inner
+            ctx.inner = None
+            q, g = leaves[0].detach(), (leaves[3].detach() if leaves[3] is not None else None)
 
-        # Gradient of each local segment's final state: d final_state of documents ending here
+        # Gradient of each local segment's final state (None: zero): d final_state of documents ending here
         # (summed over the ranks that used final_state) ...
-        dht = torch.zeros_like(finals)
+        dht = None
         dfinal_total = None
         if run.output_final_state and dfinal is not None:
             dfinal_total = comm.all_reduce_sum(dfinal.float(), sp)
-            if not packed:
-                if plan.ending:
-                    dht = dht + dfinal_total
+            if plan.ending and not packed:
+                dht = dfinal_total
             elif plan.ending:
-                segs, docs = plan.on_device("ending_segs", dht.device), plan.on_device("ending_docs", dht.device)
-                dht = dht.index_add(0, segs, dfinal_total.index_select(0, docs))
+                segs, docs = plan.on_device("ending_segs", do.device), plan.on_device("ending_docs", do.device)
+                dht = do.new_zeros(ctx.finals_shape, dtype=torch.float32).index_add(
+                    0, segs, dfinal_total.index_select(0, docs))
         # ... then the direct gradient of S_in(r), the exchange, and dS_out(r) for the handed-on state.
-        ds_direct = q.new_zeros(do.shape[0], *finals.shape[1:], dtype=torch.float32)
+        ds_direct = None
         if plan.carried_len:
-            ds_direct, first_decay = _carried_state_grad(q.detach(), do, g.detach() if g is not None else None,
-                                                         plan.carried_len, run.scale, run.local_impl, ctx.reuse)
-            d_first = dht[:1] if packed else dht
-            ds_direct = ds_direct + (first_decay[..., None, None] * d_first if first_decay is not None else d_first)
+            ds_direct, first_decay = _carried_state_grad(q, do, g, plan.carried_len, run.scale, run.local_impl,
+                                                         ctx.reuse)
+            if dht is not None:
+                d_first = dht[:1] if packed else dht
+                ds_direct = ds_direct + (first_decay[..., None, None] * d_first if first_decay is not None else d_first)
         elif ctx.reuse is not None and plan.hands_on:
             # No carried state to differentiate, but the local backward's first step can run before the wait.
-            ctx.reuse.prepare_dstates(q.detach(), do, g.detach() if g is not None else None, run.scale)
-        if run.mode == "ring":
-            ds_out = comm.ring_backward(ds_direct, ctx.decay, sp)
+            ctx.reuse.prepare_dstates(q, do, g, run.scale)
+        if ds_direct is None and (not ring or sp.prev_rank is not None):
+            ds_direct = do.new_zeros(state_shape, dtype=torch.float32)  # the exchange still sends something
+        if ring:
+            ds_out = comm.ring_backward(ds_direct, ctx.decay, sp, pending)
         else:
             ds_out = comm.allgather_backward(ds_direct, ctx.decays, sp)
-        if plan.hands_on:
-            if packed:
-                dht = torch.cat([dht[:-1], dht[-1:] + ds_out])
+        if plan.hands_on and ds_out is not None:
+            if not packed:
+                dht = ds_out if dht is None else dht + ds_out
             else:
-                dht = dht + ds_out
+                if dht is None:
+                    dht = do.new_zeros(ctx.finals_shape, dtype=torch.float32)
+                dht = torch.cat([dht[:-1], dht[-1:] + ds_out])
 
-        wanted = [i for i, x in enumerate(leaves) if x is not None and x.requires_grad]
-        got = torch.autograd.grad([o, finals], [leaves[i] for i in wanted], [do, dht], allow_unused=True)
+        needs = ctx.needs_input_grad
+        if ctx.info is not None:
+            grads = list(run.local_impl.local_backward(ctx.saved_tensors, ctx.info, do, dht, need_dh0=needs[4]))
+        else:
+            wanted = [i for i, x in enumerate(leaves) if x is not None and x.requires_grad]
+            got = torch.autograd.grad([o, finals], [leaves[i] for i in wanted],
+                                      [do, dht if dht is not None else torch.zeros_like(finals)], allow_unused=True)
+            grads = [None] * 5
+            for i, gr in zip(wanted, got):
+                grads[i] = gr
         comm.wait_sends(sp)  # the gradient's send overlapped the local backward
-        grads = [None] * 5
-        for i, gr in zip(wanted, got):
-            grads[i] = gr
 
         d_init = None
-        if ctx.initial_state_like is not None and ctx.needs_input_grad[4]:
+        if ctx.initial_state_like is not None and needs[4]:
             shape, dtype = ctx.initial_state_like
             d_init = torch.zeros(shape, dtype=torch.float32, device=do.device)
             dh0 = grads[4]
@@ -481,7 +516,8 @@ class _LaspFunction(torch.autograd.Function):
                     docs = plan.on_device("empty_docs", do.device)
                     d_init = d_init.index_add(0, docs, dfinal_total.index_select(0, docs))
             d_init = d_init.to(dtype)
-        return grads[0], grads[1], grads[2], grads[3], d_init, None
+        return (grads[0] if needs[0] else None, grads[1] if needs[1] else None, grads[2] if needs[2] else None,
+                grads[3] if needs[3] else None, d_init, None)
 
 
 def sp_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None, output_final_state=False,
