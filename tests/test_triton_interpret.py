@@ -168,6 +168,15 @@ def test_forward_steps_with_their_own_tiles(kernels, monkeypatch):
 
 
 @needs_interpreter
+def test_forward_in_steps_of_128_tokens(kernels, monkeypatch):
+    # The forward's kernels may take 128 tokens per step; segments of an odd number of 64-token chunks end
+    # in the middle of a step.
+    monkeypatch.setitem(kernels.CONFIGS, "fwd_state", (16384, 8, 2, 128))
+    monkeypatch.setitem(kernels.CONFIGS, "fwd", (16384, 8, 2, 128))
+    _check(kernels, 1, 330, 2, 32, 32, "token", cps=3)
+
+
+@needs_interpreter
 def test_bfloat16_inputs(kernels):
     _check(kernels, 1, 65, 2, 32, 32, "token", dtype=torch.bfloat16, cps=1, tol=TOL_BF16)
 

@@ -58,10 +58,11 @@ CHUNK_SIZE = 64
 # the H100 sweeps (benchmarks/kernel_sweep.py, benchmarks/results/kernel-sweep-*.md): the forward holds the
 # whole 128 x 128 state with 8 warps, so q and k are read once per chunk (0.57 -> 0.49 ms at B1 H16 T32K,
 # 2.06 -> 1.54 ms at 128K, same sweep); the backward is best at 128 x 64 with 4 warps.
-# "fwd_state" is the forward's step 1 (segment states); "scan" the walks over segments (the forward's and the
-# backward's step 2, the SP folds): (flat state elements per program, num_warps, num_stages).
+# "fwd_state" / "bwd_state" are step 1 of the forward / backward (the segments' states / state gradients); an
+# optional fourth entry is the tokens a step takes (default CHUNK_SIZE). "scan" is the walks over segments (the
+# forward's and the backward's step 2, the SP folds): (flat state elements per program, num_warps, num_stages).
 CONFIGS = {"fwd": (16384, 8, 3), "bwd": (8192, 4, 2), "state": (8192, 4, 2), "fwd_state": (16384, 8, 3),
-           "scan": (512, 4, 1)}
+           "bwd_state": (8192, 4, 2), "scan": (512, 4, 1)}
 # Segments are planned for about this many programs per SM when B*H alone does not fill the device.
 PROGRAMS_PER_SM = 4
 # A sequence is cut into segments when it is more than this many times longer than the work per program
@@ -250,9 +251,21 @@ def _launch_setup(q, v, g, plan: _Plan, phase: str, accurate_states: bool):
     BK, BV = _blocks(K, V, phase)
     cfg = _config(phase, q.dtype, BK, q.device)
     meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
-    scan = dict(G_MODE=_g_mode(g), BT=CHUNK_SIZE, DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
+    scan = dict(G_MODE=_g_mode(g), BT=_step_tokens(phase), DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
                 SPLIT=accurate_states and q.dtype != torch.float32, DYN_LOOP=not interpreting(), **meta)
     return H, K, V, triton.cdiv(V, BV), plan.num_segs, cfg, meta, scan
+
+
+def _step_tokens(phase: str) -> int:
+    """Tokens a scan kernel of this phase takes per step: CONFIGS' optional fourth entry, else CHUNK_SIZE. Any
+    multiple of 16 gives the same result (segments end wherever a step runs past them: zeros are read there)."""
+    config = CONFIGS[phase]
+    return config[3] if len(config) > 3 else CHUNK_SIZE
+
+
+def _steps(plan: _Plan, BT: int) -> int:
+    """The plan's segment length in steps of BT tokens (the interpreter's loop bound)."""
+    return triton.cdiv(plan.chunks_per_segment * CHUNK_SIZE, BT)
 
 
 def _launch_segment_state(k, v, g, plan: _Plan, accurate_states: bool):
@@ -261,7 +274,7 @@ def _launch_segment_state(k, v, g, plan: _Plan, accurate_states: bool):
     s_loc = empty(k, (S, H, K, V), torch.float32)
     seg_decay = empty(k, (S, H), torch.float32)
     _fwd_kernel_segment_state[(S, H, NV)](
-        k, v, g if g is not None else k, s_loc, seg_decay, plan.seg_bos, plan.seg_eos, plan.chunks_per_segment,
+        k, v, g if g is not None else k, s_loc, seg_decay, plan.seg_bos, plan.seg_eos, _steps(plan, scan["BT"]),
         NV=NV, **scan, **cfg)
     return s_loc, seg_decay
 
@@ -269,12 +282,12 @@ def _launch_segment_state(k, v, g, plan: _Plan, accurate_states: bool):
 def _launch_segment_dstate(q, do, g, scale, plan: _Plan, need_dg: bool, store_decay: bool = False):
     """Step 1 of the backward: every segment's dL/dS_in from its own outputs [S, H, K, V] (and, with
     store_decay, the segments' log-decays [S, H], else None)."""
-    H, K, V, NV, S, cfg, meta, scan = _launch_setup(q, do, g, plan, "bwd", need_dg)
+    H, K, V, NV, S, cfg, meta, scan = _launch_setup(q, do, g, plan, "bwd_state", need_dg)
     ds_loc = empty(q, (S, H, K, V), torch.float32)
     seg_decay = empty(q, (S, H), torch.float32) if store_decay else ds_loc
     _bwd_kernel_segment_dstate[(S, H, NV)](
         q, do, g if g is not None else q, ds_loc, seg_decay, plan.seg_bos, plan.seg_eos, scale,
-        plan.chunks_per_segment, NV=NV, STORE_DECAY=store_decay, **scan, **cfg)
+        _steps(plan, scan["BT"]), NV=NV, STORE_DECAY=store_decay, **scan, **cfg)
     return ds_loc, (seg_decay if store_decay else None)
 
 
@@ -301,7 +314,7 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segme
     o = empty(v, v.shape, v.dtype)
     s_end = empty(s_in, s_in.shape, s_in.dtype)
     _fwd_kernel_output[(S, H, NV)](
-        q, k, v, g_arg, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment,
+        q, k, v, g_arg, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, _steps(plan, scan["BT"]),
         **scan, **cfg)
     return o, s_in, s_end, seg_decay
 

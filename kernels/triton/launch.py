@@ -60,25 +60,32 @@ class FastLaunch:
 
     def launch(self, grid, args, kwargs):
         global ENABLED
-        if not ENABLED or interpreting() or not kwargs.keys() <= self.accepted or _hooks_set():
+        if not ENABLED or interpreting() or _hooks_set():
             return self.fn[grid](*args, **kwargs)
-        values = list(args)
-        for name in self.arg_names[len(args):]:
-            values.append(kwargs[name] if name in kwargs else self.defaults[name])
         device = driver.active.get_current_device()
-        key = (tuple(v if c else _spec(v) for v, c in zip(values, self.is_constexpr)),
-               kwargs.get("num_warps"), kwargs.get("num_stages"), device)
-        compiled = self.cache.get(key)
-        if compiled is None:
+        # Keyword arguments (the constexprs and launch options at our call sites) by value, positional ones by
+        # what Triton specializes on (by value where the parameter is a constexpr).
+        try:
+            key = (tuple(kwargs.items()), tuple(a if c else _spec(a) for a, c in zip(args, self.is_constexpr)),
+                   device)
+            entry = self.cache.get(key)
+        except TypeError:  # an unhashable keyword value: Triton's path
+            return self.fn[grid](*args, **kwargs)
+        if entry is None:
             compiled = self.fn[grid](*args, **kwargs)
-            self.cache[key] = compiled
+            if kwargs.keys() <= self.accepted:
+                # The parameters after the positional ones, in signature order, with their defaults.
+                rest = tuple(kwargs[name] if name in kwargs else self.defaults[name]
+                             for name in self.arg_names[len(args):])
+                self.cache[key] = (compiled, rest)
             return compiled
+        compiled, rest = entry
         g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
         stream = driver.active.get_current_stream(device)
         runtime = _knobs.runtime  # inactive hooks (None, or empty chains) passed on as Triton passes them
         try:
             compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None,
-                         runtime.launch_enter_hook, runtime.launch_exit_hook, *values)
+                         runtime.launch_enter_hook, runtime.launch_exit_hook, *args, *rest)
         except TypeError:
             # This Triton's launcher takes its arguments differently: use Triton's own path from now on.
             ENABLED = False

@@ -93,6 +93,7 @@ class RankPlan:
         return self.carried_len == self.length
 
 
+@functools.lru_cache(maxsize=64)
 def dense_plan(L: int, rank: int, world_size: int) -> RankPlan:
     last = rank == world_size - 1
     return RankPlan(None, [], L if rank > 0 else 0, [(0, None)] if last else [], [], 0, L, hands_on=not last)
