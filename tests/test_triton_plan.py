@@ -64,3 +64,12 @@ def test_similar_documents_are_not_cut(h100):
     bounds = [i * 2048 for i in range(65)]            # 64 documents of 2K, H=16
     plan = chunk._make_plan(bounds, 16, 1, CPU)
     assert plan.max_segs == 1 and plan.num_segs == 64
+
+
+def test_launch_settings_with_step_tokens(monkeypatch):
+    # A phase's settings may carry a fourth entry (tokens per step): the launch options are still warps and stages.
+    monkeypatch.setattr(chunk, "interpreting", lambda: False)
+    monkeypatch.setitem(chunk.CONFIGS, "fwd_state", (16384, 4, 3, 128))
+    assert chunk._config("fwd_state", torch.bfloat16, 128, torch.device("cpu")) == {"num_warps": 4, "num_stages": 3}
+    assert chunk._step_tokens("fwd_state") == 128
+    assert chunk._step_tokens("fwd") == chunk.CHUNK_SIZE

@@ -209,7 +209,7 @@ def _config(phase: str, dtype, BK: int, device) -> dict:
     # Tensor descriptors made inside kernels need a little global scratch memory per launch. Triton keeps
     # the allocator in a context variable, so it is set on every call (backward runs in autograd's thread).
     triton.set_allocator(_scratch)
-    _, num_warps, num_stages = CONFIGS[phase]
+    num_warps, num_stages = CONFIGS[phase][1:3]
     if BK >= 256:
         num_warps = max(num_warps, 8)   # 64 x 256 q and k tiles spill heavily with 4 warps
         num_stages = min(num_stages, 2)  # three stages of 64 x 256 q and k tiles would not fit shared memory
