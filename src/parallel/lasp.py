@@ -438,7 +438,6 @@ class _LaspFunction(torch.autograd.Function):
         packed = plan.local_bounds is not None
         B, L, H, V = do.shape
         state_shape = (B, H, ctx.finals_shape[2], V)
-        pending = comm.post_recv_from_next(state_shape, do.device, sp) if ring else None
         if ctx.info is not None:
             saved = ctx.saved_tensors
             q, g = saved[0].view(B, L, H, -1), saved[3]  # the local pass's flat q and float32 g
@@ -477,6 +476,10 @@ class _LaspFunction(torch.autograd.Function):
         if ds_direct is None and (not ring or sp.prev_rank is not None):
             ds_direct = do.new_zeros(state_shape, dtype=torch.float32)  # the exchange still sends something
         if ring:
+            # Posted only now: NCCL (eager init) runs a group's point-to-point ops and collectives in one order on
+            # every rank, so a receive posted before the all_reduce of dfinal above would wait for a send that the
+            # sender issues only after that all_reduce, which in turn waits behind the receive: a deadlock.
+            pending = comm.post_recv_from_next(state_shape, do.device, sp)
             ds_out = comm.ring_backward(ds_direct, ctx.decay, sp, pending)
         else:
             ds_out = comm.allgather_backward(ds_direct, ctx.decays, sp)
