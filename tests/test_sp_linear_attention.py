@@ -279,3 +279,58 @@ def test_sp_op_under_saved_tensor_hooks_keeps_no_graph_on_ctx():
         assert rank_held["hooks=False"]["graph_on_ctx"] == 1.0
         assert rank_held["hooks=True"]["graph_on_ctx"] == 0.0
         assert rank_held["hooks=True"]["saved_through_hooks"] >= 4  # q, k, v, g at least
+
+
+def _order_worker(W: int) -> dict:
+    """Runs the ring with final_state and its gradient (the case with collectives inside the op) and records, per
+    rank, the order of receive posts, receive waits and collectives."""
+    from lasp_hf.parallel import comm
+
+    log = []
+    irecv, received = comm._irecv, comm._received
+    all_reduce, all_gather = comm.all_reduce_sum, comm.all_gather_stacked
+
+    def posting(x, peer, sp):
+        work = irecv(x, peer, sp)
+        log.append(("post", id(work)))
+        return work
+
+    def waiting(pending):
+        if pending is not None:
+            log.append(("wait", id(pending[1])))
+        return received(pending)
+
+    def collective(fn):
+        def wrapper(*args, **kwargs):
+            log.append(("collective", None))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    comm._irecv, comm._received = posting, waiting
+    comm.all_reduce_sum, comm.all_gather_stacked = collective(all_reduce), collective(all_gather)
+    rank = dist.get_rank()
+    sp = SequenceParallelContext.from_group(dist.group.WORLD)
+    L = 40
+    mine = slice(rank * L, (rank + 1) * L)
+    q, k, v, g, h0, w_o, w_final, cu = _inputs(W, L, "head", [0, 3, 50, W * L], seed=3)
+    local = [x.clone().requires_grad_() for x in (q[:, mine], k[:, mine], v[:, mine], h0)]
+    o, final = linear_attention(*local[:3], g, initial_state=local[3], output_final_state=True, cu_seqlens=cu,
+                                backend="torch", sp_group=sp, sp_mode="ring")
+    _grads((o * w_o[:, mine]).sum() + (final * w_final).sum(), local)
+    return {"log": log}
+
+
+@pytest.mark.distributed
+def test_ring_issues_no_collective_while_a_receive_is_posted():
+    # NCCL runs a group's point-to-point ops and collectives in one order on every rank: a collective issued between
+    # posting a receive and waiting for it can wait for a send that its peer issues only after that collective.
+    for rank, result in enumerate(run_distributed(_order_worker, 2, 2)):
+        open_receives = set()
+        for kind, key in result["log"]:
+            if kind == "post":
+                open_receives.add(key)
+            elif kind == "wait":
+                open_receives.discard(key)
+            else:
+                assert not open_receives, f"rank {rank}: a collective while a receive is posted: {result['log']}"
+        assert any(kind == "collective" for kind, _ in result["log"]) and any(k == "post" for k, _ in result["log"])
