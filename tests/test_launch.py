@@ -103,7 +103,7 @@ def test_anything_triton_specializes_on_takes_triton_path(jit, change):
     assert _kinds(jit.log) == ["triton", "triton", "fast"]
 
 
-def test_hooks_unknown_options_and_interpreter_take_triton_path(jit, monkeypatch):
+def test_hooks_unknown_options_compiling_and_interpreter_take_triton_path(jit, monkeypatch):
     kernel = launch.FastLaunch(jit)
     x = torch.zeros(64)
     kernel[(1,)](x, 32, 0.5, BLOCK=16)
@@ -112,9 +112,12 @@ def test_hooks_unknown_options_and_interpreter_take_triton_path(jit, monkeypatch
     kernel[(1,)](x, 32, 0.5, BLOCK=16)
     monkeypatch.setattr(launch._knobs.runtime, "launch_enter_hook", types.SimpleNamespace(calls=[]))  # empty chain
     kernel[(1,)](x, 32, 0.5, BLOCK=16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # Dynamo traces Triton's own launch
+    kernel[(1,)](x, 32, 0.5, BLOCK=16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     monkeypatch.setattr(launch, "interpreting", lambda: True)
     kernel[(1,)](x, 32, 0.5, BLOCK=16)
-    assert _kinds(jit.log) == ["triton", "triton", "triton", "fast", "triton"]
+    assert _kinds(jit.log) == ["triton", "triton", "triton", "fast", "triton", "triton"]
 
 
 def test_a_launcher_that_rejects_the_arguments_turns_the_path_off(jit, monkeypatch):

@@ -7,9 +7,9 @@ specialization this wrapper calls the compiled kernel directly. Its cache key is
 (on NVIDIA, Triton specializes a tensor on its dtype and 16-byte alignment and an integer on being 1, divisible
 by 16 and fitting 32 bits; a constexpr on its value), so a hit is the kernel Triton would have picked.
 
-The normal path runs when interpreting (CPU), when a launch hook is set (profilers such as proton), for options
-other than num_warps / num_stages, or when this Triton's compiled kernels do not take the arguments the way
-this expects (then `ENABLED` turns off for the process).
+The normal path runs when interpreting (CPU), when a launch hook is set (profilers such as proton), while
+torch.compile traces, for options other than num_warps / num_stages, or when this Triton's compiled kernels do
+not take the arguments the way this expects (then `ENABLED` turns off for the process).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class FastLaunch:
 
     def launch(self, grid, args, kwargs):
         global ENABLED
-        if not ENABLED or interpreting() or _hooks_set():
+        if not ENABLED or interpreting() or _hooks_set() or torch.compiler.is_compiling():
+            # (Under torch.compile, Dynamo captures `kernel[grid](...)` of a Triton JIT function itself.)
             return self.fn[grid](*args, **kwargs)
         device = driver.active.get_current_device()
         # Keyword arguments (the constexprs and launch options at our call sites) by value, positional ones by
