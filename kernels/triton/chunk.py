@@ -333,7 +333,7 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
         else:
             ds_loc, _ = _launch_segment_dstate(q, do, g, scale, plan, need_dg)
         ds_out = empty(ds_loc, ds_loc.shape, ds_loc.dtype)
-        dh0 = empty(q, (plan.num_seqs, H, K, V), torch.float32)
+        dh0 = empty(q, (plan.num_seqs, H, K, V), torch.float32) if need_dh0 else None
         _scan_segments(ds_loc, seg_decay, plan, start=dht, each=ds_out, end=dh0, reverse=True)
     elif dht is not None:
         ds_out = dht.float()[plan.seg_seq].contiguous()
@@ -350,18 +350,20 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
     dq = empty(q, q.shape, q.dtype)
     dk = empty(k, k.shape, k.dtype)
     dv = empty(v, v.shape, v.dtype)
-    qdq = empty(q, (NK, NT, H) if need_dg else (1,), torch.float32)
-    kdk = empty(q, (NK, NT, H) if need_dg else (1,), torch.float32)
-    ds_start = empty(ds_out, ds_out.shape, ds_out.dtype)
+    # Buffers only some calls need; the others pass a tensor the kernel then never touches.
+    qdq = empty(q, (NK, NT, H), torch.float32) if need_dg else dq
+    kdk = empty(q, (NK, NT, H), torch.float32) if need_dg else dk
+    store_start = dh0 is None and need_dh0  # one segment per sequence: dh0 is dS at the segments' starts
+    ds_start = empty(ds_out, ds_out.shape, ds_out.dtype) if store_start else ds_out
     _bwd_kernel_dv[(S, H, NV)](
         q, k, g_arg, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, **scan_v, **cfg)
     _bwd_kernel_dk[(S, H, NK)](
         q, k, v, g_arg, do, dk, kdk, ds_out, ds_start, plan.seg_bos, plan.seg_eos, scale,
-        plan.chunks_per_segment, NT, NEED_DG=need_dg, **scan_k, **cfg)
+        plan.chunks_per_segment, NT, NEED_DG=need_dg, STORE_START=store_start, **scan_k, **cfg)
     _bwd_kernel_dq[(S, H, NK)](
         q, k, v, g_arg, do, dq, qdq, s_in, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, NT,
         NEED_DG=need_dg, **scan_k, **cfg)
-    if dh0 is None and need_dh0:
+    if store_start:
         dh0 = ds_start[plan.first_seg_index]
         if dht is not None:
             dh0 = torch.where(plan.nonempty.view(-1, 1, 1, 1), dh0, dht.float())

@@ -255,10 +255,11 @@ def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, sc
 def _bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr,
+                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr, STORE_START: tl.constexpr,
                    DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, K block), with all of V: reverse scan from dS at the segment's end
-    (rows of this K block), writing dk for the block, its share of k . dk and dS at the segment's start."""
+    (rows of this K block), writing dk for the block, its share of k . dk (NEED_DG) and dS at the segment's
+    start (STORE_START)."""
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
     eos = tl.load(seg_eos + i_s).to(tl.int64)
@@ -295,7 +296,8 @@ def _bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, 
             tl.store(kdk_part + t0 * H + i_h + o_t * H, tl.sum(b_k * dk_state, 1), mask=m_t)
         q_decayed = b_q * (tl.exp(b) * scale)[:, None]
         dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
-    tl.store(ds_start + p_state, dstate, mask=m_kv)
+    if STORE_START:
+        tl.store(ds_start + p_state, dstate, mask=m_kv)
 
 
 @fast
