@@ -239,9 +239,9 @@ def _segment_state(k, v, g, lo: int, hi: int, h0, local_impl=None):
     return state
 
 
-def _carried_state_grad(q, do, g, n: int, scale: float, local_impl=None, reuse=None):
+def _carried_state_grad(q, do, g, n: int, scale: float, local_impl=None, reuse=None, need_decay: bool = True):
     """scale * sum_{t < n} exp(G_t) q_t^T do_t (G inclusive from the rank's start), float32 [B, H, K, V],
-    and exp(G_{n-1}) [B, H] (None when g is None).
+    and exp(G_{n-1}) [B, H] (None when g is None or not need_decay).
 
     A backend may provide the first as `initial_state_grad_only(q, do, g, *, scale)`: the gradient
     of sum(o * do) with respect to the initial state, which needs neither k nor v; or, for dense
@@ -256,7 +256,7 @@ def _carried_state_grad(q, do, g, n: int, scale: float, local_impl=None, reuse=N
             ds = reuse.initial_state_grad(q, do, g, scale)
         else:
             ds = hook(q[:, :n], do[:, :n], g_part, scale=scale).float()
-        if g is None:
+        if g is None or not need_decay:
             return ds, None
         total = g.float() * n if g.dim() == 1 else g[:, :n].float().sum(1)
         return ds, total.exp().expand(B, H)
@@ -465,8 +465,9 @@ class _LaspFunction(torch.autograd.Function):
         # ... then the direct gradient of S_in(r), the exchange, and dS_out(r) for the handed-on state.
         ds_direct = None
         if plan.carried_len:
+            # exp(G) of the carried part is needed only with a final-state gradient for it.
             ds_direct, first_decay = _carried_state_grad(q, do, g, plan.carried_len, run.scale, run.local_impl,
-                                                         ctx.reuse)
+                                                         ctx.reuse, need_decay=dht is not None)
             if dht is not None:
                 d_first = dht[:1] if packed else dht
                 ds_direct = ds_direct + (first_decay[..., None, None] * d_first if first_decay is not None else d_first)
