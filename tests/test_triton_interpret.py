@@ -306,3 +306,28 @@ def test_sp_uses_the_triton_state_only_passes():
     impl = _backend_module("triton")
     assert callable(getattr(impl, "final_state_only", None))
     assert callable(getattr(impl, "initial_state_grad_only", None))
+
+
+@needs_interpreter
+def test_segment_reuse_gives_the_op_its_step_one_and_lets_go_of_the_inputs(kernels):
+    # What sequence parallelism does: step 1 and the fold before the op, then the op with the kept segment states
+    # and flat inputs. Same output and gradients as the op alone; the reuse object keeps no input once the forward
+    # has run (it lives on the autograd node until backward, where saved-tensor hooks could not reach them).
+    kernels.CHUNKS_PER_SEGMENT = 1
+    B, T, H, K, V = 1, 200, 2, 16, 16
+    q, k, v = (torch.randn(B, T, H, D) for D in (K, K, V))
+    g = -0.2 * torch.rand(H)
+    do = torch.randn(B, T, H, V)
+    results = []
+    for use_reuse in (False, True):
+        leaves = _leaves(q, k, v)
+        reuse = kernels.SegmentReuse.make(*leaves, g, accurate_states=False) if use_reuse else None
+        final = reuse.final_state(leaves[1], leaves[2], g) if use_reuse else None
+        o, _ = kernels.chunk_linear_attention(*leaves, g, scale=0.5, reuse=reuse)
+        if use_reuse:
+            assert not reuse._flats and reuse.segment_states is None
+            ref_final = final_state64(*(x.double() for x in (k, v)), g.double(), None)
+            assert rel_err(final, ref_final) <= TOL_FP32
+        results.append([o, *torch.autograd.grad(o, leaves, do)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

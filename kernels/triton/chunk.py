@@ -462,6 +462,9 @@ class SegmentReuse:
         self.plan, self.shape, self.accurate_states = plan, shape, accurate_states
         self.segment_states = None    # (s_loc [S, H, K, V], seg_decay [S, H])
         self.segment_dstates = None   # ds_loc [S, H, K, V]
+        # The flat views (and float32 g) made for step 1, reused by the op's forward on the same tensors; dropped
+        # when the forward has run (kept until backward they would hold the inputs outside saved-tensor hooks).
+        self._flats: dict = {}
 
     @classmethod
     def make(cls, q, k, v, g, accurate_states: bool):
@@ -472,11 +475,27 @@ class SegmentReuse:
         return cls(plan, (B, T, H, K, V), accurate_states) if plan.max_segs > 1 else None
 
     def _flat(self, x):
+        """x [B, T, H, D] as the kernels read it [B*T, H, D] (made once per tensor while the forward runs)."""
+        hit = self._flats.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
         B, T, H = self.shape[:3]
-        return _aligned(x.reshape(B * T, H, x.shape[-1]))
+        flat = _aligned(x.reshape(B * T, H, x.shape[-1]))
+        self._flats[id(x)] = (x, flat)
+        return flat
 
     def _g(self, g):
-        return flat_g(g, *self.shape[:3])
+        if g is None:
+            return None
+        hit = self._flats.get(id(g))
+        if hit is not None and hit[0] is g:
+            return hit[1]
+        g32 = flat_g(g, *self.shape[:3])
+        self._flats[id(g)] = (g, g32)
+        return g32
+
+    def forget_inputs(self):
+        self._flats.clear()
 
     def _fold(self, local, seg_decay, start, reverse: bool):
         return fold_segments(local, seg_decay, self.plan, start, reverse)
@@ -504,6 +523,7 @@ class SegmentReuse:
         same do); returns (ds_loc, seg_decay). Like `prepare_states`, for a rank about to wait."""
         ds_loc, seg_decay = _launch_segment_dstate(self._flat(q), self._flat(do.to(q.dtype)), self._g(g), scale,
                                                    self.plan, self.accurate_states, store_decay=True)
+        self.forget_inputs()
         self.segment_dstates = ds_loc
         return ds_loc, seg_decay
 
@@ -558,8 +578,13 @@ def local_forward(q, k, v, g=None, *, scale: float, initial_state=None, cu_seqle
     if reuse is not None and cu_seqlens is not None:
         raise ValueError("reuse (SegmentReuse) is for dense input; got cu_seqlens")
     plan = _plan_for(B, T, H, K, V, cu_seqlens, q.device)
-    qf, kf, vf = (_aligned(x.reshape(B * T, H, x.shape[-1])) for x in (q, k, v))
-    g32 = None if g is None else g.float().reshape(B * T, H).contiguous() if g.dim() == 3 else g.float().contiguous()
+    if reuse is not None and reuse.shape == (B, T, H, K, V):
+        qf, kf, vf = (reuse._flat(x) for x in (q, k, v))
+        g32 = reuse._g(g)
+        reuse.forget_inputs()
+    else:
+        qf, kf, vf = (_aligned(x.reshape(B * T, H, x.shape[-1])) for x in (q, k, v))
+        g32 = flat_g(g, B, T, H)
     h0 = initial_state.contiguous() if initial_state is not None else None
     need_dg = need_dg and g is not None
     o, final, s_in, seg_decay = chunk_linear_attention_fwd(

@@ -276,7 +276,8 @@ def _rank_decay(g, B: int, L: int, H: int, device):
     if g is None:
         return torch.ones(B, H, 1, 1, device=device)
     if g.dim() == 1:
-        return (g.float() * L).exp().view(1, H, 1, 1).expand(B, H, 1, 1)
+        a = (g.view(1, H, 1, 1).float() * L).exp()
+        return a if B == 1 else a.expand(B, H, 1, 1)
     return g.float().sum(1).exp().view(B, H, 1, 1)
 
 
