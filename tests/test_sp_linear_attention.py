@@ -334,3 +334,36 @@ def test_ring_issues_no_collective_while_a_receive_is_posted():
             else:
                 assert not open_receives, f"rank {rank}: a collective while a receive is posted: {result['log']}"
         assert any(kind == "collective" for kind, _ in result["log"]) and any(k == "post" for k, _ in result["log"])
+
+
+def _checkpoint_worker(W: int) -> dict:
+    """The SP op on the Triton kernels (interpreter) inside non-reentrant activation checkpointing: its tensors go
+    through save_for_backward, the checkpoint drops them and recomputes the layer (exchange included) in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    rank = dist.get_rank()
+    sp = SequenceParallelContext.from_group(dist.group.WORLD)
+    L = 80
+    mine = slice(rank * L, (rank + 1) * L)
+    q, k, v, g, h0, w_o, _, _ = _inputs(W, L, "token", None, seed=11, dims=(2, 16, 16))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    o_ref, _ = linear_attention(*leaves, backend="torch")
+    ref_grads = _grads((o_ref * w_o).sum(), leaves)
+    errors = {}
+    for mode in MODES:
+        local = [x[:, mine].clone().requires_grad_() for x in (q, k, v, g)]
+        o = checkpoint(lambda *xs: linear_attention(*xs, backend="triton", sp_group=sp, sp_mode=mode)[0], *local,
+                       use_reentrant=False)
+        case = errors.setdefault(mode, {"o": relative_error(o, o_ref[:, mine])})
+        for name, got, ref in zip(("dq", "dk", "dv", "dg"), _grads((o * w_o[:, mine]).sum(), local), ref_grads):
+            case[name] = relative_error(got, ref[:, mine])
+    return errors
+
+
+@pytest.mark.distributed
+def test_sp_triton_local_pass_under_activation_checkpointing():
+    pytest.importorskip("triton")
+    results = run_distributed(_checkpoint_worker, 2, 2, start_method="spawn", env={"TRITON_INTERPRET": "1"})
+    bad = _failures(results)
+    assert not bad, "\n".join(bad)
+    assert set(results[0]) == set(MODES) and all(len(case) == 5 for case in results[0].values())

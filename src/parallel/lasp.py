@@ -440,7 +440,7 @@ class _LaspFunction(torch.autograd.Function):
         B, L, H, V = do.shape
         state_shape = (B, H, ctx.finals_shape[2], V)
         if ctx.info is not None:
-            saved = ctx.saved_tensors
+            saved = ctx.saved_tensors  # once: checkpointing's hooks unpack each saved tensor only once
             q, g = saved[0].view(B, L, H, -1), saved[3]  # the local pass's flat q and float32 g
             if g is not None and g.dim() == 2:
                 g = g.view(B, L, H)
@@ -495,7 +495,7 @@ class _LaspFunction(torch.autograd.Function):
 
         needs = ctx.needs_input_grad
         if ctx.info is not None:
-            grads = list(run.local_impl.local_backward(ctx.saved_tensors, ctx.info, do, dht, need_dh0=needs[4]))
+            grads = list(run.local_impl.local_backward(saved, ctx.info, do, dht, need_dh0=needs[4]))
         else:
             wanted = [i for i, x in enumerate(leaves) if x is not None and x.requires_grad]
             got = torch.autograd.grad([o, finals], [leaves[i] for i in wanted],
