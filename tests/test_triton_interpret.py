@@ -310,9 +310,9 @@ def test_sp_uses_the_triton_state_only_passes():
 
 @needs_interpreter
 def test_segment_reuse_gives_the_op_its_step_one_and_lets_go_of_the_inputs(kernels):
-    # What sequence parallelism does: step 1 and the fold before the op, then the op with the kept segment states
-    # and flat inputs. Same output and gradients as the op alone; the reuse object keeps no input once the forward
-    # has run (it lives on the autograd node until backward, where saved-tensor hooks could not reach them).
+    # What sequence parallelism does: step 1 and the fold before the op, then the op with the kept segment states.
+    # Same output and gradients as the op alone; the reuse object keeps no input once the forward has run (it lives
+    # on the autograd node until backward, where saved-tensor hooks could not reach them).
     kernels.CHUNKS_PER_SEGMENT = 1
     B, T, H, K, V = 1, 200, 2, 16, 16
     q, k, v = (torch.randn(B, T, H, D) for D in (K, K, V))
@@ -325,7 +325,11 @@ def test_segment_reuse_gives_the_op_its_step_one_and_lets_go_of_the_inputs(kerne
         final = reuse.final_state(leaves[1], leaves[2], g) if use_reuse else None
         o, _ = kernels.chunk_linear_attention(*leaves, g, scale=0.5, reuse=reuse)
         if use_reuse:
-            assert not reuse._flats and reuse.segment_states is None
+            # Nothing on the reuse object shares memory with an input (it stays on the autograd node until backward).
+            inputs = {x.untyped_storage().data_ptr() for x in leaves}
+            held = [t for value in vars(reuse).values() for t in (value if isinstance(value, tuple) else (value,))
+                    if isinstance(t, torch.Tensor)]
+            assert reuse.segment_states is None and not any(t.untyped_storage().data_ptr() in inputs for t in held)
             ref_final = final_state64(*(x.double() for x in (k, v)), g.double(), None)
             assert rel_err(final, ref_final) <= TOL_FP32
         results.append([o, *torch.autograd.grad(o, leaves, do)])

@@ -197,10 +197,14 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return view
 
 
+def _fwd_v_blocks(K: int, V: int) -> int:
+    """V blocks per head of the forward's programs (the plans count programs per (row, head, V block))."""
+    return triton.cdiv(V, _blocks(K, V, "fwd")[1])
+
+
 def _op_dense_plan(B: int, T: int, H: int, K: int, V: int, device) -> _Plan:
-    """The (cached) plan of the op on dense input: programs per (row, head, forward V block)."""
-    NV = triton.cdiv(V, _blocks(K, V, "fwd")[1])
-    return _dense_plan(B, T, H, NV, device, _planning_knobs())
+    """The (cached) plan of the op on dense input."""
+    return _dense_plan(B, T, H, _fwd_v_blocks(K, V), device, _planning_knobs())
 
 
 def _config(phase: str, dtype, BK: int, device) -> dict:
@@ -236,6 +240,12 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
     """Contiguous with a 16-byte aligned start, as tensor descriptors (TMA) require."""
     x = x.contiguous()
     return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
+def _flat_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, D] as the kernels read it: [B*T, H, D], contiguous and aligned."""
+    B, T, H, D = x.shape
+    return _aligned(x.reshape(B * T, H, D))
 
 
 def _g_mode(g) -> int:
@@ -462,9 +472,6 @@ class SegmentReuse:
         self.plan, self.shape, self.accurate_states = plan, shape, accurate_states
         self.segment_states = None    # (s_loc [S, H, K, V], seg_decay [S, H])
         self.segment_dstates = None   # ds_loc [S, H, K, V]
-        # The flat views (and float32 g) made for step 1, reused by the op's forward on the same tensors; dropped
-        # when the forward has run (kept until backward they would hold the inputs outside saved-tensor hooks).
-        self._flats: dict = {}
 
     @classmethod
     def make(cls, q, k, v, g, accurate_states: bool):
@@ -474,28 +481,8 @@ class SegmentReuse:
         plan = _op_dense_plan(B, T, H, K, V, q.device)  # the very plan the op will use (take_* checks identity)
         return cls(plan, (B, T, H, K, V), accurate_states) if plan.max_segs > 1 else None
 
-    def _flat(self, x):
-        """x [B, T, H, D] as the kernels read it [B*T, H, D] (made once per tensor while the forward runs)."""
-        hit = self._flats.get(id(x))
-        if hit is not None and hit[0] is x:
-            return hit[1]
-        B, T, H = self.shape[:3]
-        flat = _aligned(x.reshape(B * T, H, x.shape[-1]))
-        self._flats[id(x)] = (x, flat)
-        return flat
-
     def _g(self, g):
-        if g is None:
-            return None
-        hit = self._flats.get(id(g))
-        if hit is not None and hit[0] is g:
-            return hit[1]
-        g32 = flat_g(g, *self.shape[:3])
-        self._flats[id(g)] = (g, g32)
-        return g32
-
-    def forget_inputs(self):
-        self._flats.clear()
+        return flat_g(g, *self.shape[:3])
 
     def _fold(self, local, seg_decay, start, reverse: bool):
         return fold_segments(local, seg_decay, self.plan, start, reverse)
@@ -506,7 +493,7 @@ class SegmentReuse:
 
         A rank that waits for a state before its local pass calls this first, so the wait overlaps work
         its local pass needs anyway."""
-        self.segment_states = _launch_segment_state(self._flat(k), self._flat(v), self._g(g), self.plan,
+        self.segment_states = _launch_segment_state(_flat_tokens(k), _flat_tokens(v), self._g(g), self.plan,
                                                     self.accurate_states)
         return self.segment_states
 
@@ -521,9 +508,8 @@ class SegmentReuse:
     def prepare_dstates(self, q, do, g, scale: float):
         """Compute and keep the segments' state gradients for the op's backward (which must then get the
         same do); returns (ds_loc, seg_decay). Like `prepare_states`, for a rank about to wait."""
-        ds_loc, seg_decay = _launch_segment_dstate(self._flat(q), self._flat(do.to(q.dtype)), self._g(g), scale,
+        ds_loc, seg_decay = _launch_segment_dstate(_flat_tokens(q), _flat_tokens(do.to(q.dtype)), self._g(g), scale,
                                                    self.plan, self.accurate_states, store_decay=True)
-        self.forget_inputs()
         self.segment_dstates = ds_loc
         return ds_loc, seg_decay
 
@@ -561,8 +547,7 @@ class LocalPass:
 def _plan_for(B: int, T: int, H: int, K: int, V: int, cu_seqlens, device) -> _Plan:
     if cu_seqlens is None:
         return _op_dense_plan(B, T, H, K, V, device)
-    return _packed_plan(host_bounds(cu_seqlens), H, triton.cdiv(V, _blocks(K, V, "fwd")[1]), device,
-                        _planning_knobs())
+    return _packed_plan(host_bounds(cu_seqlens), H, _fwd_v_blocks(K, V), device, _planning_knobs())
 
 
 def local_forward(q, k, v, g=None, *, scale: float, initial_state=None, cu_seqlens=None, need_final=False,
@@ -578,13 +563,8 @@ def local_forward(q, k, v, g=None, *, scale: float, initial_state=None, cu_seqle
     if reuse is not None and cu_seqlens is not None:
         raise ValueError("reuse (SegmentReuse) is for dense input; got cu_seqlens")
     plan = _plan_for(B, T, H, K, V, cu_seqlens, q.device)
-    if reuse is not None and reuse.shape == (B, T, H, K, V):
-        qf, kf, vf = (reuse._flat(x) for x in (q, k, v))
-        g32 = reuse._g(g)
-        reuse.forget_inputs()
-    else:
-        qf, kf, vf = (_aligned(x.reshape(B * T, H, x.shape[-1])) for x in (q, k, v))
-        g32 = flat_g(g, B, T, H)
+    qf, kf, vf = (_flat_tokens(x) for x in (q, k, v))
+    g32 = flat_g(g, B, T, H)
     h0 = initial_state.contiguous() if initial_state is not None else None
     need_dg = need_dg and g is not None
     o, final, s_in, seg_decay = chunk_linear_attention_fwd(
@@ -602,7 +582,7 @@ def local_backward(saved, info: LocalPass, do, dfinal=None, *, need_dh0: bool = 
     B, T, H, K, V = info.shape
     dstates = info.reuse.take_dstates(info.plan, info.need_dg) if info.reuse is not None else None
     dq, dk, dv, dg, dh0 = chunk_linear_attention_bwd(
-        q, k, v, g32, _aligned(do.reshape(B * T, H, V)), dfinal.contiguous() if dfinal is not None else None,
+        q, k, v, g32, _flat_tokens(do), dfinal.contiguous() if dfinal is not None else None,
         info.scale, s_in, seg_decay, final, info.plan, info.need_dg, need_dh0, dstates)
     if dg is not None:
         dg = dg.reshape(info.g_shape).to(info.g_dtype)

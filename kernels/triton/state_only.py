@@ -45,7 +45,7 @@ def _state_pass(x, y, g, start, scale: float, gradient: bool):
     BK, BV = _state_blocks(K, V)
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     plan = chunk._dense_plan(B, T, H, NK * NV, x.device, chunk._planning_knobs())
-    xf, yf = (chunk._aligned(z.reshape(B * T, H, z.shape[-1])) for z in (x, y))
+    xf, yf = chunk._flat_tokens(x), chunk._flat_tokens(y)
     g32 = chunk.flat_g(g, B, T, H)
     S = plan.num_segs
     cfg = chunk._config("state", x.dtype, BK, x.device)

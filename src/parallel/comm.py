@@ -49,23 +49,25 @@ def _irecv(x: torch.Tensor, peer: int, sp: SequenceParallelContext):
     return sp.group.recv([x], peer, 0)
 
 
+def _post_recv(shape, device, peer: int | None, sp: SequenceParallelContext):
+    """A float32 buffer of `shape` and the receive into it from SP-group rank `peer`, or None without a peer."""
+    if peer is None:
+        return None
+    buf = torch.empty(shape, dtype=torch.float32, device=device)
+    return buf, _irecv(buf, peer, sp)
+
+
 def post_recv_from_prev(shape, device, sp: SequenceParallelContext):
     """Post the receive of the float32 state that rank r-1 will send; returns (buffer, work) or None on rank 0.
 
     Posting it before this rank's own state pass lets the sender's send complete as soon as it is issued.
     """
-    if sp.prev_rank is None:
-        return None
-    buf = torch.empty(shape, dtype=torch.float32, device=device)
-    return buf, _irecv(buf, sp.rank - 1, sp)
+    return _post_recv(shape, device, sp.rank - 1 if sp.prev_rank is not None else None, sp)
 
 
 def post_recv_from_next(shape, device, sp: SequenceParallelContext):
     """The same from rank r+1 (None on the last rank)."""
-    if sp.next_rank is None:
-        return None
-    buf = torch.empty(shape, dtype=torch.float32, device=device)
-    return buf, _irecv(buf, sp.rank + 1, sp)
+    return _post_recv(shape, device, sp.rank + 1 if sp.next_rank is not None else None, sp)
 
 
 def _received(pending) -> torch.Tensor | None:
@@ -104,16 +106,14 @@ def _combine(local, decay, carried):
     return torch.addcmul(local, decay, carried)
 
 
-def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv=None):
+def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv):
     """LASP ring step: S_in(r) arrives from rank r-1; S_out(r) = a_r S_in(r) + S_loc(r) leaves for rank r+1.
     Only this combine and the hop are serial across ranks.
 
     s_loc: [B, H, K, V] float32; decay: a_r as [B, H, 1, 1] float32, None when a document starts on this rank
-    (a_r = 0); pending_recv: what `post_recv_from_prev` returned (posted early), or None to receive now.
-    Returns S_in(r), None on rank 0 (zeros).
+    (a_r = 0); pending_recv: what `post_recv_from_prev` returned (posted early). Returns S_in(r), None on rank 0
+    (zeros).
     """
-    if pending_recv is None:
-        pending_recv = post_recv_from_prev(s_loc.shape, s_loc.device, sp)
     s_in = _received(pending_recv)
     if sp.next_rank is not None:
         _send_later(_combine(s_loc, decay, s_in), sp.rank + 1, sp)
@@ -143,7 +143,7 @@ def connect_neighbours(sp: SequenceParallelContext) -> None:
     nccl = dist.get_backend(sp.group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     state, decay = torch.zeros(1, 1, 1, 1, device=device), torch.zeros(1, 1, 1, 1, device=device)
-    ring_forward(state, decay, sp)
+    ring_forward(state, decay, sp, post_recv_from_prev(state.shape, device, sp))
     ring_backward(state, decay, sp, post_recv_from_next(state.shape, device, sp))
     wait_sends(sp)
     if nccl:

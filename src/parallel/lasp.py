@@ -427,6 +427,7 @@ class _LaspFunction(torch.autograd.Function):
             num_rows = plan.num_docs if plan.local_bounds is not None else B
             final = comm.all_reduce_sum(_final_states(plan, finals.detach(), initial_state, num_rows), sp)
         ctx.run, ctx.decay, ctx.decays, ctx.reuse = run, decay, decays, reuse
+        ctx.state_shape = state_shape
         ctx.finals_shape = (plan.num_segments if plan.local_bounds is not None else B, H, K, V)
         ctx.initial_state_like = (initial_state.shape, initial_state.dtype) if initial_state is not None else None
         return o.detach() if raw is None else o, final
@@ -437,8 +438,8 @@ class _LaspFunction(torch.autograd.Function):
         sp, plan = run.sp, run.plan
         ring = run.mode == "ring"
         packed = plan.local_bounds is not None
-        B, L, H, V = do.shape
-        state_shape = (B, H, ctx.finals_shape[2], V)
+        B, L, H, _ = do.shape
+        state_shape = ctx.state_shape
         if ctx.info is not None:
             saved = ctx.saved_tensors  # once: checkpointing's hooks unpack each saved tensor only once
             q, g = saved[0].view(B, L, H, -1), saved[3]  # the local pass's flat q and float32 g
