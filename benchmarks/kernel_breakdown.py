@@ -30,6 +30,9 @@ from lasp_hf.kernels.triton import chunk  # noqa: E402
 # name -> (CONFIGS overrides, programs per SM or None for the default)
 VARIANTS = {
     "default": ({}, None),
+    "s5_default": ({"fwd": (16384, 8, 3), "fwd_state": (16384, 8, 3)}, None),
+    "out_bt128_3s": ({"fwd": (16384, 8, 3, 128)}, None),
+    "out_bt128_4w": ({"fwd": (16384, 4, 2, 128)}, None),
     "state_4w": ({"fwd_state": (8192, 4, 2)}, None),
     "scan_256": ({"scan": (256, 4, 1)}, None),
     "scan_1024": ({"scan": (1024, 4, 1)}, None),

@@ -168,12 +168,14 @@ def test_forward_steps_with_their_own_tiles(kernels, monkeypatch):
 
 
 @needs_interpreter
-def test_forward_in_steps_of_128_tokens(kernels, monkeypatch):
-    # The forward's kernels may take 128 tokens per step; segments of an odd number of 64-token chunks end
-    # in the middle of a step.
+@pytest.mark.parametrize("g_mode", ["none", "head", "token"])
+def test_forward_in_steps_of_128_tokens(kernels, monkeypatch, g_mode):
+    # The forward's kernels take 128 tokens per step for 16-bit inputs (the default settings); segments of an
+    # odd number of 64-token chunks end in the middle of a step.
     monkeypatch.setitem(kernels.CONFIGS, "fwd_state", (16384, 8, 2, 128))
     monkeypatch.setitem(kernels.CONFIGS, "fwd", (16384, 8, 2, 128))
-    _check(kernels, 1, 330, 2, 32, 32, "token", cps=3)
+    assert kernels._step_tokens("fwd", torch.bfloat16, 32) == 128
+    _check(kernels, 1, 330, 2, 32, 32, g_mode, dtype=torch.bfloat16, cps=3, tol=TOL_BF16)
 
 
 @needs_interpreter

@@ -71,5 +71,10 @@ def test_launch_settings_with_step_tokens(monkeypatch):
     monkeypatch.setattr(chunk, "interpreting", lambda: False)
     monkeypatch.setitem(chunk.CONFIGS, "fwd_state", (16384, 4, 3, 128))
     assert chunk._config("fwd_state", torch.bfloat16, 128, torch.device("cpu")) == {"num_warps": 4, "num_stages": 3}
+    monkeypatch.setitem(chunk.CONFIGS, "fwd", (16384, 8, 3))
     assert chunk._step_tokens("fwd_state") == 128
     assert chunk._step_tokens("fwd") == chunk.CHUNK_SIZE
+    # 128-token steps only where their tiles fit shared memory: 16-bit inputs, K blocks up to 128.
+    assert chunk._step_tokens("fwd_state", torch.float16, 128) == 128
+    assert chunk._step_tokens("fwd_state", torch.float32, 128) == chunk.CHUNK_SIZE
+    assert chunk._step_tokens("fwd_state", torch.bfloat16, 256) == chunk.CHUNK_SIZE

@@ -59,9 +59,10 @@ CHUNK_SIZE = 64
 # whole 128 x 128 state with 8 warps, so q and k are read once per chunk (0.57 -> 0.49 ms at B1 H16 T32K,
 # 2.06 -> 1.54 ms at 128K, same sweep); the backward is best at 128 x 64 with 4 warps.
 # "fwd_state" / "bwd_state" are step 1 of the forward / backward (the segments' states / state gradients); an
-# optional fourth entry is the tokens a step takes (default CHUNK_SIZE). "scan" is the walks over segments (the
+# optional fourth entry is the tokens a step takes (default CHUNK_SIZE): 128-token steps took the forward at B1
+# H16 T32K from 0.475 to 0.443 ms (output kernel 316 -> 292 us; kernel_breakdown.py, H100, session 6). "scan" is the walks over segments (the
 # forward's and the backward's step 2, the SP folds): (flat state elements per program, num_warps, num_stages).
-CONFIGS = {"fwd": (16384, 8, 3), "bwd": (8192, 4, 2), "state": (8192, 4, 2), "fwd_state": (16384, 8, 3),
+CONFIGS = {"fwd": (16384, 8, 2, 128), "bwd": (8192, 4, 2), "state": (8192, 4, 2), "fwd_state": (16384, 4, 2, 128),
            "bwd_state": (8192, 4, 2), "scan": (512, 4, 1)}
 # Segments are planned for about this many programs per SM when B*H alone does not fill the device.
 PROGRAMS_PER_SM = 4
@@ -261,16 +262,20 @@ def _launch_setup(q, v, g, plan: _Plan, phase: str, accurate_states: bool):
     BK, BV = _blocks(K, V, phase)
     cfg = _config(phase, q.dtype, BK, q.device)
     meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
-    scan = dict(G_MODE=_g_mode(g), BT=_step_tokens(phase), DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
+    scan = dict(G_MODE=_g_mode(g), BT=_step_tokens(phase, q.dtype, BK), DT=_dot_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
                 SPLIT=accurate_states and q.dtype != torch.float32, DYN_LOOP=not interpreting(), **meta)
     return H, K, V, triton.cdiv(V, BV), plan.num_segs, cfg, meta, scan
 
 
-def _step_tokens(phase: str) -> int:
+def _step_tokens(phase: str, dtype=torch.bfloat16, BK: int = 128) -> int:
     """Tokens a scan kernel of this phase takes per step: CONFIGS' optional fourth entry, else CHUNK_SIZE. Any
-    multiple of 16 gives the same result (segments end wherever a step runs past them: zeros are read there)."""
+    multiple of 16 gives the same result (segments end wherever a step runs past them: zeros are read there).
+    Steps longer than CHUNK_SIZE only for 16-bit inputs with K blocks up to 128: float32 or 256-wide tiles of
+    128 tokens would not fit shared memory (the same choice in the interpreter, so CPU tests run both)."""
     config = CONFIGS[phase]
-    return config[3] if len(config) > 3 else CHUNK_SIZE
+    if len(config) <= 3 or (config[3] > CHUNK_SIZE and (dtype == torch.float32 or BK > 128)):
+        return CHUNK_SIZE
+    return config[3]
 
 
 def _steps(plan: _Plan, BT: int) -> int:
