@@ -78,3 +78,21 @@ def test_launch_settings_with_step_tokens(monkeypatch):
     assert chunk._step_tokens("fwd_state", torch.float16, 128) == 128
     assert chunk._step_tokens("fwd_state", torch.float32, 128) == chunk.CHUNK_SIZE
     assert chunk._step_tokens("fwd_state", torch.bfloat16, 256) == chunk.CHUNK_SIZE
+
+
+def test_launch_setup_follows_settings_changed_at_run_time(monkeypatch):
+    # The launchers' settings are computed once per combination; CONFIGS and the float32 precision (changed by
+    # benchmarks and tests while the process runs) are part of what is looked up.
+    monkeypatch.setattr(chunk, "interpreting", lambda: False)
+    monkeypatch.setattr(chunk.triton, "set_allocator", lambda allocator: None)
+    q = torch.empty(64, 2, 128, dtype=torch.bfloat16)
+    plan = chunk._make_plan([0, 64], 2, 1, CPU)
+    for warps, tokens in ((8, 128), (4, 64), (8, 128)):
+        monkeypatch.setitem(chunk.CONFIGS, "fwd", (16384, warps, 2, tokens))
+        *_, cfg, meta, scan = chunk._launch_setup(q, q, None, plan, "fwd", False)
+        assert cfg == {"num_warps": warps, "num_stages": 2} and scan["BT"] == tokens and meta["BV"] == 128
+    q32 = q.float()
+    for precision in ("ieee", "tf32x3"):
+        monkeypatch.setattr(chunk, "FP32_DOT_PRECISION", precision)
+        *_, cfg, meta, scan = chunk._launch_setup(q32, q32, None, plan, "fwd", False)
+        assert scan["DOT_PREC"] == precision and scan["BT"] == chunk.CHUNK_SIZE and cfg["num_stages"] == 1

@@ -67,8 +67,15 @@ class FastLaunch:
         # Keyword arguments (the constexprs and launch options at our call sites) by value, positional ones by
         # what Triton specializes on (by value where the parameter is a constexpr).
         try:
-            key = (tuple(kwargs.items()), tuple(a if c else _spec(a) for a, c in zip(args, self.is_constexpr)),
-                   device)
+            key = [device, *kwargs.items()]
+            for a, c in zip(args, self.is_constexpr):
+                if c:
+                    key.append(a)
+                elif isinstance(a, torch.Tensor):  # (inline `_spec` of a tensor: the common case, per launch)
+                    key += (a.dtype, not a.data_ptr() & 15)
+                else:
+                    key.append(_spec(a))
+            key = tuple(key)
             entry = self.cache.get(key)
         except TypeError:  # an unhashable keyword value: Triton's path
             return self.fn[grid](*args, **kwargs)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 from lasp_hf.kernels.triton.launch import fast
-from lasp_hf.kernels.triton.utils import empty, interpreting
+from lasp_hf.kernels.triton.utils import cdiv, empty, interpreting, next_pow2
 
 G_NONE, G_HEAD, G_BATCH_HEAD = 0, 1, 2
 
@@ -57,15 +57,15 @@ def recurrent_step(q, k, v, g=None, *, scale: float, state=None):
     """
     B, H, K = q.shape
     V = v.shape[-1]
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(max(16, triton.next_power_of_2(V)), max(16, 8192 // BK))
+    BK = max(16, next_pow2(K))
+    BV = min(max(16, next_pow2(V)), max(16, 8192 // BK))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g_mode = G_NONE if g is None else (G_HEAD if g.dim() == 1 else G_BATCH_HEAD)
     state_in = state.float().contiguous() if state is not None else None
     new_state = empty(q, (B, H, K, V), torch.float32)
     o = empty(v, v.shape, v.dtype)
     cfg = {} if interpreting() else {"num_warps": 4}
-    _recurrent_step_kernel[(B * H, triton.cdiv(V, BV))](
+    _recurrent_step_kernel[(B * H, cdiv(V, BV))](
         q, k, v, g.contiguous() if g is not None else q, state_in if state_in is not None else new_state,
         new_state, o, scale, H=H, K=K, V=V, G_MODE=g_mode, HAS_STATE=state is not None, BK=BK, BV=BV, **cfg)
     return o, new_state

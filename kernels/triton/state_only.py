@@ -15,13 +15,12 @@ in reverse for dS). Both return float32 [B, H, K, V] and are not differentiable.
 from __future__ import annotations
 
 import torch
-import triton
 from lasp_hf.kernels.triton import chunk
 from lasp_hf.kernels.triton.chunk_kernels import (
     _bwd_kernel_segment_dstate,
     _fwd_kernel_segment_state,
 )
-from lasp_hf.kernels.triton.utils import empty, interpreting
+from lasp_hf.kernels.triton.utils import cdiv, empty, interpreting, next_pow2
 
 # A program's state tile: at most MAX_BLOCK_K rows of K and STATE_TILE float32 elements (128 x 64 at
 # K = V = 128; launch config `chunk.CONFIGS["state"]`). Each (K, V) block re-reads its k (q) and v (do) columns, so the
@@ -31,8 +30,8 @@ STATE_TILE = 8192
 
 
 def _state_blocks(K: int, V: int) -> tuple[int, int]:
-    BK = max(16, min(MAX_BLOCK_K, triton.next_power_of_2(K)))
-    BV = max(16, min(triton.next_power_of_2(V), STATE_TILE // BK))
+    BK = max(16, min(MAX_BLOCK_K, next_pow2(K)))
+    BV = max(16, min(next_pow2(V), STATE_TILE // BK))
     return BK, BV
 
 
@@ -43,7 +42,7 @@ def _state_pass(x, y, g, start, scale: float, gradient: bool):
     if T == 0:
         return start.float().clone() if start is not None else x.new_zeros(B, H, K, V, dtype=torch.float32)
     BK, BV = _state_blocks(K, V)
-    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    NK, NV = cdiv(K, BK), cdiv(V, BV)
     plan = chunk._dense_plan(B, T, H, NK * NV, x.device, chunk._planning_knobs())
     xf, yf = chunk._flat_tokens(x), chunk._flat_tokens(y)
     g32 = chunk.flat_g(g, B, T, H)

@@ -440,6 +440,12 @@ class _LaspFunction(torch.autograd.Function):
         packed = plan.local_bounds is not None
         B, L, H, _ = do.shape
         state_shape = ctx.state_shape
+        reduce_dfinal = run.output_final_state and dfinal is not None
+        # The ring's receive is posted first (the sender's send then completes as soon as it is issued), unless
+        # the all_reduce of dfinal comes before the exchange: NCCL (eager init) runs a group's point-to-point ops
+        # and collectives in one order on every rank, so a receive posted before that all_reduce would wait for a
+        # send that the sender issues only after it, which waits behind the receive: a deadlock.
+        pending = comm.post_recv_from_next(state_shape, do.device, sp) if ring and not reduce_dfinal else None
         if ctx.info is not None:
             saved = ctx.saved_tensors  # once: checkpointing's hooks unpack each saved tensor only once
             q, g = saved[0].view(B, L, H, -1), saved[3]  # the local pass's flat q and float32 g
@@ -456,7 +462,7 @@ class _LaspFunction(torch.autograd.Function):
         # (summed over the ranks that used final_state) ...
         dht = None
         dfinal_total = None
-        if run.output_final_state and dfinal is not None:
+        if reduce_dfinal:
             dfinal_total = comm.all_reduce_sum(dfinal.float(), sp)
             if plan.ending and not packed:
                 dht = dfinal_total
@@ -479,10 +485,8 @@ class _LaspFunction(torch.autograd.Function):
         if ds_direct is None and (not ring or sp.prev_rank is not None):
             ds_direct = do.new_zeros(state_shape, dtype=torch.float32)  # the exchange still sends something
         if ring:
-            # Posted only now: NCCL (eager init) runs a group's point-to-point ops and collectives in one order on
-            # every rank, so a receive posted before the all_reduce of dfinal above would wait for a send that the
-            # sender issues only after that all_reduce, which in turn waits behind the receive: a deadlock.
-            pending = comm.post_recv_from_next(state_shape, do.device, sp)
+            if reduce_dfinal:
+                pending = comm.post_recv_from_next(state_shape, do.device, sp)  # after the all_reduce (see above)
             ds_out = comm.ring_backward(ds_direct, ctx.decay, sp, pending)
         else:
             ds_out = comm.allgather_backward(ds_direct, ctx.decays, sp)
