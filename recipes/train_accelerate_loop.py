@@ -12,6 +12,7 @@ token count, scaled so that the gradient average over all ranks is the unsharded
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import os
 import pathlib
@@ -128,6 +129,11 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if args.log_file and accelerator.is_main_process:
         pathlib.Path(args.log_file).write_text(json.dumps({"losses": losses, "sequence_parallel_size": sp_size}))
+    # Drop the DDP wrapper (its reducer holds the data-parallel group) while every rank is still here, so the groups
+    # are torn down by end_training in order rather than by the interpreter's exit, where gloo's destructor can hang.
+    del model, optimizer
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
 
 

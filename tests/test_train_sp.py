@@ -251,3 +251,16 @@ def test_fsdp2_dp2_sp2_gradient_is_the_unsharded_gradient(across_dp):
     assert abs(logged - loss.item()) <= 1e-5 * loss.item()
     for name, p in reference.named_parameters():
         assert relative_error(grads[name], p.grad) <= 1e-4, name
+
+
+def test_a_worker_that_outlives_its_launcher_cannot_stall_the_tests():
+    """The harness's timeout also kills workers in sessions of their own that keep the launcher's output open (a rank
+    hung at exit once held CI until its 90-minute limit)."""
+    import time
+
+    orphan = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+              "start_new_session=True)")
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match="did not finish in 2 s"):
+        run_in_own_group([sys.executable, "-c", orphan + "; import time; time.sleep(600)"], dict(os.environ), timeout=2)
+    assert time.monotonic() - start < 30

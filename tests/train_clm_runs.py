@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_CLM = REPO / "recipes" / "train_clm.py"
@@ -27,15 +28,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment carries `marker` (launchers start workers in sessions of their own,
+    and a worker whose launcher died is no longer in the launcher's process group)."""
+    needle = marker.encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
 def run_in_own_group(command, env, timeout):
-    """subprocess.run, but a timeout kills the launcher's whole process group: its workers too, not only itself."""
+    """subprocess.run, but a timeout kills the launcher's whole process group and every worker it started (found by
+    a marker in their environment), not only itself, and a worker that outlives its launcher cannot stall the test."""
+    marker = f"LASP_TEST_RUN={uuid.uuid4().hex}"
+    env = {**env, "LASP_TEST_RUN": marker.split("=", 1)[1]}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _kill_marked(marker)
+        stdout, stderr = process.communicate(timeout=60)
         raise AssertionError(f"{command} did not finish in {timeout} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
