@@ -19,7 +19,11 @@ Timing (--timing barrier|pipelined|both, default both):
                ranks, median over --repeats such loops.
 tokens/s = W*T / ms; efficiency = single ms / ms, each method against the single time measured the
 same way (`eff`, `eff_pipe`). --profile: afterwards, 3 iterations of every provider under
-torch.profiler on rank 0 -> sp-<card>-W<n>-profile.txt (op tables sorted by self CPU and CUDA time). Before timing, every SP
+torch.profiler on rank 0 -> sp-<card>-W<n>-profile.txt (op tables sorted by self CPU and CUDA time). --timeline:
+3 pipelined iterations of single, ring and allgather with EVERY rank under torch.profiler -> sp-<card>-W<n>-timeline.txt:
+per rank the GPU's busy and idle time, time inside NCCL kernels (which includes waiting for a peer), host time per
+iteration, the longest idle gaps and the last iteration's kernels on one clock (is a rank waiting for the host, for
+its neighbour, or computing?). Before timing, every SP
 provider's o and dq, dk, dv on each rank are checked against the unsharded op run on the whole
 sequence (bf16 tolerance 2e-2); a failing row is marked FAILED and gets no efficiency or ratio.
 Writes benchmarks/results/sp-<card>-W<n>.json (+ .md) from rank 0.
@@ -310,6 +314,8 @@ PROFILE_ITERS = 3  # iterations under the profiler, per provider and case
 PROFILE_ROWS = 25  # rows of each op table in the file
 PROFILE_PRINT_ROWS = 10  # rows printed per provider
 PROFILE_MAX_BYTES = 1_000_000  # the file is cut there
+TIMELINE_ITERS = 3  # pipelined iterations under the profiler on every rank, per provider
+TIMELINE_GAPS = 8  # longest idle gaps listed per rank
 
 
 def _device_time(event) -> float:
@@ -404,6 +410,100 @@ def profile_case(run: Run, name: str, T: int, rows: list[dict]) -> list[tuple[st
     return sections
 
 
+def _device_intervals(prof, cuda: bool) -> list[tuple[str, int, int]]:
+    """(name, start ns, end ns) of every GPU activity (kernels, copies, memsets), or of every ATen op on CPU, sorted
+    by start. Kineto's timestamps are on the host's clock, so the ranks of one machine share them."""
+    wanted = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    out = []
+    for event in prof.profiler.kineto_results.events():
+        if event.device_type() != wanted or (not cuda and not event.name().startswith("aten::")):
+            continue
+        out.append((event.name(), event.start_ns(), event.start_ns() + event.duration_ns()))
+    return sorted(out, key=lambda item: item[1])
+
+
+def _timeline_summary(intervals: list[tuple[str, int, int]], host_ns: list[int]) -> dict:
+    """Busy (union of intervals), idle (span - busy), NCCL and the longest gaps of one rank's window, in us."""
+    busy = nccl = 0
+    gaps = []
+    end = None
+    for i, (name, start, stop) in enumerate(intervals):
+        if "nccl" in name.lower():
+            nccl += stop - start
+        if end is None:
+            busy += stop - start
+        else:
+            if start > end:
+                gaps.append((start - end, intervals[i - 1][0], name))
+            busy += max(0, stop - max(start, end))
+        end = stop if end is None else max(end, stop)
+    span = (intervals[-1][2] - intervals[0][1]) if intervals else 0
+    gaps.sort(reverse=True)
+    return {"span_us": span / 1e3, "busy_us": busy / 1e3, "idle_us": (span - busy) / 1e3, "nccl_us": nccl / 1e3,
+            "host_us_per_iter": sum(host_ns) / max(len(host_ns), 1) / 1e3,
+            "gaps": [(gap / 1e3, before, after) for gap, before, after in gaps[:TIMELINE_GAPS]]}
+
+
+def timeline_case(run: Run, name: str, T: int, rows: list[dict]) -> list[str]:
+    """TIMELINE_ITERS pipelined fwd+bwd iterations of single, ring and allgather with every rank under the profiler;
+    returns rank 0's text (every rank's summary and last iteration), [] on the other ranks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = run.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    B, T, H, D = run.shape(1, T, 16, 128)
+    gen = torch.Generator(device=run.device).manual_seed(run.seed + 2)
+    q, k, v, do = (torch.randn(B, T, H, D, device=run.device, dtype=run.dtype, generator=gen) for _ in range(4))
+    g = -slopes(H).to(run.device)
+    lines = []
+    for row in rows:
+        if row["case"] != name or row["provider"] not in ("single", "ring", "allgather") or row.get("status") != "ok":
+            continue
+        forward, leaves, upstream, _ = prepare(run, row["provider"], q, k, v, g, do)
+        step = functools.partial(_fwd_bwd, forward, leaves, upstream)
+        for _ in range(2):
+            step()
+        if cuda:
+            torch.cuda.synchronize(run.device)
+        dist.barrier()
+        host_ns, marks = [], []
+        with profile(activities=activities) as prof:
+            for _ in range(TIMELINE_ITERS):
+                marks.append(time.time_ns())
+                t0 = time.perf_counter_ns()
+                step()
+                host_ns.append(time.perf_counter_ns() - t0)
+            if cuda:
+                torch.cuda.synchronize(run.device)
+        mine = {"rank": run.rank, "intervals": _device_intervals(prof, cuda), "host_ns": host_ns, "marks": marks}
+        everyone = [None] * run.world_size
+        dist.all_gather_object(everyone, mine)
+        del forward, leaves, upstream, step, prof
+        _free(run.device)
+        if run.rank != 0:
+            continue
+        t0 = min((r["intervals"][0][1] for r in everyone if r["intervals"]), default=0)
+        lines.append(f"===== {name} {row['provider']} (W={run.world_size}): {TIMELINE_ITERS} pipelined iterations, "
+                     f"every rank profiled; us")
+        lines.append("rank  span  busy  idle  in-nccl  host/iter")
+        for r in everyone:
+            summary = _timeline_summary(r["intervals"], r["host_ns"])
+            lines.append(f"{r['rank']:>4}  {summary['span_us']:.0f}  {summary['busy_us']:.0f}  {summary['idle_us']:.0f}  "
+                         f"{summary['nccl_us']:.0f}  {summary['host_us_per_iter']:.0f}")
+        for r in everyone:
+            lines.append(f"-- rank {r['rank']}: longest idle gaps (us, after -> before)")
+            for gap, before, after in _timeline_summary(r["intervals"], r["host_ns"])["gaps"]:
+                lines.append(f"   {gap:8.1f}  {before[:48]} -> {after[:48]}")
+        for r in everyone:
+            last = r["marks"][-1]
+            lines.append(f"-- rank {r['rank']}: last iteration (host started it at {(last - t0) / 1e3:.1f}); start, "
+                         "duration, kernel")
+            for kernel, start, stop in r["intervals"]:
+                if stop >= last:
+                    lines.append(f"   {(start - t0) / 1e3:9.1f} {(stop - start) / 1e3:8.1f}  {kernel[:90]}")
+    return lines
+
+
 def write_profile(path: Path, sections: list[tuple[str, str, list[str]]], header: str) -> Path:
     """One text file for every provider and case, cut at PROFILE_MAX_BYTES."""
     text = header + "\n\n" + "\n\n".join(f"===== {title}\n{tables}" for title, tables, _ in sections) + "\n"
@@ -472,6 +572,12 @@ def parse_args(argv=None):
         action="store_true",
         help="after timing, 3 iterations of every provider under torch.profiler (rank 0) -> "
         "<out>/sp-<card>-W<n>-profile.txt, and the top rows printed",
+    )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="after timing, 3 iterations of single / ring / allgather with every rank under torch.profiler -> "
+        "<out>/sp-<card>-W<n>-timeline.txt (GPU busy / idle / NCCL time per rank, longest gaps, last iteration)",
     )
     parser.add_argument(
         "--timeout-s", type=int, default=300, help="process-group timeout (a hung rank ends the run)"
@@ -598,6 +704,18 @@ def main(argv=None) -> int:
                 out_dir = Path(args.out) if args.out is not None else common.RESULTS_DIR
                 header = f"{name}: torch.profiler, rank 0; {common.describe_env(env)}"
                 path = write_profile(out_dir / f"{name}-profile.txt", sections, header)
+                print(f"wrote {path}", flush=True)
+        if args.timeline:
+            lines = []
+            for case in selected:
+                if rank == 0:
+                    print(f"[sp W={world_size}] timeline {case.name}", file=sys.stderr, flush=True)
+                lines += timeline_case(run, case.name, case.params["T"], rows)
+            if rank == 0:
+                out_dir = Path(args.out) if args.out is not None else common.RESULTS_DIR
+                path = write_profile(out_dir / f"{name}-timeline.txt", [("timeline", "\n".join(lines), [])],
+                                     f"{name}: every rank under torch.profiler; {common.describe_env(env)}")
+                print("\n".join(lines[:40]))
                 print(f"wrote {path}", flush=True)
         bad = any(row["status"] in ("FAILED", "ERROR") for row in rows)
         return 1 if bad else 0

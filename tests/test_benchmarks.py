@@ -308,6 +308,7 @@ def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
             "--out",
             str(tmp_path),
             "--profile",
+            "--timeline",
         ],
         timeout=180,
     )
@@ -342,6 +343,15 @@ def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
         assert f"===== sp-T8K {provider} (W=2, 3 iterations)" in profile
     assert "lasp-ref" not in profile.split("\n", 1)[1]  # skipped rows are not profiled
     assert "Self CPU" in profile and "aten::" in profile
+    # --timeline: every rank's summary (busy <= span) and last iteration, per provider that ran
+    timeline = (tmp_path / "sp-cpu-W2-tiny-timeline.txt").read_text()
+    for provider in ("single", "ring", "allgather"):
+        section = timeline.split(f"===== sp-T8K {provider} (W=2)")[1].split("=====")[0]
+        table = section.split("rank  span  busy  idle  in-nccl  host/iter\n")[1].splitlines()[:2]
+        for rank, line in enumerate(table):
+            r, span, busy, idle, _, host = (float(x) for x in line.split())
+            assert r == rank and 0 < busy <= span + 1 and idle == pytest.approx(span - busy, abs=1.5) and host > 0
+        assert "-- rank 1: last iteration" in section and "aten::" in section
 
 
 def test_sp_ratios_per_timing_method():
