@@ -45,7 +45,8 @@ VARIANTS = {
     "state_bt128_s3": ({"fwd_state": (16384, 8, 3, 128), "bwd_state": (8192, 4, 3, 128)}, None),
     "state_bt128_4w": ({"fwd_state": (16384, 4, 2, 128), "bwd_state": (8192, 4, 2, 128)}, None),
     "out_bt128": ({"fwd": (16384, 8, 2, 128)}, None),
-    "bt128_both": ({"fwd": (16384, 8, 2, 128), "fwd_state": (16384, 8, 2, 128), "bwd_state": (8192, 4, 2, 128)}, None),
+    "bt128_both": ({"fwd": (16384, 8, 2, 128), "fwd_state": (16384, 8, 2, 128), "bwd_state": (8192, 4, 2, 128)},
+                   None),
 }
 
 

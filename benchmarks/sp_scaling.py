@@ -19,11 +19,11 @@ Timing (--timing barrier|pipelined|both, default both):
                ranks, median over --repeats such loops.
 tokens/s = W*T / ms; efficiency = single ms / ms, each method against the single time measured the
 same way (`eff`, `eff_pipe`). --profile: afterwards, 3 iterations of every provider under
-torch.profiler on rank 0 -> sp-<card>-W<n>-profile.txt (op tables sorted by self CPU and CUDA time). --timeline:
-3 pipelined iterations of single, ring and allgather with EVERY rank under torch.profiler -> sp-<card>-W<n>-timeline.txt:
-per rank the GPU's busy and idle time, time inside NCCL kernels (which includes waiting for a peer), host time per
-iteration, the longest idle gaps and the last iteration's kernels on one clock (is a rank waiting for the host, for
-its neighbour, or computing?). Before timing, every SP
+torch.profiler on rank 0 -> sp-<card>-W<n>-profile.txt (op tables sorted by self CPU and CUDA time).
+--timeline: 3 pipelined iterations of single, ring and allgather with EVERY rank under torch.profiler ->
+sp-<card>-W<n>-timeline.txt: per rank the GPU's busy and idle time, time inside NCCL kernels (which includes waiting
+for a peer), host time per iteration, the longest idle gaps and the last iteration's kernels on one clock (is a rank
+waiting for the host, for its neighbour, or computing?). Before timing, every SP
 provider's o and dq, dk, dv on each rank are checked against the unsharded op run on the whole
 sequence (bf16 tolerance 2e-2); a failing row is marked FAILED and gets no efficiency or ratio.
 Writes benchmarks/results/sp-<card>-W<n>.json (+ .md) from rank 0.
@@ -488,8 +488,8 @@ def timeline_case(run: Run, name: str, T: int, rows: list[dict]) -> list[str]:
         lines.append("rank  span  busy  idle  in-nccl  host/iter")
         for r in everyone:
             summary = _timeline_summary(r["intervals"], r["host_ns"])
-            lines.append(f"{r['rank']:>4}  {summary['span_us']:.0f}  {summary['busy_us']:.0f}  {summary['idle_us']:.0f}  "
-                         f"{summary['nccl_us']:.0f}  {summary['host_us_per_iter']:.0f}")
+            numbers = (summary[key] for key in ("span_us", "busy_us", "idle_us", "nccl_us", "host_us_per_iter"))
+            lines.append(f"{r['rank']:>4}  " + "  ".join(f"{x:.0f}" for x in numbers))
         for r in everyone:
             lines.append(f"-- rank {r['rank']}: longest idle gaps (us, after -> before)")
             for gap, before, after in _timeline_summary(r["intervals"], r["host_ns"])["gaps"]:

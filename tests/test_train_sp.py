@@ -262,5 +262,6 @@ def test_a_worker_that_outlives_its_launcher_cannot_stall_the_tests():
               "start_new_session=True)")
     start = time.monotonic()
     with pytest.raises(AssertionError, match="did not finish in 2 s"):
-        run_in_own_group([sys.executable, "-c", orphan + "; import time; time.sleep(600)"], dict(os.environ), timeout=2)
+        command = [sys.executable, "-c", orphan + "; import time; time.sleep(600)"]
+        run_in_own_group(command, dict(os.environ), timeout=2)
     assert time.monotonic() - start < 30

@@ -60,10 +60,11 @@ CHUNK_SIZE = 64
 # 2.06 -> 1.54 ms at 128K, same sweep); the backward is best at 128 x 64 with 4 warps.
 # "fwd_state" / "bwd_state" are step 1 of the forward / backward (the segments' states / state gradients); an
 # optional fourth entry is the tokens a step takes (default CHUNK_SIZE): 128-token steps took the forward at B1
-# H16 T32K from 0.475 to 0.443 ms (output kernel 316 -> 292 us; kernel_breakdown.py, H100, session 6). "scan" is the walks over segments (the
-# forward's and the backward's step 2, the SP folds): (flat state elements per program, num_warps, num_stages).
-CONFIGS = {"fwd": (16384, 8, 2, 128), "bwd": (8192, 4, 2), "state": (8192, 4, 2), "fwd_state": (16384, 4, 2, 128),
-           "bwd_state": (8192, 4, 2), "scan": (512, 4, 1)}
+# H16 T32K from 0.475 to 0.439 ms (output kernel 316 -> 287 us, segment states 126 -> 118 us;
+# kernel_breakdown.py, H100, session 6). "scan" is the walks over segments (the forward's and the backward's
+# step 2, the SP folds): (flat state elements per program, num_warps, num_stages).
+CONFIGS = {"fwd": (16384, 8, 2, 128), "bwd": (8192, 4, 2), "state": (8192, 4, 2),
+           "fwd_state": (16384, 4, 2, 128), "bwd_state": (8192, 4, 2), "scan": (512, 4, 1)}
 # Segments are planned for about this many programs per SM when B*H alone does not fill the device.
 PROGRAMS_PER_SM = 4
 # A sequence is cut into segments when it is more than this many times longer than the work per program
@@ -283,8 +284,9 @@ def _setup_for(phase: str, config: tuple, dtype, H: int, K: int, V: int, g_mode:
     BK, BV = _blocks(K, V, phase)
     cfg = {} if interpreting() else dict(_launch_options(config, dtype, BK))
     meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
-    scan = dict(G_MODE=g_mode, BT=_step_tokens(phase, dtype, BK), DT=_dot_dtype(dtype), DOT_PREC=_dot_precision(dtype),
-                SPLIT=accurate_states and dtype != torch.float32, DYN_LOOP=not interpreting(), **meta)
+    scan = dict(G_MODE=g_mode, BT=_step_tokens(phase, dtype, BK), DT=_dot_dtype(dtype),
+                DOT_PREC=_dot_precision(dtype), SPLIT=accurate_states and dtype != torch.float32,
+                DYN_LOOP=not interpreting(), **meta)
     return cdiv(V, BV), cfg, meta, scan
 
 
