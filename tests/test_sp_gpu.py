@@ -103,3 +103,70 @@ def test_sp_nccl_triton_bf16(W):
         if not (err <= max(BF16_TOL, 1.05 * base) and err <= 2 * base)
     ]
     assert not bad, "\n".join(bad)
+
+
+def _split_worker(W: int) -> dict:
+    """The ring with DESIGN.md's split (`lasp.RING_SPLIT`: local pass from a zero state overlapping the exchange on a
+    side stream, then the carried state's correction): dense rows, no initial state, every g mode."""
+    import lasp_hf.kernels.triton as triton_impl
+    from lasp_hf.parallel import lasp
+
+    lasp.RING_SPLIT = True
+    ran = [0]
+    correction = triton_impl.carry_correction
+
+    def counting(*args, **kwargs):
+        ran[0] += 1
+        return correction(*args, **kwargs)
+
+    triton_impl.carry_correction = counting
+    rank = dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device())
+    T, B = W * L, 2
+    mine = slice(rank * L, (rank + 1) * L)
+    sp = init_sequence_parallel(W, mode="ring")
+    results = {}
+    for g_mode in ("none", "head", "token"):
+        gen = torch.Generator().manual_seed(7000 * W + len(g_mode))
+        q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
+        v = torch.randn(B, T, H, V, generator=gen)
+        g = {"none": None, "head": -torch.rand(H, generator=gen) * 0.05 - 1e-3,
+             "token": torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen) + 4.0)}[g_mode]
+        w_o, w_f = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+        q, k, v, w_o, w_f = (x.to(device) for x in (q, k, v, w_o, w_f))
+        g = g.to(device) if g is not None else None
+        ref = _unsharded((q, k, v, g, None), None, w_o, w_f, torch.float32)
+        base = _unsharded((q, k, v, g, None), None, w_o, w_f, torch.bfloat16)
+        local = [q[:, mine].bfloat16(), k[:, mine].bfloat16(), v[:, mine].bfloat16(),
+                 g[:, mine] if g_mode == "token" else g]
+        local = [x.clone().requires_grad_() if x is not None else None for x in local]
+        o, final = linear_attention(*local, output_final_state=True, sp_group=sp, sp_mode="ring", backend="triton")
+        share = (rank + 1) / (W * (W + 1) / 2)
+        loss = (o.float() * w_o[:, mine]).sum() + share * (final * w_f).sum()
+        grads = list(torch.autograd.grad(loss, [x for x in local if x is not None]))
+        if g_mode == "head":
+            dist.all_reduce(grads[3])
+        names = ["o", "final", "dq", "dk", "dv"] + (["dg"] if g is not None else [])
+        for name, got, r, b in zip(names, [o, final, *grads], ref, base):
+            if not (name == "final" or (name == "dg" and g_mode == "head")):
+                r, b = r[:, mine], b[:, mine]
+            results[f"split/{g_mode}/{name}"] = (relative_error(got, r), relative_error(b, r))
+    torch.cuda.synchronize()
+    results["corrections"] = (float(ran[0]), 0.0)
+    return results
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_ring_split_nccl_triton_bf16(W):
+    if torch.cuda.device_count() < W:
+        pytest.skip(f"needs {W} GPUs, found {torch.cuda.device_count()}")
+    results = run_distributed(_split_worker, W, W, backend="nccl", timeout_s=600)
+    ran = [errors.pop("corrections")[0] for errors in results]
+    assert ran[0] == 0 and all(count == 3 for count in ran[1:]), ran  # every rank with a carried state corrected
+    bad = [
+        f"rank {rank} {case}: SP {err:.2e}, bf16 PyTorch {base:.2e}"
+        for rank, errors in enumerate(results)
+        for case, (err, base) in errors.items()
+        if not (err <= max(BF16_TOL, 1.05 * base) and err <= 2 * base)
+    ]
+    assert not bad, "\n".join(bad)

@@ -94,7 +94,8 @@ def _sp_op(backend, q, k, v, g, **kwargs):
     return linear_attention(q, k, v, g, backend=backend, **kwargs)
 
 
-def _op_worker(W: int, backend: str = "torch", layouts=None, g_modes=G_MODES, dims=(H, K, V)) -> dict:
+def _op_worker(W: int, backend: str = "torch", layouts=None, g_modes=G_MODES, dims=(H, K, V),
+               use_h0: bool = True, lens=None) -> dict:
     """Runs on every rank; returns {case: {quantity: relative error}}.
 
     The SP op runs on `backend`; the reference is always the unsharded PyTorch op. dims = (H, K, V).
@@ -102,12 +103,12 @@ def _op_worker(W: int, backend: str = "torch", layouts=None, g_modes=G_MODES, di
     rank = dist.get_rank()
     sp = SequenceParallelContext.from_group(dist.group.WORLD)
     errors = {}
-    for L in LOCAL_LENS[W]:
-        errors.update(_op_cases(W, L, rank, sp, backend, layouts, g_modes, dims))
+    for L in lens or LOCAL_LENS[W]:
+        errors.update(_op_cases(W, L, rank, sp, backend, layouts, g_modes, dims, use_h0))
     return errors
 
 
-def _op_cases(W, L, rank, sp, backend, layouts, g_modes, dims) -> dict:
+def _op_cases(W, L, rank, sp, backend, layouts, g_modes, dims, use_h0=True) -> dict:
     mine = slice(rank * L, (rank + 1) * L)
     errors = {}
     for layout, bounds in _layouts(W, L).items():
@@ -115,6 +116,7 @@ def _op_cases(W, L, rank, sp, backend, layouts, g_modes, dims) -> dict:
             continue
         for g_mode in g_modes:
             q, k, v, g, h0, w_o, w_final, cu = _inputs(W, L, g_mode, bounds, seed=zlib.crc32(f"{W}{L}{layout}{g_mode}".encode()), dims=dims)
+            h0 = h0 if use_h0 else None
             # Reference: the unsharded op.
             leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, h0)]
             o_ref, final_ref = linear_attention(*leaves[:4], initial_state=leaves[4], output_final_state=True,
@@ -132,6 +134,8 @@ def _op_cases(W, L, rank, sp, backend, layouts, g_modes, dims) -> dict:
                 grads = _grads(loss, local)
                 # g [H] and initial_state are passed whole by every rank: sum the contributions by hand.
                 for i in ((3, 4) if g_mode == "head" else (4,)):
+                    if local[i] is None:
+                        continue
                     total = grads[i].clone() if grads[i] is not None else torch.zeros_like(local[i])
                     dist.all_reduce(total)
                     grads[i] = total
@@ -223,6 +227,44 @@ def test_sp_reuses_the_state_only_passes_in_the_local_pass():
     # Once per g mode and mode, on every rank: rank 0 computes the states it hands on, rank 1 the gradient of the
     # state it received; the other step 1 each rank runs before waiting for the exchange (prepare_*).
     assert all(count == 6 for counts in taken for count in counts.values()), taken
+
+
+def _split_worker(W: int) -> dict:
+    """`_op_worker` on the Triton backend (interpreter) with DESIGN.md's split for the ring (`lasp.RING_SPLIT`):
+    dense rows of several segments, no initial state; also counts the corrections that ran."""
+    import lasp_hf.kernels.triton as triton_impl
+    from lasp_hf.kernels.triton import chunk
+    from lasp_hf.parallel import lasp
+
+    chunk.CHUNKS_PER_SEGMENT = 1
+    lasp.RING_SPLIT = True
+    ran = {"corrections": 0}
+    correction = triton_impl.carry_correction
+
+    def counting(*args, **kwargs):
+        ran["corrections"] += 1
+        return correction(*args, **kwargs)
+
+    triton_impl.carry_correction = counting
+    # (Rank lengths of several 64-token segments: one token per rank would leave rank 0's dg zero without an
+    # initial state, where a relative error means nothing.)
+    errors = _op_worker(W, "triton", ("dense",), G_MODES, (2, 16, 16), use_h0=False, lens=(100,) if W == 2 else (65,))
+    errors["ran"] = {name: float(count) for name, count in ran.items()}
+    return errors
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("W", [2, 4])
+def test_ring_split_matches_unsharded(W):
+    """The ring with the local pass from a zero state before the receive and the carried state's correction after
+    it: o, final_state and every gradient against the unsharded op, every g mode."""
+    pytest.importorskip("triton")
+    results = run_distributed(_split_worker, W, W, start_method="spawn", env={"TRITON_INTERPRET": "1"})
+    ran = [errors.pop("ran")["corrections"] for errors in results]
+    bad = _failures(results)
+    assert not bad, "\n".join(bad)
+    # Rank 0 has no carried state; every other rank corrects once per g mode in ring mode.
+    assert ran[0] == 0 and all(count == len(G_MODES) for count in ran[1:]), ran
 
 
 @pytest.mark.distributed

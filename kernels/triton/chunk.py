@@ -44,6 +44,7 @@ from lasp_hf.kernels.triton.chunk_kernels import (
     _bwd_kernel_dq,
     _bwd_kernel_dv,
     _bwd_kernel_segment_dstate,
+    _fwd_kernel_carry,
     _fwd_kernel_output,
     _fwd_kernel_segment_state,
     _kernel_segment_scan,
@@ -329,10 +330,12 @@ def _launch_segment_dstate(q, do, g, scale, plan: _Plan, need_dg: bool, store_de
     return ds_loc, (seg_decay if store_decay else None)
 
 
-def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segment_states=None):
+def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segment_states=None, walked=None,
+                o_dtype=None):
     """q, k: [NT, H, K]; v: [NT, H, V]; g: None, [H] or [NT, H] float32; h0: None or [N, H, K, V].
     accurate_states: states to ~16 mantissa bits with bf16/fp16 inputs (when dg will be needed).
-    segment_states: step 1's result computed earlier by the caller (`SegmentReuse`), or None.
+    segment_states: step 1's result computed earlier by the caller (`SegmentReuse`), or None; walked: step 2's
+    too (S_in of every segment from a zero start, h0 None), or None. o_dtype: o's dtype if not v's.
     Returns o [NT, H, V], S_in and S_end per segment [S, H, K, V] and the segments' log-decays [S, H]."""
     H, K, V, NV, S, cfg, meta, scan = _launch_setup(q, v, g, plan, "fwd", accurate_states)
     g_arg = g if g is not None else q
@@ -341,15 +344,18 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segme
             s_loc, seg_decay = segment_states
         else:
             s_loc, seg_decay = _launch_segment_state(k, v, g, plan, accurate_states)
-        s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
-        _scan_segments(s_loc, seg_decay, plan, start=h0, each=s_in, end=None, reverse=False)
+        if walked is not None and h0 is None:
+            s_in = walked
+        else:
+            s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
+            _scan_segments(s_loc, seg_decay, plan, start=h0, each=s_in, end=None, reverse=False)
     else:
         seg_decay = empty(q, (S, H), torch.float32)
         if h0 is not None:
             s_in = h0.float()[plan.seg_seq].contiguous()
         else:
             s_in = q.new_zeros(S, H, K, V, dtype=torch.float32)
-    o = empty(v, v.shape, v.dtype)
+    o = empty(v, v.shape, o_dtype or v.dtype)
     s_end = empty(s_in, s_in.shape, s_in.dtype)
     _fwd_kernel_output[(S, H, NV)](
         q, k, v, g_arg, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, _steps(plan, scan["BT"]),
@@ -414,10 +420,11 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
 # ----------------------------------------------------------------------------- forward / backward
 
 def chunk_linear_attention_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool = False,
-                               need_final: bool = True, segment_states=None):
+                               need_final: bool = True, segment_states=None, walked=None, o_dtype=None):
     """Flat inputs (see `_launch_fwd`). Returns o, the final state [N, H, K, V] (None unless need_final)
     and what backward needs."""
-    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate_states, segment_states)
+    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate_states, segment_states, walked,
+                                            o_dtype)
     if not need_final:
         return o, None, s_in, seg_decay
     final = s_end[plan.last_seg_index]
@@ -500,6 +507,7 @@ class SegmentReuse:
         self.plan, self.shape, self.accurate_states = plan, shape, accurate_states
         self.segment_states = None    # (s_loc [S, H, K, V], seg_decay [S, H])
         self.segment_dstates = None   # ds_loc [S, H, K, V]
+        self.walked = None            # S_in of every segment from a zero start [S, H, K, V]
 
     @classmethod
     def make(cls, q, k, v, g, accurate_states: bool):
@@ -548,6 +556,22 @@ class SegmentReuse:
         with torch.no_grad():
             return self._fold(ds_loc, seg_decay, None, reverse=True)
 
+    @torch.no_grad()
+    def walk_from_zero(self):
+        """After `prepare_states`: step 2 from a zero start, kept for the op's forward (which must then get no
+        initial state); returns the state after each row's T tokens, float32 [B, H, K, V]. Sequence parallelism's
+        split (`carry_correction`) sends this before the rank's output kernel runs."""
+        s_loc, seg_decay = self.segment_states
+        self.walked = empty(s_loc, s_loc.shape, s_loc.dtype)
+        end = empty(s_loc, (self.plan.num_seqs, *s_loc.shape[1:]), s_loc.dtype)
+        _scan_segments(s_loc, seg_decay, self.plan, start=None, each=self.walked, end=end, reverse=False)
+        return end
+
+    def take_walk(self, plan: _Plan):
+        """The kept walk from a zero start if it fits this call of the op (then forgotten), else None."""
+        walked, self.walked = self.walked, None
+        return walked if plan is self.plan else None
+
     def take_states(self, plan: _Plan, accurate_states: bool):
         """The kept segment states if they fit this call of the op (then forgotten), else None."""
         states, self.segment_states = self.segment_states, None
@@ -579,11 +603,12 @@ def _plan_for(B: int, T: int, H: int, K: int, V: int, cu_seqlens, device) -> _Pl
 
 
 def local_forward(q, k, v, g=None, *, scale: float, initial_state=None, cu_seqlens=None, need_final=False,
-                  need_dg=False, reuse: SegmentReuse | None = None):
+                  need_dg=False, reuse: SegmentReuse | None = None, o_dtype=None):
     """The forward pass without autograd, for a caller that runs the backward itself (sequence parallelism).
 
     Arguments as `chunk_linear_attention` (need_final: also return the final state, which a backward with a
-    final-state gradient needs for g's gradient; need_dg: the backward will want g's gradient). Returns o [B, T, H, V], the final state (or None), the tensors the backward needs (a
+    final-state gradient needs for g's gradient; need_dg: the backward will want g's gradient; o_dtype: o's dtype
+    if not v's, e.g. float32 for `carry_correction`). Returns o [B, T, H, V], the final state (or None), the tensors the backward needs (a
     tuple for `ctx.save_for_backward`) and a `LocalPass` for `local_backward`.
     """
     B, T, H, K = q.shape
@@ -595,12 +620,38 @@ def local_forward(q, k, v, g=None, *, scale: float, initial_state=None, cu_seqle
     g32 = flat_g(g, B, T, H)
     h0 = initial_state.contiguous() if initial_state is not None else None
     need_dg = need_dg and g is not None
+    walked = reuse.take_walk(plan) if reuse is not None else None
+    if walked is not None and h0 is not None:
+        raise ValueError("reuse walked from a zero state (walk_from_zero); the op got an initial_state")
     o, final, s_in, seg_decay = chunk_linear_attention_fwd(
         qf, kf, vf, g32, scale, h0, plan, need_dg, need_final=need_final,
-        segment_states=reuse.take_states(plan, need_dg) if reuse is not None else None)
+        segment_states=reuse.take_states(plan, need_dg) if reuse is not None else None, walked=walked,
+        o_dtype=o_dtype)
     info = LocalPass(plan, scale, (B, T, H, K, V), need_dg, tuple(g.shape) if g is not None else None,
                      g.dtype if g is not None else None, h0.dtype if h0 is not None else None, reuse)
     return o.view(B, T, H, V), final, (qf, kf, vf, g32, s_in, seg_decay, final), info
+
+
+def carry_correction(o, saved, info: LocalPass, s_carry, out_dtype):
+    """After `local_forward` ran dense rows from a zero state (o best in float32, `o_dtype`): the output of rows that
+    start from s_carry [B, H, K, V] (float32), o_t + scale exp(G_t) q_t s_carry, in out_dtype; the saved per-segment
+    states become those of that start (in place). Sequence parallelism runs the local pass before the carried state
+    arrives and this after (DESIGN.md's split); a row's final state is then a_r s_carry + the zero-start final
+    state, which the caller forms itself."""
+    qf, _, vf, g32, s_in, seg_decay, _ = saved
+    plan = info.plan
+    if plan.num_segs != plan.num_seqs * plan.max_segs:
+        raise ValueError("carry_correction is for dense rows (every row cut into the same segments)")
+    H, K, V, NV, S, cfg, meta, scan = _launch_setup(qf, vf, g32, plan, "fwd", False)
+    # Each segment's log-decay from its row's start (exclusive cumulative sum over the row's segments).
+    per_row = seg_decay.view(plan.num_seqs, plan.max_segs, H)
+    seg_logc = (per_row.cumsum(1) - per_row).view(S, H)
+    scan = {name: value for name, value in scan.items() if name != "SPLIT"}
+    out = empty(o, o.shape, out_dtype)
+    _fwd_kernel_carry[(S, H, NV)](
+        qf, g32 if g32 is not None else qf, o.view(-1, H, V), out.view(-1, H, V), s_in, s_carry.contiguous(),
+        plan.seg_seq, seg_logc, plan.seg_bos, plan.seg_eos, info.scale, _steps(plan, scan["BT"]), **scan, **cfg)
+    return out
 
 
 def local_backward(saved, info: LocalPass, do, dfinal=None, *, need_dh0: bool = False):

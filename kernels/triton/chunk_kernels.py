@@ -210,6 +210,43 @@ def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, 
 
 @fast
 @triton.jit
+def _fwd_kernel_carry(q, g, o, out, s_in, s_carry, seg_row, seg_logc, seg_bos, seg_eos, scale, CPS,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                      DOT_PREC: tl.constexpr, DYN_LOOP: tl.constexpr = False):
+    """One program per (segment, head, V block) of rows whose output o was computed from a zero state: out = o +
+    the term of the state the row really starts from, scale * exp(G_t) q_t S_carry(row) (G_t from the row's start;
+    the segment starts from exp(seg_logc) S_carry), and that segment-start state added to s_in. (o in float32
+    and out in the input's dtype: the sum is rounded once, as the unsplit output kernel rounds it.)"""
+    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    row = tl.load(seg_row + i_s).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    p_tile = o_k[:, None] * V + o_v[None, :]
+    carried = tl.load(s_carry + (row * H + i_h) * K * V + p_tile, mask=m_kv, other=0.0)
+    state = carried * tl.exp(tl.load(seg_logc + i_s * H + i_h))
+    p_start = s_in + (i_s * H + i_h).to(tl.int64) * K * V + p_tile
+    tl.store(p_start, tl.load(p_start, mask=m_kv, other=0.0) + state, mask=m_kv)
+    tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
+    tiles_o = _token_tiles(o, bos, eos, i_h, H, V, BT, BV)
+    tiles_out = _token_tiles(out, bos, eos, i_h, H, V, BT, BV)
+    n_chunks = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
+    for i in range(n_chunks):
+        r0 = i * BT
+        t0 = bos + r0
+        b_q = tiles_q.load([r0, 0]).to(DT)
+        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        b_o = tiles_o.load([r0, i_v * BV]).to(tl.float32)
+        b_o += tl.dot(b_q, state.to(b_q.dtype), input_precision=DOT_PREC) * (tl.exp(b)[:, None] * scale)
+        tiles_out.store([r0, i_v * BV], b_o.to(out.dtype.element_ty))
+        state = state * tl.exp(b_last)
+
+
+@fast
+@triton.jit
 def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, scale, CPS,
                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,

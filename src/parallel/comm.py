@@ -106,6 +106,60 @@ def _combine(local, decay, carried):
     return torch.addcmul(local, decay, carried)
 
 
+def ring_forward_out(s_loc, decay, sp: SequenceParallelContext, pending_recv):
+    """`ring_forward` that also returns what it hands on: (S_in(r) or None, S_out(r) = a_r S_in(r) + S_loc(r))."""
+    s_in = _received(pending_recv)
+    s_out = _combine(s_loc, decay, s_in)
+    if sp.next_rank is not None:
+        _send_later(s_out, sp.rank + 1, sp)
+    return s_in, s_out
+
+
+class SideStream:
+    """A block of work on a second CUDA stream that starts after everything queued so far on the current one and
+    that the current stream waits for only at `join` (on CPU the block simply runs). Sequence parallelism's split
+    runs the ring's receive, combine and send here, so they overlap the local pass on the main stream.
+
+        with SideStream(device, s_loc, decay) as side:   # tensors made on the main stream and used in the block
+            ...
+        ...                                              # main-stream work, concurrent with the block
+        side.join(s_out)                                 # tensors made in the block and used afterwards
+    """
+
+    _streams: dict = {}
+
+    def __init__(self, device, *inputs):
+        self.device, self.inputs = torch.device(device), inputs
+        self.main = self.side = self.context = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.main = torch.cuda.current_stream(self.device)
+            self.side = self._streams.get(self.device)
+            if self.side is None:
+                self.side = self._streams[self.device] = torch.cuda.Stream(self.device)
+            self.side.wait_stream(self.main)
+            for x in self.inputs:
+                if x is not None:
+                    x.record_stream(self.side)  # not reused by the main stream's allocations while in use here
+            self.context = torch.cuda.stream(self.side)
+            self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            self.context.__exit__(*exc)
+        return False
+
+    def join(self, *outputs) -> None:
+        """The current (main) stream waits for the block; `outputs` (made in it) stay valid for the main stream."""
+        if self.side is not None:
+            self.main.wait_stream(self.side)
+            for x in outputs:
+                if x is not None:
+                    x.record_stream(self.main)
+
+
 def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv):
     """LASP ring step: S_in(r) arrives from rank r-1; S_out(r) = a_r S_in(r) + S_loc(r) leaves for rank r+1.
     Only this combine and the hop are serial across ranks.
