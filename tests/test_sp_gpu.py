@@ -109,20 +109,24 @@ def _out_of_tolerance(results) -> list:
 
 
 def _split_worker(W: int) -> dict:
-    """The ring with DESIGN.md's split (`lasp.RING_SPLIT`: local pass from a zero state overlapping the exchange on a
-    side stream, then the carried state's correction): dense rows, no initial state, every g mode."""
+    """The ring with DESIGN.md's split (`lasp.RING_SPLIT`: the local passes run without the exchanged state while it
+    crosses the ranks on a side stream, then are corrected with it): dense rows, no initial state, every g mode."""
     import lasp_hf.kernels.triton as triton_impl
     from lasp_hf.parallel import lasp
 
     lasp.RING_SPLIT = True
-    ran = [0]
-    correction = triton_impl.carry_correction
+    ran = {"carry_correction": 0, "carry_correction_bwd": 0}
 
-    def counting(*args, **kwargs):
-        ran[0] += 1
-        return correction(*args, **kwargs)
+    def counting(name):
+        original = getattr(triton_impl, name)
 
-    triton_impl.carry_correction = counting
+        def wrapper(*args, **kwargs):
+            ran[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in ran:
+        setattr(triton_impl, name, counting(name))
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device())
     T, B = W * L, 2
@@ -155,7 +159,7 @@ def _split_worker(W: int) -> dict:
                 r, b = r[:, mine], b[:, mine]
             results[f"split/{g_mode}/{name}"] = (relative_error(got, r), relative_error(b, r))
     torch.cuda.synchronize()
-    results["corrections"] = (float(ran[0]), 0.0)
+    results["corrections"] = (float(ran["carry_correction"]), float(ran["carry_correction_bwd"]))
     return results
 
 
@@ -164,7 +168,8 @@ def test_ring_split_nccl_triton_bf16(W):
     if torch.cuda.device_count() < W:
         pytest.skip(f"needs {W} GPUs, found {torch.cuda.device_count()}")
     results = run_distributed(_split_worker, W, W, backend="nccl", timeout_s=600)
-    ran = [errors.pop("corrections")[0] for errors in results]
-    assert ran[0] == 0 and all(count == 3 for count in ran[1:]), ran  # every rank with a carried state corrected
+    ran = [errors.pop("corrections") for errors in results]
+    # Once per g mode: forward on every rank that receives a state, backward on every rank that receives its gradient
+    assert ran == [(0.0, 3.0)] + [(3.0, 3.0)] * (W - 2) + [(3.0, 0.0)], ran
     bad = _out_of_tolerance(results)
     assert not bad, "\n".join(bad)

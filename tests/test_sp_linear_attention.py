@@ -238,14 +238,18 @@ def _split_worker(W: int) -> dict:
 
     chunk.CHUNKS_PER_SEGMENT = 1
     lasp.RING_SPLIT = True
-    ran = {"corrections": 0}
-    correction = triton_impl.carry_correction
+    ran = {"carry_correction": 0, "carry_correction_bwd": 0}
 
-    def counting(*args, **kwargs):
-        ran["corrections"] += 1
-        return correction(*args, **kwargs)
+    def counting(name):
+        original = getattr(triton_impl, name)
 
-    triton_impl.carry_correction = counting
+        def wrapper(*args, **kwargs):
+            ran[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in ran:
+        setattr(triton_impl, name, counting(name))
     # (Rank lengths of several 64-token segments: one token per rank would leave rank 0's dg zero without an
     # initial state, where a relative error means nothing.)
     errors = _op_worker(W, "triton", ("dense",), G_MODES, (2, 16, 16), use_h0=False, lens=(100,) if W == 2 else (65,))
@@ -256,15 +260,18 @@ def _split_worker(W: int) -> dict:
 @pytest.mark.distributed
 @pytest.mark.parametrize("W", [2, 4])
 def test_ring_split_matches_unsharded(W):
-    """The ring with the local pass from a zero state before the receive and the carried state's correction after
+    """The ring with the local passes (forward and backward) run without the exchanged state, then corrected with
     it: o, final_state and every gradient against the unsharded op, every g mode."""
     pytest.importorskip("triton")
     results = run_distributed(_split_worker, W, W, start_method="spawn", env={"TRITON_INTERPRET": "1"})
-    ran = [errors.pop("ran")["corrections"] for errors in results]
+    ran = [errors.pop("ran") for errors in results]
     bad = _failures(results)
     assert not bad, "\n".join(bad)
-    # Rank 0 has no carried state; every other rank corrects once per g mode in ring mode.
-    assert ran[0] == 0 and all(count == len(G_MODES) for count in ran[1:]), ran
+    # Once per g mode in ring mode: the forward's correction on every rank that receives a state (all but the
+    # first), the backward's on every rank that receives a state gradient (all but the last).
+    forward, backward = [r["carry_correction"] for r in ran], [r["carry_correction_bwd"] for r in ran]
+    n = len(G_MODES)
+    assert forward == [0] + [n] * (W - 1) and backward == [n] * (W - 1) + [0], ran
 
 
 @pytest.mark.distributed

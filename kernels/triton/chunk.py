@@ -42,6 +42,7 @@ import triton.language as tl
 from lasp_hf.kernels.triton.chunk_kernels import (
     _bwd_kernel_dk,
     _bwd_kernel_dq,
+    _bwd_kernel_carry,
     _bwd_kernel_dv,
     _bwd_kernel_segment_dstate,
     _fwd_kernel_carry,
@@ -364,7 +365,7 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segme
 
 
 def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_dg: bool, need_dh0: bool = True,
-                segment_dstates=None):
+                segment_dstates=None, dkv_dtype=None):
     """Returns dq, dk, dv (in q's dtype), dL/dB per token [NT, H] (float32) and dh0 [N, H, K, V] (None
     when not need_dh0 and no kernel produced it anyway). segment_dstates: step 1's result computed earlier
     by the caller (`SegmentReuse`), or None."""
@@ -392,8 +393,8 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
     scan_k = dict(scan, BK=BKK, BV=BVF)
     scan_v = {name: value for name, value in scan.items() if name != "SPLIT"}
     dq = empty(q, q.shape, q.dtype)
-    dk = empty(k, k.shape, k.dtype)
-    dv = empty(v, v.shape, v.dtype)
+    dk = empty(k, k.shape, dkv_dtype or k.dtype)
+    dv = empty(v, v.shape, dkv_dtype or v.dtype)
     # Buffers only some calls need; the others pass a tensor the kernel then never touches.
     qdq = empty(q, (NK, NT, H), torch.float32) if need_dg else dq
     kdk = empty(q, (NK, NT, H), torch.float32) if need_dg else dk
@@ -442,9 +443,9 @@ def _reverse_cumsum_per_sequence(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 
 def chunk_linear_attention_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, final, plan: _Plan, need_dg: bool,
-                               need_dh0: bool = True, segment_dstates=None):
+                               need_dh0: bool = True, segment_dstates=None, dkv_dtype=None):
     dq, dk, dv, dlogdecay, dh0 = _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan, need_dg, need_dh0,
-                                             segment_dstates)
+                                             segment_dstates, dkv_dtype)
     dg = None
     if need_dg:
         if dht is not None:
@@ -654,15 +655,47 @@ def carry_correction(o, saved, info: LocalPass, s_carry, out_dtype):
     return out
 
 
-def local_backward(saved, info: LocalPass, do, dfinal=None, *, need_dh0: bool = False):
+def carry_correction_bwd(dk, dv, saved, info: LocalPass, ds_carry, out_dtype):
+    """The backward's half of `carry_correction`: after `local_backward` ran dense rows without the gradient of
+    their final state (dk, dv best in float32, `dkv_dtype`), add that gradient ds_carry [B, H, K, V] (float32):
+    returns dk, dv in out_dtype and g's gradient to add (shaped as g; None without need_dg)."""
+    qf, kf, vf, g32, s_in, seg_decay, final = saved
+    plan = info.plan
+    if plan.num_segs != plan.num_seqs * plan.max_segs:
+        raise ValueError("carry_correction_bwd is for dense rows (every row cut into the same segments)")
+    B, T, H, K, V = info.shape
+    _, _, _, _, S, cfg, meta, scan = _launch_setup(kf, vf, g32, plan, "fwd", info.need_dg)
+    # Each segment's log-decay from its end to its row's end (exclusive suffix sum over the row's segments).
+    per_row = seg_decay.view(plan.num_seqs, plan.max_segs, H)
+    seg_logc = (per_row.flip(1).cumsum(1).flip(1) - per_row).view(S, H)
+    scan = dict(scan, BT=CHUNK_SIZE, BK=next_pow2(K), BV=next_pow2(V))
+    dk_out, dv_out = empty(dk, dk.shape, out_dtype), empty(dv, dv.shape, out_dtype)
+    kdk = empty(kf, (kf.shape[0], H), torch.float32) if info.need_dg else dk_out
+    _bwd_kernel_carry[(S, H)](
+        kf, vf, g32 if g32 is not None else kf, dk.view(-1, H, K), dv.view(-1, H, V), dk_out.view(-1, H, K),
+        dv_out.view(-1, H, V), kdk, ds_carry.contiguous(), plan.seg_seq, seg_logc, plan.seg_bos, plan.seg_eos,
+        _steps(plan, CHUNK_SIZE), NEED_DG=info.need_dg, **scan, **cfg)
+    dg = None
+    if info.need_dg:
+        # d/dG of the added terms: -k . (the dk term) per token, and the final state's exp(B_last) at each row's end.
+        dlogdecay = -kdk
+        last_token = plan.seq_ends - 1
+        dlogdecay = dlogdecay.index_add(0, last_token, (ds_carry.float() * final).sum((-1, -2)))
+        dg = _reverse_cumsum_per_sequence(dlogdecay, plan)
+        dg = (dg.sum(0) if len(info.g_shape) == 1 else dg.reshape(info.g_shape)).to(info.g_dtype)
+    return dk_out, dv_out, dg
+
+
+def local_backward(saved, info: LocalPass, do, dfinal=None, *, need_dh0: bool = False, dkv_dtype=None):
     """The backward of `local_forward` from its saved tensors: (dq, dk, dv, dg, dh0) shaped as the inputs (dg
-    None unless need_dg was set; dh0 None unless need_dh0). dfinal: the final state's gradient, or None."""
+    None unless need_dg was set; dh0 None unless need_dh0). dfinal: the final state's gradient, or None.
+    dkv_dtype: dk's and dv's dtype if not k's and v's (float32 for `carry_correction_bwd`)."""
     q, k, v, g32, s_in, seg_decay, final = saved
     B, T, H, K, V = info.shape
     dstates = info.reuse.take_dstates(info.plan, info.need_dg) if info.reuse is not None else None
     dq, dk, dv, dg, dh0 = chunk_linear_attention_bwd(
         q, k, v, g32, _flat_tokens(do), dfinal.contiguous() if dfinal is not None else None,
-        info.scale, s_in, seg_decay, final, info.plan, info.need_dg, need_dh0, dstates)
+        info.scale, s_in, seg_decay, final, info.plan, info.need_dg, need_dh0, dstates, dkv_dtype)
     if dg is not None:
         dg = dg.reshape(info.g_shape).to(info.g_dtype)
     dh0 = dh0.to(info.h0_dtype) if need_dh0 and dh0 is not None else None

@@ -247,6 +247,49 @@ def _fwd_kernel_carry(q, g, o, out, s_in, s_carry, seg_row, seg_logc, seg_bos, s
 
 @fast
 @triton.jit
+def _bwd_kernel_carry(k, v, g, dk, dv, dk_out, dv_out, kdk, ds_carry, seg_row, seg_logc, seg_bos, seg_eos, CPS,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                      DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, NEED_DG: tl.constexpr,
+                      DYN_LOOP: tl.constexpr = False):
+    """One program per (segment, head), with all of K and V, of rows whose backward ran without the gradient of
+    their final state, ds_carry(row): dk_out = dk + exp(G_end - G_t) v_t ds^T, dv_out = dv + exp(G_end - G_t) k_t ds
+    (the segment ends with exp(seg_logc) ds_carry), and (NEED_DG) k_t . (the dk term) per token into kdk."""
+    i_s, i_h = tl.program_id(0), tl.program_id(1)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    row = tl.load(seg_row + i_s).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    carried = tl.load(ds_carry + (row * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+    dstate = carried * tl.exp(tl.load(seg_logc + i_s * H + i_h))
+    tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
+    tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
+    tiles_dk = _token_tiles(dk, bos, eos, i_h, H, K, BT, BK)
+    tiles_dv = _token_tiles(dv, bos, eos, i_h, H, V, BT, BV)
+    tiles_dk_out = _token_tiles(dk_out, bos, eos, i_h, H, K, BT, BK)
+    tiles_dv_out = _token_tiles(dv_out, bos, eos, i_h, H, V, BT, BV)
+    n_chunks = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
+    for i in range(n_chunks):
+        r0 = (n_chunks - 1 - i) * BT
+        t0 = bos + r0
+        b_k = tiles_k.load([r0, 0]).to(DT)
+        b_v = tiles_v.load([r0, 0]).to(DT)
+        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        to_end = tl.exp(b_last - b)[:, None]
+        dk_state = _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * to_end
+        dv_state = tl.dot(b_k, dstate.to(DT), input_precision=DOT_PREC) * to_end
+        tiles_dk_out.store([r0, 0], (tiles_dk.load([r0, 0]).to(tl.float32) + dk_state).to(dk_out.dtype.element_ty))
+        tiles_dv_out.store([r0, 0], (tiles_dv.load([r0, 0]).to(tl.float32) + dv_state).to(dv_out.dtype.element_ty))
+        if NEED_DG:
+            tl.store(kdk + t0 * H + i_h + o_t * H, tl.sum(b_k * dk_state, 1), mask=o_t < eos - t0)
+        dstate = dstate * tl.exp(b_last)
+
+
+@fast
+@triton.jit
 def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, scale, CPS,
                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,

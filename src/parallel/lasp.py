@@ -14,8 +14,9 @@ The last line is what the local kernel computes when it starts from S_in(r). So 
   2. the exchange: `comm.ring_forward` (S_in hops r -> r+1, only the combine is serial) or
      `comm.allgather_forward` (one all_gather of every (S_loc, a), prefix combined locally);
   3. the local pass (`local_impl`, any backend) starting from S_in(r): o is exact, no correction.
-(Experimental, `RING_SPLIT`: on the Triton path the ring can run the local pass from a zero state while the
-exchange proceeds on a side stream, and then add the last line's correction; see `_split_forward`.)
+(Experimental, `RING_SPLIT`: on the Triton path the ring can run the local passes without the exchanged state
+while the exchange proceeds on a side stream, and then add the last line's correction, and its backward's; see
+`_split_forward` / `_split_backward`.)
 Backward mirrors it: the direct gradient of S_in(r), dS_direct = scale * sum_t exp(G_t) q_t^T do_t
 (+ the final-state gradient of a document ending on the rank), needs only q, do and g; the
 exchange (`ring_backward` / `allgather_backward`) gives dS_out(r) = dS_in(r+1); the local
@@ -284,7 +285,8 @@ def _rank_decay(g, B: int, L: int, H: int, device):
     return g.float().sum(1).exp().view(B, H, 1, 1)
 
 
-# Experimental (DESIGN.md's split for the ring on the Triton path; see `_split_forward`): off until measured on GPUs.
+# Experimental (DESIGN.md's split for the ring on the Triton path; see `_split_forward`, `_split_backward`): off until
+# measured and tested on GPUs (dense input, no initial_state, K * V <= 128 * 128; otherwise the ordinary path runs).
 # LASP_HF_RING_SPLIT=1 in the environment, or set this, to try it.
 RING_SPLIT = os.environ.get("LASP_HF_RING_SPLIT", "0") == "1"
 
@@ -367,6 +369,26 @@ def _split_forward(run: _Run, q, k, v, g, decay, pending, reuse, need_dg: bool, 
     return o, s_out, (*saved[:6], s_out if need_final else None), info
 
 
+def _split_backward(ctx, do, dht, ds_direct, pending, saved, needs):
+    """The backward of `_split_forward`: the exchange of dS on a side stream while the local backward runs without
+    the handed-on state's gradient (dk, dv in float32), then `carry_correction_bwd` adds its terms to dk, dv and dg.
+    (Dense rows, no initial state: dS_in needs no local work beyond ds_direct; dq needs only the forward's states.)"""
+    run, impl = ctx.run, ctx.run.local_impl
+    with comm.SideStream(do.device, ds_direct, ctx.decay, pending[0] if pending is not None else None) as side:
+        ds_out = comm.ring_backward(ds_direct, ctx.decay, run.sp, pending)
+    receives = run.plan.hands_on and run.sp.next_rank is not None
+    grads = list(impl.local_backward(saved, ctx.info, do, dht, need_dh0=False,
+                                     dkv_dtype=torch.float32 if receives else None))
+    side.join(ds_out)
+    if receives:
+        grads[1], grads[2], dg = impl.carry_correction_bwd(grads[1], grads[2], saved, ctx.info, ds_out, saved[2].dtype)
+        if dg is not None:
+            grads[3] = grads[3] + dg
+    comm.wait_sends(run.sp)
+    return (grads[0] if needs[0] else None, grads[1] if needs[1] else None, grads[2] if needs[2] else None,
+            grads[3] if needs[3] else None, None, None)
+
+
 def _saved_tensor_hooks_active() -> bool:
     """Whether saved-tensor hooks (checkpointing, save_on_cpu) apply to what is saved now; True when this torch
     cannot tell (the memory-safe answer)."""
@@ -418,12 +440,13 @@ class _LaspFunction(torch.autograd.Function):
         decay = _rank_decay(g, B, L, H, q.device) if plan.passes_through else None  # None: a_r = 0
         raw = getattr(run.local_impl, "local_forward", None)
         if (run.split and ring and reuse is not None and raw is not None and initial_state is None
-                and hasattr(run.local_impl, "carry_correction")):
+                and K * V <= 128 * 128 and hasattr(run.local_impl, "carry_correction_bwd")):
             need_final = run.output_final_state or (needs[3] and g is not None and plan.hands_on)
             o, finals, saved, info = _split_forward(run, q, k, v, g, decay, pending, reuse, needs[3], need_final)
             ctx.save_for_backward(*saved)
-            ctx.inner, ctx.info, decays = None, info, None
+            ctx.inner, ctx.info, decays, ctx.split = None, info, None, True
         else:
+            ctx.split = False
             if plan.hands_on:
                 if reuse is not None:
                     s_loc = reuse.final_state(k, v, g, initial_state if not plan.carried_len else None)
@@ -519,9 +542,12 @@ class _LaspFunction(torch.autograd.Function):
             ctx.reuse.prepare_dstates(q, do, g, run.scale)
         if ds_direct is None and (not ring or sp.prev_rank is not None):
             ds_direct = do.new_zeros(state_shape, dtype=torch.float32)  # the exchange still sends something
+        needs = ctx.needs_input_grad
+        if ring and reduce_dfinal:
+            pending = comm.post_recv_from_next(state_shape, do.device, sp)  # after the all_reduce (see above)
+        if ctx.split:
+            return _split_backward(ctx, do, dht, ds_direct, pending, saved, needs)
         if ring:
-            if reduce_dfinal:
-                pending = comm.post_recv_from_next(state_shape, do.device, sp)  # after the all_reduce (see above)
             ds_out = comm.ring_backward(ds_direct, ctx.decay, sp, pending)
         else:
             ds_out = comm.allgather_backward(ds_direct, ctx.decays, sp)
@@ -533,7 +559,6 @@ class _LaspFunction(torch.autograd.Function):
                     dht = do.new_zeros(ctx.finals_shape, dtype=torch.float32)
                 dht = torch.cat([dht[:-1], dht[-1:] + ds_out])
 
-        needs = ctx.needs_input_grad
         if ctx.info is not None:
             grads = list(run.local_impl.local_backward(saved, ctx.info, do, dht, need_dh0=needs[4]))
         else:
