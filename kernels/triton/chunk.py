@@ -647,7 +647,8 @@ def carry_correction(o, saved, info: LocalPass, s_carry, out_dtype):
     # Each segment's log-decay from its row's start (exclusive cumulative sum over the row's segments).
     per_row = seg_decay.view(plan.num_seqs, plan.max_segs, H)
     seg_logc = (per_row.cumsum(1) - per_row).view(S, H)
-    scan = {name: value for name, value in scan.items() if name != "SPLIT"}
+    # 64-token steps: a float32 o tile of 128 tokens, doubled by two pipeline stages, would crowd shared memory.
+    scan = {name: value for name, value in scan.items() if name != "SPLIT"} | {"BT": CHUNK_SIZE}
     out = empty(o, o.shape, out_dtype)
     _fwd_kernel_carry[(S, H, NV)](
         qf, g32 if g32 is not None else qf, o.view(-1, H, V), out.view(-1, H, V), s_in, s_carry.contiguous(),
@@ -669,6 +670,8 @@ def carry_correction_bwd(dk, dv, saved, info: LocalPass, ds_carry, out_dtype):
     per_row = seg_decay.view(plan.num_seqs, plan.max_segs, H)
     seg_logc = (per_row.flip(1).cumsum(1).flip(1) - per_row).view(S, H)
     scan = dict(scan, BT=CHUNK_SIZE, BK=next_pow2(K), BV=next_pow2(V))
+    if cfg:
+        cfg = dict(cfg, num_stages=1)  # k, v and float32 dk, dv tiles of all of K and V: one stage fits
     dk_out, dv_out = empty(dk, dk.shape, out_dtype), empty(dv, dv.shape, out_dtype)
     kdk = empty(kf, (kf.shape[0], H), torch.float32) if info.need_dg else dk_out
     _bwd_kernel_carry[(S, H)](
