@@ -708,6 +708,7 @@ def main(argv=None) -> int:
                 ],
             )
             print(f"\nwrote {path}")
+        out_dir = Path(args.out) if args.out is not None else common.RESULTS_DIR
         if args.profile:
             sections = []
             for case in selected:
@@ -718,7 +719,6 @@ def main(argv=None) -> int:
                 for title, _, top in sections:
                     print(f"\nprofile {title}, top {PROFILE_PRINT_ROWS} by self CPU time:")
                     print("\n".join(top))
-                out_dir = Path(args.out) if args.out is not None else common.RESULTS_DIR
                 header = f"{name}: torch.profiler, rank 0; {common.describe_env(env)}"
                 path = write_profile(out_dir / f"{name}-profile.txt", sections, header)
                 print(f"wrote {path}", flush=True)
@@ -729,7 +729,6 @@ def main(argv=None) -> int:
                     print(f"[sp W={world_size}] timeline {case.name}", file=sys.stderr, flush=True)
                 lines += timeline_case(run, case.name, case.params["T"], rows)
             if rank == 0:
-                out_dir = Path(args.out) if args.out is not None else common.RESULTS_DIR
                 path = write_profile(out_dir / f"{name}-timeline.txt", [("timeline", "\n".join(lines), [])],
                                      f"{name}: every rank under torch.profiler; {common.describe_env(env)}")
                 print("\n".join(lines[:40]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_utils import relative_error, run_distributed
+from distributed_utils import count_calls, relative_error, run_distributed
 from lasp_hf import init_sequence_parallel, linear_attention
 
 pytestmark = [
@@ -115,18 +115,7 @@ def _split_worker(W: int) -> dict:
     from lasp_hf.parallel import lasp
 
     lasp.RING_SPLIT = True
-    ran = {"carry_correction": 0, "carry_correction_bwd": 0}
-
-    def counting(name):
-        original = getattr(triton_impl, name)
-
-        def wrapper(*args, **kwargs):
-            ran[name] += 1
-            return original(*args, **kwargs)
-        return wrapper
-
-    for name in ran:
-        setattr(triton_impl, name, counting(name))
+    ran = count_calls(triton_impl, ("carry_correction", "carry_correction_bwd"))
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device())
     T, B = W * L, 2

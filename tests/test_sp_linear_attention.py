@@ -15,7 +15,7 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_utils import relative_error, run_distributed
+from distributed_utils import count_calls, relative_error, run_distributed
 from lasp_hf import SequenceParallelContext, linear_attention
 from lasp_hf.kernels import reference
 from lasp_hf.parallel.lasp import sp_linear_attention
@@ -238,18 +238,7 @@ def _split_worker(W: int) -> dict:
 
     chunk.CHUNKS_PER_SEGMENT = 1
     lasp.RING_SPLIT = True
-    ran = {"carry_correction": 0, "carry_correction_bwd": 0}
-
-    def counting(name):
-        original = getattr(triton_impl, name)
-
-        def wrapper(*args, **kwargs):
-            ran[name] += 1
-            return original(*args, **kwargs)
-        return wrapper
-
-    for name in ran:
-        setattr(triton_impl, name, counting(name))
+    ran = count_calls(triton_impl, ("carry_correction", "carry_correction_bwd"))
     # (Rank lengths of several 64-token segments: one token per rank would leave rank 0's dg zero without an
     # initial state, where a relative error means nothing.)
     errors = _op_worker(W, "triton", ("dense",), G_MODES, (2, 16, 16), use_h0=False, lens=(100,) if W == 2 else (65,))

@@ -633,6 +633,16 @@ def local_forward(q, k, v, g=None, *, scale: float, initial_state=None, cu_seqle
     return o.view(B, T, H, V), final, (qf, kf, vf, g32, s_in, seg_decay, final), info
 
 
+def _row_log_decays(seg_decay, plan: _Plan, before: bool) -> torch.Tensor:
+    """Each segment's log-decay from its row's start to the segment's start (before) or from the segment's end to
+    the row's end, [S, H]: exclusive sums over the row's segments, for the split's corrections (dense rows)."""
+    if plan.num_segs != plan.num_seqs * plan.max_segs:
+        raise ValueError("the split's corrections are for dense rows (every row cut into the same segments)")
+    per_row = seg_decay.view(plan.num_seqs, plan.max_segs, -1)
+    inclusive = per_row.cumsum(1) if before else per_row.flip(1).cumsum(1).flip(1)
+    return (inclusive - per_row).view(plan.num_segs, -1)
+
+
 def carry_correction(o, saved, info: LocalPass, s_carry, out_dtype):
     """After `local_forward` ran dense rows from a zero state (o best in float32, `o_dtype`): the output of rows that
     start from s_carry [B, H, K, V] (float32), o_t + scale exp(G_t) q_t s_carry, in out_dtype; the saved per-segment
@@ -641,12 +651,8 @@ def carry_correction(o, saved, info: LocalPass, s_carry, out_dtype):
     state, which the caller forms itself."""
     qf, _, vf, g32, s_in, seg_decay, _ = saved
     plan = info.plan
-    if plan.num_segs != plan.num_seqs * plan.max_segs:
-        raise ValueError("carry_correction is for dense rows (every row cut into the same segments)")
-    H, K, V, NV, S, cfg, meta, scan = _launch_setup(qf, vf, g32, plan, "fwd", False)
-    # Each segment's log-decay from its row's start (exclusive cumulative sum over the row's segments).
-    per_row = seg_decay.view(plan.num_seqs, plan.max_segs, H)
-    seg_logc = (per_row.cumsum(1) - per_row).view(S, H)
+    seg_logc = _row_log_decays(seg_decay, plan, before=True)
+    H, K, V, NV, S, cfg, _, scan = _launch_setup(qf, vf, g32, plan, "fwd", False)
     # 64-token steps: a float32 o tile of 128 tokens, doubled by two pipeline stages, would crowd shared memory.
     scan = {name: value for name, value in scan.items() if name != "SPLIT"} | {"BT": CHUNK_SIZE}
     out = empty(o, o.shape, out_dtype)
@@ -660,15 +666,10 @@ def carry_correction_bwd(dk, dv, saved, info: LocalPass, ds_carry, out_dtype):
     """The backward's half of `carry_correction`: after `local_backward` ran dense rows without the gradient of
     their final state (dk, dv best in float32, `dkv_dtype`), add that gradient ds_carry [B, H, K, V] (float32):
     returns dk, dv in out_dtype and g's gradient to add (shaped as g; None without need_dg)."""
-    qf, kf, vf, g32, s_in, seg_decay, final = saved
+    _, kf, vf, g32, _, seg_decay, final = saved
     plan = info.plan
-    if plan.num_segs != plan.num_seqs * plan.max_segs:
-        raise ValueError("carry_correction_bwd is for dense rows (every row cut into the same segments)")
-    B, T, H, K, V = info.shape
-    _, _, _, _, S, cfg, meta, scan = _launch_setup(kf, vf, g32, plan, "fwd", info.need_dg)
-    # Each segment's log-decay from its end to its row's end (exclusive suffix sum over the row's segments).
-    per_row = seg_decay.view(plan.num_seqs, plan.max_segs, H)
-    seg_logc = (per_row.flip(1).cumsum(1).flip(1) - per_row).view(S, H)
+    seg_logc = _row_log_decays(seg_decay, plan, before=False)
+    H, K, V, _, S, cfg, _, scan = _launch_setup(kf, vf, g32, plan, "fwd", info.need_dg)
     scan = dict(scan, BT=CHUNK_SIZE, BK=next_pow2(K), BV=next_pow2(V))
     if cfg:
         cfg = dict(cfg, num_stages=1)  # k, v and float32 dk, dv tiles of all of K and V: one stage fits

@@ -106,10 +106,13 @@ def _combine(local, decay, carried):
     return torch.addcmul(local, decay, carried)
 
 
-def ring_forward_out(s_loc, decay, sp: SequenceParallelContext, pending_recv):
-    """`ring_forward` that also returns what it hands on: (S_in(r) or None, S_out(r) = a_r S_in(r) + S_loc(r))."""
+def ring_forward_out(s_loc, decay, sp: SequenceParallelContext, pending_recv, need_out: bool = True):
+    """`ring_forward` that also returns what it hands on: (S_in(r) or None, S_out(r) = a_r S_in(r) + S_loc(r)); on
+    the last rank S_out is formed only when need_out (it is the row's final state there, sent nowhere)."""
     s_in = _received(pending_recv)
-    s_out = _combine(s_loc, decay, s_in)
+    s_out = None
+    if sp.next_rank is not None or need_out:
+        s_out = _combine(s_loc, decay, s_in)
     if sp.next_rank is not None:
         _send_later(s_out, sp.rank + 1, sp)
     return s_in, s_out
@@ -168,10 +171,7 @@ def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv):
     (a_r = 0); pending_recv: what `post_recv_from_prev` returned (posted early). Returns S_in(r), None on rank 0
     (zeros).
     """
-    s_in = _received(pending_recv)
-    if sp.next_rank is not None:
-        _send_later(_combine(s_loc, decay, s_in), sp.rank + 1, sp)
-    return s_in
+    return ring_forward_out(s_loc, decay, sp, pending_recv, need_out=False)[0]
 
 
 def ring_backward(ds_direct, decay, sp: SequenceParallelContext, pending_recv):

@@ -359,12 +359,12 @@ def _split_forward(run: _Run, q, k, v, g, decay, pending, reuse, need_dg: bool, 
     s_loc = reuse.walk_from_zero()
     with comm.SideStream(q.device, s_loc, decay, pending[0] if pending is not None else None) as side:
         s_in, s_out = comm.ring_forward_out(s_loc, decay, run.sp, pending)
-    # A rank that will receive a state keeps the zero-start o in float32, so the corrected o is rounded once.
-    receives = run.sp.prev_rank is not None
+    # A rank that receives a state (all but the first) keeps the zero-start o in float32: the corrected o is
+    # rounded once. (s_in is the receive's buffer, known on the host before the data arrives.)
     o, _, saved, info = run.local_impl.local_forward(q, k, v, g, scale=run.scale, need_dg=need_dg, reuse=reuse,
-                                                     o_dtype=torch.float32 if receives else None)
+                                                     o_dtype=torch.float32 if s_in is not None else None)
     side.join(s_out)
-    if receives:
+    if s_in is not None:
         o = run.local_impl.carry_correction(o, saved, info, s_in, v.dtype)
     return o, s_out, (*saved[:6], s_out if need_final else None), info
 
@@ -376,11 +376,10 @@ def _split_backward(ctx, do, dht, ds_direct, pending, saved, needs):
     run, impl = ctx.run, ctx.run.local_impl
     with comm.SideStream(do.device, ds_direct, ctx.decay, pending[0] if pending is not None else None) as side:
         ds_out = comm.ring_backward(ds_direct, ctx.decay, run.sp, pending)
-    receives = run.plan.hands_on and run.sp.next_rank is not None
     grads = list(impl.local_backward(saved, ctx.info, do, dht, need_dh0=False,
-                                     dkv_dtype=torch.float32 if receives else None))
+                                     dkv_dtype=torch.float32 if ds_out is not None else None))
     side.join(ds_out)
-    if receives:
+    if ds_out is not None:
         grads[1], grads[2], dg = impl.carry_correction_bwd(grads[1], grads[2], saved, ctx.info, ds_out, saved[2].dtype)
         if dg is not None:
             grads[3] = grads[3] + dg
