@@ -740,4 +740,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:
+        # A rank that fails must not wait at exit on the process group the others are blocked in (torchrun would
+        # then keep every rank until its time limit): report and leave at once, so torchrun stops the others.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)

@@ -9,6 +9,8 @@ Run on a lent multi-GPU machine: `pytest -m gpu tests/test_sp_gpu.py`.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -122,8 +124,9 @@ def _split_worker(W: int) -> dict:
     mine = slice(rank * L, (rank + 1) * L)
     sp = init_sequence_parallel(W, mode="ring")
     results = {}
-    for g_mode in ("none", "head", "token"):
-        gen = torch.Generator().manual_seed(7000 * W + len(g_mode))
+    # K = V = 128 too: the benchmark's width, where the split's float32 tiles press hardest on shared memory.
+    for (K, V), g_mode in itertools.product(((64, 64), (128, 128)), ("none", "head", "token")):
+        gen = torch.Generator().manual_seed(7000 * W + 10 * K + len(g_mode))
         q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
         v = torch.randn(B, T, H, V, generator=gen)
         g = {"none": None, "head": -torch.rand(H, generator=gen) * 0.05 - 1e-3,
@@ -146,7 +149,7 @@ def _split_worker(W: int) -> dict:
         for name, got, r, b in zip(names, [o, final, *grads], ref, base):
             if not (name == "final" or (name == "dg" and g_mode == "head")):
                 r, b = r[:, mine], b[:, mine]
-            results[f"split/{g_mode}/{name}"] = (relative_error(got, r), relative_error(b, r))
+            results[f"split/K{K}/{g_mode}/{name}"] = (relative_error(got, r), relative_error(b, r))
     torch.cuda.synchronize()
     results["corrections"] = (float(ran["carry_correction"]), float(ran["carry_correction_bwd"]))
     return results
@@ -158,7 +161,7 @@ def test_ring_split_nccl_triton_bf16(W):
         pytest.skip(f"needs {W} GPUs, found {torch.cuda.device_count()}")
     results = run_distributed(_split_worker, W, W, backend="nccl", timeout_s=600)
     ran = [errors.pop("corrections") for errors in results]
-    # Once per g mode: forward on every rank that receives a state, backward on every rank that receives its gradient
-    assert ran == [(0.0, 3.0)] + [(3.0, 3.0)] * (W - 2) + [(3.0, 0.0)], ran
+    # Once per (width, g mode): forward on every rank that receives a state, backward on every rank that receives its gradient
+    assert ran == [(0.0, 6.0)] + [(6.0, 6.0)] * (W - 2) + [(6.0, 0.0)], ran
     bad = _out_of_tolerance(results)
     assert not bad, "\n".join(bad)

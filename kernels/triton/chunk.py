@@ -357,6 +357,10 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segme
         else:
             s_in = q.new_zeros(S, H, K, V, dtype=torch.float32)
     o = empty(v, v.shape, o_dtype or v.dtype)
+    if o.dtype == torch.float32 and q.dtype != torch.float32 and scan["BT"] > CHUNK_SIZE:
+        # 16-bit inputs with a float32 o (the ring split's zero-start pass): 128-row float32 o tiles beside the
+        # inputs' pipeline stages would not fit shared memory (H100: 262 KB asked, 227 KB there).
+        scan = dict(scan, BT=CHUNK_SIZE)
     s_end = empty(s_in, s_in.shape, s_in.dtype)
     _fwd_kernel_output[(S, H, NV)](
         q, k, v, g_arg, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, _steps(plan, scan["BT"]),
