@@ -8,8 +8,6 @@ Every rank holds T local tokens of one sequence of W*T (B=1, H=16, K=V=128, bf16
 g_h = -2^(-8(h+1)/H)). Rows, all from one launch:
     single     lasp_hf.linear_attention on the rank's T tokens alone (the W=1 time at this local T)
     ring       linear_attention(..., sp_group=ctx, sp_mode="ring")       (LASP: the state hops)
-    ring-split the ring with DESIGN.md's split (lasp.RING_SPLIT: local pass from a zero state overlapping the
-               exchange, then the carried state's correction; experimental, Triton backend, dense input)
     allgather  linear_attention(..., sp_group=ctx, sp_mode="allgather")  (LASP-2)
     lasp-ref   lasp.lasp_fuse_parallel, the LASP paper's code (GPU only)
 Timing (--timing barrier|pipelined|both, default both):
@@ -51,8 +49,7 @@ import common
 from common import KI, Column
 
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}
-PROVIDERS = ("single", "ring", "ring-split", "allgather", "lasp-ref")
-DEFAULT_PROVIDERS = ("single", "ring", "allgather", "lasp-ref")  # ring-split: experimental, asked for by name
+PROVIDERS = ("single", "ring", "allgather", "lasp-ref")
 
 CASES = common.Registry()
 
@@ -72,7 +69,7 @@ class Run:
     timing: str = "both"  # "barrier", "pipelined" or "both"
     repeats: int = 3  # pipelined loops per provider (median over them)
     seed: int = 0
-    providers: tuple = DEFAULT_PROVIDERS
+    providers: tuple = PROVIDERS
 
     def shape(self, B: int, T: int, H: int, D: int) -> tuple[int, int, int, int]:
         if not self.tiny:
@@ -95,7 +92,7 @@ def comm_bytes(provider: str, W: int, B: int, H: int, K: int, V: int) -> dict:
     state = B * H * K * V * 4
     if provider == "single" or W == 1:
         return {"per_rank": 0, "total": 0}
-    if provider in ("ring", "ring-split", "lasp-ref"):
+    if provider in ("ring", "lasp-ref"):
         return {"per_rank": 2 * state if W > 2 else state, "total": 2 * (W - 1) * state}
     entry = state + B * H * 4
     return {"per_rank": 2 * (W - 1) * entry, "total": 2 * W * (W - 1) * entry}
@@ -184,20 +181,12 @@ def prepare(run: Run, provider: str, q, k, v, g, do):
     """(forward, leaves, do, to_bthd) for one provider on this rank's slice."""
     import lasp_hf
 
-    if provider in ("single", "ring", "ring-split", "allgather"):
-        from lasp_hf.parallel import lasp
-
+    if provider in ("single", "ring", "allgather"):
         lq, lk, lv = _leaves(q, k, v)
-        mode = provider.removesuffix("-split")
-        sp_args = {} if provider == "single" else {"sp_group": run.sp, "sp_mode": mode}
-        split = provider.endswith("-split")
+        sp_args = {} if provider == "single" else {"sp_group": run.sp, "sp_mode": provider}
 
         def forward():
-            saved, lasp.RING_SPLIT = lasp.RING_SPLIT, split
-            try:
-                return lasp_hf.linear_attention(lq, lk, lv, g, scale=1.0, backend=run.backend, **sp_args)[0]
-            finally:
-                lasp.RING_SPLIT = saved
+            return lasp_hf.linear_attention(lq, lk, lv, g, scale=1.0, backend=run.backend, **sp_args)[0]
 
         return forward, [lq, lk, lv], do, lambda t: t
     if provider == "lasp-ref":
@@ -586,8 +575,8 @@ def parse_args(argv=None):
         "<out>/sp-<card>-W<n>-profile.txt, and the top rows printed",
     )
     parser.add_argument(
-        "--providers", nargs="+", default=list(DEFAULT_PROVIDERS), choices=PROVIDERS,
-        help="rows to run (default: all but the experimental ring-split); single is every efficiency's baseline",
+        "--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS,
+        help="rows to run (default: all); single is every efficiency's baseline",
     )
     parser.add_argument(
         "--timeline",

@@ -77,18 +77,3 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     denom = ref.norm().item()
     err = (x - ref).norm().item()
     return err / denom if denom > 0 else err
-
-
-def count_calls(owner, names) -> dict:
-    """Replace each `owner.<name>` by a wrapper that counts its calls; returns the live {name: count} dict."""
-    counts = dict.fromkeys(names, 0)
-
-    def counting(name, original):
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            return original(*args, **kwargs)
-        return wrapper
-
-    for name in names:
-        setattr(owner, name, counting(name, getattr(owner, name)))
-    return counts

@@ -309,7 +309,7 @@ def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
             str(tmp_path),
             "--profile",
             "--timeline",
-            "--providers", "single", "ring", "ring-split", "allgather", "lasp-ref",
+            "--providers", "single", "ring", "allgather", "lasp-ref",
         ],
         timeout=180,
     )
@@ -317,8 +317,7 @@ def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
     assert data["world_size"] == 2 and data["tolerance"] == 1e-4
     rows = {r["provider"]: r for r in data["rows"]}
     assert rows["lasp-ref"]["status"] == "SKIP"
-    # (ring-split is the ring itself on the torch backend: the split needs the Triton local pass)
-    for provider in ("single", "ring", "ring-split", "allgather"):
+    for provider in ("single", "ring", "allgather"):
         row = rows[provider]
         assert row["status"] == "ok" and row["err"] <= 1e-4, row
         assert row["T_local"] == 65 and row["T_total"] == 130 and len(row["rank_ms"]) == 2

@@ -9,12 +9,10 @@ Run on a lent multi-GPU machine: `pytest -m gpu tests/test_sp_gpu.py`.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_utils import count_calls, relative_error, run_distributed
+from distributed_utils import relative_error, run_distributed
 from lasp_hf import init_sequence_parallel, linear_attention
 
 pytestmark = [
@@ -108,60 +106,3 @@ def _out_of_tolerance(results) -> list:
         for case, (err, base) in errors.items()
         if not (err <= max(BF16_TOL, 1.05 * base) and err <= 2 * base)
     ]
-
-
-def _split_worker(W: int) -> dict:
-    """The ring with DESIGN.md's split (`lasp.RING_SPLIT`: the local passes run without the exchanged state while it
-    crosses the ranks on a side stream, then are corrected with it): dense rows, no initial state, every g mode."""
-    import lasp_hf.kernels.triton as triton_impl
-    from lasp_hf.parallel import lasp
-
-    lasp.RING_SPLIT = True
-    ran = count_calls(triton_impl, ("carry_correction", "carry_correction_bwd"))
-    rank = dist.get_rank()
-    device = torch.device("cuda", torch.cuda.current_device())
-    T, B = W * L, 2
-    mine = slice(rank * L, (rank + 1) * L)
-    sp = init_sequence_parallel(W, mode="ring")
-    results = {}
-    # K = V = 128 too: the benchmark's width, where the split's float32 tiles press hardest on shared memory.
-    for (K, V), g_mode in itertools.product(((64, 64), (128, 128)), ("none", "head", "token")):
-        gen = torch.Generator().manual_seed(7000 * W + 10 * K + len(g_mode))
-        q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
-        v = torch.randn(B, T, H, V, generator=gen)
-        g = {"none": None, "head": -torch.rand(H, generator=gen) * 0.05 - 1e-3,
-             "token": torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen) + 4.0)}[g_mode]
-        w_o, w_f = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
-        q, k, v, w_o, w_f = (x.to(device) for x in (q, k, v, w_o, w_f))
-        g = g.to(device) if g is not None else None
-        ref = _unsharded((q, k, v, g, None), None, w_o, w_f, torch.float32)
-        base = _unsharded((q, k, v, g, None), None, w_o, w_f, torch.bfloat16)
-        local = [q[:, mine].bfloat16(), k[:, mine].bfloat16(), v[:, mine].bfloat16(),
-                 g[:, mine] if g_mode == "token" else g]
-        local = [x.clone().requires_grad_() if x is not None else None for x in local]
-        o, final = linear_attention(*local, output_final_state=True, sp_group=sp, sp_mode="ring", backend="triton")
-        share = (rank + 1) / (W * (W + 1) / 2)
-        loss = (o.float() * w_o[:, mine]).sum() + share * (final * w_f).sum()
-        grads = list(torch.autograd.grad(loss, [x for x in local if x is not None]))
-        if g_mode == "head":
-            dist.all_reduce(grads[3])
-        names = ["o", "final", "dq", "dk", "dv"] + (["dg"] if g is not None else [])
-        for name, got, r, b in zip(names, [o, final, *grads], ref, base):
-            if not (name == "final" or (name == "dg" and g_mode == "head")):
-                r, b = r[:, mine], b[:, mine]
-            results[f"split/K{K}/{g_mode}/{name}"] = (relative_error(got, r), relative_error(b, r))
-    torch.cuda.synchronize()
-    results["corrections"] = (float(ran["carry_correction"]), float(ran["carry_correction_bwd"]))
-    return results
-
-
-@pytest.mark.parametrize("W", [2, 4])
-def test_ring_split_nccl_triton_bf16(W):
-    if torch.cuda.device_count() < W:
-        pytest.skip(f"needs {W} GPUs, found {torch.cuda.device_count()}")
-    results = run_distributed(_split_worker, W, W, backend="nccl", timeout_s=600)
-    ran = [errors.pop("corrections") for errors in results]
-    # Once per (width, g mode): forward on every rank that receives a state, backward on every rank that receives its gradient
-    assert ran == [(0.0, 6.0)] + [(6.0, 6.0)] * (W - 2) + [(6.0, 0.0)], ran
-    bad = _out_of_tolerance(results)
-    assert not bad, "\n".join(bad)

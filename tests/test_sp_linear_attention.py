@@ -15,7 +15,7 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_utils import count_calls, relative_error, run_distributed
+from distributed_utils import relative_error, run_distributed
 from lasp_hf import SequenceParallelContext, linear_attention
 from lasp_hf.kernels import reference
 from lasp_hf.parallel.lasp import sp_linear_attention
@@ -227,40 +227,6 @@ def test_sp_reuses_the_state_only_passes_in_the_local_pass():
     # Once per g mode and mode, on every rank: rank 0 computes the states it hands on, rank 1 the gradient of the
     # state it received; the other step 1 each rank runs before waiting for the exchange (prepare_*).
     assert all(count == 6 for counts in taken for count in counts.values()), taken
-
-
-def _split_worker(W: int) -> dict:
-    """`_op_worker` on the Triton backend (interpreter) with DESIGN.md's split for the ring (`lasp.RING_SPLIT`):
-    dense rows of several segments, no initial state; also counts the corrections that ran."""
-    import lasp_hf.kernels.triton as triton_impl
-    from lasp_hf.kernels.triton import chunk
-    from lasp_hf.parallel import lasp
-
-    chunk.CHUNKS_PER_SEGMENT = 1
-    lasp.RING_SPLIT = True
-    ran = count_calls(triton_impl, ("carry_correction", "carry_correction_bwd"))
-    # (Rank lengths of several 64-token segments: one token per rank would leave rank 0's dg zero without an
-    # initial state, where a relative error means nothing.)
-    errors = _op_worker(W, "triton", ("dense",), G_MODES, (2, 16, 16), use_h0=False, lens=(100,) if W == 2 else (65,))
-    errors["ran"] = {name: float(count) for name, count in ran.items()}
-    return errors
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("W", [2, 4])
-def test_ring_split_matches_unsharded(W):
-    """The ring with the local passes (forward and backward) run without the exchanged state, then corrected with
-    it: o, final_state and every gradient against the unsharded op, every g mode."""
-    pytest.importorskip("triton")
-    results = run_distributed(_split_worker, W, W, start_method="spawn", env={"TRITON_INTERPRET": "1"})
-    ran = [errors.pop("ran") for errors in results]
-    bad = _failures(results)
-    assert not bad, "\n".join(bad)
-    # Once per g mode in ring mode: the forward's correction on every rank that receives a state (all but the
-    # first), the backward's on every rank that receives a state gradient (all but the last).
-    forward, backward = [r["carry_correction"] for r in ran], [r["carry_correction_bwd"] for r in ran]
-    n = len(G_MODES)
-    assert forward == [0] + [n] * (W - 1) and backward == [n] * (W - 1) + [0], ran
 
 
 @pytest.mark.distributed

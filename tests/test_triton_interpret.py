@@ -142,6 +142,53 @@ def test_without_states_and_constant_decay(kernels):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("g_mode", ["none", "token"])
+def test_local_backward_takes_dfinal_after_dq(kernels, monkeypatch, g_mode):
+    """`local_backward` with the final state's gradient given late (a function, as sequence parallelism passes it
+    while the state is still being received): asked for once, after dq's kernel is queued and before the kernels
+    that need it; every gradient against the float64 recurrence."""
+    B, T, H, K, V = 2, 130, 2, 16, 16
+    kernels.CHUNKS_PER_SEGMENT = 1
+    events = []
+
+    def recorded(name):
+        kernel = getattr(kernels, name)
+
+        class Launch:
+            def __getitem__(self, grid):
+                events.append(name)
+                return kernel[grid]
+        return Launch()
+
+    for name in ("_bwd_kernel_dq", "_bwd_kernel_dk", "_bwd_kernel_dv", "_kernel_segment_scan"):
+        monkeypatch.setattr(kernels, name, recorded(name))
+    q, k, v = (torch.randn(B, T, H, D) for D in (K, K, V))
+    g = _decay(g_mode, B, T, H)
+    g = g.detach() if g is not None else None
+    scale = K ** -0.5
+    o, final, saved, info = kernels.local_forward(q, k, v, g, scale=scale, need_final=True, need_dg=g is not None)
+    do, dS = torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+
+    def late():
+        events.append("dfinal")
+        return dS
+
+    events.clear()
+    dq, dk, dv, dg, _ = kernels.local_backward(saved, info, do, late)
+    assert events.count("dfinal") == 1
+    assert events.index("_bwd_kernel_dq") < events.index("dfinal") < events.index("_bwd_kernel_dv"), events
+    assert events.index("dfinal") < events.index("_bwd_kernel_dk"), events
+
+    q64, k64, v64, g64 = _leaves(*(x.double() if x is not None else None for x in (q, k, v, g)))
+    o_ref, s_ref = recurrence64(q64, k64, v64, g64, scale)
+    ((o_ref * do.double()).sum() + (s_ref * dS.double()).sum()).backward()
+    pairs = [("o", o, o_ref), ("final", final, s_ref), ("dq", dq, q64.grad), ("dk", dk, k64.grad),
+             ("dv", dv, v64.grad)] + ([("dg", dg, g64.grad)] if g is not None else [])
+    errors = {name: rel_err(got, ref.detach()) for name, got, ref in pairs}
+    assert all(err <= TOL_FP32 for err in errors.values()), errors
+
+
+@needs_interpreter
 def test_dims_not_powers_of_two(kernels):
     _check(kernels, 1, 65, 2, 48, 80, "head", cps=1)
 

@@ -5,8 +5,6 @@ state-only passes, the per-segment reuse and the forward / backward without auto
 
 from lasp_hf.kernels.triton.chunk import (
     SegmentReuse,
-    carry_correction,
-    carry_correction_bwd,
     chunk_linear_attention,
     local_backward,
     local_forward,
@@ -14,5 +12,5 @@ from lasp_hf.kernels.triton.chunk import (
 from lasp_hf.kernels.triton.recurrent import recurrent_step
 from lasp_hf.kernels.triton.state_only import final_state_only, initial_state_grad_only
 
-__all__ = ["SegmentReuse", "carry_correction", "carry_correction_bwd", "chunk_linear_attention", "final_state_only",
-           "initial_state_grad_only", "local_backward", "local_forward", "recurrent_step"]
+__all__ = ["SegmentReuse", "chunk_linear_attention", "final_state_only", "initial_state_grad_only", "local_backward",
+           "local_forward", "recurrent_step"]

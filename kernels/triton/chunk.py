@@ -42,10 +42,8 @@ import triton.language as tl
 from lasp_hf.kernels.triton.chunk_kernels import (
     _bwd_kernel_dk,
     _bwd_kernel_dq,
-    _bwd_kernel_carry,
     _bwd_kernel_dv,
     _bwd_kernel_segment_dstate,
-    _fwd_kernel_carry,
     _fwd_kernel_output,
     _fwd_kernel_segment_state,
     _kernel_segment_scan,
@@ -331,12 +329,10 @@ def _launch_segment_dstate(q, do, g, scale, plan: _Plan, need_dg: bool, store_de
     return ds_loc, (seg_decay if store_decay else None)
 
 
-def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segment_states=None, walked=None,
-                o_dtype=None):
+def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segment_states=None):
     """q, k: [NT, H, K]; v: [NT, H, V]; g: None, [H] or [NT, H] float32; h0: None or [N, H, K, V].
     accurate_states: states to ~16 mantissa bits with bf16/fp16 inputs (when dg will be needed).
-    segment_states: step 1's result computed earlier by the caller (`SegmentReuse`), or None; walked: step 2's
-    too (S_in of every segment from a zero start, h0 None), or None. o_dtype: o's dtype if not v's.
+    segment_states: step 1's result computed earlier by the caller (`SegmentReuse`), or None.
     Returns o [NT, H, V], S_in and S_end per segment [S, H, K, V] and the segments' log-decays [S, H]."""
     H, K, V, NV, S, cfg, meta, scan = _launch_setup(q, v, g, plan, "fwd", accurate_states)
     g_arg = g if g is not None else q
@@ -345,22 +341,15 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segme
             s_loc, seg_decay = segment_states
         else:
             s_loc, seg_decay = _launch_segment_state(k, v, g, plan, accurate_states)
-        if walked is not None and h0 is None:
-            s_in = walked
-        else:
-            s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
-            _scan_segments(s_loc, seg_decay, plan, start=h0, each=s_in, end=None, reverse=False)
+        s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
+        _scan_segments(s_loc, seg_decay, plan, start=h0, each=s_in, end=None, reverse=False)
     else:
         seg_decay = empty(q, (S, H), torch.float32)
         if h0 is not None:
             s_in = h0.float()[plan.seg_seq].contiguous()
         else:
             s_in = q.new_zeros(S, H, K, V, dtype=torch.float32)
-    o = empty(v, v.shape, o_dtype or v.dtype)
-    if o.dtype == torch.float32 and q.dtype != torch.float32 and scan["BT"] > CHUNK_SIZE:
-        # 16-bit inputs with a float32 o (the ring split's zero-start pass): 128-row float32 o tiles beside the
-        # inputs' pipeline stages would not fit shared memory (H100: 262 KB asked, 227 KB there).
-        scan = dict(scan, BT=CHUNK_SIZE)
+    o = empty(v, v.shape, v.dtype)
     s_end = empty(s_in, s_in.shape, s_in.dtype)
     _fwd_kernel_output[(S, H, NV)](
         q, k, v, g_arg, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, _steps(plan, scan["BT"]),
@@ -369,13 +358,29 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segme
 
 
 def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_dg: bool, need_dh0: bool = True,
-                segment_dstates=None, dkv_dtype=None):
-    """Returns dq, dk, dv (in q's dtype), dL/dB per token [NT, H] (float32) and dh0 [N, H, K, V] (None
-    when not need_dh0 and no kernel produced it anyway). segment_dstates: step 1's result computed earlier
-    by the caller (`SegmentReuse`), or None."""
+                segment_dstates=None):
+    """Returns dq, dk, dv (in q's dtype), dL/dB per token [NT, H] (float32), dh0 [N, H, K, V] (None when not
+    need_dh0 and no kernel produced it anyway) and dht. dht: the final states' gradient, None, or a function that
+    returns it, called once dq's kernel is queued (dq needs only the forward's states: sequence parallelism
+    receives dht meanwhile). segment_dstates: step 1's result computed earlier by the caller (`SegmentReuse`), or
+    None."""
     NT = q.shape[0]
     H, K, V, NV, S, cfg, meta, scan = _launch_setup(q, v, g, plan, "bwd", need_dg)
     g_arg = g if g is not None else q
+    # dv is blocked over V (it sums over K); dk and dq over K (they sum over V), so every program writes
+    # finished gradients and only the per-token decay terms are summed over blocks.
+    BKK, BVF = _blocks_k(K, V, "bwd")
+    NK = cdiv(K, BKK)
+    scan_k = dict(scan, BK=BKK, BV=BVF)
+    scan_v = {name: value for name, value in scan.items() if name != "SPLIT"}
+    dq = empty(q, q.shape, q.dtype)
+    qdq = empty(q, (NK, NT, H), torch.float32) if need_dg else dq  # (a tensor the kernel then never touches)
+    _bwd_kernel_dq[(S, H, NK)](
+        q, k, v, g_arg, do, dq, qdq, s_in, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, NT,
+        NEED_DG=need_dg, **scan_k, **cfg)
+    if callable(dht):
+        dht = dht()
+    dht = dht.contiguous() if dht is not None else None
     if plan.max_segs > 1:
         if segment_dstates is not None:
             ds_loc = segment_dstates
@@ -390,17 +395,8 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
     else:
         ds_out = q.new_zeros(S, H, K, V, dtype=torch.float32)
         dh0 = None
-    # dv is blocked over V (it sums over K); dk and dq over K (they sum over V), so every program writes
-    # finished gradients and only the per-token decay terms are summed over blocks.
-    BKK, BVF = _blocks_k(K, V, "bwd")
-    NK = cdiv(K, BKK)
-    scan_k = dict(scan, BK=BKK, BV=BVF)
-    scan_v = {name: value for name, value in scan.items() if name != "SPLIT"}
-    dq = empty(q, q.shape, q.dtype)
-    dk = empty(k, k.shape, dkv_dtype or k.dtype)
-    dv = empty(v, v.shape, dkv_dtype or v.dtype)
-    # Buffers only some calls need; the others pass a tensor the kernel then never touches.
-    qdq = empty(q, (NK, NT, H), torch.float32) if need_dg else dq
+    dk = empty(k, k.shape, k.dtype)
+    dv = empty(v, v.shape, v.dtype)
     kdk = empty(q, (NK, NT, H), torch.float32) if need_dg else dk
     store_start = dh0 is None and need_dh0  # one segment per sequence: dh0 is dS at the segments' starts
     ds_start = empty(ds_out, ds_out.shape, ds_out.dtype) if store_start else ds_out
@@ -409,9 +405,6 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
     _bwd_kernel_dk[(S, H, NK)](
         q, k, v, g_arg, do, dk, kdk, ds_out, ds_start, plan.seg_bos, plan.seg_eos, scale,
         plan.chunks_per_segment, NT, NEED_DG=need_dg, STORE_START=store_start, **scan_k, **cfg)
-    _bwd_kernel_dq[(S, H, NK)](
-        q, k, v, g_arg, do, dq, qdq, s_in, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, NT,
-        NEED_DG=need_dg, **scan_k, **cfg)
     if store_start:
         dh0 = ds_start[plan.first_seg_index]
         if dht is not None:
@@ -419,17 +412,16 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
         else:
             dh0 = dh0 * plan.nonempty.view(-1, 1, 1, 1)
     dlogdecay = qdq.sum(0) - kdk.sum(0) if need_dg else None
-    return dq, dk, dv, dlogdecay, dh0
+    return dq, dk, dv, dlogdecay, dh0, dht
 
 
 # ----------------------------------------------------------------------------- forward / backward
 
 def chunk_linear_attention_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool = False,
-                               need_final: bool = True, segment_states=None, walked=None, o_dtype=None):
+                               need_final: bool = True, segment_states=None):
     """Flat inputs (see `_launch_fwd`). Returns o, the final state [N, H, K, V] (None unless need_final)
     and what backward needs."""
-    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate_states, segment_states, walked,
-                                            o_dtype)
+    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate_states, segment_states)
     if not need_final:
         return o, None, s_in, seg_decay
     final = s_end[plan.last_seg_index]
@@ -447,9 +439,9 @@ def _reverse_cumsum_per_sequence(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 
 def chunk_linear_attention_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, final, plan: _Plan, need_dg: bool,
-                               need_dh0: bool = True, segment_dstates=None, dkv_dtype=None):
-    dq, dk, dv, dlogdecay, dh0 = _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan, need_dg, need_dh0,
-                                             segment_dstates, dkv_dtype)
+                               need_dh0: bool = True, segment_dstates=None):
+    dq, dk, dv, dlogdecay, dh0, dht = _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan, need_dg, need_dh0,
+                                                  segment_dstates)
     dg = None
     if need_dg:
         if dht is not None:
@@ -512,7 +504,6 @@ class SegmentReuse:
         self.plan, self.shape, self.accurate_states = plan, shape, accurate_states
         self.segment_states = None    # (s_loc [S, H, K, V], seg_decay [S, H])
         self.segment_dstates = None   # ds_loc [S, H, K, V]
-        self.walked = None            # S_in of every segment from a zero start [S, H, K, V]
 
     @classmethod
     def make(cls, q, k, v, g, accurate_states: bool):
@@ -561,22 +552,6 @@ class SegmentReuse:
         with torch.no_grad():
             return self._fold(ds_loc, seg_decay, None, reverse=True)
 
-    @torch.no_grad()
-    def walk_from_zero(self):
-        """After `prepare_states`: step 2 from a zero start, kept for the op's forward (which must then get no
-        initial state); returns the state after each row's T tokens, float32 [B, H, K, V]. Sequence parallelism's
-        split (`carry_correction`) sends this before the rank's output kernel runs."""
-        s_loc, seg_decay = self.segment_states
-        self.walked = empty(s_loc, s_loc.shape, s_loc.dtype)
-        end = empty(s_loc, (self.plan.num_seqs, *s_loc.shape[1:]), s_loc.dtype)
-        _scan_segments(s_loc, seg_decay, self.plan, start=None, each=self.walked, end=end, reverse=False)
-        return end
-
-    def take_walk(self, plan: _Plan):
-        """The kept walk from a zero start if it fits this call of the op (then forgotten), else None."""
-        walked, self.walked = self.walked, None
-        return walked if plan is self.plan else None
-
     def take_states(self, plan: _Plan, accurate_states: bool):
         """The kept segment states if they fit this call of the op (then forgotten), else None."""
         states, self.segment_states = self.segment_states, None
@@ -608,13 +583,13 @@ def _plan_for(B: int, T: int, H: int, K: int, V: int, cu_seqlens, device) -> _Pl
 
 
 def local_forward(q, k, v, g=None, *, scale: float, initial_state=None, cu_seqlens=None, need_final=False,
-                  need_dg=False, reuse: SegmentReuse | None = None, o_dtype=None):
+                  need_dg=False, reuse: SegmentReuse | None = None):
     """The forward pass without autograd, for a caller that runs the backward itself (sequence parallelism).
 
     Arguments as `chunk_linear_attention` (need_final: also return the final state, which a backward with a
-    final-state gradient needs for g's gradient; need_dg: the backward will want g's gradient; o_dtype: o's dtype
-    if not v's, e.g. float32 for `carry_correction`). Returns o [B, T, H, V], the final state (or None), the tensors the backward needs (a
-    tuple for `ctx.save_for_backward`) and a `LocalPass` for `local_backward`.
+    final-state gradient needs for g's gradient; need_dg: the backward will want g's gradient). Returns o
+    [B, T, H, V], the final state (or None), the tensors the backward needs (a tuple for `ctx.save_for_backward`)
+    and a `LocalPass` for `local_backward`.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -625,85 +600,24 @@ def local_forward(q, k, v, g=None, *, scale: float, initial_state=None, cu_seqle
     g32 = flat_g(g, B, T, H)
     h0 = initial_state.contiguous() if initial_state is not None else None
     need_dg = need_dg and g is not None
-    walked = reuse.take_walk(plan) if reuse is not None else None
-    if walked is not None and h0 is not None:
-        raise ValueError("reuse walked from a zero state (walk_from_zero); the op got an initial_state")
     o, final, s_in, seg_decay = chunk_linear_attention_fwd(
         qf, kf, vf, g32, scale, h0, plan, need_dg, need_final=need_final,
-        segment_states=reuse.take_states(plan, need_dg) if reuse is not None else None, walked=walked,
-        o_dtype=o_dtype)
+        segment_states=reuse.take_states(plan, need_dg) if reuse is not None else None)
     info = LocalPass(plan, scale, (B, T, H, K, V), need_dg, tuple(g.shape) if g is not None else None,
                      g.dtype if g is not None else None, h0.dtype if h0 is not None else None, reuse)
     return o.view(B, T, H, V), final, (qf, kf, vf, g32, s_in, seg_decay, final), info
 
 
-def _row_log_decays(seg_decay, plan: _Plan, before: bool) -> torch.Tensor:
-    """Each segment's log-decay from its row's start to the segment's start (before) or from the segment's end to
-    the row's end, [S, H]: exclusive sums over the row's segments, for the split's corrections (dense rows)."""
-    if plan.num_segs != plan.num_seqs * plan.max_segs:
-        raise ValueError("the split's corrections are for dense rows (every row cut into the same segments)")
-    per_row = seg_decay.view(plan.num_seqs, plan.max_segs, -1)
-    inclusive = per_row.cumsum(1) if before else per_row.flip(1).cumsum(1).flip(1)
-    return (inclusive - per_row).view(plan.num_segs, -1)
-
-
-def carry_correction(o, saved, info: LocalPass, s_carry, out_dtype):
-    """After `local_forward` ran dense rows from a zero state (o best in float32, `o_dtype`): the output of rows that
-    start from s_carry [B, H, K, V] (float32), o_t + scale exp(G_t) q_t s_carry, in out_dtype; the saved per-segment
-    states become those of that start (in place). Sequence parallelism runs the local pass before the carried state
-    arrives and this after (DESIGN.md's split); a row's final state is then a_r s_carry + the zero-start final
-    state, which the caller forms itself."""
-    qf, _, vf, g32, s_in, seg_decay, _ = saved
-    plan = info.plan
-    seg_logc = _row_log_decays(seg_decay, plan, before=True)
-    H, K, V, NV, S, cfg, _, scan = _launch_setup(qf, vf, g32, plan, "fwd", False)
-    # 64-token steps: a float32 o tile of 128 tokens, doubled by two pipeline stages, would crowd shared memory.
-    scan = {name: value for name, value in scan.items() if name != "SPLIT"} | {"BT": CHUNK_SIZE}
-    out = empty(o, o.shape, out_dtype)
-    _fwd_kernel_carry[(S, H, NV)](
-        qf, g32 if g32 is not None else qf, o.view(-1, H, V), out.view(-1, H, V), s_in, s_carry.contiguous(),
-        plan.seg_seq, seg_logc, plan.seg_bos, plan.seg_eos, info.scale, _steps(plan, scan["BT"]), **scan, **cfg)
-    return out
-
-
-def carry_correction_bwd(dk, dv, saved, info: LocalPass, ds_carry, out_dtype):
-    """The backward's half of `carry_correction`: after `local_backward` ran dense rows without the gradient of
-    their final state (dk, dv best in float32, `dkv_dtype`), add that gradient ds_carry [B, H, K, V] (float32):
-    returns dk, dv in out_dtype and g's gradient to add (shaped as g; None without need_dg)."""
-    _, kf, vf, g32, _, seg_decay, final = saved
-    plan = info.plan
-    seg_logc = _row_log_decays(seg_decay, plan, before=False)
-    H, K, V, _, S, cfg, _, scan = _launch_setup(kf, vf, g32, plan, "fwd", info.need_dg)
-    scan = dict(scan, BT=CHUNK_SIZE, BK=next_pow2(K), BV=next_pow2(V))
-    if cfg:
-        cfg = dict(cfg, num_stages=1)  # k, v and float32 dk, dv tiles of all of K and V: one stage fits
-    dk_out, dv_out = empty(dk, dk.shape, out_dtype), empty(dv, dv.shape, out_dtype)
-    kdk = empty(kf, (kf.shape[0], H), torch.float32) if info.need_dg else dk_out
-    _bwd_kernel_carry[(S, H)](
-        kf, vf, g32 if g32 is not None else kf, dk.view(-1, H, K), dv.view(-1, H, V), dk_out.view(-1, H, K),
-        dv_out.view(-1, H, V), kdk, ds_carry.contiguous(), plan.seg_seq, seg_logc, plan.seg_bos, plan.seg_eos,
-        _steps(plan, CHUNK_SIZE), NEED_DG=info.need_dg, **scan, **cfg)
-    dg = None
-    if info.need_dg:
-        # d/dG of the added terms: -k . (the dk term) per token, and the final state's exp(B_last) at each row's end.
-        dlogdecay = -kdk
-        last_token = plan.seq_ends - 1
-        dlogdecay = dlogdecay.index_add(0, last_token, (ds_carry.float() * final).sum((-1, -2)))
-        dg = _reverse_cumsum_per_sequence(dlogdecay, plan)
-        dg = (dg.sum(0) if len(info.g_shape) == 1 else dg.reshape(info.g_shape)).to(info.g_dtype)
-    return dk_out, dv_out, dg
-
-
-def local_backward(saved, info: LocalPass, do, dfinal=None, *, need_dh0: bool = False, dkv_dtype=None):
+def local_backward(saved, info: LocalPass, do, dfinal=None, *, need_dh0: bool = False):
     """The backward of `local_forward` from its saved tensors: (dq, dk, dv, dg, dh0) shaped as the inputs (dg
-    None unless need_dg was set; dh0 None unless need_dh0). dfinal: the final state's gradient, or None.
-    dkv_dtype: dk's and dv's dtype if not k's and v's (float32 for `carry_correction_bwd`)."""
+    None unless need_dg was set; dh0 None unless need_dh0). dfinal: the final state's gradient, None, or a function
+    returning either, called once dq's kernel is queued (which needs no dfinal: a caller can receive it meanwhile)."""
     q, k, v, g32, s_in, seg_decay, final = saved
     B, T, H, K, V = info.shape
     dstates = info.reuse.take_dstates(info.plan, info.need_dg) if info.reuse is not None else None
     dq, dk, dv, dg, dh0 = chunk_linear_attention_bwd(
-        q, k, v, g32, _flat_tokens(do), dfinal.contiguous() if dfinal is not None else None,
-        info.scale, s_in, seg_decay, final, info.plan, info.need_dg, need_dh0, dstates, dkv_dtype)
+        q, k, v, g32, _flat_tokens(do), dfinal,
+        info.scale, s_in, seg_decay, final, info.plan, info.need_dg, need_dh0, dstates)
     if dg is not None:
         dg = dg.reshape(info.g_shape).to(info.g_dtype)
     dh0 = dh0.to(info.h0_dtype) if need_dh0 and dh0 is not None else None

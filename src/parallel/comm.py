@@ -106,27 +106,18 @@ def _combine(local, decay, carried):
     return torch.addcmul(local, decay, carried)
 
 
-def ring_forward_out(s_loc, decay, sp: SequenceParallelContext, pending_recv, need_out: bool = True):
-    """`ring_forward` that also returns what it hands on: (S_in(r) or None, S_out(r) = a_r S_in(r) + S_loc(r)); on
-    the last rank S_out is formed only when need_out (it is the row's final state there, sent nowhere)."""
-    s_in = _received(pending_recv)
-    s_out = None
-    if sp.next_rank is not None or need_out:
-        s_out = _combine(s_loc, decay, s_in)
-    if sp.next_rank is not None:
-        _send_later(s_out, sp.rank + 1, sp)
-    return s_in, s_out
-
-
 class SideStream:
     """A block of work on a second CUDA stream that starts after everything queued so far on the current one and
-    that the current stream waits for only at `join` (on CPU the block simply runs). Sequence parallelism's split
-    runs the ring's receive, combine and send here, so they overlap the local pass on the main stream.
+    that the current stream waits for only at `join` (on CPU the block simply runs). Sequence parallelism runs the
+    backward's exchange (receive, combine, send) here, so that it overlaps the local backward's dq kernel.
 
-        with SideStream(device, s_loc, decay) as side:   # tensors made on the main stream and used in the block
+        with SideStream(device, ds_direct, decay) as side:  # tensors made on the main stream and used in the block
             ...
-        ...                                              # main-stream work, concurrent with the block
-        side.join(s_out)                                 # tensors made in the block and used afterwards
+        ...                                                 # main-stream work, concurrent with the block
+        side.join(ds_out)                                   # tensors made in the block and used afterwards
+
+    The side stream has the highest priority: its small kernels take the SMs that the main stream's long kernels
+    free first, instead of queueing behind the rest of them.
     """
 
     _streams: dict = {}
@@ -140,7 +131,7 @@ class SideStream:
             self.main = torch.cuda.current_stream(self.device)
             self.side = self._streams.get(self.device)
             if self.side is None:
-                self.side = self._streams[self.device] = torch.cuda.Stream(self.device)
+                self.side = self._streams[self.device] = torch.cuda.Stream(self.device, priority=-100)
             self.side.wait_stream(self.main)
             for x in self.inputs:
                 if x is not None:
@@ -171,7 +162,10 @@ def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv):
     (a_r = 0); pending_recv: what `post_recv_from_prev` returned (posted early). Returns S_in(r), None on rank 0
     (zeros).
     """
-    return ring_forward_out(s_loc, decay, sp, pending_recv, need_out=False)[0]
+    s_in = _received(pending_recv)
+    if sp.next_rank is not None:
+        _send_later(_combine(s_loc, decay, s_in), sp.rank + 1, sp)
+    return s_in
 
 
 def ring_backward(ds_direct, decay, sp: SequenceParallelContext, pending_recv):

@@ -14,13 +14,11 @@ The last line is what the local kernel computes when it starts from S_in(r). So 
   2. the exchange: `comm.ring_forward` (S_in hops r -> r+1, only the combine is serial) or
      `comm.allgather_forward` (one all_gather of every (S_loc, a), prefix combined locally);
   3. the local pass (`local_impl`, any backend) starting from S_in(r): o is exact, no correction.
-(Experimental, `RING_SPLIT`: on the Triton path the ring can run the local passes without the exchanged state
-while the exchange proceeds on a side stream, and then add the last line's correction, and its backward's; see
-`_split_forward` / `_split_backward`.)
 Backward mirrors it: the direct gradient of S_in(r), dS_direct = scale * sum_t exp(G_t) q_t^T do_t
 (+ the final-state gradient of a document ending on the rank), needs only q, do and g; the
 exchange (`ring_backward` / `allgather_backward`) gives dS_out(r) = dS_in(r+1); the local
-backward then runs with dS_out(r) as the gradient of its final state. Serial work across ranks
+backward then runs with dS_out(r) as the gradient of its final state (on the Triton path the exchange runs on a
+side stream while the local backward's dq kernel, which needs no dS_out, runs). Serial work across ranks
 is the state combines and hops only. The two state-only passes run in PyTorch unless the backend
 offers kernels for them (`final_state_only`, `initial_state_grad_only`; see `_segment_state`,
 `_carried_state_grad`).
@@ -34,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -285,12 +282,6 @@ def _rank_decay(g, B: int, L: int, H: int, device):
     return g.float().sum(1).exp().view(B, H, 1, 1)
 
 
-# Experimental (DESIGN.md's split for the ring on the Triton path; see `_split_forward`, `_split_backward`): off until
-# measured and tested on GPUs (dense input, no initial_state, K * V <= 128 * 128; otherwise the ordinary path runs).
-# LASP_HF_RING_SPLIT=1 in the environment, or set this, to try it.
-RING_SPLIT = os.environ.get("LASP_HF_RING_SPLIT", "0") == "1"
-
-
 @dataclass
 class _Run:
     """Per-call settings handed to the autograd Function (not tensors)."""
@@ -302,7 +293,6 @@ class _Run:
     local_impl: object
     local_cu: torch.Tensor | None
     output_final_state: bool
-    split: bool = False
 
 
 def _local_initial_state(run: _Run, initial_state, s_in):
@@ -348,44 +338,6 @@ def _final_states(plan: RankPlan, finals, initial_state, num_rows: int):
     if rows:
         out = out.index_copy(0, device_ints(index, finals.device), torch.cat(rows))
     return out
-
-
-def _split_forward(run: _Run, q, k, v, g, decay, pending, reuse, need_dg: bool, need_final: bool):
-    """DESIGN.md's split on the Triton path (ring, dense rows, no initial_state): the rank's state from a zero start
-    (step 1 and the walk), then the exchange on a side stream while the local pass runs from a zero state on the
-    main one, then `carry_correction` adds the received state's term. Only the combine and the hop are serial
-    across ranks; the local passes overlap them. Returns (o, the rows' final states, saved tensors, LocalPass)."""
-    reuse.prepare_states(k, v, g)
-    s_loc = reuse.walk_from_zero()
-    with comm.SideStream(q.device, s_loc, decay, pending[0] if pending is not None else None) as side:
-        s_in, s_out = comm.ring_forward_out(s_loc, decay, run.sp, pending)
-    # A rank that receives a state (all but the first) keeps the zero-start o in float32: the corrected o is
-    # rounded once. (s_in is the receive's buffer, known on the host before the data arrives.)
-    o, _, saved, info = run.local_impl.local_forward(q, k, v, g, scale=run.scale, need_dg=need_dg, reuse=reuse,
-                                                     o_dtype=torch.float32 if s_in is not None else None)
-    side.join(s_out)
-    if s_in is not None:
-        o = run.local_impl.carry_correction(o, saved, info, s_in, v.dtype)
-    return o, s_out, (*saved[:6], s_out if need_final else None), info
-
-
-def _split_backward(ctx, do, dht, ds_direct, pending, saved, needs):
-    """The backward of `_split_forward`: the exchange of dS on a side stream while the local backward runs without
-    the handed-on state's gradient (dk, dv in float32), then `carry_correction_bwd` adds its terms to dk, dv and dg.
-    (Dense rows, no initial state: dS_in needs no local work beyond ds_direct; dq needs only the forward's states.)"""
-    run, impl = ctx.run, ctx.run.local_impl
-    with comm.SideStream(do.device, ds_direct, ctx.decay, pending[0] if pending is not None else None) as side:
-        ds_out = comm.ring_backward(ds_direct, ctx.decay, run.sp, pending)
-    grads = list(impl.local_backward(saved, ctx.info, do, dht, need_dh0=False,
-                                     dkv_dtype=torch.float32 if ds_out is not None else None))
-    side.join(ds_out)
-    if ds_out is not None:
-        grads[1], grads[2], dg = impl.carry_correction_bwd(grads[1], grads[2], saved, ctx.info, ds_out, saved[2].dtype)
-        if dg is not None:
-            grads[3] = grads[3] + dg
-    comm.wait_sends(run.sp)
-    return (grads[0] if needs[0] else None, grads[1] if needs[1] else None, grads[2] if needs[2] else None,
-            grads[3] if needs[3] else None, None, None)
 
 
 def _saved_tensor_hooks_active() -> bool:
@@ -438,46 +390,38 @@ class _LaspFunction(torch.autograd.Function):
             reuse = make_reuse.make(q, k, v, g, accurate_states=g is not None and needs[3])
         decay = _rank_decay(g, B, L, H, q.device) if plan.passes_through else None  # None: a_r = 0
         raw = getattr(run.local_impl, "local_forward", None)
-        if (run.split and ring and reuse is not None and raw is not None and initial_state is None
-                and K * V <= 128 * 128 and hasattr(run.local_impl, "carry_correction_bwd")):
-            need_final = run.output_final_state or (needs[3] and g is not None and plan.hands_on)
-            o, finals, saved, info = _split_forward(run, q, k, v, g, decay, pending, reuse, needs[3], need_final)
-            ctx.save_for_backward(*saved)
-            ctx.inner, ctx.info, decays, ctx.split = None, info, None, True
+        if plan.hands_on:
+            if reuse is not None:
+                s_loc = reuse.final_state(k, v, g, initial_state if not plan.carried_len else None)
+            else:
+                s_loc = _handed_on_state(run, k, v, g, initial_state)
         else:
-            ctx.split = False
-            if plan.hands_on:
-                if reuse is not None:
-                    s_loc = reuse.final_state(k, v, g, initial_state if not plan.carried_len else None)
-                else:
-                    s_loc = _handed_on_state(run, k, v, g, initial_state)
-            else:
-                # Nothing to hand on (the next rank starts a document, or there is none): zeros where the exchange
-                # still sends something.
-                s_loc = q.new_zeros(state_shape, dtype=torch.float32) if not ring or sp.next_rank is not None else None
-                if reuse is not None:
-                    # The local pass's first step needs no received state: run it now, so that waiting for the
-                    # state overlaps it instead of delaying it.
-                    reuse.prepare_states(k, v, g)
-            if ring:
-                s_in, decays = comm.ring_forward(s_loc, decay, sp, pending), None
-            else:
-                s_in, decays = comm.allgather_forward(s_loc, decay, sp)
+            # Nothing to hand on (the next rank starts a document, or there is none): zeros where the exchange
+            # still sends something.
+            s_loc = q.new_zeros(state_shape, dtype=torch.float32) if not ring or sp.next_rank is not None else None
+            if reuse is not None:
+                # The local pass's first step needs no received state: run it now, so that waiting for the
+                # state overlaps it instead of delaying it.
+                reuse.prepare_states(k, v, g)
+        if ring:
+            s_in, decays = comm.ring_forward(s_loc, decay, sp, pending), None
+        else:
+            s_in, decays = comm.allgather_forward(s_loc, decay, sp)
 
-            h0 = _local_initial_state(run, initial_state, s_in)
-            if raw is not None:
-                # The local final states: for the output, and for dg when a final-state gradient comes back.
-                need_final = run.output_final_state or (needs[3] and g is not None and plan.hands_on)
-                o, finals, saved, info = raw(q, k, v, g, scale=run.scale, initial_state=h0, cu_seqlens=run.local_cu,
-                                             need_final=need_final, need_dg=needs[3], reuse=reuse)
-                ctx.save_for_backward(*saved)
-                ctx.inner, ctx.info = None, info
-            else:
-                record = any(needs[:5]) and not _saved_tensor_hooks_active()
-                o, finals, leaves = _local_pass(run, (q, k, v, g, h0), needs, reuse, record)
-                if not record:
-                    ctx.save_for_backward(q, k, v, g, h0)
-                ctx.inner, ctx.info = (o, finals, leaves) if record else None, None
+        h0 = _local_initial_state(run, initial_state, s_in)
+        if raw is not None:
+            # The local final states: for the output, and for dg when a final-state gradient comes back.
+            need_final = run.output_final_state or (needs[3] and g is not None and plan.hands_on)
+            o, finals, saved, info = raw(q, k, v, g, scale=run.scale, initial_state=h0, cu_seqlens=run.local_cu,
+                                         need_final=need_final, need_dg=needs[3], reuse=reuse)
+            ctx.save_for_backward(*saved)
+            ctx.inner, ctx.info = None, info
+        else:
+            record = any(needs[:5]) and not _saved_tensor_hooks_active()
+            o, finals, leaves = _local_pass(run, (q, k, v, g, h0), needs, reuse, record)
+            if not record:
+                ctx.save_for_backward(q, k, v, g, h0)
+            ctx.inner, ctx.info = (o, finals, leaves) if record else None, None
         comm.wait_sends(sp)  # the state's send overlapped the local pass; it must be done before we return
         final = None
         if run.output_final_state:
@@ -544,23 +488,36 @@ class _LaspFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if ring and reduce_dfinal:
             pending = comm.post_recv_from_next(state_shape, do.device, sp)  # after the all_reduce (see above)
-        if ctx.split:
-            return _split_backward(ctx, do, dht, ds_direct, pending, saved, needs)
-        if ring:
-            ds_out = comm.ring_backward(ds_direct, ctx.decay, sp, pending)
-        else:
-            ds_out = comm.allgather_backward(ds_direct, ctx.decays, sp)
-        if plan.hands_on and ds_out is not None:
-            if not packed:
-                dht = ds_out if dht is None else dht + ds_out
+
+        def exchange(dht):
+            """dS_out(r) from the later ranks (sending on what the earlier ones need), added to dht."""
+            if ring:
+                ds_out = comm.ring_backward(ds_direct, ctx.decay, sp, pending)
             else:
-                if dht is None:
-                    dht = do.new_zeros(ctx.finals_shape, dtype=torch.float32)
-                dht = torch.cat([dht[:-1], dht[-1:] + ds_out])
+                ds_out = comm.allgather_backward(ds_direct, ctx.decays, sp)
+            if not plan.hands_on or ds_out is None:
+                return dht
+            if not packed:
+                return ds_out if dht is None else dht + ds_out
+            if dht is None:
+                dht = do.new_zeros(ctx.finals_shape, dtype=torch.float32)
+            return torch.cat([dht[:-1], dht[-1:] + ds_out])
 
         if ctx.info is not None:
-            grads = list(run.local_impl.local_backward(saved, ctx.info, do, dht, need_dh0=needs[4]))
+            # The exchange runs on a side stream while the local backward's dq kernel, which needs no dS, runs on
+            # the main one: the cross-rank chain of the backward then overlaps a third of the local work instead of
+            # delaying all of it (`local_backward` joins the side stream once dq is queued).
+            with comm.SideStream(do.device, ds_direct, dht, ctx.decay, ctx.decays,
+                                 pending[0] if pending is not None else None) as side:
+                dht = exchange(dht)
+
+            def joined():
+                side.join(dht)
+                return dht
+
+            grads = list(run.local_impl.local_backward(saved, ctx.info, do, joined, need_dh0=needs[4]))
         else:
+            dht = exchange(dht)
             wanted = [i for i, x in enumerate(leaves) if x is not None and x.requires_grad]
             got = torch.autograd.grad([o, finals], [leaves[i] for i in wanted],
                                       [do, dht if dht is not None else torch.zeros_like(finals)], allow_unused=True)
@@ -622,6 +579,6 @@ def sp_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None, ou
     plan = _rank_plan(sp, cu_seqlens, L)
     _check_state(initial_state, (plan.num_docs if packed else B, H, K, V), packed)
     local_cu = plan.on_device("local_bounds", q.device) if packed else None
-    run = _Run(sp, plan, sp_mode, scale, local_impl, local_cu, bool(output_final_state), split=RING_SPLIT)
+    run = _Run(sp, plan, sp_mode, scale, local_impl, local_cu, bool(output_final_state))
     o, final = _LaspFunction.apply(q, k, v, g, initial_state, run)
     return o, (final if output_final_state else None)
