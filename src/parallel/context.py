@@ -97,7 +97,8 @@ def init_sequence_parallel(sp_size: int, mode: str = "ring", *, device_mesh=None
             global ranks [i*W, (i+1)*W); DP group j holds ranks j, W + j, 2W + j, ...
         mode: "ring" or "allgather", the default `sp_mode` the model passes to the op.
         device_mesh: optional torch DeviceMesh with dims named "dp" and "sp"; its groups are used
-            instead of building new ones (its "sp" size must equal sp_size).
+            instead of building new ones (its "sp" size must equal sp_size). The groups built here use
+            high-priority NCCL streams; for a mesh's groups, TORCH_NCCL_HIGH_PRIORITY=1 does the same.
         backend: process-group backend for the new groups (None: the default group's).
         timeout: optional `datetime.timedelta` bounding every collective of the new groups (None: torch's
             default, 30 minutes for gloo/NCCL), so a dead or hung peer fails the others instead of hanging them.
@@ -134,7 +135,7 @@ def init_sequence_parallel(sp_size: int, mode: str = "ring", *, device_mesh=None
     # new_group must be called by every rank for every group, in the same order.
     for i in range(num_sp_groups):
         ranks = list(range(i * sp_size, (i + 1) * sp_size))
-        group = dist.new_group(ranks, backend=backend, timeout=timeout)
+        group = dist.new_group(ranks, backend=backend, timeout=timeout, pg_options=_sp_group_options(backend))
         if rank in ranks:
             sp_group = group
     for j in range(sp_size):
@@ -143,6 +144,16 @@ def init_sequence_parallel(sp_size: int, mode: str = "ring", *, device_mesh=None
         if rank in ranks:
             dp_group = group
     return SequenceParallelContext.from_group(sp_group, mode, dp_group=dp_group)
+
+
+def _sp_group_options(backend):
+    """NCCL options of the SP groups: high-priority streams, so that a state exchange's small kernels get the SMs
+    ahead of the local pass's kernels, which otherwise hold every SM until they end (measured on 4x H100: the last
+    rank's backward send waited out the whole dq kernel). None for other backends."""
+    name = backend if backend is not None else dist.get_backend()
+    if str(name).lower() != "nccl" or not hasattr(dist, "ProcessGroupNCCL"):
+        return None
+    return dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
 
 
 def as_sp_context(sp_group, mode: str | None = None) -> SequenceParallelContext:
