@@ -119,3 +119,18 @@ def test_init_sequence_parallel_needs_torch_distributed():
     assert not torch.distributed.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         init_sequence_parallel(1)
+
+
+def test_sp_groups_ask_nccl_for_high_priority_streams(monkeypatch):
+    """NCCL SP groups get high-priority streams (the exchange's kernels then take SMs ahead of the local pass's);
+    gloo groups no options; LASP_HF_SP_HIGH_PRIORITY=0 turns the priority off."""
+    from lasp_hf.parallel import context
+
+    assert context._sp_group_options("gloo") is None
+    monkeypatch.setenv("LASP_HF_SP_HIGH_PRIORITY", "0")
+    assert context._sp_group_options("nccl") is None
+    monkeypatch.delenv("LASP_HF_SP_HIGH_PRIORITY")
+    if not hasattr(dist, "ProcessGroupNCCL"):
+        assert context._sp_group_options("nccl") is None  # a CPU-only torch build: plain groups
+        return
+    assert context._sp_group_options("nccl").is_high_priority_stream

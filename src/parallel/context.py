@@ -7,6 +7,8 @@ dp_rank * W + sp_rank), so every rank of one SP group gets the same batch.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -150,6 +152,8 @@ def _sp_group_options(backend):
     """NCCL options of the SP groups: high-priority streams, so that a state exchange's small kernels get the SMs
     ahead of the local pass's kernels, which otherwise hold every SM until they end (measured on 4x H100: the last
     rank's backward send waited out the whole dq kernel). None for other backends."""
+    if os.environ.get("LASP_HF_SP_HIGH_PRIORITY", "1") == "0":
+        return None
     name = backend if backend is not None else dist.get_backend()
     if str(name).lower() != "nccl" or not hasattr(dist, "ProcessGroupNCCL"):
         return None
