@@ -503,7 +503,14 @@ class _LaspFunction(torch.autograd.Function):
                 dht = do.new_zeros(ctx.finals_shape, dtype=torch.float32)
             return torch.cat([dht[:-1], dht[-1:] + ds_out])
 
-        if ctx.info is not None:
+        if ctx.info is not None and ring and pending is None:
+            # Nothing to receive (the last rank): the send goes first and dq waits for it (~25 us). Queued beside dq
+            # instead, the send would get SMs only when dq's first programs end (4x H100, 128K: ~285 us later), and
+            # every earlier rank waits for this send.
+            dht = exchange(dht)
+            comm.wait_sends(sp)
+            grads = list(run.local_impl.local_backward(saved, ctx.info, do, dht, need_dh0=needs[4]))
+        elif ctx.info is not None:
             # The exchange runs on a side stream while the local backward's dq kernel, which needs no dS, runs on
             # the main one: the cross-rank chain of the backward then overlaps a third of the local work instead of
             # delaying all of it (`local_backward` joins the side stream once dq is queued).
