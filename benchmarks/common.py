@@ -350,18 +350,23 @@ def _pivot(rows: Sequence[dict], keys: Sequence[str], providers: Sequence[str], 
     lines: dict = {}
     for row in rows:
         line = lines.setdefault(tuple(row.get(k) for k in keys), {k: row.get(k) for k in keys})
-        if row["provider"] in providers:
-            ok = row.get("status") == "ok" and row.get(value) is not None
-            line[row["provider"]] = row[value] if ok else row.get("status")
-            line[f"err_{row['provider']}"] = row.get("err")
-            if row["provider"] == providers[0]:
+        provider, passed = row["provider"], row.get("status") == "ok"
+
+        def cell(key):  # the number; the status where the row did not pass; None (shown "-") if not measured
+            return row.get(key) if passed else row.get("status")
+
+        if provider in providers:
+            line[provider] = cell(value)
+            line[f"err_{provider}"] = row.get("err")
+            if provider == providers[0]:
                 line.update({k: row.get(k) for k in ("t_vs_fla", "efficiency", "vs_lasp", "floor_ms")})
-            if row.get("ms_pipe") is not None:  # sp_scaling.py's pipelined timing
-                line[f"{row['provider']}_pipe"] = row["ms_pipe"] if ok else row.get("status")
-        if row["provider"] in ("ring", "allgather"):
-            line[f"eff_{row['provider']}"] = row.get("efficiency")
-            line[f"eff_pipe_{row['provider']}"] = row.get("efficiency_pipe")
-            line[f"vs_lasp_{row['provider']}"] = row.get("vs_lasp")
+            line[f"{provider}_pipe"] = cell("ms_pipe")  # sp_scaling.py's pipelined timing
+            line[f"{provider}_host"] = cell("host_ms_pipe")
+        if provider in ("ring", "allgather"):
+            line[f"eff_{provider}"] = row.get("efficiency")
+            line[f"eff_pipe_{provider}"] = row.get("efficiency_pipe")
+            line[f"vs_lasp_{provider}"] = row.get("vs_lasp")
+            line[f"vs_lasp_pipe_{provider}"] = row.get("vs_lasp_pipe")
     return list(lines.values())
 
 
@@ -404,7 +409,8 @@ def summarize(out_dir: str | Path) -> str:
         cols = [Column("case", "case"), Column("W", "W")] + [
             Column(p, f"{p} ms", "{:.3f}") for p in providers
         ]
-        cols += [Column(f"{p}_pipe", f"{p} pipe", "{:.3f}") for p in providers[:3]]
+        cols += [Column(f"{p}_pipe", f"{p} pipe", "{:.3f}") for p in providers]
+        cols += [Column(f"{p}_host", f"{p} host", "{:.3f}") for p in providers[:3]]
         cols += [
             Column("eff_ring", "eff ring", "{:.2f}"),
             Column("eff_allgather", "eff ag", "{:.2f}"),
@@ -412,6 +418,8 @@ def summarize(out_dir: str | Path) -> str:
             Column("eff_pipe_allgather", "eff ag pipe", "{:.2f}"),
             Column("vs_lasp_ring", "ring/lasp tok/s", "{:.1f}x"),
             Column("vs_lasp_allgather", "ag/lasp tok/s", "{:.1f}x"),
+            Column("vs_lasp_pipe_ring", "ring/lasp pipe", "{:.1f}x"),
+            Column("vs_lasp_pipe_allgather", "ag/lasp pipe", "{:.1f}x"),
         ]
         parts.append(
             f"{path.name}: {data['env']['card']}, commit {data['env']['commit'][:12]}\n"

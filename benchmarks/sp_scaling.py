@@ -16,7 +16,9 @@ Timing (--timing barrier|pipelined|both, default both):
                `ms` is the median over iterations. The host's launch latency is exposed every time.
     pipelined  `ms_pipe`: after ONE barrier, `iters` iterations back to back (the host runs ahead, as
                in training over layers); CUDA events around the whole loop, total / iters, max over
-               ranks, median over --repeats such loops.
+               ranks, median over --repeats such loops. `host ms`: the host's time to issue one iteration
+               (the loop's first few, right after a synchronize); where it reaches `ms_pipe` the row measures
+               the host, not the GPUs.
 tokens/s = W*T / ms; efficiency = single ms / ms, each method against the single time measured the
 same way (`eff`, `eff_pipe`). --profile: afterwards, 3 iterations of every provider under
 torch.profiler on rank 0 -> sp-<card>-W<n>-profile.txt (op tables sorted by self CPU and CUDA time).
@@ -129,22 +131,33 @@ def time_across_ranks(run: Run, step: Callable[[], object]) -> dict:
     return {"ms": float(every.max(dim=0).values.median()), "rank_ms": [float(row.median()) for row in every]}
 
 
+HOST_PROBE_ITERS = 4  # iterations whose issuing is timed on the host right after a synchronize (see time_pipelined)
+
+
 def time_pipelined(run: Run, step: Callable[[], object]) -> dict:
     """Run `step` warmup times, then `repeats` loops of `iters` back-to-back calls, each loop after
     ONE barrier and timed as a whole; return the median over loops of the slowest rank's
-    loop time / iters, and every rank's own median (ms). Counts are the same on every rank."""
+    loop time / iters, and every rank's own median (ms). Counts are the same on every rank.
+
+    Also `host_ms`: the host's time to issue one call, from the loop's first HOST_PROBE_ITERS calls (issued right
+    after a synchronize, so the launch queue cannot fill and block them; on CPU the whole call), slowest rank's
+    median. A row whose host_ms reaches its ms is bound by the host, not the GPUs."""
     cuda = run.device.type == "cuda"
     for _ in range(run.warmup):
         step()
-    totals = []
+    totals, host = [], []
+    probe = min(HOST_PROBE_ITERS, run.iters)
     for _ in range(run.repeats):
         dist.barrier()
         if cuda:
             torch.cuda.synchronize(run.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(run.iters):
+            begin = time.perf_counter()
+            for i in range(run.iters):
                 step()
+                if i + 1 == probe:
+                    host.append((time.perf_counter() - begin) * 1e3 / probe)
             end.record()
             end.synchronize()
             totals.append(start.elapsed_time(end) / run.iters)
@@ -153,11 +166,14 @@ def time_pipelined(run: Run, step: Callable[[], object]) -> dict:
             for _ in range(run.iters):
                 step()
             totals.append((time.perf_counter() - begin) * 1e3 / run.iters)
-    mine = torch.tensor(totals, dtype=torch.float64, device=run.device)
+            host.append(totals[-1])
+    mine = torch.tensor([totals, host], dtype=torch.float64, device=run.device)
     every = [torch.empty_like(mine) for _ in range(run.world_size)]
     dist.all_gather(every, mine)
-    every = torch.stack(every).cpu()  # [W, repeats]
-    return {"ms": float(every.max(dim=0).values.median()), "rank_ms": [float(row.median()) for row in every]}
+    every = torch.stack(every).cpu()  # [W, 2, repeats]
+    return {"ms": float(every[:, 0].max(dim=0).values.median()),
+            "rank_ms": [float(row.median()) for row in every[:, 0]],
+            "host_ms": float(every[:, 1].max(dim=0).values.median())}
 
 
 def all_ranks_max(run: Run, value: float) -> float:
@@ -280,6 +296,7 @@ def _check_and_time(run: Run, provider: str, row: dict, inputs: tuple, ref: dict
         row.update(
             ms_pipe=timing["ms"],
             rank_ms_pipe=timing["rank_ms"],
+            host_ms_pipe=timing["host_ms"],
             tokens_per_s_pipe=tokens / (timing["ms"] * 1e-3),
         )
     return row
@@ -529,6 +546,7 @@ COLUMNS = [
     Column("provider", "provider"),
     Column("ms", "ms", "{:.3f}"),
     Column("ms_pipe", "ms_pipe", "{:.3f}"),
+    Column("host_ms_pipe", "host ms", "{:.3f}"),
     Column("tokens_per_s", "tok/s", "{:.3e}"),
     Column("efficiency", "eff", "{:.2f}"),
     Column("efficiency_pipe", "eff_pipe", "{:.2f}"),

@@ -332,11 +332,15 @@ def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
         row = rows[provider]
         assert row["ms_pipe"] > 0 and len(row["rank_ms_pipe"]) == 2
         assert row["ms_pipe"] >= max(row["rank_ms_pipe"]) - 1e-9
+        # on CPU issuing a call is the call: the host time is the pipelined time, measured the same way
+        assert row["host_ms_pipe"] == pytest.approx(row["ms_pipe"])
     for provider in ("ring", "allgather"):
         want = rows["single"]["ms_pipe"] / rows[provider]["ms_pipe"]
         assert rows[provider]["efficiency_pipe"] == pytest.approx(want)
     summary = common.summarize(tmp_path)
-    assert "sp-T8K" in summary and "ring pipe" in summary
+    assert "sp-T8K" in summary and "ring pipe" in summary and "ring host" in summary
+    sp_line = next(line for line in summary.splitlines() if line.strip().startswith("sp-T8K"))
+    assert f"{rows['ring']['ms_pipe']:.3f}" in sp_line and " ok " not in sp_line  # numbers, not statuses
     # --profile: one text file, a section per provider that ran, CPU op tables (no CUDA on CPU)
     profile = (tmp_path / "sp-cpu-W2-tiny-profile.txt").read_text()
     assert len(profile.encode()) < 1_000_000
