@@ -94,8 +94,7 @@ def _sp_op(backend, q, k, v, g, **kwargs):
     return linear_attention(q, k, v, g, backend=backend, **kwargs)
 
 
-def _op_worker(W: int, backend: str = "torch", layouts=None, g_modes=G_MODES, dims=(H, K, V),
-               use_h0: bool = True, lens=None) -> dict:
+def _op_worker(W: int, backend: str = "torch", layouts=None, g_modes=G_MODES, dims=(H, K, V)) -> dict:
     """Runs on every rank; returns {case: {quantity: relative error}}.
 
     The SP op runs on `backend`; the reference is always the unsharded PyTorch op. dims = (H, K, V).
@@ -103,12 +102,12 @@ def _op_worker(W: int, backend: str = "torch", layouts=None, g_modes=G_MODES, di
     rank = dist.get_rank()
     sp = SequenceParallelContext.from_group(dist.group.WORLD)
     errors = {}
-    for L in lens or LOCAL_LENS[W]:
-        errors.update(_op_cases(W, L, rank, sp, backend, layouts, g_modes, dims, use_h0))
+    for L in LOCAL_LENS[W]:
+        errors.update(_op_cases(W, L, rank, sp, backend, layouts, g_modes, dims))
     return errors
 
 
-def _op_cases(W, L, rank, sp, backend, layouts, g_modes, dims, use_h0=True) -> dict:
+def _op_cases(W, L, rank, sp, backend, layouts, g_modes, dims) -> dict:
     mine = slice(rank * L, (rank + 1) * L)
     errors = {}
     for layout, bounds in _layouts(W, L).items():
@@ -116,7 +115,6 @@ def _op_cases(W, L, rank, sp, backend, layouts, g_modes, dims, use_h0=True) -> d
             continue
         for g_mode in g_modes:
             q, k, v, g, h0, w_o, w_final, cu = _inputs(W, L, g_mode, bounds, seed=zlib.crc32(f"{W}{L}{layout}{g_mode}".encode()), dims=dims)
-            h0 = h0 if use_h0 else None
             # Reference: the unsharded op.
             leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, h0)]
             o_ref, final_ref = linear_attention(*leaves[:4], initial_state=leaves[4], output_final_state=True,
@@ -134,8 +132,6 @@ def _op_cases(W, L, rank, sp, backend, layouts, g_modes, dims, use_h0=True) -> d
                 grads = _grads(loss, local)
                 # g [H] and initial_state are passed whole by every rank: sum the contributions by hand.
                 for i in ((3, 4) if g_mode == "head" else (4,)):
-                    if local[i] is None:
-                        continue
                     total = grads[i].clone() if grads[i] is not None else torch.zeros_like(local[i])
                     dist.all_reduce(total)
                     grads[i] = total

@@ -3,12 +3,7 @@ decoding step, and what sequence parallelism uses (`lasp_hf.parallel.lasp` looks
 state-only passes, the per-segment reuse and the forward / backward without autograd (`local_forward`,
 `local_backward`). They also run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1)."""
 
-from lasp_hf.kernels.triton.chunk import (
-    SegmentReuse,
-    chunk_linear_attention,
-    local_backward,
-    local_forward,
-)
+from lasp_hf.kernels.triton.chunk import SegmentReuse, chunk_linear_attention, local_backward, local_forward
 from lasp_hf.kernels.triton.recurrent import recurrent_step
 from lasp_hf.kernels.triton.state_only import final_state_only, initial_state_grad_only
 

@@ -282,11 +282,11 @@ def _setup_for(phase: str, config: tuple, dtype, H: int, K: int, V: int, g_mode:
     settings that tests and benchmarks change at run time are part of the key. The dicts are shared: callers
     only unpack them."""
     BK, BV = _blocks(K, V, phase)
-    cfg = {} if interpreting() else dict(_launch_options(config, dtype, BK))
+    cfg = {} if interpret else dict(_launch_options(config, dtype, BK))
     meta = dict(H=H, K=K, V=V, BK=BK, BV=BV)
     scan = dict(G_MODE=g_mode, BT=_step_tokens(phase, dtype, BK), DT=_dot_dtype(dtype),
                 DOT_PREC=_dot_precision(dtype), SPLIT=accurate_states and dtype != torch.float32,
-                DYN_LOOP=not interpreting(), **meta)
+                DYN_LOOP=not interpret, **meta)
     return cdiv(V, BV), cfg, meta, scan
 
 

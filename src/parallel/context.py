@@ -8,7 +8,6 @@ dp_rank * W + sp_rank), so every rank of one SP group gets the same batch.
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field
 
 import torch.distributed as dist

@@ -389,7 +389,6 @@ class _LaspFunction(torch.autograd.Function):
         if make_reuse is not None and plan.local_bounds is None:
             reuse = make_reuse.make(q, k, v, g, accurate_states=g is not None and needs[3])
         decay = _rank_decay(g, B, L, H, q.device) if plan.passes_through else None  # None: a_r = 0
-        raw = getattr(run.local_impl, "local_forward", None)
         if plan.hands_on:
             if reuse is not None:
                 s_loc = reuse.final_state(k, v, g, initial_state if not plan.carried_len else None)
@@ -409,6 +408,7 @@ class _LaspFunction(torch.autograd.Function):
             s_in, decays = comm.allgather_forward(s_loc, decay, sp)
 
         h0 = _local_initial_state(run, initial_state, s_in)
+        raw = getattr(run.local_impl, "local_forward", None)
         if raw is not None:
             # The local final states: for the output, and for dg when a final-state gradient comes back.
             need_final = run.output_final_state or (needs[3] and g is not None and plan.hands_on)
