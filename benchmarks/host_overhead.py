@@ -61,6 +61,54 @@ class _Timed:
         self.undo.clear()
 
 
+# Functions of the SP layer timed by --breakdown (module, or module.Class; names), besides the launches.
+SP_STEPS = (
+    ("lasp", ("_rank_decay", "_carried_state_grad", "_local_initial_state", "_check_across_ranks", "_rank_plan")),
+    ("lasp._LaspFunction", ("forward", "backward")),
+    ("comm", ("ring_forward", "ring_backward", "allgather_forward", "allgather_backward", "post_recv_from_prev",
+              "post_recv_from_next", "wait_sends", "_isend", "_irecv", "_received", "_combine",
+              "all_gather_stacked")),
+    ("comm.SideStream", ("__enter__", "__exit__", "join")),
+    ("chunk", ("local_forward", "local_backward", "fold_segments", "chunk_linear_attention_fwd",
+               "chunk_linear_attention_bwd", "_launch_segment_state", "_launch_segment_dstate", "_launch_fwd",
+               "_launch_bwd")),
+    ("chunk.SegmentReuse", ("final_state", "prepare_states", "prepare_dstates", "initial_state_grad")),
+)
+
+
+def calibration(device, iters: int = 200) -> str:
+    """Host microseconds of a few basic calls on this machine (how fast is this host?)."""
+    x = torch.ones(16, device=device, requires_grad=True)
+
+    class Nothing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a.view_as(a)
+
+        @staticmethod
+        def backward(ctx, da):
+            return da
+
+    cases = {
+        "torch.empty(16) on the GPU": lambda: torch.empty(16, device=device),
+        "x + 1 (16 elements)": lambda: x.detach() + 1,
+        "Function.apply + autograd.grad (view; no kernel)": lambda: torch.autograd.grad(Nothing.apply(x), x,
+                                                                                          torch.ones_like(x)),
+        "Python loop of 1000 additions": lambda: sum(range(1000)),
+    }
+    out = []
+    for name, fn in cases.items():
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        out.append(f"  calibration: {name:<50} {(time.perf_counter() - t0) / iters * 1e6:8.1f} us")
+        torch.cuda.synchronize()
+    return "\n".join(out)
+
+
 def breakdown(step, iters: int) -> str:
     """Per call of `step`: host microseconds in each Triton kernel's launches, in torch.distributed calls,
     and the number of ATen ops (torch.profiler, CPU only, a separate loop)."""
@@ -76,6 +124,16 @@ def breakdown(step, iters: int) -> str:
     for name in ("isend", "irecv", "all_gather_into_tensor", "all_reduce", "barrier"):
         if hasattr(dist, name):
             timed.wrap(dist, name, label=lambda a, name=name: "dist." + name)
+    # The sequence-parallel layer's own steps (inclusive times: nested entries are also inside their callers').
+    from lasp_hf.kernels.triton import chunk
+    from lasp_hf.parallel import comm, lasp
+
+    for owner, names in SP_STEPS:
+        module = {"lasp": lasp, "comm": comm, "chunk": chunk}[owner.split(".")[0]]
+        target = module if "." not in owner else getattr(module, owner.split(".")[1])
+        for name in names:
+            if hasattr(target, name):
+                timed.wrap(target, name, label=lambda a, owner=owner, name=name: f"[{owner}] {name}")
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     try:
@@ -93,9 +151,9 @@ def breakdown(step, iters: int) -> str:
     accounted = 0.0
     for key, (count, seconds) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
         us = seconds / iters * 1e6
-        accounted += 0.0 if key.startswith("(triton run)") else us
+        accounted += us if key.startswith(("launch ", "dist.")) else 0.0  # the others are nested or inclusive
         out.append(f"  {key:<45} {count / iters:5.1f} x  {us:7.0f} us  ({us / max(count / iters, 1e-9):5.1f} us each)")
-    out.append(f"  {'rest (Python, ATen ops, autograd)':<45}         {whole - accounted:7.0f} us")
+    out.append(f"  {'rest (not in launch / dist. rows)':<45}         {whole - accounted:7.0f} us")
     out.append(f"  ATen ops per call (incl. nested): {sum(e.count for e in events) / 5:.0f}; most frequent:")
     for e in sorted(events, key=lambda e: -e.count)[:12]:
         out.append(f"    {e.key:<40} {e.count / 5:5.1f} x  self {e.self_cpu_time_total / 5:6.0f} us (profiled)")
@@ -110,6 +168,8 @@ def main() -> int:
     parser.add_argument("--breakdown", action="store_true", help="accumulators instead of cProfile (see above)")
     parser.add_argument("--launch", nargs="+", default=["fast"], choices=["fast", "triton"],
                         help="kernel launches through lasp_hf's cached path (fast) and/or Triton's own (triton)")
+    parser.add_argument("--report-rank", type=int, default=1, help="the rank whose breakdown is printed (all are "
+                        "written; default 1, a middle rank of the ring)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     import lasp_hf
@@ -127,6 +187,15 @@ def main() -> int:
     g = -torch.exp2(-8.0 * torch.arange(1, H + 1, device=device) / H)
     lines = [f"host_overhead: {common.card_name(device)}, W={world}, commit {common.git_commit()}"]
     providers = ["single"] + (["ring", "allgather"] if world > 1 else [])
+    if args.breakdown:
+        calib = calibration(device)
+        if world > 1:
+            everyone = [None] * world
+            dist.all_gather_object(everyone, calib)
+            calib = "\n".join(f"  -- rank {r}\n{t}" for r, t in enumerate(everyone))
+        if rank == 0:
+            print(calib, flush=True)
+        lines += ["", "== calibration (host us per call)", calib]
     for T in args.T:
         q, k, v, do = (torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16) for _ in range(4))
         leaves = [x.requires_grad_() for x in (q, k, v)]
@@ -164,10 +233,14 @@ def main() -> int:
             if args.breakdown:
                 head = f"== {provider} T={T} ({mode} launches): " + ", ".join(
                     f"{n}: host {h:.0f} us, gpu-loop {gl:.0f} us per call" for n, (h, gl) in results.items())
-                text = breakdown(step, args.iters)
+                texts = [breakdown(step, args.iters)]
+                if world > 1:  # every rank's (rank 0 has no receive in the ring's forward, the last no send)
+                    mine, texts = texts[0], [None] * world
+                    dist.all_gather_object(texts, mine)
+                    texts = [f"  -- rank {r}\n{t}" for r, t in enumerate(texts)]
                 if rank == 0:
-                    print(head + "\n" + text, flush=True)
-                lines += ["", head, text]
+                    print(head + "\n" + texts[min(args.report_rank, world - 1)], flush=True)
+                lines += ["", head, *texts]
                 continue
             prof = cProfile.Profile()
             prof.enable()

@@ -72,6 +72,7 @@ class Run:
     repeats: int = 3  # pipelined loops per provider (median over them)
     seed: int = 0
     providers: tuple = PROVIDERS
+    layers: int = 1  # op calls per step (one backward call for all of them); times are per call
 
     def shape(self, B: int, T: int, H: int, D: int) -> tuple[int, int, int, int]:
         if not self.tiny:
@@ -194,15 +195,16 @@ def _bhtd(x: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(run: Run, provider: str, q, k, v, g, do):
-    """(forward, leaves, do, to_bthd) for one provider on this rank's slice."""
+    """(forward, leaves, do, to_bthd) for one provider on this rank's slice. forward(q, k, v) runs one layer on the
+    given inputs (default: the leaves), each in the provider's layout."""
     import lasp_hf
 
     if provider in ("single", "ring", "allgather"):
         lq, lk, lv = _leaves(q, k, v)
         sp_args = {} if provider == "single" else {"sp_group": run.sp, "sp_mode": provider}
 
-        def forward():
-            return lasp_hf.linear_attention(lq, lk, lv, g, scale=1.0, backend=run.backend, **sp_args)[0]
+        def forward(q=lq, k=lk, v=lv):
+            return lasp_hf.linear_attention(q, k, v, g, scale=1.0, backend=run.backend, **sp_args)[0]
 
         return forward, [lq, lk, lv], do, lambda t: t
     if provider == "lasp-ref":
@@ -214,11 +216,30 @@ def prepare(run: Run, provider: str, q, k, v, g, do):
         kv = torch.zeros(B, H, K, lv.shape[-1], dtype=torch.float32, device=q.device)
         dkv = torch.zeros_like(kv)
 
-        def forward():
-            return lasp_fuse_parallel(lq, lk, lv, s, kv, dkv)
+        def forward(q=lq, k=lk, v=lv):
+            if run.layers == 1:
+                return lasp_fuse_parallel(q, k, v, s, kv, dkv)
+            # It writes its state buffers in place (saved for its backward): one pair per layer, as in a model.
+            return lasp_fuse_parallel(q, k, v, s, torch.zeros_like(kv), torch.zeros_like(dkv))
 
         return forward, [lq, lk, lv], _bhtd(do), lambda t: t.transpose(1, 2)
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def layer_stack(forward, leaves: list, upstream, layers: int):
+    """A step of `layers` layers as in a model: layer l > 0 takes layer l-1's output as its queries (so no rank runs
+    ahead into the next layer before its exchange is done) and its own k, v leaves; ONE backward call through all
+    of them (the autograd engine's fixed cost per backward call is shared, as in training)."""
+    own = [_leaves(leaves[1], leaves[2]) for _ in range(layers - 1)]
+    every = leaves + [x for pair in own for x in pair]
+
+    def step():
+        o = forward()
+        for k, v in own:
+            o = forward(o, k, v)
+        return torch.autograd.grad(o, every, upstream)
+
+    return step
 
 
 # ----------------------------------------------------------------------------- the case
@@ -287,17 +308,24 @@ def _check_and_time(run: Run, provider: str, row: dict, inputs: tuple, ref: dict
     def step():
         return torch.autograd.grad(forward(), leaves, upstream)
 
+    if run.layers > 1:
+        step = layer_stack(forward, leaves, upstream, run.layers)  # noqa: F811 - the model-like step
+
     tokens = row["B"] * row["T_local"] * (1 if provider == "single" else run.world_size)
+    per = 1.0 / run.layers  # every time below is per layer (per op call)
+    row["layers"] = run.layers
     if run.timing in ("barrier", "both"):
         timing = time_across_ranks(run, step)
-        row.update(ms=timing["ms"], rank_ms=timing["rank_ms"], tokens_per_s=tokens / (timing["ms"] * 1e-3))
+        ms = timing["ms"] * per
+        row.update(ms=ms, rank_ms=[x * per for x in timing["rank_ms"]], tokens_per_s=tokens / (ms * 1e-3))
     if run.timing in ("pipelined", "both"):
         timing = time_pipelined(run, step)
+        ms = timing["ms"] * per
         row.update(
-            ms_pipe=timing["ms"],
-            rank_ms_pipe=timing["rank_ms"],
-            host_ms_pipe=timing["host_ms"],
-            tokens_per_s_pipe=tokens / (timing["ms"] * 1e-3),
+            ms_pipe=ms,
+            rank_ms_pipe=[x * per for x in timing["rank_ms"]],
+            host_ms_pipe=timing["host_ms"] * per,
+            tokens_per_s_pipe=tokens / (ms * 1e-3),
         )
     return row
 
@@ -603,10 +631,15 @@ def parse_args(argv=None):
         "<out>/sp-<card>-W<n>-timeline.txt (GPU busy / idle / NCCL time per rank, longest gaps, last iteration)",
     )
     parser.add_argument(
+        "--layers", type=int, default=1,
+        help="layers per timed step, as in a model: each layer's output is the next one's queries, one backward "
+        "call through all (default 1: a backward call per op call); every time is per layer",
+    )
+    parser.add_argument(
         "--timeout-s", type=int, default=300, help="process-group timeout (a hung rank ends the run)"
     )
     args = parser.parse_args(argv)
-    for flag in ("iters", "repeats"):
+    for flag in ("iters", "repeats", "layers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
@@ -666,6 +699,7 @@ def main(argv=None) -> int:
             args.timing,
             args.repeats,
             providers=tuple(p for p in PROVIDERS if p in args.providers),
+            layers=args.layers,
         )
         env = common.environment(device)
         rows = []
@@ -679,7 +713,8 @@ def main(argv=None) -> int:
             for row in rows:
                 if row["status"] != "ok":
                     print(f"  {row['case']} {row['provider']}: {row['status']} {row.get('note', '')}")
-            name = f"sp-{common.card_slug(env['card'])}-W{world_size}" + ("-tiny" if args.tiny else "")
+            name = (f"sp-{common.card_slug(env['card'])}-W{world_size}" + ("-tiny" if args.tiny else "")
+                    + (f"-L{run.layers}" if run.layers > 1 else ""))
             path = common.write_results(
                 name,
                 env,
@@ -708,6 +743,10 @@ def main(argv=None) -> int:
                     ),
                     "vs lasp: tok/s over lasp-ref's at the same W and T_local",
                     "comm MB/rank: bytes the busiest rank sends per layer, fwd+bwd",
+                    (
+                        f"layers: {run.layers} layer(s) per step, each taking the previous one's output as queries, and "
+                        "one backward call through them (as in a model); every ms and host ms is per layer"
+                    ),
                     (
                         "rel err: max over ranks of o, dq, dk, dv against the unsharded op on the whole "
                         f"sequence; tolerance {TOLERANCE[run.dtype]:g}"

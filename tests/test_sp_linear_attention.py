@@ -205,17 +205,21 @@ def _reuse_worker(W: int) -> dict:
 
     chunk.SegmentReuse.take_states = counting(take_states, "states")
     chunk.SegmentReuse.take_dstates = counting(take_dstates, "dstates")
-    errors = _op_worker(W, "triton", ("dense",), G_MODES, (2, 16, 16))
+    # 100 tokens per rank: two segments of one chunk each on every rank, whatever W.
+    sp = SequenceParallelContext.from_group(dist.group.WORLD)
+    errors = _op_cases(W, 100, dist.get_rank(), sp, "triton", ("dense",), G_MODES, (2, 16, 16))
     errors["taken"] = {name: float(count) for name, count in taken.items()}
     return errors
 
 
 @pytest.mark.distributed
-def test_sp_reuses_the_state_only_passes_in_the_local_pass():
+@pytest.mark.parametrize("W", [2, 3])
+def test_sp_reuses_the_state_only_passes_in_the_local_pass(W):
     """Dense input cut into several segments per rank: the local pass and local backward take the per-segment
-    states the SP exchange computed (instead of computing them again), and the result is still exact."""
+    states the SP exchange computed (instead of computing them again), and the result is still exact (W = 3: a
+    middle rank, which both receives and sends)."""
     pytest.importorskip("triton")
-    results = run_distributed(_reuse_worker, 2, 2, start_method="spawn", env={"TRITON_INTERPRET": "1"})
+    results = run_distributed(_reuse_worker, W, W, start_method="spawn", env={"TRITON_INTERPRET": "1"})
     taken = [errors.pop("taken") for errors in results]
     bad = _failures(results)
     assert not bad, "\n".join(bad)
@@ -367,3 +371,21 @@ def test_sp_triton_local_pass_under_activation_checkpointing():
     bad = _failures(results)
     assert not bad, "\n".join(bad)
     assert set(results[0]) == set(MODES) and all(len(case) == 5 for case in results[0].values())
+
+
+def test_head_decay_cache_follows_the_tensor_and_its_updates():
+    """a_r = exp(g * L) for per-head g is cached per tensor; an in-place update, another L or another tensor with
+    the same values gets a fresh result, and a g that requires grad is never cached (its graph must stay)."""
+    from lasp_hf.parallel import lasp
+
+    g = -torch.rand(4, dtype=torch.float64).float()
+    first = lasp._rank_decay(g, 1, 10, 4, g.device)
+    torch.testing.assert_close(first, torch.exp(g.double() * 10).float().view(1, 4, 1, 1))
+    assert lasp._rank_decay(g, 1, 10, 4, g.device) is first  # cached
+    assert lasp._rank_decay(g, 2, 10, 4, g.device).shape == (2, 4, 1, 1)
+    torch.testing.assert_close(lasp._rank_decay(g, 1, 3, 4, g.device), torch.exp(g * 3).view(1, 4, 1, 1))
+    g.mul_(2.0)  # in place: a new version
+    torch.testing.assert_close(lasp._rank_decay(g, 1, 10, 4, g.device), torch.exp(g * 10).view(1, 4, 1, 1))
+    learned = g.clone().requires_grad_()
+    a = lasp._rank_decay(learned, 1, 10, 4, g.device)
+    assert a.requires_grad and lasp._rank_decay(learned, 1, 10, 4, g.device) is not a

@@ -118,8 +118,16 @@ class SideStream:
 
     The side stream has the highest priority: its small kernels take the SMs that the main stream's long kernels
     free first, instead of queueing behind the rest of them.
+
+    No `record_stream`: the block's inputs stay referenced here until `join`, after which the main stream's later
+    work (a new tensor in their memory included) is ordered after the block's; tensors made in the block come from
+    the side stream's pool, and the side stream's next block waits for the main stream first, so it cannot reuse
+    their memory while main-stream work queued earlier still reads it. (record_stream would add a CUDA event per
+    tensor at its free, which the allocator then polls, for no ordering the above does not already give.)
     """
 
+    # Per device: (the side stream, an event marking the main stream's progress, one marking the side stream's).
+    # The events are recorded again by every block: a wait takes the record current when it is queued.
     _streams: dict = {}
 
     def __init__(self, device, *inputs):
@@ -129,13 +137,13 @@ class SideStream:
     def __enter__(self):
         if self.device.type == "cuda":
             self.main = torch.cuda.current_stream(self.device)
-            self.side = self._streams.get(self.device)
-            if self.side is None:
-                self.side = self._streams[self.device] = torch.cuda.Stream(self.device, priority=-100)
-            self.side.wait_stream(self.main)
-            for x in self.inputs:
-                if x is not None:
-                    x.record_stream(self.side)  # not reused by the main stream's allocations while in use here
+            cached = self._streams.get(self.device)
+            if cached is None:
+                cached = self._streams[self.device] = (torch.cuda.Stream(self.device, priority=-100),
+                                                       torch.cuda.Event(), torch.cuda.Event())
+            self.side, main_done, self.side_done = cached
+            main_done.record(self.main)
+            self.side.wait_event(main_done)
             self.context = torch.cuda.stream(self.side)
             self.context.__enter__()
         return self
@@ -148,10 +156,9 @@ class SideStream:
     def join(self, *outputs) -> None:
         """The current (main) stream waits for the block; `outputs` (made in it) stay valid for the main stream."""
         if self.side is not None:
-            self.main.wait_stream(self.side)
-            for x in outputs:
-                if x is not None:
-                    x.record_stream(self.main)
+            self.side_done.record(self.side)
+            self.main.wait_event(self.side_done)
+        self.inputs = ()  # (referenced until here: see the class docstring)
 
 
 def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv):

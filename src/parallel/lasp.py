@@ -277,9 +277,29 @@ def _rank_decay(g, B: int, L: int, H: int, device):
     if g is None:
         return torch.ones(B, H, 1, 1, device=device)
     if g.dim() == 1:
-        a = (g.view(1, H, 1, 1).float() * L).exp()
+        a = _head_decay(g, L)
         return a if B == 1 else a.expand(B, H, 1, 1)
     return g.float().sum(1).exp().view(B, H, 1, 1)
+
+
+# exp(g * L) of per-head decays g [H]: the same tensor for every layer of a model and every step (lightning
+# attention's fixed slopes), two small kernels and ~80 us of host time per call on a slow host. Keyed on the tensor
+# itself (kept alive here, so its address is not reused) and its version counter (in-place updates).
+_HEAD_DECAYS: dict = {}
+
+
+def _head_decay(g, L: int):
+    if g.requires_grad:  # a learned decay: a new value every step
+        return (g.view(1, -1, 1, 1).float() * L).exp()
+    key = (id(g), g._version, L)
+    hit = _HEAD_DECAYS.get(key)
+    if hit is not None and hit[0] is g:
+        return hit[1]
+    if len(_HEAD_DECAYS) >= 64:
+        _HEAD_DECAYS.clear()
+    a = (g.detach().view(1, -1, 1, 1).float() * L).exp()
+    _HEAD_DECAYS[key] = (g, a)
+    return a
 
 
 @dataclass
