@@ -75,6 +75,26 @@ def test_second_launch_calls_the_compiled_kernel_with_every_argument_in_order(ji
     assert args[9] is x and args[10:] == (64, 0.5, 16, False)  # constexprs and defaults included, signature order
 
 
+class _CudaLike(torch.Tensor):
+    """A CPU tensor that says it is on CUDA (what the cached path looks at)."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_cuda_tensors_are_passed_as_their_addresses(jit):
+    """Triton's launcher takes an integer pointer as is; for a tensor it calls data_ptr() and asks the driver about
+    it on every launch. The first launch (Triton's own path) still gets the tensors."""
+    kernel = launch.FastLaunch(jit)
+    x = torch.zeros(64).as_subclass(_CudaLike)
+    kernel[(1,)](x, 64, 0.5, BLOCK=16)
+    kernel[(1,)](x, 64, 0.5, BLOCK=16)
+    assert jit.log[0][2][0] is x
+    args = jit.log[1][1]
+    assert args[9] == x.data_ptr() and type(args[9]) is int and args[10:12] == (64, 0.5)
+
+
 @pytest.mark.parametrize("change", ["int is 1", "int not multiple of 16", "int64", "dtype", "misaligned",
                                     "constexpr", "num_warps"])
 def test_anything_triton_specializes_on_takes_triton_path(jit, change):

@@ -3,9 +3,11 @@
 Triton's `kernel[grid](...)` binds and specializes every argument, reads its settings and checks the kernel's
 globals on every call: tens of microseconds of Python per launch, which at medium sequence lengths is more than
 the kernel's GPU time (a layer of the sequence-parallel op launches about ten). After the first launch of each
-specialization this wrapper calls the compiled kernel directly. Its cache key is at least as fine as Triton's
-(on NVIDIA, Triton specializes a tensor on its dtype and 16-byte alignment and an integer on being 1, divisible
-by 16 and fitting 32 bits; a constexpr on its value), so a hit is the kernel Triton would have picked.
+specialization this wrapper calls the compiled kernel directly, with the addresses of CUDA tensors as integers
+(Triton's launcher otherwise asks the driver about every tensor argument of every launch). Its cache key is at
+least as fine as Triton's (on NVIDIA, Triton specializes a tensor on its dtype and 16-byte alignment and an integer
+on being 1, divisible by 16 and fitting 32 bits; a constexpr on its value), so a hit is the kernel Triton would
+have picked.
 
 The normal path runs when interpreting (CPU), when a launch hook is set (profilers such as proton), while
 torch.compile traces, for options other than num_warps / num_stages, or when this Triton's compiled kernels do
@@ -68,11 +70,18 @@ class FastLaunch:
         # what Triton specializes on (by value where the parameter is a constexpr).
         try:
             key = [device, *kwargs.items()]
-            for a, c in zip(args, self.is_constexpr):
+            call = list(args)
+            for i, (a, c) in enumerate(zip(args, self.is_constexpr)):
                 if c:
                     key.append(a)
                 elif isinstance(a, torch.Tensor):  # (inline `_spec` of a tensor: the common case, per launch)
-                    key += (a.dtype, not a.data_ptr() & 15)
+                    ptr = a.data_ptr()
+                    key += (a.dtype, not ptr & 15)
+                    if a.is_cuda:
+                        # The address itself: Triton's launcher takes it as is, where for a tensor it calls data_ptr()
+                        # and asks the driver about the pointer (cuPointerGetAttribute), a driver call per tensor
+                        # argument of every launch. (Tensors elsewhere keep Triton's check and its error.)
+                        call[i] = ptr
                 else:
                     key.append(_spec(a))
             key = tuple(key)
@@ -93,7 +102,7 @@ class FastLaunch:
         runtime = _knobs.runtime  # inactive hooks (None, or empty chains) passed on as Triton passes them
         try:
             compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None,
-                         runtime.launch_enter_hook, runtime.launch_exit_hook, *args, *rest)
+                         runtime.launch_enter_hook, runtime.launch_exit_hook, *call, *rest)
         except TypeError:
             # This Triton's launcher takes its arguments differently: use Triton's own path from now on.
             ENABLED = False
