@@ -553,3 +553,10 @@ def test_train_mfu_card_peaks():
     assert train_mfu.card_peak("NVIDIA H100 80GB HBM3") == 989.4
     assert train_mfu.card_peak("NVIDIA H200") == 989.4
     assert train_mfu.card_peak("cpu") is None
+
+
+def test_p2p_host_says_what_it_needs_without_gpus():
+    """p2p_host.py times NCCL on GPUs under torchrun; anywhere else (here: no RANK) it says so and exits 2."""
+    run = subprocess.run([sys.executable, str(BENCH_DIR / "p2p_host.py")], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "RANK"})
+    assert run.returncode == 2 and "needs CUDA GPUs and torchrun" in run.stdout
