@@ -2,7 +2,7 @@
 # A/B on one GPU machine: sp_scaling.py under several environment variants, interleaved, so that host-to-host
 # differences (32K tokens per GPU is host-bound on some hosts) do not pose as a code change.
 #
-#   AB_ROUNDS=2 bash benchmarks/ab_device.sh "old:LASP_HF_RECORD_STREAMS=1 TORCH_NCCL_AVOID_RECORD_STREAMS=0" "new:" \
+#   AB_ROUNDS=2 bash benchmarks/ab_device.sh "fr-on:" "fr-off:TORCH_FR_BUFFER_SIZE=0" \
 #       -- --cases sp-T32K --timing pipelined --providers single ring allgather
 #
 # Each variant is "name:VAR=value VAR=value" (nothing after the colon: the defaults). Rows are printed prefixed by
