@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import inspect
 import io
 import itertools
 import os
@@ -40,6 +41,7 @@ class _Timed:
 
     def wrap(self, owner, name: str, label=None):
         original = getattr(owner, name)
+        stored = inspect.getattr_static(owner, name)  # what `restore` puts back (a staticmethod stays one)
         totals = self.totals
 
         def timed(*a, **kw):
@@ -53,7 +55,7 @@ class _Timed:
                 slot[1] += time.perf_counter() - t0
 
         setattr(owner, name, timed)
-        self.undo.append((owner, name, original))
+        self.undo.append((owner, name, stored))
 
     def restore(self):
         for owner, name, original in reversed(self.undo):
@@ -74,6 +76,15 @@ SP_STEPS = (
                "_launch_bwd")),
     ("chunk.SegmentReuse", ("final_state", "prepare_states", "prepare_dstates", "initial_state_grad")),
 )
+
+
+def every_rank(text: str, world: int) -> list[str]:
+    """Each rank's `text`, labelled with its rank, on every rank (just [text] without torch.distributed)."""
+    if world == 1:
+        return [text]
+    texts = [None] * world
+    dist.all_gather_object(texts, text)
+    return [f"  -- rank {r}\n{t}" for r, t in enumerate(texts)]
 
 
 def calibration(device, iters: int = 200) -> str:
@@ -188,11 +199,7 @@ def main() -> int:
     lines = [f"host_overhead: {common.card_name(device)}, W={world}, commit {common.git_commit()}"]
     providers = ["single"] + (["ring", "allgather"] if world > 1 else [])
     if args.breakdown:
-        calib = calibration(device)
-        if world > 1:
-            everyone = [None] * world
-            dist.all_gather_object(everyone, calib)
-            calib = "\n".join(f"  -- rank {r}\n{t}" for r, t in enumerate(everyone))
+        calib = "\n".join(every_rank(calibration(device), world))
         if rank == 0:
             print(calib, flush=True)
         lines += ["", "== calibration (host us per call)", calib]
@@ -233,11 +240,8 @@ def main() -> int:
             if args.breakdown:
                 head = f"== {provider} T={T} ({mode} launches): " + ", ".join(
                     f"{n}: host {h:.0f} us, gpu-loop {gl:.0f} us per call" for n, (h, gl) in results.items())
-                texts = [breakdown(step, args.iters)]
-                if world > 1:  # every rank's (rank 0 has no receive in the ring's forward, the last no send)
-                    mine, texts = texts[0], [None] * world
-                    dist.all_gather_object(texts, mine)
-                    texts = [f"  -- rank {r}\n{t}" for r, t in enumerate(texts)]
+                # Every rank's (rank 0 has no receive in the ring's forward, the last rank no send).
+                texts = every_rank(breakdown(step, args.iters), world)
                 if rank == 0:
                     print(head + "\n" + texts[min(args.report_rank, world - 1)], flush=True)
                 lines += ["", head, *texts]

@@ -33,7 +33,6 @@ Writes benchmarks/results/sp-<card>-W<n>.json (+ .md) from rank 0.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -72,7 +71,7 @@ class Run:
     repeats: int = 3  # pipelined loops per provider (median over them)
     seed: int = 0
     providers: tuple = PROVIDERS
-    layers: int = 1  # op calls per step (one backward call for all of them); times are per call
+    layers: int = 1  # layers per timed step (`layer_stack`); times are per layer
 
     def shape(self, B: int, T: int, H: int, D: int) -> tuple[int, int, int, int]:
         if not self.tiny:
@@ -305,14 +304,10 @@ def _check_and_time(run: Run, provider: str, row: dict, inputs: tuple, ref: dict
         err = all_ranks_max(run, max(errors.values()))
     row.update(err=err, status="ok" if err <= TOLERANCE[run.dtype] else "FAILED")
 
-    def step():
-        return torch.autograd.grad(forward(), leaves, upstream)
-
-    if run.layers > 1:
-        step = layer_stack(forward, leaves, upstream, run.layers)  # noqa: F811 - the model-like step
+    step = layer_stack(forward, leaves, upstream, run.layers)  # (one layer: forward, then its backward)
 
     tokens = row["B"] * row["T_local"] * (1 if provider == "single" else run.world_size)
-    per = 1.0 / run.layers  # every time below is per layer (per op call)
+    per = 1.0 / run.layers  # every time below is per layer
     row["layers"] = run.layers
     if run.timing in ("barrier", "both"):
         timing = time_across_ranks(run, step)
@@ -403,10 +398,6 @@ def _profile_top(prof, iters: int, cuda: bool) -> list[str]:
     return lines
 
 
-def _fwd_bwd(forward: Callable[[], torch.Tensor], leaves: list, upstream: torch.Tensor):
-    return torch.autograd.grad(forward(), leaves, upstream)
-
-
 def profile_case(run: Run, name: str, T: int, rows: list[dict]) -> list[tuple[str, str, list[str]]]:
     """PROFILE_ITERS fwd+bwd iterations of every provider that ran at this case (status ok or
     FAILED: the same on every rank), all ranks stepping, rank 0 under torch.profiler. Returns
@@ -426,7 +417,7 @@ def profile_case(run: Run, name: str, T: int, rows: list[dict]) -> list[tuple[st
         if row["case"] != name or row.get("status") not in ("ok", "FAILED"):
             continue
         forward, leaves, upstream, _ = prepare(run, row["provider"], q, k, v, g, do)
-        step = functools.partial(_fwd_bwd, forward, leaves, upstream)
+        step = layer_stack(forward, leaves, upstream, 1)
         step()  # one untimed call: first-call costs are not what the profile is for
         dist.barrier()
         prof, title = None, f"{name} {row['provider']} (W={run.world_size}, {PROFILE_ITERS} iterations)"
@@ -506,7 +497,7 @@ def timeline_case(run: Run, name: str, T: int, rows: list[dict]) -> list[str]:
         if row["case"] != name or row["provider"] == "lasp-ref" or row.get("status") != "ok":
             continue
         forward, leaves, upstream, _ = prepare(run, row["provider"], q, k, v, g, do)
-        step = functools.partial(_fwd_bwd, forward, leaves, upstream)
+        step = layer_stack(forward, leaves, upstream, 1)
         for _ in range(2):
             step()
         if cuda:

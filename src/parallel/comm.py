@@ -114,7 +114,7 @@ class SideStream:
         with SideStream(device, ds_direct, decay) as side:  # tensors made on the main stream and used in the block
             ...
         ...                                                 # main-stream work, concurrent with the block
-        side.join(ds_out)                                   # tensors made in the block and used afterwards
+        side.join()                                         # the main stream waits for the block here
 
     The side stream has the highest priority: its small kernels take the SMs that the main stream's long kernels
     free first, instead of queueing behind the rest of them.
@@ -153,8 +153,8 @@ class SideStream:
             self.context.__exit__(*exc)
         return False
 
-    def join(self, *outputs) -> None:
-        """The current (main) stream waits for the block; `outputs` (made in it) stay valid for the main stream."""
+    def join(self) -> None:
+        """The current (main) stream waits for the block (whose results it may then use)."""
         if self.side is not None:
             self.side_done.record(self.side)
             self.main.wait_event(self.side_done)

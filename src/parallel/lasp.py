@@ -292,8 +292,8 @@ def _head_decay(g, L: int):
     if g.requires_grad:  # a learned decay: a new value every step
         return (g.view(1, -1, 1, 1).float() * L).exp()
     key = (id(g), g._version, L)
-    hit = _HEAD_DECAYS.get(key)
-    if hit is not None and hit[0] is g:
+    hit = _HEAD_DECAYS.get(key)  # (g itself is kept in the entry, so its id cannot name another tensor)
+    if hit is not None:
         return hit[1]
     if len(_HEAD_DECAYS) >= 64:
         _HEAD_DECAYS.clear()
@@ -539,7 +539,7 @@ class _LaspFunction(torch.autograd.Function):
                 dht = exchange(dht)
 
             def joined():
-                side.join(dht)
+                side.join()
                 return dht
 
             grads = list(run.local_impl.local_backward(saved, ctx.info, do, joined, need_dh0=needs[4]))
