@@ -103,9 +103,26 @@ def environment(device: torch.device | str | None = None, peers: Iterable[str] =
         "lasp_hf": package_version("lasp-hf"),
         "commit": git_commit(),
         "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_pinning": os.environ.get("LASP_HF_BENCH_PIN", "0"),
         "peers": {name: package_version(name) for name in peers},
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def pin_cpus_from_env() -> list[int] | None:
+    """With LASP_HF_BENCH_PIN=1, pin this process (and the threads it starts later: NCCL's, the process group's)
+    to its own share of the usable CPUs: the LOCAL_WORLD_SIZE ranks of a node split them into contiguous blocks,
+    rank LOCAL_RANK takes block LOCAL_RANK. Call before the process group exists. Returns the CPUs, or None."""
+    if os.environ.get("LASP_HF_BENCH_PIN", "0") != "1" or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    ranks, rank = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    per = max(len(cpus) // ranks, 1)
+    mine = cpus[rank * per:(rank + 1) * per] or cpus
+    os.sched_setaffinity(0, mine)
+    return mine
 
 
 # ----------------------------------------------------------------------------- timing

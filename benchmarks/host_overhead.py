@@ -69,8 +69,9 @@ SP_STEPS = (
     ("lasp._LaspFunction", ("forward", "backward")),
     ("comm", ("ring_forward", "ring_backward", "allgather_forward", "allgather_backward", "post_recv_from_prev",
               "post_recv_from_next", "wait_sends", "_isend", "_irecv", "_received", "_combine",
-              "all_gather_stacked")),
+              "all_gather_stacked", "_gather_states", "_send_later")),
     ("comm.SideStream", ("__enter__", "__exit__", "join")),
+    ("nccl.DirectComm", ("send", "recv", "all_gather")),
     ("chunk", ("local_forward", "local_backward", "fold_segments", "chunk_linear_attention_fwd",
                "chunk_linear_attention_bwd", "_launch_segment_state", "_launch_segment_dstate", "_launch_fwd",
                "_launch_bwd")),
@@ -137,10 +138,10 @@ def breakdown(step, iters: int) -> str:
             timed.wrap(dist, name, label=lambda a, name=name: "dist." + name)
     # The sequence-parallel layer's own steps (inclusive times: nested entries are also inside their callers').
     from lasp_hf.kernels.triton import chunk
-    from lasp_hf.parallel import comm, lasp
+    from lasp_hf.parallel import comm, lasp, nccl
 
     for owner, names in SP_STEPS:
-        module = {"lasp": lasp, "comm": comm, "chunk": chunk}[owner.split(".")[0]]
+        module = {"lasp": lasp, "comm": comm, "chunk": chunk, "nccl": nccl}[owner.split(".")[0]]
         target = module if "." not in owner else getattr(module, owner.split(".")[1])
         for name in names:
             if hasattr(target, name):
@@ -188,6 +189,7 @@ def main() -> int:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    common.pin_cpus_from_env()  # (LASP_HF_BENCH_PIN=1: see common.pin_cpus_from_env)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
     ctx = None

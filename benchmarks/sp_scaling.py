@@ -658,6 +658,7 @@ def main(argv=None) -> int:
         print("sp_scaling.py: no CUDA device; pass --cpu (with --tiny) for a gloo smoke run", file=sys.stderr)
         return 2
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    common.pin_cpus_from_env()  # (benchmark A/Bs of host contention: LASP_HF_BENCH_PIN=1)
     if args.cpu:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout_s))

@@ -36,6 +36,7 @@ def _groups_worker():
     y = torch.tensor([float(rank)])
     dist.all_reduce(y, group=ctx.dp_group)
     checks["sp_members"] = x.item() == 2 * base + 1
+    checks["gloo_exchanges_through_the_group"] = ctx.direct is None  # (direct NCCL: NCCL groups only)
     checks["dp_members"] = y.item() == (rank % 2) * 2 + 2
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
@@ -134,3 +135,36 @@ def test_sp_groups_ask_nccl_for_high_priority_streams(monkeypatch):
         assert context._sp_group_options("nccl") is None  # a CPU-only torch build: plain groups
         return
     assert context._sp_group_options("nccl").is_high_priority_stream
+
+
+def test_direct_nccl_is_for_nccl_groups_only_and_can_be_turned_off(monkeypatch):
+    """`nccl.wanted`: gloo groups and single-rank groups exchange through the process group; LASP_HF_DIRECT_NCCL=0
+    turns the direct path off; an NCCL error names the switch."""
+    from lasp_hf.parallel import nccl
+
+    class Group:
+        pass
+
+    sizes, backends = {}, {}
+    monkeypatch.setattr(dist, "get_world_size", lambda group: sizes[group])
+    monkeypatch.setattr(dist, "get_backend", lambda group: backends[group])
+    monkeypatch.setattr(nccl, "load_library", lambda: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gloo, one, two = Group(), Group(), Group()
+    sizes.update({gloo: 2, one: 1, two: 2})
+    backends.update({gloo: "gloo", one: "nccl", two: "nccl"})
+    assert not nccl.wanted(gloo) and not nccl.wanted(one) and nccl.wanted(two)
+    monkeypatch.setenv("LASP_HF_DIRECT_NCCL", "0")
+    assert not nccl.wanted(two)
+    monkeypatch.delenv("LASP_HF_DIRECT_NCCL")
+    monkeypatch.setattr(nccl, "load_library", lambda: None)
+    assert not nccl.wanted(two)
+
+    class Lib:
+        @staticmethod
+        def ncclGetErrorString(code):
+            return b"unhandled cuda error"
+
+    with pytest.raises(RuntimeError, match="ncclSend failed: unhandled cuda error .*LASP_HF_DIRECT_NCCL=0"):
+        nccl._check(Lib, 1, "ncclSend")
+    nccl._check(Lib, 0, "ncclSend")  # success: nothing raised

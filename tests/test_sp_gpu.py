@@ -47,6 +47,7 @@ def _gpu_worker(W: int, backend: str, L: int = L) -> dict:
     results = {}
     for mode in ("ring", "allgather"):
         sp = init_sequence_parallel(W, mode=mode)
+        results[f"{mode}/direct_nccl"] = sp.direct is not None
         for layout, bounds in layouts.items():
             for g_mode in ("none", "head", "token"):
                 gen = torch.Generator().manual_seed(1000 * W + 10 * len(layout) + len(g_mode))
@@ -85,11 +86,17 @@ def _gpu_worker(W: int, backend: str, L: int = L) -> dict:
     return results
 
 
-@pytest.mark.parametrize("W", [2, 4])
-def test_sp_nccl_triton_bf16(W):
+@pytest.mark.parametrize(("W", "direct"), [(2, True), (4, True), (4, False)],
+                         ids=["W2-direct-nccl", "W4-direct-nccl", "W4-process-group"])
+def test_sp_nccl_triton_bf16(W, direct, monkeypatch):
+    """direct: the state exchanges through the SP context's own NCCL communicator on the current stream (the
+    default); otherwise through the process group (LASP_HF_DIRECT_NCCL=0)."""
     if torch.cuda.device_count() < W:
         pytest.skip(f"needs {W} GPUs, found {torch.cuda.device_count()}")
+    monkeypatch.setenv("LASP_HF_DIRECT_NCCL", "1" if direct else "0")  # (the spawned ranks inherit it)
     results = run_distributed(_gpu_worker, W, W, "triton", backend="nccl", timeout_s=600)
+    for errors in results:
+        assert [errors.pop(f"{mode}/direct_nccl") for mode in ("ring", "allgather")] == [direct, direct]
     assert len(results[0]) == 2 * 2 * (3 * 7 - 1)
     bad = [
         f"rank {rank} {case}: SP {err:.2e}, bf16 PyTorch {base:.2e}"

@@ -299,10 +299,10 @@ def _order_worker(W: int) -> dict:
         log.append(("post", id(work)))
         return work
 
-    def waiting(pending):
+    def waiting(pending, sp):
         if pending is not None:
             log.append(("wait", id(pending[1])))
-        return received(pending)
+        return received(pending, sp)
 
     def collective(fn):
         def wrapper(*args, **kwargs):

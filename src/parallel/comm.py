@@ -12,6 +12,8 @@ backward).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from lasp_hf.parallel.context import SequenceParallelContext
@@ -49,12 +51,29 @@ def _irecv(x: torch.Tensor, peer: int, sp: SequenceParallelContext):
     return sp.group.recv([x], peer, 0)
 
 
+class _DeferredRecv(NamedTuple):
+    """A receive that `_received` makes where its result is needed, on the current stream (direct NCCL: posting
+    it early on the compute stream would hold that stream's later work behind the sender)."""
+
+    shape: tuple
+    device: torch.device
+    peer: int
+
+
 def _post_recv(shape, device, peer: int | None, sp: SequenceParallelContext):
-    """A float32 buffer of `shape` and the receive into it from SP-group rank `peer`, or None without a peer."""
+    """A float32 buffer of `shape` and the receive into it from SP-group rank `peer` (direct NCCL: a
+    `_DeferredRecv`), or None without a peer."""
     if peer is None:
         return None
+    if sp.direct is not None:
+        return _DeferredRecv(tuple(shape), torch.device(device), peer)
     buf = torch.empty(shape, dtype=torch.float32, device=device)
     return buf, _irecv(buf, peer, sp)
+
+
+def pending_buffer(pending) -> torch.Tensor | None:
+    """The buffer a posted receive writes into (None: no receive, or one made later on the current stream)."""
+    return pending[0] if pending is not None and not isinstance(pending, _DeferredRecv) else None
 
 
 def post_recv_from_prev(shape, device, sp: SequenceParallelContext):
@@ -70,10 +89,15 @@ def post_recv_from_next(shape, device, sp: SequenceParallelContext):
     return _post_recv(shape, device, sp.rank + 1 if sp.next_rank is not None else None, sp)
 
 
-def _received(pending) -> torch.Tensor | None:
-    """Wait for a posted receive (on NCCL the wait only orders the current CUDA stream); its buffer, or None."""
+def _received(pending, sp: SequenceParallelContext) -> torch.Tensor | None:
+    """Wait for a posted receive (on NCCL the wait only orders the current CUDA stream); its buffer, or None.
+    A deferred receive (direct NCCL) is made now, on the current stream."""
     if pending is None:
         return None
+    if isinstance(pending, _DeferredRecv):
+        buf = torch.empty(pending.shape, dtype=torch.float32, device=pending.device)
+        sp.direct.recv(buf, pending.peer)
+        return buf
     buf, work = pending
     work.wait()
     return buf
@@ -89,6 +113,10 @@ def _send_later(x: torch.Tensor, peer: int, sp: SequenceParallelContext) -> None
     send may still read it.
     """
     x = x.contiguous()
+    if sp.direct is not None:
+        # On the current stream: stream order keeps x intact until the send has read it; nothing to wait for.
+        sp.direct.send(x, peer)
+        return
     sp.pending_sends.append((_isend(x, peer, sp), x))
 
 
@@ -169,7 +197,7 @@ def ring_forward(s_loc, decay, sp: SequenceParallelContext, pending_recv):
     (a_r = 0); pending_recv: what `post_recv_from_prev` returned (posted early). Returns S_in(r), None on rank 0
     (zeros).
     """
-    s_in = _received(pending_recv)
+    s_in = _received(pending_recv, sp)
     if sp.next_rank is not None:
         _send_later(_combine(s_loc, decay, s_in), sp.rank + 1, sp)
     return s_in
@@ -179,7 +207,7 @@ def ring_backward(ds_direct, decay, sp: SequenceParallelContext, pending_recv):
     """The ring the other way: dS_out(r) arrives from rank r+1 and dS_in(r) = dS_direct(r) + a_r dS_out(r)
     leaves for rank r-1. ds_direct: [B, H, K, V] float32 (zeros when no state is carried into this rank);
     pending_recv: what `post_recv_from_next` returned. Returns dS_out(r), None on the last rank (zeros)."""
-    ds_out = _received(pending_recv)
+    ds_out = _received(pending_recv, sp)
     if sp.prev_rank is not None:
         _send_later(_combine(ds_direct, decay, ds_out), sp.rank - 1, sp)
     return ds_out
@@ -201,8 +229,20 @@ def connect_neighbours(sp: SequenceParallelContext) -> None:
     ring_forward(state, decay, sp, post_recv_from_prev(state.shape, device, sp))
     ring_backward(state, decay, sp, post_recv_from_next(state.shape, device, sp))
     wait_sends(sp)
+    if sp.direct is not None:
+        _gather_states(state, sp)  # (the all-gather mode's connections)
     if nccl:
         torch.cuda.current_stream().synchronize()
+
+
+def _gather_states(x: torch.Tensor, sp: SequenceParallelContext) -> torch.Tensor:
+    """`all_gather_stacked` of a float32 state, through the direct NCCL communicator where the context has one."""
+    if sp.direct is None:
+        return all_gather_stacked(x, sp)
+    x = x.contiguous()
+    out = x.new_empty(sp.world_size * x.numel())
+    sp.direct.all_gather(out, x.view(-1))
+    return out.view(sp.world_size, *x.shape)
 
 
 def allgather_forward(s_loc, decay, sp: SequenceParallelContext):
@@ -215,7 +255,7 @@ def allgather_forward(s_loc, decay, sp: SequenceParallelContext):
     if W == 1:
         return None, decay[None]
     n_state = s_loc.numel()
-    gathered = all_gather_stacked(torch.cat([s_loc.reshape(-1), decay.reshape(-1)]), sp)
+    gathered = _gather_states(torch.cat([s_loc.reshape(-1), decay.reshape(-1)]), sp)
     s_locs = gathered[:, :n_state].view(W, *s_loc.shape)
     decays = gathered[:, n_state:].view(W, *decay.shape)
     s_in = None
@@ -231,7 +271,7 @@ def allgather_backward(ds_direct, decays, sp: SequenceParallelContext) -> torch.
     W, r = sp.world_size, sp.rank
     if W == 1:
         return None
-    directs = all_gather_stacked(ds_direct, sp)
+    directs = _gather_states(ds_direct, sp)
     ds = None
     for s in range(W - 1, r, -1):
         ds = _combine(directs[s], decays[s], ds)

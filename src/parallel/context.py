@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
+from lasp_hf.parallel import nccl
 
 SP_MODES = ("ring", "allgather")
 
@@ -27,6 +29,8 @@ class SequenceParallelContext:
         dp_group: the data-parallel group across SP groups (None when built from a bare group).
         dp_rank, dp_size: this process's place in `dp_group`.
         prev_rank, next_rank: global ranks of the SP neighbours r - 1 and r + 1 (None at the ends).
+        direct: on NCCL, the exchanges' own communicator, called on the current stream (`parallel/nccl.py`;
+            LASP_HF_DIRECT_NCCL=0: None, every exchange through `group`).
     """
 
     group: dist.ProcessGroup
@@ -42,6 +46,8 @@ class SequenceParallelContext:
     checked_signatures: set = field(default_factory=set, repr=False, compare=False)
     # Sends whose completion nobody has waited for yet: (work, buffer), see lasp_hf.parallel.comm.
     pending_sends: list = field(default_factory=list, repr=False, compare=False)
+    # The state exchanges' own NCCL communicator (lasp_hf.parallel.nccl.DirectComm), None: through `group`.
+    direct: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.mode not in SP_MODES:
@@ -66,6 +72,8 @@ class SequenceParallelContext:
         )
         from lasp_hf.parallel.comm import connect_neighbours  # comm imports this module
 
+        if nccl.wanted(group):
+            ctx.direct = nccl.DirectComm(group, rank, world_size, torch.device("cuda", torch.cuda.current_device()))
         connect_neighbours(ctx)
         return ctx
 

@@ -398,7 +398,8 @@ class _LaspFunction(torch.autograd.Function):
         V = v.shape[-1]
         ring = run.mode == "ring"
         state_shape = (B, H, K, V)
-        # Post the receive first: the sender's send then completes as soon as it is issued.
+        # Post the receive first: the sender's send then completes as soon as it is issued. (With direct NCCL the
+        # receive is made later, on this stream, where S_in is needed: see comm._DeferredRecv.)
         pending = comm.post_recv_from_prev(state_shape, q.device, sp) if ring else None
 
         needs = ctx.needs_input_grad
@@ -535,7 +536,7 @@ class _LaspFunction(torch.autograd.Function):
             # the main one: the cross-rank chain of the backward then overlaps a third of the local work instead of
             # delaying all of it (`local_backward` joins the side stream once dq is queued).
             with comm.SideStream(do.device, ds_direct, dht, ctx.decay, ctx.decays,
-                                 pending[0] if pending is not None else None) as side:
+                                 comm.pending_buffer(pending)) as side:
                 dht = exchange(dht)
 
             def joined():
