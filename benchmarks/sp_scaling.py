@@ -19,6 +19,10 @@ Timing (--timing barrier|pipelined|both, default both):
                ranks, median over --repeats such loops. `host ms`: the host's time to issue one iteration
                (the loop's first few, right after a synchronize); where it reaches `ms_pipe` the row measures
                the host, not the GPUs.
+    --cuda-graphs  single, ring and allgather each captured once (forward + backward) in a CUDA graph and timed
+               as replays: the host issues ~nothing, so the rows measure the GPUs and the exchange (where an eager
+               row is host-bound, the difference is the host's). Each such row also checks a replay's gradients
+               against an eager step's (`graph_err`). lasp-ref stays eager.
 tokens/s = W*T / ms; efficiency = single ms / ms, each method against the single time measured the
 same way (`eff`, `eff_pipe`). --profile: afterwards, 3 iterations of every provider under
 torch.profiler on rank 0 -> sp-<card>-W<n>-profile.txt (op tables sorted by self CPU and CUDA time).
@@ -72,6 +76,7 @@ class Run:
     seed: int = 0
     providers: tuple = PROVIDERS
     layers: int = 1  # layers per timed step (`layer_stack`); times are per layer
+    cuda_graphs: bool = False  # time single / ring / allgather as CUDA graph replays (`cuda_graphed`)
 
     def shape(self, B: int, T: int, H: int, D: int) -> tuple[int, int, int, int]:
         if not self.tiny:
@@ -241,6 +246,34 @@ def layer_stack(forward, leaves: list, upstream, layers: int):
     return step
 
 
+def cuda_graphed(run: Run, step):
+    """`step` (forward + backward) captured once in a CUDA graph: (replay, the largest relative error of a replay's
+    gradients against an eager step's). The graph holds every kernel and NCCL call of the step, so a replay costs
+    the host ~10 us instead of the eager step's launches: with both the single-GPU row and the SP rows replayed,
+    their ratio measures the GPUs' work and the exchange, not how fast this host issues them. Needs the SP
+    exchanges on the SP context's own NCCL communicator (the default on NCCL; the process group's
+    point-to-point calls are not captured here)."""
+    eager = [x.clone() for x in step()]
+    side = torch.cuda.Stream(run.device)
+    side.wait_stream(torch.cuda.current_stream(run.device))
+    with torch.cuda.stream(side):  # (warm-up on a side stream, as torch.cuda.graph asks)
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(run.device).wait_stream(side)
+    torch.cuda.synchronize(run.device)
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the process group's watchdog thread may query CUDA events while this thread captures.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        outputs = step()
+    torch.cuda.synchronize(run.device)
+    dist.barrier()
+    graph.replay()
+    torch.cuda.synchronize(run.device)
+    err = max(common.relative_error(got, ref) for got, ref in zip(outputs, eager))
+    return graph.replay, err
+
+
 # ----------------------------------------------------------------------------- the case
 
 
@@ -305,6 +338,19 @@ def _check_and_time(run: Run, provider: str, row: dict, inputs: tuple, ref: dict
     row.update(err=err, status="ok" if err <= TOLERANCE[run.dtype] else "FAILED")
 
     step = layer_stack(forward, leaves, upstream, run.layers)  # (one layer: forward, then its backward)
+    if run.cuda_graphs and provider != "lasp-ref" and run.device.type == "cuda":
+        failure, graph_err = None, 0.0
+        try:
+            step, graph_err = cuda_graphed(run, step)
+        except Exception as err:  # noqa: BLE001 - reported in the row
+            traceback.print_exc()
+            failure = f"CUDA graph: {type(err).__name__}: {err}".splitlines()[0][:160]
+        if all_ranks_max(run, 1.0 if failure else 0.0) > 0:
+            return {**row, "status": "ERROR", "note": failure or "CUDA graph failed on another rank"}
+        graph_err = all_ranks_max(run, graph_err)
+        row.update(cuda_graph=True, graph_err=graph_err)
+        if graph_err > TOLERANCE[run.dtype]:
+            row["status"] = "FAILED"
 
     tokens = row["B"] * row["T_local"] * (1 if provider == "single" else run.world_size)
     per = 1.0 / run.layers  # every time below is per layer
@@ -627,6 +673,12 @@ def parse_args(argv=None):
         "call through all (default 1: a backward call per op call); every time is per layer",
     )
     parser.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="time single / ring / allgather as replays of a CUDA graph of the whole step (the host then issues "
+        "~nothing: what the GPUs and the exchange take); lasp-ref stays eager; each row also checks a replay's "
+        "gradients against an eager step's (graph_err)",
+    )
+    parser.add_argument(
         "--timeout-s", type=int, default=300, help="process-group timeout (a hung rank ends the run)"
     )
     args = parser.parse_args(argv)
@@ -692,6 +744,7 @@ def main(argv=None) -> int:
             args.repeats,
             providers=tuple(p for p in PROVIDERS if p in args.providers),
             layers=args.layers,
+            cuda_graphs=args.cuda_graphs and device.type == "cuda",
         )
         env = common.environment(device)
         rows = []
@@ -700,13 +753,14 @@ def main(argv=None) -> int:
                 print(f"[sp W={world_size}] {case.name}", file=sys.stderr, flush=True)
             rows += case(run, case.name)
         if rank == 0:
-            title = f"LASP scaling, W={world_size}, {run.dtype}, {env['card']}, backend {run.backend}"
+            title = (f"LASP scaling, W={world_size}, {run.dtype}, {env['card']}, backend {run.backend}"
+                     + (", CUDA graph replays (lasp-ref eager)" if run.cuda_graphs else ""))
             common.print_table(title, rows, COLUMNS)
             for row in rows:
                 if row["status"] != "ok":
                     print(f"  {row['case']} {row['provider']}: {row['status']} {row.get('note', '')}")
             name = (f"sp-{common.card_slug(env['card'])}-W{world_size}" + ("-tiny" if args.tiny else "")
-                    + (f"-L{run.layers}" if run.layers > 1 else ""))
+                    + (f"-L{run.layers}" if run.layers > 1 else "") + ("-graphs" if run.cuda_graphs else ""))
             path = common.write_results(
                 name,
                 env,
