@@ -262,10 +262,22 @@ def cuda_graphed(run: Run, step):
     torch.cuda.current_stream(run.device).wait_stream(side)
     torch.cuda.synchronize(run.device)
     dist.barrier()
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: the process group's watchdog thread may query CUDA events while this thread captures.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        outputs = step()
+    for attempt in range(2):
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the process group's watchdog thread may query CUDA events while this thread captures.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                outputs = step()
+            break
+        except RuntimeError as err:
+            # Seen once per process on 4x H100, the process's FIRST capture only ("operation would make the legacy
+            # stream depend on a capturing blocking stream", single row at 32K; every later capture, single
+            # included, succeeded): one more try, said on stderr. A second failure is the row's error.
+            if attempt:
+                raise
+            print(f"[rank {run.rank}] CUDA graph capture failed, capturing again: {str(err).splitlines()[0]}",
+                  file=sys.stderr, flush=True)
+            torch.cuda.synchronize(run.device)
     torch.cuda.synchronize(run.device)
     dist.barrier()
     graph.replay()
