@@ -1,27 +1,15 @@
 """Host time of one ring hop's point-to-point calls: torch.distributed (ProcessGroupNCCL) against NCCL called
-directly (ctypes, on the current stream). torchrun --nproc_per_node 4 benchmarks/p2p_host.py"""
+directly (`lasp_hf.parallel.nccl.DirectComm`, what the SP op uses on NCCL: ctypes, on the current stream).
+torchrun --nproc_per_node 4 benchmarks/p2p_host.py"""
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import os
 import time
 
 import torch
 import torch.distributed as dist
-
-
-class UniqueId(ctypes.Structure):
-    _fields_ = [("internal", ctypes.c_byte * 128)]
-
-
-def load_nccl():
-    try:
-        return ctypes.CDLL("libnccl.so.2")
-    except OSError:
-        import nvidia.nccl
-        return ctypes.CDLL(glob.glob(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so*"))[0])
+from lasp_hf.parallel.nccl import DirectComm
 
 
 def main():
@@ -33,18 +21,7 @@ def main():
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
     group = dist.new_group(list(range(world)))
-    nccl = load_nccl()
-    uid = UniqueId()
-    if rank == 0:
-        assert nccl.ncclGetUniqueId(ctypes.byref(uid)) == 0
-    raw = torch.tensor(bytearray(bytes(uid)), dtype=torch.uint8, device=device)
-    dist.broadcast(raw, 0, group=group)
-    uid = UniqueId.from_buffer_copy(bytes(raw.cpu().tolist()))
-    comm = ctypes.c_void_p()
-    assert nccl.ncclCommInitRank(ctypes.byref(comm), world, uid, rank) == 0
-    nccl.ncclSend.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                              ctypes.c_void_p]
-    nccl.ncclRecv.argtypes = nccl.ncclSend.argtypes
+    direct = DirectComm(group, rank, world, device)
     x = torch.randn(16, 128, 128, device=device)
     bufs = [torch.empty_like(x) for _ in range(4)]
     nxt, prv = (rank + 1) if rank + 1 < world else None, (rank - 1) if rank > 0 else None
@@ -58,18 +35,17 @@ def main():
             w.wait()
 
     def raw_hop():
-        stream = torch.cuda.current_stream().cuda_stream
         if prv is not None:
-            assert nccl.ncclRecv(bufs[0].data_ptr(), x.numel(), 7, prv, comm, stream) == 0
+            direct.recv(bufs[0], prv)
         if nxt is not None:
-            assert nccl.ncclSend(x.data_ptr(), x.numel(), 7, nxt, comm, stream) == 0
+            direct.send(x, nxt)
 
     def launch():
         bufs[1].add_(1.0)
 
     out = []
-    for name, fn in (("kernel launch (add_)", launch), ("PG recv+send (+wait)", pg_hop), ("raw NCCL recv+send", raw_hop),
-                     ("PG recv+send (+wait)", pg_hop), ("raw NCCL recv+send", raw_hop)):
+    for name, fn in (("kernel launch (add_)", launch), ("PG recv+send (+wait)", pg_hop), ("direct NCCL recv+send", raw_hop),
+                     ("PG recv+send (+wait)", pg_hop), ("direct NCCL recv+send", raw_hop)):
         for _ in range(20):
             fn()
         torch.cuda.synchronize()
@@ -86,7 +62,7 @@ def main():
     if rank == 0:
         print(f"FR={os.environ.get('TORCH_FR_BUFFER_SIZE')}\n" + "\n".join(every), flush=True)
     dist.barrier()
-    nccl.ncclCommDestroy(comm)
+    direct.close()
     dist.destroy_process_group()
     return 0
 

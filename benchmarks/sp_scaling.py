@@ -246,22 +246,6 @@ def layer_stack(forward, leaves: list, upstream, layers: int):
     return step
 
 
-CAPTURE_ATTEMPTS = 4
-
-
-def _first_capture(run: Run) -> None:
-    """A throw-away capture of one small kernel before the rows (whatever a process's first capture sets up
-    happens here, not in the first row's; see `cuda_graphed`). A failure is only reported."""
-    x = torch.zeros(16, device=run.device)
-    torch.cuda.synchronize(run.device)
-    try:
-        with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
-            x.add_(1.0)
-    except RuntimeError as err:
-        print(f"[rank {run.rank}] the warm-up CUDA graph capture failed: {str(err).splitlines()[0]}", file=sys.stderr)
-    torch.cuda.synchronize(run.device)
-
-
 def cuda_graphed(run: Run, step):
     """`step` (forward + backward) captured once in a CUDA graph: (replay, the largest relative error of a replay's
     gradients against an eager step's). The graph holds every kernel and NCCL call of the step, so a replay costs
@@ -278,24 +262,10 @@ def cuda_graphed(run: Run, step):
     torch.cuda.current_stream(run.device).wait_stream(side)
     torch.cuda.synchronize(run.device)
     dist.barrier()
-    for attempt in range(CAPTURE_ATTEMPTS):
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: the process group's watchdog thread may query CUDA events while this thread captures.
-            # A new capture stream per attempt (a failed capture's stream is not reused).
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream(run.device), capture_error_mode="thread_local"):
-                outputs = step()
-            break
-        except RuntimeError as err:
-            # Seen on 4x H100 for the single row at 32K, the process's first capture ("operation would make the
-            # legacy stream depend on a capturing blocking stream"), twice in a row; every later capture
-            # succeeded: capture again after a pause, said on stderr. The last failure is the row's error.
-            if attempt + 1 == CAPTURE_ATTEMPTS:
-                raise
-            print(f"[rank {run.rank}] CUDA graph capture failed, capturing again: {str(err).splitlines()[0]}",
-                  file=sys.stderr, flush=True)
-            torch.cuda.synchronize(run.device)
-            time.sleep(2.0)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the process group's watchdog thread may query CUDA events while this thread captures.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        outputs = step()
     torch.cuda.synchronize(run.device)
     dist.barrier()
     graph.replay()
@@ -777,8 +747,6 @@ def main(argv=None) -> int:
             cuda_graphs=args.cuda_graphs and device.type == "cuda",
         )
         env = common.environment(device)
-        if run.cuda_graphs:
-            _first_capture(run)
         rows = []
         for case in selected:
             if rank == 0:

@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 ENV_SWITCH = "LASP_HF_DIRECT_NCCL"
 
-# ncclDataType_t values (nccl.h; stable across NCCL 2.x).
-_DTYPES = {torch.float32: 7, torch.bfloat16: 9, torch.float16: 6, torch.int64: 4, torch.int32: 2}
+# ncclDataType_t values (nccl.h; stable across NCCL 2.x) of what the exchanges move: float32 states.
+_DTYPES = {torch.float32: 7}
 
 
 class _UniqueId(ctypes.Structure):
@@ -47,9 +47,9 @@ def load_library():
             try:
                 import nvidia.nccl  # torch's pip dependency
 
-                paths = glob.glob(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so*"))
+                paths = glob.glob(os.path.join(next(iter(nvidia.nccl.__path__)), "lib", "libnccl.so*"))
                 lib = ctypes.CDLL(paths[0]) if paths else None
-            except (ImportError, OSError, IndexError):
+            except (ImportError, OSError, StopIteration):
                 lib = None
         if lib is not None:
             ptr, size, i32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
@@ -123,6 +123,7 @@ class DirectComm:
         _check(self.lib, self.lib.ncclAllGather(src, dst, n, dtype, self.comm, stream), "ncclAllGather")
 
     def close(self) -> None:
+        """Destroy the communicator (collective over the group; the context's lives as long as the process)."""
         if self.comm:
             self.lib.ncclCommDestroy(self.comm)
             self.comm = ctypes.c_void_p()
