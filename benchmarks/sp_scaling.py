@@ -264,7 +264,9 @@ def cuda_graphed(run: Run, step):
     dist.barrier()
     graph = torch.cuda.CUDAGraph()
     # thread_local: the process group's watchdog thread may query CUDA events while this thread captures.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    # (LASP_HF_BENCH_CAPTURE_MODE=global|relaxed: another mode, to find which call breaks a capture.)
+    mode = os.environ.get("LASP_HF_BENCH_CAPTURE_MODE", "thread_local")
+    with torch.cuda.graph(graph, capture_error_mode=mode):
         outputs = step()
     torch.cuda.synchronize(run.device)
     dist.barrier()
@@ -322,6 +324,10 @@ def _check_and_time(run: Run, provider: str, row: dict, inputs: tuple, ref: dict
         errors = {
             n: common.relative_error(to_bthd(x), ref[n]) for n, x in zip(("o", "dq", "dk", "dv"), (o, *grads))
         }
+        # The leaves' AccumulateGrad nodes live as long as this autograd graph, on the stream they were made on
+        # (the default one); kept alive, a CUDA graph capture of the step would make its backward join the
+        # default stream ("operation would make the legacy stream depend on a capturing blocking stream").
+        del o, grads
     except Exception as err:  # noqa: BLE001 - reported in the row, the other providers still run
         traceback.print_exc()
         failure = f"{type(err).__name__}: {err}".splitlines()[0][:160]
