@@ -275,12 +275,20 @@ def _carried_state_grad(q, do, g, n: int, scale: float, local_impl=None, reuse=N
 def _rank_decay(g, B: int, L: int, H: int, device):
     """a_r = exp(sum of g over the rank's L tokens), float32 [B, H, 1, 1] (a factor on states)."""
     if g is None:
-        return torch.ones(B, H, 1, 1, device=device)
+        key = (B, H, str(device))
+        ones = _ONES.get(key)
+        if ones is None:  # (never written in place: a constant shared by every layer and step)
+            ones = torch.ones(B, H, 1, 1, device=device)
+            if not _capturing(device):
+                _ONES[key] = ones
+        return ones
     if g.dim() == 1:
         a = _head_decay(g, L)
         return a if B == 1 else a.expand(B, H, 1, 1)
     return g.float().sum(1).exp().view(B, H, 1, 1)
 
+
+_ONES: dict = {}  # a_r = 1 (no decay) per (B, H, device)
 
 # exp(g * L) of per-head decays g [H]: the same tensor for every layer of a model and every step (lightning
 # attention's fixed slopes), two small kernels and ~80 us of host time per call on a slow host. Keyed on the tensor
@@ -298,8 +306,15 @@ def _head_decay(g, L: int):
     if len(_HEAD_DECAYS) >= 64:
         _HEAD_DECAYS.clear()
     a = (g.detach().view(1, -1, 1, 1).float() * L).exp()
-    _HEAD_DECAYS[key] = (g, a)
+    if not _capturing(g.device):
+        _HEAD_DECAYS[key] = (g, a)
     return a
+
+
+def _capturing(device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream: a tensor made now is only filled when the
+    graph replays, so it must not be cached for eager calls."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass
@@ -426,7 +441,11 @@ class _LaspFunction(torch.autograd.Function):
         if ring:
             s_in, decays = comm.ring_forward(s_loc, decay, sp, pending), None
         else:
-            s_in, decays = comm.allgather_forward(s_loc, decay, sp)
+            # Dense input with no or a per-head decay: every rank after the first has the same a_r, known here.
+            shared = None
+            if plan.local_bounds is None and (g is None or g.dim() == 1):
+                shared = decay if decay is not None else _rank_decay(g, B, L, H, q.device)
+            s_in, decays = comm.allgather_forward(s_loc, decay, sp, shared_decay=shared)
 
         h0 = _local_initial_state(run, initial_state, s_in)
         raw = getattr(run.local_impl, "local_forward", None)

@@ -29,6 +29,11 @@ ENV_SWITCH = "LASP_HF_DIRECT_NCCL"
 _DTYPES = {torch.float32: 7}
 
 
+# The current stream's raw handle by device index, as Triton's launcher reads it (a private torch function: the public
+# `torch.cuda.current_stream(device).cuda_stream` builds a Stream object per call); None where this torch lacks it.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 class _UniqueId(ctypes.Structure):
     _fields_ = [("internal", ctypes.c_byte * 128)]
 
@@ -95,22 +100,26 @@ class DirectComm:
             _check(lib, lib.ncclCommInitRank(ctypes.byref(self.comm), world_size, uid, rank), "ncclCommInitRank")
 
     def _args(self, x: torch.Tensor):
-        if not x.is_contiguous() or x.device != self.device or x.dtype not in _DTYPES:
+        # (get_device(): an int, cheaper per call than building x.device)
+        if not x.is_contiguous() or x.get_device() != self.device.index or x.dtype not in _DTYPES:
             raise ValueError(f"direct NCCL needs a contiguous tensor on {self.device} of dtype in "
                              f"{sorted(map(str, _DTYPES))}; got {tuple(x.shape)} {x.dtype} on {x.device}")
         return x.data_ptr(), x.numel(), _DTYPES[x.dtype]
 
+    def _stream(self) -> int:
+        """The handle of this device's current CUDA stream."""
+        return _raw_stream(self.device.index) if _raw_stream is not None else \
+            torch.cuda.current_stream(self.device).cuda_stream
+
     def send(self, x: torch.Tensor, peer: int) -> None:
         """Send x to SP rank `peer` on the current stream (x must stay unchanged until the stream gets there)."""
         ptr, n, dtype = self._args(x)
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        _check(self.lib, self.lib.ncclSend(ptr, n, dtype, peer, self.comm, stream), "ncclSend")
+        _check(self.lib, self.lib.ncclSend(ptr, n, dtype, peer, self.comm, self._stream()), "ncclSend")
 
     def recv(self, x: torch.Tensor, peer: int) -> None:
         """Receive into x from SP rank `peer` on the current stream."""
         ptr, n, dtype = self._args(x)
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        _check(self.lib, self.lib.ncclRecv(ptr, n, dtype, peer, self.comm, stream), "ncclRecv")
+        _check(self.lib, self.lib.ncclRecv(ptr, n, dtype, peer, self.comm, self._stream()), "ncclRecv")
 
     def all_gather(self, out: torch.Tensor, x: torch.Tensor) -> None:
         """out [W * x.numel()] = every rank's x in rank order, on the current stream."""
@@ -119,8 +128,7 @@ class DirectComm:
         if out_dtype != dtype or total != n * self.world_size:
             raise ValueError(f"all_gather output must hold {self.world_size} x {n} elements of {x.dtype}, "
                              f"got {total} of {out.dtype}")
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        _check(self.lib, self.lib.ncclAllGather(src, dst, n, dtype, self.comm, stream), "ncclAllGather")
+        _check(self.lib, self.lib.ncclAllGather(src, dst, n, dtype, self.comm, self._stream()), "ncclAllGather")
 
     def close(self) -> None:
         """Destroy the communicator (collective over the group; the context's lives as long as the process)."""
