@@ -2,7 +2,7 @@
 # Run the GPU tests and the benchmarks on a lent GPU machine, writing everything under $OUT.
 #
 #   bash benchmarks/run_device.sh                 # tests, kernels, sp (in that order)
-#   bash benchmarks/run_device.sh kernels sp      # only some parts: any of  tests kernels sp train maxlen host sweep breakdown mfu
+#   bash benchmarks/run_device.sh kernels sp      # only some parts: any of  tests kernels sp target train maxlen host sweep breakdown mfu
 #
 # From the repo root, with `.whl` carried (fill it here with `bash ../shared/device/wheels.sh`).
 # The device's copy has no .git: pass the commit, e.g.  LASP_HF_COMMIT=<sha> bash benchmarks/run_device.sh
@@ -80,6 +80,18 @@ for part in "${PARTS[@]}"; do
         run_part "sp-W$W" python3 -m torch.distributed.run --standalone --nproc_per_node "$W" \
           benchmarks/sp_scaling.py --out "$OUT" ${SP_ARGS:---profile}
       done ;;
+    target)
+      # Issue 4's protocol in one part, on all GPUs (W = 4 on a 4-GPU machine): eager single-layer steps at 8K, 32K and
+      # 128K with every provider; the same 32K / 128K rows replayed from CUDA graphs (the GPU side, like for like);
+      # and four chained layers per step (--layers 4, as a model runs them). JSON: sp-<card>-W<n>{,-graphs,-L4}.json.
+      TW=$(( NGPU >= 4 ? 4 : NGPU ))
+      run_part "target-eager-W$TW" python3 -m torch.distributed.run --standalone --nproc_per_node "$TW" \
+        benchmarks/sp_scaling.py --out "$OUT" --timing pipelined
+      run_part "target-graphs-W$TW" python3 -m torch.distributed.run --standalone --nproc_per_node "$TW" \
+        benchmarks/sp_scaling.py --out "$OUT" --timing pipelined --cuda-graphs --cases sp-T32K sp-T128K
+      run_part "target-layers4-W$TW" python3 -m torch.distributed.run --standalone --nproc_per_node "$TW" \
+        benchmarks/sp_scaling.py --out "$OUT" --timing pipelined --layers 4 --cases sp-T32K sp-T128K \
+        --providers single ring allgather ;;
     train)
       # Loss parity SP=1 vs SP=min(4, #GPUs) through accelerate launch (benchmarks/train_parity.py): 32K tokens
       # per GPU, one SP run per accelerate config (DDP and FSDP2 on 4 GPUs).
