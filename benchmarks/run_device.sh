@@ -85,6 +85,7 @@ for part in "${PARTS[@]}"; do
       # 128K with every provider; the same 32K / 128K rows replayed from CUDA graphs (the GPU side, like for like);
       # and four chained layers per step (--layers 4, as a model runs them). JSON: sp-<card>-W<n>{,-graphs,-L4}.json.
       TW=$(( NGPU >= 4 ? 4 : NGPU ))
+      if [ "$TW" -lt 2 ]; then echo "=== target: needs 2 or more GPUs, found $NGPU" | tee -a "$LOG"; STATUS+=("target: skipped"); continue; fi
       run_part "target-eager-W$TW" python3 -m torch.distributed.run --standalone --nproc_per_node "$TW" \
         benchmarks/sp_scaling.py --out "$OUT" --timing pipelined
       run_part "target-graphs-W$TW" python3 -m torch.distributed.run --standalone --nproc_per_node "$TW" \
