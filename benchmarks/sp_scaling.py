@@ -18,7 +18,8 @@ Timing (--timing barrier|pipelined|both, default both):
                in training over layers); CUDA events around the whole loop, total / iters, max over
                ranks, median over --repeats such loops. `host ms`: the host's time to issue one iteration
                (the loop's first few, right after a synchronize); where it reaches `ms_pipe` the row measures
-               the host, not the GPUs.
+               the host, not the GPUs. `cpu ms`: the process's CPU time over the same calls (~host ms: the
+               issuing is CPU work; less: the host waits; more: other threads burn CPU meanwhile).
     --cuda-graphs  single, ring and allgather each captured once (forward + backward) in a CUDA graph and timed
                as replays: the host issues ~nothing, so the rows measure the GPUs and the exchange (where an eager
                row is host-bound, the difference is the host's). Each such row also checks a replay's gradients
@@ -146,11 +147,13 @@ def time_pipelined(run: Run, step: Callable[[], object]) -> dict:
 
     Also `host_ms`: the host's time to issue one call, from the loop's first HOST_PROBE_ITERS calls (issued right
     after a synchronize, so the launch queue cannot fill and block them; on CPU the whole call), slowest rank's
-    median. A row whose host_ms reaches its ms is bound by the host, not the GPUs."""
+    median. A row whose host_ms reaches its ms is bound by the host, not the GPUs. And `cpu_ms`: the process's CPU
+    time (every thread) over the same calls: about host_ms where issuing is CPU work, less where the host waits
+    (for a lock, the driver, a peer), more where other threads (NCCL's, the process group's) burn CPU meanwhile."""
     cuda = run.device.type == "cuda"
     for _ in range(run.warmup):
         step()
-    totals, host = [], []
+    totals, host, cpu = [], [], []
     probe = min(HOST_PROBE_ITERS, run.iters)
     for _ in range(run.repeats):
         dist.barrier()
@@ -158,27 +161,30 @@ def time_pipelined(run: Run, step: Callable[[], object]) -> dict:
             torch.cuda.synchronize(run.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            begin = time.perf_counter()
+            begin, begin_cpu = time.perf_counter(), time.process_time()
             for i in range(run.iters):
                 step()
                 if i + 1 == probe:
                     host.append((time.perf_counter() - begin) * 1e3 / probe)
+                    cpu.append((time.process_time() - begin_cpu) * 1e3 / probe)
             end.record()
             end.synchronize()
             totals.append(start.elapsed_time(end) / run.iters)
         else:
-            begin = time.perf_counter()
+            begin, begin_cpu = time.perf_counter(), time.process_time()
             for _ in range(run.iters):
                 step()
             totals.append((time.perf_counter() - begin) * 1e3 / run.iters)
             host.append(totals[-1])
-    mine = torch.tensor([totals, host], dtype=torch.float64, device=run.device)
+            cpu.append((time.process_time() - begin_cpu) * 1e3 / run.iters)
+    mine = torch.tensor([totals, host, cpu], dtype=torch.float64, device=run.device)
     every = [torch.empty_like(mine) for _ in range(run.world_size)]
     dist.all_gather(every, mine)
-    every = torch.stack(every).cpu()  # [W, 2, repeats]
+    every = torch.stack(every).cpu()  # [W, 3, repeats]
     return {"ms": float(every[:, 0].max(dim=0).values.median()),
             "rank_ms": [float(row.median()) for row in every[:, 0]],
-            "host_ms": float(every[:, 1].max(dim=0).values.median())}
+            "host_ms": float(every[:, 1].max(dim=0).values.median()),
+            "cpu_ms": float(every[:, 2].max(dim=0).values.median())}
 
 
 def all_ranks_max(run: Run, value: float) -> float:
@@ -372,6 +378,7 @@ def _check_and_time(run: Run, provider: str, row: dict, inputs: tuple, ref: dict
             ms_pipe=ms,
             rank_ms_pipe=[x * per for x in timing["rank_ms"]],
             host_ms_pipe=timing["host_ms"] * per,
+            cpu_ms_pipe=timing["cpu_ms"] * per,
             tokens_per_s_pipe=tokens / (ms * 1e-3),
         )
     return row
@@ -618,6 +625,7 @@ COLUMNS = [
     Column("ms", "ms", "{:.3f}"),
     Column("ms_pipe", "ms_pipe", "{:.3f}"),
     Column("host_ms_pipe", "host ms", "{:.3f}"),
+    Column("cpu_ms_pipe", "cpu ms", "{:.3f}"),
     Column("tokens_per_s", "tok/s", "{:.3e}"),
     Column("efficiency", "eff", "{:.2f}"),
     Column("efficiency_pipe", "eff_pipe", "{:.2f}"),

@@ -334,6 +334,8 @@ def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
         assert row["ms_pipe"] >= max(row["rank_ms_pipe"]) - 1e-9
         # on CPU issuing a call is the call: the host time is the pipelined time, measured the same way
         assert row["host_ms_pipe"] == pytest.approx(row["ms_pipe"])
+        # the process's CPU time over the same calls: some, and no more than every core for the whole call
+        assert 0 < row["cpu_ms_pipe"] <= row["ms_pipe"] * (os.cpu_count() or 1) * 1.05
     for provider in ("ring", "allgather"):
         want = rows["single"]["ms_pipe"] / rows[provider]["ms_pipe"]
         assert rows[provider]["efficiency_pipe"] == pytest.approx(want)
