@@ -86,13 +86,11 @@ for part in "${PARTS[@]}"; do
       # and four chained layers per step (--layers 4, as a model runs them). JSON: sp-<card>-W<n>{,-graphs,-L4}.json.
       TW=$(( NGPU >= 4 ? 4 : NGPU ))
       if [ "$TW" -lt 2 ]; then echo "=== target: needs 2 or more GPUs, found $NGPU" | tee -a "$LOG"; STATUS+=("target: skipped"); continue; fi
-      run_part "target-eager-W$TW" python3 -m torch.distributed.run --standalone --nproc_per_node "$TW" \
-        benchmarks/sp_scaling.py --out "$OUT" --timing pipelined
-      run_part "target-graphs-W$TW" python3 -m torch.distributed.run --standalone --nproc_per_node "$TW" \
-        benchmarks/sp_scaling.py --out "$OUT" --timing pipelined --cuda-graphs --cases sp-T32K sp-T128K
-      run_part "target-layers4-W$TW" python3 -m torch.distributed.run --standalone --nproc_per_node "$TW" \
-        benchmarks/sp_scaling.py --out "$OUT" --timing pipelined --layers 4 --cases sp-T32K sp-T128K \
-        --providers single ring allgather ;;
+      SP_RUN=(python3 -m torch.distributed.run --standalone --nproc_per_node "$TW" benchmarks/sp_scaling.py
+              --out "$OUT" --timing pipelined)
+      run_part "target-eager-W$TW" "${SP_RUN[@]}"
+      run_part "target-graphs-W$TW" "${SP_RUN[@]}" --cuda-graphs --cases sp-T32K sp-T128K
+      run_part "target-layers4-W$TW" "${SP_RUN[@]}" --layers 4 --cases sp-T32K sp-T128K --providers single ring allgather ;;
     train)
       # Loss parity SP=1 vs SP=min(4, #GPUs) through accelerate launch (benchmarks/train_parity.py): 32K tokens
       # per GPU, one SP run per accelerate config (DDP and FSDP2 on 4 GPUs).

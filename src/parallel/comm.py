@@ -161,6 +161,7 @@ class SideStream:
     def __init__(self, device, *inputs):
         self.device, self.inputs = torch.device(device), inputs
         self.main = self.side = self.context = None
+        self.switched = False  # made the side stream current with set_stream (else through `context`, or not at all)
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -176,18 +177,18 @@ class SideStream:
             # context's device bookkeeping is ~10-20 us of host time per use on the lent machines.)
             if torch.cuda.current_device() == self.device.index:
                 torch.cuda.set_stream(self.side)
-                self.context = True
+                self.switched = True
             else:
                 self.context = torch.cuda.stream(self.side)
                 self.context.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.context is True:
+        if self.switched:
             torch.cuda.set_stream(self.main)
         elif self.context is not None:
             self.context.__exit__(*exc)
-        self.context = None
+        self.context, self.switched = None, False
         return False
 
     def join(self) -> None:

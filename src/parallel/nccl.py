@@ -30,8 +30,9 @@ _DTYPES = {torch.float32: 7}
 
 
 # The current stream's raw handle by device index, as Triton's launcher reads it (a private torch function: the public
-# `torch.cuda.current_stream(device).cuda_stream` builds a Stream object per call); None where this torch lacks it.
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+# `torch.cuda.current_stream(device).cuda_stream` builds a Stream object per call; used where this torch lacks it).
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+    (lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
 class _UniqueId(ctypes.Structure):
@@ -106,20 +107,17 @@ class DirectComm:
                              f"{sorted(map(str, _DTYPES))}; got {tuple(x.shape)} {x.dtype} on {x.device}")
         return x.data_ptr(), x.numel(), _DTYPES[x.dtype]
 
-    def _stream(self) -> int:
-        """The handle of this device's current CUDA stream."""
-        return _raw_stream(self.device.index) if _raw_stream is not None else \
-            torch.cuda.current_stream(self.device).cuda_stream
-
     def send(self, x: torch.Tensor, peer: int) -> None:
         """Send x to SP rank `peer` on the current stream (x must stay unchanged until the stream gets there)."""
         ptr, n, dtype = self._args(x)
-        _check(self.lib, self.lib.ncclSend(ptr, n, dtype, peer, self.comm, self._stream()), "ncclSend")
+        stream = _current_stream(self.device.index)
+        _check(self.lib, self.lib.ncclSend(ptr, n, dtype, peer, self.comm, stream), "ncclSend")
 
     def recv(self, x: torch.Tensor, peer: int) -> None:
         """Receive into x from SP rank `peer` on the current stream."""
         ptr, n, dtype = self._args(x)
-        _check(self.lib, self.lib.ncclRecv(ptr, n, dtype, peer, self.comm, self._stream()), "ncclRecv")
+        stream = _current_stream(self.device.index)
+        _check(self.lib, self.lib.ncclRecv(ptr, n, dtype, peer, self.comm, stream), "ncclRecv")
 
     def all_gather(self, out: torch.Tensor, x: torch.Tensor) -> None:
         """out [W * x.numel()] = every rank's x in rank order, on the current stream."""
@@ -128,7 +126,8 @@ class DirectComm:
         if out_dtype != dtype or total != n * self.world_size:
             raise ValueError(f"all_gather output must hold {self.world_size} x {n} elements of {x.dtype}, "
                              f"got {total} of {out.dtype}")
-        _check(self.lib, self.lib.ncclAllGather(src, dst, n, dtype, self.comm, self._stream()), "ncclAllGather")
+        stream = _current_stream(self.device.index)
+        _check(self.lib, self.lib.ncclAllGather(src, dst, n, dtype, self.comm, stream), "ncclAllGather")
 
     def close(self) -> None:
         """Destroy the communicator (collective over the group; the context's lives as long as the process)."""
