@@ -123,11 +123,12 @@ for part in "${PARTS[@]}"; do
       # Training throughput / MFU of tnl-1b at 32K tokens per GPU (SP = min(4, #GPUs)), checkpointing off and on,
       # with the profile of the first run (FSDP2 on 4 GPUs: DDP without checkpointing does not fit 80 GB there).
       FW=$(( NGPU >= 4 ? 4 : NGPU ))
-      MFU_CONFIG=recipes/accelerate/ddp_sp$FW.yaml
-      [ "$FW" -eq 4 ] && MFU_CONFIG=recipes/accelerate/fsdp2_sp4.yaml
+      # (train_mfu.py's default config: none on one GPU, ddp_sp2.yaml on two.)
+      MFU_CONFIG=""
+      [ "$FW" -eq 4 ] && MFU_CONFIG="--accelerate_config recipes/accelerate/fsdp2_sp4.yaml"
       # shellcheck disable=SC2086
       run_part "mfu-W$FW" python3 benchmarks/train_mfu.py --world "$FW" --out "$OUT" \
-        ${MFU_ARGS:---accelerate_config $MFU_CONFIG --checkpointing off on --profile_steps 8 9} ;;
+        ${MFU_ARGS:-$MFU_CONFIG --checkpointing off on --profile_steps 8 9} ;;
     host)
       # shellcheck disable=SC2086
       run_part "host-W1" python3 benchmarks/host_overhead.py --out "$OUT" ${HOST_ARGS:-}

@@ -47,6 +47,8 @@ def launch(world: int, args, out_dir: Path, config_file: str | None = None, extr
             "--dataloader_num_workers", "0"]
     if args.bf16:
         cmd.append("--bf16")
+    if args.cpu:
+        cmd.append("--use_cpu")  # TrainingArguments refuses --bf16 without a GPU unless told it is meant for the CPU
     if args.gradient_checkpointing:
         cmd.append("--gradient_checkpointing")
     cmd += extra or []

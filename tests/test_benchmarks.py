@@ -548,6 +548,33 @@ def test_train_mfu_cpu_two_processes(tmp_path):
     assert (tmp_path / "train-mfu-cpu-W2.md").exists()
 
 
+def test_train_mfu_one_process_several_lengths(tmp_path):
+    """benchmarks/train_mfu.py --world 1 without a config: a plain launch, one row per tokens-per-GPU value."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "train_mfu.py"), "--cpu", "--world", "1", "--model_config",
+         str(BENCH_DIR.parent / "recipes/configs/tnl-tiny.json"), "--tokens_per_gpu", "32", "64", "--steps", "3",
+         "--skip", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "train-mfu-cpu-W1.json").read_text())
+    assert [(row["run"], row["tokens_per_gpu"], row["config"]) for row in data["rows"]] == [
+        ("single-ckpt-on-T32", 32, None), ("single-ckpt-on-T64", 64, None)]
+    for row in data["rows"]:
+        assert row["status"] == "ok" and row["steps_averaged"] == 2
+        assert row["tokens_per_second"] > 0 and row["tokens_per_second_per_gpu"] == row["tokens_per_second"]
+
+
+def test_train_mfu_needs_a_config_where_there_is_no_default(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "train_mfu.py"), "--cpu", "--world", "3", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode != 0
+    assert "no default accelerate config for --world 3" in result.stderr and "ddp_sp3.yaml" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_train_mfu_card_peaks():
     sys.path.insert(0, str(BENCH_DIR))
     import train_mfu
