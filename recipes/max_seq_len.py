@@ -159,6 +159,8 @@ def allocator_settings() -> str | None:
 def memory_savers(args, config, fsdp: bool, world: int, cuda: bool) -> list[str]:
     """The memory savers of this run, in words, for the result line and the JSON."""
     savers = [] if args.no_gradient_checkpointing else ["activation checkpointing per layer"]
+    if args.model_dtype != "float32":
+        savers.append(f"{args.model_dtype} parameters, gradients and AdamW states")
     if args.offload_activations:
         savers.append("activations offloaded to CPU")
     savers.append(f"chunked cross-entropy ({config.loss_chunk_size} tokens)")
@@ -192,6 +194,9 @@ def parse_args(argv=None):
                              "accelerate FSDP config)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="autocast dtype (default bfloat16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--model_dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the parameters, hence of gradients and AdamW states (train_clm.py's "
+                             "--model_dtype): float32 = mixed precision, bfloat16 = everything in bf16")
     parser.add_argument("--sequence_parallel_size", type=int, default=None, help="overrides the accelerate config")
     parser.add_argument("--sp_mode", default="ring", choices=["ring", "allgather"])
     parser.add_argument("--timeout_s", type=int, default=600)
@@ -238,7 +243,7 @@ def main(argv=None):
                              f"{args.attention_chunk_size}")
         config.attention_chunk_size = args.attention_chunk_size
     torch.manual_seed(0)
-    model = LaspForCausalLM(config).to(device)
+    model = LaspForCausalLM(config).to(device, getattr(torch, args.model_dtype))
     if not args.no_gradient_checkpointing:
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     model.train()

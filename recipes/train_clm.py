@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 logger = logging.getLogger("train_clm")
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -56,6 +57,12 @@ class ScriptArguments:
     tokenizer: str = field(
         default=str(REPO_ROOT / "data" / "tokenizer"),
         metadata={"help": "Tokenizer folder or name for AutoTokenizer.from_pretrained."},
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the model's parameters: 'float32' (with --bf16, mixed precision: float32 weights, "
+                          "gradients and AdamW states, bf16 compute) or 'bfloat16' (everything in bf16: half the "
+                          "memory for weights and optimizer states, and a bf16 residual stream, at coarser updates)."},
     )
     block_size: int = field(default=256, metadata={"help": "Tokens per packed block (one training sample)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training blocks."})
@@ -89,12 +96,14 @@ def parse_args(argv=None) -> tuple[ScriptArguments, LaspTrainingArguments]:
             f"--block_size={script_args.block_size} is not divisible by the sequence-parallel size {sp_size} (from "
             f"{training_args.sequence_parallel_source}): every block is cut into {sp_size} equal slices"
         )
+    if script_args.model_dtype not in MODEL_DTYPES:
+        raise ValueError(f"--model_dtype {script_args.model_dtype!r}: expected one of {sorted(MODEL_DTYPES)}")
     if script_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming gives a dataset without a length: set --max_steps too")
     return script_args, training_args
 
 
-def build_model(config_path: str, tokenizer) -> LaspForCausalLM:
+def build_model(config_path: str, tokenizer, dtype: torch.dtype = torch.float32) -> LaspForCausalLM:
     config = LaspConfig.from_json_file(config_path)
     if len(tokenizer) > config.vocab_size:
         raise ValueError(
@@ -106,7 +115,8 @@ def build_model(config_path: str, tokenizer) -> LaspForCausalLM:
         token_id = getattr(tokenizer, name)
         if token_id is not None:
             setattr(config, name, token_id)
-    return LaspForCausalLM(config)
+    model = LaspForCausalLM(config)
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def main(argv=None) -> None:
@@ -126,10 +136,10 @@ def main(argv=None) -> None:
             streaming=script_args.streaming, eval_fraction=script_args.eval_fraction,
             max_train_samples=script_args.max_train_samples, num_proc=script_args.preprocessing_num_workers,
         )
-    model = build_model(script_args.model_config, tokenizer)
+    model = build_model(script_args.model_config, tokenizer, MODEL_DTYPES[script_args.model_dtype])
     num_params = sum(p.numel() for p in model.parameters())
-    logger.info("model %s: %.2fM parameters; block_size %d (%d tokens per rank, SP size %d); %s training blocks",
-                script_args.model_config, num_params / 1e6, script_args.block_size,
+    logger.info("model %s: %.2fM %s parameters; block_size %d (%d tokens per rank, SP size %d); %s training blocks",
+                script_args.model_config, num_params / 1e6, script_args.model_dtype, script_args.block_size,
                 script_args.block_size // training_args.sequence_parallel_size, training_args.sequence_parallel_size,
                 "streamed" if script_args.streaming else len(train_dataset))
 

@@ -116,3 +116,26 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     (tmp_path / "small.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="512 tokens"):
         train_clm.build_model(str(tmp_path / "small.json"), tokenizer)
+
+
+def test_model_dtype_bfloat16_trains_and_saves_bf16_weights(tmp_path):
+    """--model_dtype bfloat16: parameters (hence gradients and AdamW states) in bf16, saved as bf16 safetensors."""
+    from safetensors import safe_open
+
+    run([sys.executable, str(RECIPES / "train_clm.py"), "--output_dir", str(tmp_path), "--max_steps", "3",
+         "--per_device_train_batch_size", "2", "--block_size", "64", "--max_train_samples", "16",
+         "--logging_steps", "1", "--disable_tqdm", "true", "--use_cpu", "--model_dtype", "bfloat16"])
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as weights:
+        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+    assert dtypes == {"BF16"}
+    losses = [row["loss"] for row in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+              if "loss" in row]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_model_dtype_must_be_known():
+    train_clm = load_recipe("train_clm")
+    script_args, _ = train_clm.parse_args(["--output_dir", "unused", "--model_dtype", "bfloat16"])
+    assert script_args.model_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="--model_dtype 'float16': expected one of"):
+        train_clm.parse_args(["--output_dir", "unused", "--model_dtype", "float16"])

@@ -376,6 +376,16 @@ def test_max_seq_len_with_chunked_mlp_and_attention_on_the_cpu(tmp_path):
     assert "activations offloaded to CPU" in record["memory_savers"]
 
 
+def test_max_seq_len_with_bf16_parameters_on_the_cpu(tmp_path):
+    result_file = tmp_path / "result.json"
+    result = _max_seq_len("--start", "64", "--max_block_size", "64", "--granularity", "64", "--model_dtype",
+                          "bfloat16", "--json", str(result_file))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result_file.read_text())
+    assert record["longest_block_size"] == 64
+    assert "bfloat16 parameters, gradients and AdamW states" in record["memory_savers"]
+
+
 def test_max_seq_len_rejects_bad_memory_flags():
     spec = importlib.util.spec_from_file_location("recipe_max_seq_len_for_savers", REPO / "recipes" / "max_seq_len.py")
     recipe = importlib.util.module_from_spec(spec)
