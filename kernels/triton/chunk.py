@@ -306,14 +306,22 @@ def _steps(plan: _Plan, BT: int) -> int:
     return cdiv(plan.chunks_per_segment * CHUNK_SIZE, BT)
 
 
+def _loop_bound(n: int, scan: dict) -> int:
+    """A scan kernel's CPS argument: the interpreter's loop bound n, or 0 for compiled kernels, which walk each
+    segment's own chunks and never read it. A constant keeps packed batches whose plans differ on the same
+    compiled kernels: Triton specializes an integer on being 1 (even under do_not_specialize) and on
+    divisibility by 16, and each new variant is about a second of compilation in the middle of training."""
+    return 0 if scan["DYN_LOOP"] else n
+
+
 def _launch_segment_state(k, v, g, plan: _Plan, accurate_states: bool):
     """Step 1 of the forward: every segment's state from zero [S, H, K, V] and its log-decay [S, H]."""
     H, K, V, NV, S, cfg, meta, scan = _launch_setup(k, v, g, plan, "fwd_state", accurate_states)
     s_loc = empty(k, (S, H, K, V), torch.float32)
     seg_decay = empty(k, (S, H), torch.float32)
     _fwd_kernel_segment_state[(S, H, NV)](
-        k, v, g if g is not None else k, s_loc, seg_decay, plan.seg_bos, plan.seg_eos, _steps(plan, scan["BT"]),
-        NV=NV, **scan, **cfg)
+        k, v, g if g is not None else k, s_loc, seg_decay, plan.seg_bos, plan.seg_eos,
+        _loop_bound(_steps(plan, scan["BT"]), scan), NV=NV, **scan, **cfg)
     return s_loc, seg_decay
 
 
@@ -325,7 +333,7 @@ def _launch_segment_dstate(q, do, g, scale, plan: _Plan, need_dg: bool, store_de
     seg_decay = empty(q, (S, H), torch.float32) if store_decay else ds_loc
     _bwd_kernel_segment_dstate[(S, H, NV)](
         q, do, g if g is not None else q, ds_loc, seg_decay, plan.seg_bos, plan.seg_eos, scale,
-        _steps(plan, scan["BT"]), NV=NV, STORE_DECAY=store_decay, **scan, **cfg)
+        _loop_bound(_steps(plan, scan["BT"]), scan), NV=NV, STORE_DECAY=store_decay, **scan, **cfg)
     return ds_loc, (seg_decay if store_decay else None)
 
 
@@ -352,8 +360,8 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segme
     o = empty(v, v.shape, v.dtype)
     s_end = empty(s_in, s_in.shape, s_in.dtype)
     _fwd_kernel_output[(S, H, NV)](
-        q, k, v, g_arg, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, _steps(plan, scan["BT"]),
-        **scan, **cfg)
+        q, k, v, g_arg, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale,
+        _loop_bound(_steps(plan, scan["BT"]), scan), **scan, **cfg)
     return o, s_in, s_end, seg_decay
 
 
@@ -376,8 +384,8 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
     dq = empty(q, q.shape, q.dtype)
     qdq = empty(q, (NK, NT, H), torch.float32) if need_dg else dq  # (a tensor the kernel then never touches)
     _bwd_kernel_dq[(S, H, NK)](
-        q, k, v, g_arg, do, dq, qdq, s_in, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, NT,
-        NEED_DG=need_dg, **scan_k, **cfg)
+        q, k, v, g_arg, do, dq, qdq, s_in, plan.seg_bos, plan.seg_eos, scale,
+        _loop_bound(plan.chunks_per_segment, scan), NT, NEED_DG=need_dg, **scan_k, **cfg)
     if callable(dht):
         dht = dht()
     dht = dht.contiguous() if dht is not None else None
@@ -401,10 +409,11 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
     store_start = dh0 is None and need_dh0  # one segment per sequence: dh0 is dS at the segments' starts
     ds_start = empty(ds_out, ds_out.shape, ds_out.dtype) if store_start else ds_out
     _bwd_kernel_dv[(S, H, NV)](
-        q, k, g_arg, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, plan.chunks_per_segment, **scan_v, **cfg)
+        q, k, g_arg, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale,
+        _loop_bound(plan.chunks_per_segment, scan), **scan_v, **cfg)
     _bwd_kernel_dk[(S, H, NK)](
         q, k, v, g_arg, do, dk, kdk, ds_out, ds_start, plan.seg_bos, plan.seg_eos, scale,
-        plan.chunks_per_segment, NT, NEED_DG=need_dg, STORE_START=store_start, **scan_k, **cfg)
+        _loop_bound(plan.chunks_per_segment, scan), NT, NEED_DG=need_dg, STORE_START=store_start, **scan_k, **cfg)
     if store_start:
         dh0 = ds_start[plan.first_seg_index]
         if dht is not None:

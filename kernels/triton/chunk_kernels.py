@@ -129,7 +129,7 @@ def _scan_step(each, state, base, mask, tile, decay, o, STORE_EACH: tl.constexpr
 
 
 @fast
-@triton.jit
+@triton.jit(do_not_specialize=["MAX_SEGS"])
 def _kernel_segment_scan(local, seg_decay, each, start, end, seq_first_seg, seq_num_segs, MAX_SEGS,
                          H: tl.constexpr, KV: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
                          STORE_EACH: tl.constexpr, STORE_END: tl.constexpr, REVERSE: tl.constexpr):
@@ -251,7 +251,7 @@ def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, sc
 
 
 @fast
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_TOKENS"])
 def _bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
@@ -340,7 +340,7 @@ def _bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
 
 
 @fast
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_TOKENS"])
 def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, NUM_TOKENS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, G_MODE: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,

@@ -250,3 +250,44 @@ def test_cached_launches_match_tritons_own():
         launch.ENABLED = True
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _compiled_variants(kernels) -> dict:
+    """Kernels compiled so far for the current device, per kernel of `kernels` (FastLaunch wrappers of JIT
+    functions): the first entry of a JITFunction's per-device cache is its compiled-kernel dict (Triton 3.x)."""
+    device = torch.cuda.current_device()
+    return {kernel.__name__: len(kernel.fn.device_caches[device][0]) for kernel in kernels}
+
+
+def test_chunks_per_segment_changes_do_not_recompile(monkeypatch):
+    """The plan's chunks per segment (and the token counts) change with a packed batch's documents. The kernels
+    must not be specialized on them: Triton would compile a variant per class (== 1, divisible by 16, other),
+    about a second per kernel in the middle of training, as two slow steps of the first run on a machine."""
+    from lasp_hf.kernels.triton import chunk, chunk_kernels
+
+    kernels = [chunk_kernels._fwd_kernel_segment_state, chunk_kernels._kernel_segment_scan,
+               chunk_kernels._fwd_kernel_output, chunk_kernels._bwd_kernel_segment_dstate,
+               chunk_kernels._bwd_kernel_dk, chunk_kernels._bwd_kernel_dv, chunk_kernels._bwd_kernel_dq]
+    B, T, H, K, V = 1, 64 * 48, 2, 64, 64
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for D in (K, K, V))
+    k = k * K ** -0.5
+    g = -torch.rand(H, device="cuda") * 0.1
+    grad_out = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+
+    def run(cps):
+        monkeypatch.setattr(chunk, "CHUNKS_PER_SEGMENT", cps)
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        o, _ = lasp_hf.linear_attention(*leaves, g, backend="triton")
+        o.backward(grad_out)
+        torch.cuda.synchronize()
+        return [o.detach()] + [x.grad for x in leaves]
+
+    first = run(5)  # several segments per sequence: every kernel above runs
+    compiled = _compiled_variants(kernels)
+    for cps in (1, 16, 7, 48):
+        results = run(cps)
+        now = _compiled_variants(kernels)
+        assert now == compiled, f"chunks per segment {cps} compiled new kernel variants: {compiled} -> {now}"
+        for name, got, want in zip(("o", "dq", "dk", "dv"), results, first, strict=True):
+            assert rel_err(got, want) <= 1e-2, (cps, name, rel_err(got, want))
