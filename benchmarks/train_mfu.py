@@ -1,8 +1,9 @@
 """Training throughput and MFU of `recipes/train_clm.py` under sequence parallelism.
 
 One `accelerate launch` run per (accelerate config, gradient checkpointing on/off, tokens per GPU), each training a
-fixed number of steps on one sequence of `tokens per GPU x W` tokens per step; the steady-state rate is the mean
-of the logged tokens/s after `--skip` steps (the first steps compile kernels and warm the allocator).
+fixed number of steps on one sequence of `tokens per GPU x W` tokens per step; the steady-state rate is the median
+of the logged tokens/s after `--skip` steps (the first steps compile kernels and warm the allocator; the median
+also stands a one-off stall, such as a profiled step or a late kernel compilation; the mean is kept as well).
 MFU = 6 x parameters x tokens/s per GPU / the card's dense bf16 peak (H100 / H200 SXM: 989.4 TFLOP/s);
 recomputation under checkpointing does not count as useful work. With --profile_steps A B the first run
 also writes torch.profiler tables (kept as `train-mfu-<card>-profile.txt`).
@@ -21,6 +22,7 @@ import argparse
 import itertools
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +50,7 @@ def main() -> None:
     parser.add_argument("--model_config", default=str(REPO / "recipes/configs/tnl-1b.json"))
     parser.add_argument("--tokens_per_gpu", type=int, nargs="+", default=[32768])
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--skip", type=int, default=4, help="first logged steps left out of the mean")
+    parser.add_argument("--skip", type=int, default=4, help="first logged steps left out of the median")
     parser.add_argument("--accelerate_config", nargs="+", default=None,
                         help="config files, one run each (default: none at W = 1, ddp_sp<W>.yaml above)")
     parser.add_argument("--checkpointing", nargs="+", choices=("on", "off"), default=["on"])
@@ -100,9 +102,16 @@ def main() -> None:
                     shutil.copy(prof, out / f"train-mfu-{card_slug(card)}-profile.txt")
             first = False
             steady = [h for h in hist if h.get("tokens_per_second")][args.skip:]
-            tok_s = sum(h["tokens_per_second"] for h in steady) / max(len(steady), 1)
-            tflops = sum(h["tflops_per_device"] for h in steady) / max(len(steady), 1)
+            rates = [h["tokens_per_second"] for h in steady]
+            if not rates:
+                print(f"{name}: FAILED (no logged tokens/s after the first {args.skip} steps)", flush=True)
+                rows.append({**row, "status": "FAILED"})
+                continue
+            tok_s = statistics.median(rates)
+            tflops = statistics.median(h["tflops_per_device"] for h in steady)
             rows.append({**row, "status": "ok", "steps_averaged": len(steady), "tokens_per_second": tok_s,
+                         "tokens_per_second_mean": statistics.fmean(rates),
+                         "tokens_per_second_per_step": rates,
                          "tokens_per_second_per_gpu": tok_s / args.world, "tflops_per_gpu": tflops,
                          "mfu": tflops / peak if peak else None,
                          "peak_memory_gb": max(h.get("peak_memory_gb", 0.0) for h in hist),

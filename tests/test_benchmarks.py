@@ -561,8 +561,10 @@ def test_train_mfu_one_process_several_lengths(tmp_path):
     assert [(row["run"], row["tokens_per_gpu"], row["config"]) for row in data["rows"]] == [
         ("single-ckpt-on-T32", 32, None), ("single-ckpt-on-T64", 64, None)]
     for row in data["rows"]:
-        assert row["status"] == "ok" and row["steps_averaged"] == 2
+        assert row["status"] == "ok" and row["steps_averaged"] == 2 == len(row["tokens_per_second_per_step"])
         assert row["tokens_per_second"] > 0 and row["tokens_per_second_per_gpu"] == row["tokens_per_second"]
+        low, high = sorted(row["tokens_per_second_per_step"])
+        assert row["tokens_per_second"] == row["tokens_per_second_mean"] == (low + high) / 2  # median of two
 
 
 def test_train_mfu_needs_a_config_where_there_is_no_default(tmp_path):
