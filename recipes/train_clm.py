@@ -115,8 +115,7 @@ def build_model(config_path: str, tokenizer, dtype: torch.dtype = torch.float32)
         token_id = getattr(tokenizer, name)
         if token_id is not None:
             setattr(config, name, token_id)
-    model = LaspForCausalLM(config)
-    return model if dtype == torch.float32 else model.to(dtype)
+    return LaspForCausalLM(config).to(dtype)
 
 
 def main(argv=None) -> None:
