@@ -301,17 +301,15 @@ def _step_tokens(phase: str, dtype=torch.bfloat16, BK: int = 128) -> int:
     return config[3]
 
 
-def _steps(plan: _Plan, BT: int) -> int:
-    """The plan's segment length in steps of BT tokens (the interpreter's loop bound)."""
-    return cdiv(plan.chunks_per_segment * CHUNK_SIZE, BT)
-
-
-def _loop_bound(n: int, scan: dict) -> int:
-    """A scan kernel's CPS argument: the interpreter's loop bound n, or 0 for compiled kernels, which walk each
-    segment's own chunks and never read it. A constant keeps packed batches whose plans differ on the same
-    compiled kernels: Triton specializes an integer on being 1 (even under do_not_specialize) and on
-    divisibility by 16, and each new variant is about a second of compilation in the middle of training."""
-    return 0 if scan["DYN_LOOP"] else n
+def _loop_bound(plan: _Plan, scan: dict, BT: int | None = None) -> int:
+    """A scan kernel's CPS argument: for the interpreter, the loop bound (the plan's segment length in steps of BT
+    tokens, or in chunks without BT); 0 for compiled kernels, which walk each segment's own chunks and never read
+    it. A constant keeps packed batches whose plans differ on the same compiled kernels: Triton specializes an
+    integer on being 1 (even under do_not_specialize) and on divisibility by 16, and each new variant is about a
+    second of compilation in the middle of training."""
+    if scan["DYN_LOOP"]:
+        return 0
+    return plan.chunks_per_segment if BT is None else cdiv(plan.chunks_per_segment * CHUNK_SIZE, BT)
 
 
 def _launch_segment_state(k, v, g, plan: _Plan, accurate_states: bool):
@@ -321,7 +319,7 @@ def _launch_segment_state(k, v, g, plan: _Plan, accurate_states: bool):
     seg_decay = empty(k, (S, H), torch.float32)
     _fwd_kernel_segment_state[(S, H, NV)](
         k, v, g if g is not None else k, s_loc, seg_decay, plan.seg_bos, plan.seg_eos,
-        _loop_bound(_steps(plan, scan["BT"]), scan), NV=NV, **scan, **cfg)
+        _loop_bound(plan, scan, scan["BT"]), NV=NV, **scan, **cfg)
     return s_loc, seg_decay
 
 
@@ -333,7 +331,7 @@ def _launch_segment_dstate(q, do, g, scale, plan: _Plan, need_dg: bool, store_de
     seg_decay = empty(q, (S, H), torch.float32) if store_decay else ds_loc
     _bwd_kernel_segment_dstate[(S, H, NV)](
         q, do, g if g is not None else q, ds_loc, seg_decay, plan.seg_bos, plan.seg_eos, scale,
-        _loop_bound(_steps(plan, scan["BT"]), scan), NV=NV, STORE_DECAY=store_decay, **scan, **cfg)
+        _loop_bound(plan, scan, scan["BT"]), NV=NV, STORE_DECAY=store_decay, **scan, **cfg)
     return ds_loc, (seg_decay if store_decay else None)
 
 
@@ -361,7 +359,7 @@ def _launch_fwd(q, k, v, g, scale, h0, plan: _Plan, accurate_states: bool, segme
     s_end = empty(s_in, s_in.shape, s_in.dtype)
     _fwd_kernel_output[(S, H, NV)](
         q, k, v, g_arg, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale,
-        _loop_bound(_steps(plan, scan["BT"]), scan), **scan, **cfg)
+        _loop_bound(plan, scan, scan["BT"]), **scan, **cfg)
     return o, s_in, s_end, seg_decay
 
 
@@ -385,7 +383,7 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
     qdq = empty(q, (NK, NT, H), torch.float32) if need_dg else dq  # (a tensor the kernel then never touches)
     _bwd_kernel_dq[(S, H, NK)](
         q, k, v, g_arg, do, dq, qdq, s_in, plan.seg_bos, plan.seg_eos, scale,
-        _loop_bound(plan.chunks_per_segment, scan), NT, NEED_DG=need_dg, **scan_k, **cfg)
+        _loop_bound(plan, scan), NT, NEED_DG=need_dg, **scan_k, **cfg)
     if callable(dht):
         dht = dht()
     dht = dht.contiguous() if dht is not None else None
@@ -410,10 +408,10 @@ def _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan: _Plan, need_d
     ds_start = empty(ds_out, ds_out.shape, ds_out.dtype) if store_start else ds_out
     _bwd_kernel_dv[(S, H, NV)](
         q, k, g_arg, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale,
-        _loop_bound(plan.chunks_per_segment, scan), **scan_v, **cfg)
+        _loop_bound(plan, scan), **scan_v, **cfg)
     _bwd_kernel_dk[(S, H, NK)](
         q, k, v, g_arg, do, dk, kdk, ds_out, ds_start, plan.seg_bos, plan.seg_eos, scale,
-        _loop_bound(plan.chunks_per_segment, scan), NT, NEED_DG=need_dg, STORE_START=store_start, **scan_k, **cfg)
+        _loop_bound(plan, scan), NT, NEED_DG=need_dg, STORE_START=store_start, **scan_k, **cfg)
     if store_start:
         dh0 = ds_start[plan.first_seg_index]
         if dht is not None:

@@ -57,11 +57,10 @@ def _state_pass(x, y, g, start, scale: float, gradient: bool):
     grid = (S, H, NK * NV)
     if gradient:
         _bwd_kernel_segment_dstate[grid](xf, yf, g_arg, local, seg_decay, plan.seg_bos, plan.seg_eos, scale,
-                                         chunk._loop_bound(plan.chunks_per_segment, scan), STORE_DECAY=True,
-                                         **scan, **cfg)
+                                         chunk._loop_bound(plan, scan), STORE_DECAY=True, **scan, **cfg)
     else:
         _fwd_kernel_segment_state[grid](xf, yf, g_arg, local, seg_decay, plan.seg_bos, plan.seg_eos,
-                                        chunk._loop_bound(plan.chunks_per_segment, scan), **scan, **cfg)
+                                        chunk._loop_bound(plan, scan), **scan, **cfg)
     if plan.max_segs == 1 and start is None:
         return local  # one segment per row, in row order
     return chunk.fold_segments(local, seg_decay, plan, start, gradient)
