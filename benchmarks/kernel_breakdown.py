@@ -1,7 +1,7 @@
 """Where the op's GPU time goes, kernel by kernel, for a few launch-setting variants (one GPU).
 
 For each shape and variant: the forward and forward+backward times (do_bench medians, as in
-`kernels.py`) and, from torch.profiler over a few iterations, each kernel's GPU microseconds per call of the
+`kernel_speed.py`) and, from torch.profiler over a few iterations, each kernel's GPU microseconds per call of the
 op; fla's `chunk_simple_gla` the same way when it is installed. A variant is a set of
 `lasp_hf.kernels.triton.chunk.CONFIGS` entries ((float32 state tile, num_warps, num_stages) per phase) and
 programs per SM. Prints the tables and writes kernel-breakdown-<card>.json (+ .md) under --out.

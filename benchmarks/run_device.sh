@@ -69,7 +69,7 @@ for part in "${PARTS[@]}"; do
     kernels)
       # shellcheck disable=SC2086
       # Default: per-head decay only (fla 0.6.0 refuses per-token decay on triton 3.6 and its rows hung the part).
-      run_part kernels python3 benchmarks/kernels.py --out "$OUT" ${KERNELS_ARGS:---decays head} ;;
+      run_part kernels python3 benchmarks/kernel_speed.py --out "$OUT" ${KERNELS_ARGS:---decays head} ;;
     sp)
       if [ -n "${SP_WORLDS:-}" ]; then WORLDS=$SP_WORLDS
       elif [ "$NGPU" -ge 4 ]; then WORLDS="4 2"

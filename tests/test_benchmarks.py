@@ -22,8 +22,7 @@ BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _load(name: str):
-    """Import benchmarks/<name>.py under a private module name (`kernels` would clash with the
-    repo's kernels/ package)."""
+    """Import benchmarks/<name>.py under a private module name (`common` is a common name)."""
     sys.path.insert(0, str(BENCH_DIR))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -33,7 +32,7 @@ def _load(name: str):
 
 
 common = _load("common")
-kernels = _load("kernels")
+kernel_speed = _load("kernel_speed")
 sp_scaling = _load("sp_scaling")
 
 
@@ -118,7 +117,7 @@ def test_names_and_numbers():
     assert common.copy_bandwidth_gbps("cpu", nbytes=1 << 20) > 0
 
 
-# ----------------------------------------------------------------------------- kernels.py
+# ----------------------------------------------------------------------------- kernel_speed.py
 
 
 def _recurrence_float64(q, k, v, g, scale):
@@ -139,7 +138,7 @@ def test_float64_reference_matches_the_recurrence():
     q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
     v, do = torch.randn(B, T, H, V), torch.randn(B, T, H, V)
     g = torch.nn.functional.logsigmoid(torch.randn(B, T, H))
-    got = kernels.reference_grads_float64(q, k, v, g, do, 0.5, grad_g=True)
+    got = kernel_speed.reference_grads_float64(q, k, v, g, do, 0.5, grad_g=True)
     leaves = [x.double().requires_grad_() for x in (q, k, v, g)]
     o = _recurrence_float64(*leaves, 0.5)
     grads = torch.autograd.grad(o, leaves, do.double())
@@ -154,30 +153,30 @@ def test_sdpa_rows_reference_matches_full_attention():
     qg = q.clone().requires_grad_()
     o = torch.nn.functional.scaled_dot_product_attention(qg, k, v, is_causal=True)
     (dq,) = torch.autograd.grad(o, qg, do)
-    rows = kernels.sdpa_rows_float64(q, k, v, do, 7)
+    rows = kernel_speed.sdpa_rows_float64(q, k, v, do, 7)
     assert common.relative_error(rows["o"], o[:, :, -7:]) < 1e-12
     assert common.relative_error(rows["dq"], dq[:, :, -7:]) < 1e-12
 
 
 def test_memory_floor_bytes():
-    got = kernels.chunk_bytes(B=2, T=10, H=3, K=4, V=5, element=2, token_decay=False)
+    got = kernel_speed.chunk_bytes(B=2, T=10, H=3, K=4, V=5, element=2, token_decay=False)
     tokens = 2 * 10 * 3
     assert got["fwd"] == tokens * (4 + 4 + 5 + 5) * 2  # q, k, v in; o out
     assert (
         got["fwd+bwd"] == got["fwd"] + tokens * (4 + 4 + 5 + 5 + 4 + 4 + 5) * 2
     )  # q, k, v, do in; dq, dk, dv out
-    with_g = kernels.chunk_bytes(B=2, T=10, H=3, K=4, V=5, element=2, token_decay=True)
+    with_g = kernel_speed.chunk_bytes(B=2, T=10, H=3, K=4, V=5, element=2, token_decay=True)
     assert with_g["fwd+bwd"] - got["fwd+bwd"] == 3 * tokens * 4  # g in (twice), dg out
 
 
 def test_slopes_are_transnormer_decays():
-    s = kernels.slopes(16)
+    s = kernel_speed.slopes(16)
     assert s[0].item() == pytest.approx(2**-0.5) and s[-1].item() == pytest.approx(2**-8)
     assert bool((s[1:] < s[:-1]).all())
 
 
 def _cpu_run(backend="torch"):
-    return kernels.Run(
+    return kernel_speed.Run(
         torch.device("cpu"), torch.bfloat16, backend, tiny=True, bandwidth_gbps=10.0, warmup_ms=1, rep_ms=1
     )
 
@@ -186,23 +185,23 @@ def test_wrong_provider_is_failed_and_gets_no_ratio(monkeypatch):
     """A peer whose output is 10% off is marked FAILED; no row is compared with it."""
 
     def prepare_wrong(run, x):
-        ours = kernels.prepare_lasp_hf(run, x)
-        return kernels.Prepared(
+        ours = kernel_speed.prepare_lasp_hf(run, x)
+        return kernel_speed.Prepared(
             lambda: ours.forward() * 1.1, ours.leaves, ours.do, grad_names=ours.grad_names
         )
 
     providers = [
-        kernels.Provider("lasp_hf", kernels.prepare_lasp_hf, ("head", "token")),
-        kernels.Provider("fla", prepare_wrong, ("head", "token")),
+        kernel_speed.Provider("lasp_hf", kernel_speed.prepare_lasp_hf, ("head", "token")),
+        kernel_speed.Provider("fla", prepare_wrong, ("head", "token")),
     ]
-    monkeypatch.setattr(kernels, "PROVIDERS", providers)
+    monkeypatch.setattr(kernel_speed, "PROVIDERS", providers)
 
     def one_call(fn, warmup=1, iters=5):
         fn()
         return [1.0]
 
-    monkeypatch.setattr(kernels.common, "wall_ms", one_call)
-    rows = kernels.chunk(_cpu_run(), "chunk-B1-H16-T8K", B=1, H=16, T=8192)
+    monkeypatch.setattr(kernel_speed.common, "wall_ms", one_call)
+    rows = kernel_speed.chunk(_cpu_run(), "chunk-B1-H16-T8K", B=1, H=16, T=8192)
     assert {(r["decay"], r["mode"]) for r in rows} == {
         (d, m) for d in ("head", "token") for m in ("fwd", "fwd+bwd")
     }
@@ -222,13 +221,13 @@ def test_ratio_only_between_passing_rows():
         dict(case="c", decay="head", mode="fwd+bwd", provider="fla", status="ok", ms=4.0),
         dict(case="c", decay="head", mode="fwd+bwd", provider="lasp_hf", status="FAILED", ms=1.0),
     ]
-    kernels._add_ratios(rows)
+    kernel_speed._add_ratios(rows)
     assert rows[1]["t_vs_fla"] == 0.5 and rows[0]["t_vs_fla"] == 1.0
     assert "t_vs_fla" not in rows[3]
 
 
 def test_kernels_dry_run_lists_the_issue_cases():
-    out = _run([str(BENCH_DIR / "kernels.py"), "--dry-run"]).stdout.split()
+    out = _run([str(BENCH_DIR / "kernel_speed.py"), "--dry-run"]).stdout.split()
     names = [w for w in out if w.startswith(("chunk-", "decode-"))]
     assert names == [
         "chunk-B1-H16-T4K",
@@ -245,7 +244,7 @@ def test_kernels_dry_run_lists_the_issue_cases():
 def test_kernels_cpu_tiny_run_writes_results(tmp_path):
     _run(
         [
-            str(BENCH_DIR / "kernels.py"),
+            str(BENCH_DIR / "kernel_speed.py"),
             "--cpu",
             "--tiny",
             "--cases",
@@ -423,20 +422,20 @@ def test_sp_rejects_bad_counts():
 
 
 def test_kernels_provider_selection():
-    assert kernels.parse_providers("ours") == ("lasp_hf",)
-    assert kernels.parse_providers("ours, fla,lasp,sdpa") == ("lasp_hf", "fla", "lasp-ref", "sdpa")
-    assert kernels.parse_args([]).providers == ("lasp_hf", "fla", "lasp-ref", "sdpa")
+    assert kernel_speed.parse_providers("ours") == ("lasp_hf",)
+    assert kernel_speed.parse_providers("ours, fla,lasp,sdpa") == ("lasp_hf", "fla", "lasp-ref", "sdpa")
+    assert kernel_speed.parse_args([]).providers == ("lasp_hf", "fla", "lasp-ref", "sdpa")
     with pytest.raises(ValueError, match="unknown: flash"):
-        kernels.parse_providers("ours,flash")
+        kernel_speed.parse_providers("ours,flash")
     with pytest.raises(ValueError, match="expected a comma-separated subset"):
-        kernels.parse_providers(",")
+        kernel_speed.parse_providers(",")
 
 
 def test_kernels_runs_only_the_chosen_providers(tmp_path):
     """--providers ours: only our rows, and a progress line before each provider's call."""
     proc = _run(
         [
-            str(BENCH_DIR / "kernels.py"),
+            str(BENCH_DIR / "kernel_speed.py"),
             "--cpu",
             "--tiny",
             "--cases",

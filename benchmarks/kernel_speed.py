@@ -1,8 +1,8 @@
 """Kernel benchmark (issue 3): lasp_hf.linear_attention against its peers on one card, one process.
 
-    python benchmarks/kernels.py                       # every case -> benchmarks/results/kernels-<card>.json
-    python benchmarks/kernels.py --cases 'chunk-B1-*'  # a subset (glob on case names; --dry-run lists them)
-    python benchmarks/kernels.py --cpu --tiny          # smoke test of the harness, PyTorch backend
+    python benchmarks/kernel_speed.py                       # every case -> benchmarks/results/kernels-<card>.json
+    python benchmarks/kernel_speed.py --cases 'chunk-B1-*'  # a subset (glob on case names; --dry-run lists them)
+    python benchmarks/kernel_speed.py --cpu --tiny          # smoke test of the harness, PyTorch backend
 
 Shapes: B batch, T tokens, H heads, K = V = 128 head dims, bf16 inputs, scale 1.0, decay g_h =
 -2^(-8(h+1)/H) (TransNormerLLM's slopes) as a tensor [H] ("head"), or a per-token decay [B, T, H]
@@ -597,7 +597,7 @@ def main(argv=None) -> int:
             print(case.name, case.params)
         return 0
     if not args.cpu and not torch.cuda.is_available():
-        print("kernels.py: no CUDA device; pass --cpu (with --tiny) for a smoke run", file=sys.stderr)
+        print("kernel_speed.py: no CUDA device; pass --cpu (with --tiny) for a smoke run", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.cpu else "cuda")
     backend = args.backend or ("torch" if args.cpu else "triton")
