@@ -1,7 +1,9 @@
-"""Train a lasp causal LM from scratch with the Hugging Face Trainer.
+"""Train a lasp causal LM with the Hugging Face Trainer: from scratch (a `LaspConfig` json) or on from a saved
+model (fine-tuning, continued pre-training, longer contexts).
 
     accelerate launch recipes/train_clm.py --output_dir outputs/tnl-tiny --max_steps 200
     accelerate launch --config_file recipes/accelerate/cpu_sp2.yaml recipes/train_clm.py --block_size 512
+    accelerate launch recipes/train_clm.py --model_name_or_path outputs/tnl-tiny --output_dir outputs/tuned
 
 Sequence parallelism (LASP): each sequence is cut across W processes. W comes from the accelerate config file
 (see recipes/README.md) or `--sequence_parallel_size W`, which overrides it; the other processes form data-parallel
@@ -27,18 +29,30 @@ import transformers
 from lasp_hf import LaspConfig, LaspForCausalLM
 from lasp_hf.training import LaspTrainer, LaspTrainingArguments, PackedBlockCollator, build_clm_datasets
 from lasp_hf.training.profiling import ProfileStepsCallback
-from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_CONFIG = REPO_ROOT / "recipes" / "configs" / "tnl-tiny.json"
+SHIPPED_TOKENIZER = REPO_ROOT / "data" / "tokenizer"
 logger = logging.getLogger("train_clm")
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class ScriptArguments:
-    model_config: str = field(
-        default=str(REPO_ROOT / "recipes" / "configs" / "tnl-tiny.json"),
-        metadata={"help": "LaspConfig json file of the model to train from scratch."},
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "LaspConfig json file of a model to train from scratch (default: recipes/configs/"
+                          "tnl-tiny.json unless --model_name_or_path is given)."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A saved lasp model (a save_pretrained folder, such as this script's --output_dir, or a "
+                          "Hub model id, fetched) to train on from instead of a fresh one from --model_config."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Passed to from_pretrained with --model_name_or_path (lasp_hf's own classes need none)."},
     )
     train_file: str | None = field(
         default=None,
@@ -54,9 +68,10 @@ class ScriptArguments:
         default="paragraph",
         metadata={"help": "Documents of a .txt file: 'paragraph' (blank-line separated), 'line' or 'document'."},
     )
-    tokenizer: str = field(
-        default=str(REPO_ROOT / "data" / "tokenizer"),
-        metadata={"help": "Tokenizer folder or name for AutoTokenizer.from_pretrained."},
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder or name for AutoTokenizer.from_pretrained (default: the one saved with "
+                          "--model_name_or_path, else the shipped data/tokenizer)."},
     )
     model_dtype: str = field(
         default="float32",
@@ -90,6 +105,15 @@ def parse_args(argv=None) -> tuple[ScriptArguments, LaspTrainingArguments]:
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if script_args.train_file is None and script_args.dataset_name is None:
         script_args.train_file = str(REPO_ROOT / "data" / "corpus.jsonl")
+    if script_args.model_config is not None and script_args.model_name_or_path is not None:
+        raise ValueError(
+            f"--model_config {script_args.model_config} and --model_name_or_path {script_args.model_name_or_path}: "
+            "give one (a config to train a new model from scratch, or a saved model to train on)"
+        )
+    if script_args.model_name_or_path is None and script_args.model_config is None:
+        script_args.model_config = str(DEFAULT_MODEL_CONFIG)
+    if script_args.tokenizer is None:
+        script_args.tokenizer = str(_default_tokenizer(script_args.model_name_or_path))
     sp_size = training_args.sequence_parallel_size
     if script_args.block_size % sp_size != 0:
         raise ValueError(
@@ -103,11 +127,20 @@ def parse_args(argv=None) -> tuple[ScriptArguments, LaspTrainingArguments]:
     return script_args, training_args
 
 
-def build_model(config_path: str, tokenizer, dtype: torch.dtype = torch.float32) -> LaspForCausalLM:
-    config = LaspConfig.from_json_file(config_path)
+def _default_tokenizer(model_name_or_path: str | None):
+    """The tokenizer saved with the model (a folder with tokenizer_config.json, or a Hub id), else the shipped one."""
+    if model_name_or_path is None:
+        return SHIPPED_TOKENIZER
+    folder = pathlib.Path(model_name_or_path)
+    if not folder.is_dir() or (folder / "tokenizer_config.json").is_file():
+        return model_name_or_path
+    return SHIPPED_TOKENIZER
+
+
+def _match_tokenizer(config, tokenizer, source: str) -> None:
     if len(tokenizer) > config.vocab_size:
         raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but {config_path} has vocab_size={config.vocab_size}: "
+            f"the tokenizer has {len(tokenizer)} tokens but {source} has vocab_size={config.vocab_size}: "
             "use a tokenizer that fits or a config with a larger vocab_size"
         )
     # The tokenizer's special tokens are the ones the model will see and generate.
@@ -115,7 +148,27 @@ def build_model(config_path: str, tokenizer, dtype: torch.dtype = torch.float32)
         token_id = getattr(tokenizer, name)
         if token_id is not None:
             setattr(config, name, token_id)
+
+
+def build_model(config_path: str, tokenizer, dtype: torch.dtype = torch.float32) -> LaspForCausalLM:
+    """A new model with random weights from a LaspConfig json."""
+    config = LaspConfig.from_json_file(config_path)
+    _match_tokenizer(config, tokenizer, config_path)
     return LaspForCausalLM(config).to(dtype)
+
+
+def load_model(model_name_or_path: str, tokenizer, dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False):
+    """A saved lasp model, its weights in `dtype`."""
+    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    if config.model_type != LaspConfig.model_type:
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path} holds a {config.model_type!r} model; this script trains "
+            f"lasp models (model_type {LaspConfig.model_type!r})"
+        )
+    _match_tokenizer(config, tokenizer, model_name_or_path)
+    return AutoModelForCausalLM.from_pretrained(model_name_or_path, config=config, dtype=dtype,
+                                                trust_remote_code=trust_remote_code)
 
 
 def main(argv=None) -> None:
@@ -135,10 +188,15 @@ def main(argv=None) -> None:
             streaming=script_args.streaming, eval_fraction=script_args.eval_fraction,
             max_train_samples=script_args.max_train_samples, num_proc=script_args.preprocessing_num_workers,
         )
-    model = build_model(script_args.model_config, tokenizer, MODEL_DTYPES[script_args.model_dtype])
+    dtype = MODEL_DTYPES[script_args.model_dtype]
+    if script_args.model_name_or_path is not None:
+        model = load_model(script_args.model_name_or_path, tokenizer, dtype, script_args.trust_remote_code)
+    else:
+        model = build_model(script_args.model_config, tokenizer, dtype)
     num_params = sum(p.numel() for p in model.parameters())
     logger.info("model %s: %.2fM %s parameters; block_size %d (%d tokens per rank, SP size %d); %s training blocks",
-                script_args.model_config, num_params / 1e6, script_args.model_dtype, script_args.block_size,
+                script_args.model_name_or_path or script_args.model_config, num_params / 1e6, script_args.model_dtype,
+                script_args.block_size,
                 script_args.block_size // training_args.sequence_parallel_size, training_args.sequence_parallel_size,
                 "streamed" if script_args.streaming else len(train_dataset))
 

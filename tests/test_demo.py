@@ -120,6 +120,49 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
         train_clm.build_model(str(tmp_path / "small.json"), tokenizer)
 
 
+@pytest.mark.slow
+def test_train_clm_trains_on_from_a_saved_model(trained, tmp_path):
+    """--model_name_or_path starts from the saved weights (and tokenizer), not from a fresh model: at learning rate 0
+    the run saves exactly the weights it loaded, and its first loss is the trained model's, well under the first loss
+    of the run that trained it from scratch (the same first batch: same seed and data)."""
+    from safetensors.torch import load_file
+
+    run([sys.executable, str(RECIPES / "train_clm.py"), "--model_name_or_path", str(trained), "--output_dir",
+         str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "4", "--block_size", "64",
+         "--learning_rate", "0", "--logging_steps", "1", "--max_train_samples", "256", "--disable_tqdm", "true",
+         "--use_cpu"])
+    loaded, saved = load_file(str(trained / "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
+    assert loaded.keys() == saved.keys()
+    for name, tensor in loaded.items():
+        assert torch.equal(saved[name], tensor), name
+
+    def first_loss(folder):
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        return next(row["loss"] for row in history if "loss" in row)
+
+    assert first_loss(tmp_path) < first_loss(trained) - 0.5, (first_loss(tmp_path), first_loss(trained))
+
+
+def test_train_clm_model_flags(tmp_path):
+    train_clm = load_recipe("train_clm")
+    script_args, _ = train_clm.parse_args(["--output_dir", "unused", "--model_name_or_path", str(tmp_path)])
+    assert script_args.model_config is None
+    assert pathlib.Path(script_args.tokenizer) == REPO / "data" / "tokenizer"  # no tokenizer saved in tmp_path
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    script_args, _ = train_clm.parse_args(["--output_dir", "unused", "--model_name_or_path", str(tmp_path)])
+    assert script_args.tokenizer == str(tmp_path)
+    with pytest.raises(ValueError, match="give one"):
+        train_clm.parse_args(["--output_dir", "unused", "--model_name_or_path", str(tmp_path),
+                              "--model_config", str(RECIPES / "configs" / "tnl-tiny.json")])
+
+    from transformers import AutoTokenizer, GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=512).save_pretrained(tmp_path / "gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
+    with pytest.raises(ValueError, match="holds a 'gpt2' model"):
+        train_clm.load_model(str(tmp_path / "gpt2"), tokenizer)
+
+
 def test_model_dtype_bfloat16_trains_and_saves_bf16_weights(tmp_path):
     """--model_dtype bfloat16: parameters (hence gradients and AdamW states) in bf16, saved as bf16 safetensors."""
     from safetensors import safe_open
