@@ -70,8 +70,8 @@ class ScriptArguments:
     )
     tokenizer: str | None = field(
         default=None,
-        metadata={"help": "Tokenizer folder or name for AutoTokenizer.from_pretrained (default: the one saved with "
-                          "--model_name_or_path, else the shipped data/tokenizer)."},
+        metadata={"help": "Tokenizer folder or name for AutoTokenizer.from_pretrained (default: the one saved in "
+                          "--model_name_or_path, or the shipped data/tokenizer for a model from --model_config)."},
     )
     model_dtype: str = field(
         default="float32",
@@ -128,13 +128,16 @@ def parse_args(argv=None) -> tuple[ScriptArguments, LaspTrainingArguments]:
 
 
 def _default_tokenizer(model_name_or_path: str | None):
-    """The tokenizer saved with the model (a folder with tokenizer_config.json, or a Hub id), else the shipped one."""
+    """The shipped tokenizer for a new model; the one saved with a trained model (a folder, or a Hub id)."""
     if model_name_or_path is None:
         return SHIPPED_TOKENIZER
     folder = pathlib.Path(model_name_or_path)
-    if not folder.is_dir() or (folder / "tokenizer_config.json").is_file():
-        return model_name_or_path
-    return SHIPPED_TOKENIZER
+    if folder.is_dir() and not (folder / "tokenizer_config.json").is_file():
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path} holds no tokenizer (no tokenizer_config.json): pass the "
+            "tokenizer the model was trained with as --tokenizer"
+        )
+    return model_name_or_path
 
 
 def _match_tokenizer(config, tokenizer, source: str) -> None:

@@ -145,9 +145,11 @@ def test_train_clm_trains_on_from_a_saved_model(trained, tmp_path):
 
 def test_train_clm_model_flags(tmp_path):
     train_clm = load_recipe("train_clm")
-    script_args, _ = train_clm.parse_args(["--output_dir", "unused", "--model_name_or_path", str(tmp_path)])
-    assert script_args.model_config is None
-    assert pathlib.Path(script_args.tokenizer) == REPO / "data" / "tokenizer"  # no tokenizer saved in tmp_path
+    with pytest.raises(ValueError, match="holds no tokenizer"):  # not the shipped one in its place, silently
+        train_clm.parse_args(["--output_dir", "unused", "--model_name_or_path", str(tmp_path)])
+    script_args, _ = train_clm.parse_args(["--output_dir", "unused", "--model_name_or_path", str(tmp_path),
+                                           "--tokenizer", str(REPO / "data" / "tokenizer")])
+    assert script_args.model_config is None and pathlib.Path(script_args.tokenizer) == REPO / "data" / "tokenizer"
     (tmp_path / "tokenizer_config.json").write_text("{}")
     script_args, _ = train_clm.parse_args(["--output_dir", "unused", "--model_name_or_path", str(tmp_path)])
     assert script_args.tokenizer == str(tmp_path)
