@@ -43,3 +43,17 @@ def test_imports_from_the_repository_root():
     else:
         assert found["kernels"] is None
         assert "lasp_hf.kernels" in found["error"] and "pip install kernels" in found["error"], found["error"]
+
+
+def test_script_folders_shadow_no_installed_module():
+    """A script's folder comes first on sys.path, so a file there named like an installed module (as
+    benchmarks/kernels.py was, once transformers began importing Hugging Face's `kernels`) replaces that module
+    for every import in the process and in the workers it spawns."""
+    installed = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    clashes = [
+        str(path.relative_to(REPO))
+        for folder in ("benchmarks", "recipes", "tests", "notebooks")
+        for path in sorted((REPO / folder).glob("*.py"))
+        if path.stem in installed
+    ]
+    assert not clashes, f"files named like installed modules: {clashes}"
