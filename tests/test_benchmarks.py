@@ -22,7 +22,8 @@ BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _load(name: str):
-    """Import benchmarks/<name>.py under a private module name (`common` is a common name)."""
+    """Import benchmarks/<name>.py under a private module name (bench_<name>), so that it takes no name another
+    module of the process may want."""
     sys.path.insert(0, str(BENCH_DIR))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
