@@ -60,19 +60,13 @@ def package_version(distribution: str) -> str | None:
 
 def environment(device: torch.device | str | None = None) -> dict:
     """Everything a result file must name: card, software versions, commit, the peers' versions, the date."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
     return {
         "card": torch.cuda.get_device_name(device) if cuda else "cpu",
         "num_gpus": torch.cuda.device_count() if cuda else 0,
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
-        "triton": triton_version,
+        "triton": package_version("triton") or package_version("pytorch-triton"),
         "transformers": package_version("transformers"),
         "commit": git_commit(),
         "python": platform.python_version(),
@@ -127,6 +121,22 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
 
 
+def leaves(*tensors) -> list[torch.Tensor]:
+    """Detached copies that require grad: the inputs a timed step differentiates."""
+    return [x.detach().clone().requires_grad_() for x in tensors]
+
+
+def missing(module: str, device: torch.device, cuda: bool = True) -> str | None:
+    """None when `module` imports (and `device` is CUDA, if `cuda`), else why a peer's rows are skipped."""
+    if cuda and device.type != "cuda":
+        return f"{module} needs CUDA"
+    try:
+        __import__(module)
+    except Exception as err:  # noqa: BLE001 - a broken peer install is skipped, not fatal
+        return f"{module} unavailable ({type(err).__name__}: {err})"[:160]
+    return None
+
+
 def slopes(H: int) -> torch.Tensor:
     """TransNormerLLM / lightning-attention decay rates per head (positive): 2^(-8(h+1)/H); g = -slopes."""
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32)
@@ -151,15 +161,8 @@ class Case:
 
 
 class Registry:
-    """The cases of one benchmark program, in registration order.
-
-        CASES = Registry()
-
-        @CASES.case("chunk", dict(B=1, H=16, T=8192), dict(B=8, H=32, T=4096))
-        def chunk(run, name, B, H, T): ...
-
-    registers "chunk-B1-H16-T8K" and "chunk-B8-H32-T4K"; `select(["chunk-B1-*"])` picks by glob.
-    """
+    """The cases of one program, in registration order: `@CASES.case("chunk", dict(B=1, H=16, T=8192))` on
+    `def chunk(run, name, B, H, T)` registers "chunk-B1-H16-T8K"; `select(["chunk-B1-*"])` picks by glob."""
 
     def __init__(self) -> None:
         self._cases: list[Case] = []
@@ -219,10 +222,6 @@ def format_table(rows: Sequence[dict], columns: Sequence[Column], markdown: bool
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(text.rjust(width) for text, width in zip(line, widths)) for line in cells]
     return "\n".join(lines[:1] + ["  ".join("-" * width for width in widths)] + lines[1:])
-
-
-def print_table(title: str, rows: Sequence[dict], columns: Sequence[Column]) -> None:
-    print(f"\n{title}\n{format_table(rows, columns)}", flush=True)
 
 
 def write_results(name: str, env: dict, rows: Sequence[dict], columns: Sequence[Column], out_dir=None,

@@ -4,15 +4,11 @@
     python benchmarks/kernel_speed.py --cases 'chunk-B1-*'  # a subset (glob on case names; --dry-run lists them)
     python benchmarks/kernel_speed.py --cpu --tiny          # smoke test of the harness, PyTorch backend
 
-Shapes: B batch, T tokens, H heads, K = V = 128 head dims, bf16 inputs, scale 1.0, decay g_h = -2^(-8(h+1)/H)
-(TransNormerLLM's slopes) as a tensor [H] ("head"), or a per-token decay [B, T, H] ("token"). Providers:
-    lasp_hf   lasp_hf.linear_attention(q, k, v, g, scale=1.0, backend="triton")    [B, T, H, D]
-    fla       fla.ops.simple_gla.chunk_simple_gla (g_gamma=g, or g=g per token)     [B, T, H, D]
-    lasp-ref  lasp.lightning_attn(q, k, v, s) with s = -g as [H, 1, 1]              [B, H, T, D]
-    sdpa      causal softmax attention, flash backend (a yardstick, not the same function)
-Every provider is first checked at the case's shape against a float64 run (o and every gradient); a row that
-fails is FAILED and gets no ratio. Beside each row: the memory-bound floor (bytes that must move / measured copy
-bandwidth) and the time over fla's.
+B batch, T tokens, H heads, K = V = 128, bf16, scale 1.0, g [H] = TransNormerLLM's slopes ("head") or [B, T, H]
+("token"). Providers (PROVIDERS): lasp_hf (backend "triton"), fla's chunk_simple_gla, the LASP reference's
+lightning_attn ([B, H, T, D]), SDPA flash (softmax: a yardstick, not the same function). Every provider is first
+checked against float64 (o and every gradient); a row that fails is FAILED and gets no ratio. Beside each row: the
+memory-bound floor (bytes that must move / measured copy bandwidth) and the time over fla's.
 """
 
 from __future__ import annotations
@@ -31,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from common import KI, TOLERANCE, Column, slopes
+from common import leaves as _leaves
 
 SDPA_CHECK_ROWS = 128  # query rows of SDPA checked against float64 (the last ones: they see every key)
 CASES = common.Registry()
@@ -155,11 +152,6 @@ class Prepared:
     do: torch.Tensor
     to_bthd: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     grad_names: tuple = ("dq", "dk", "dv")
-    note: str = ""
-
-
-def _leaves(*tensors):
-    return [x.detach().clone().requires_grad_() for x in tensors]
 
 
 def _bhtd(x: torch.Tensor) -> torch.Tensor:
@@ -176,8 +168,7 @@ def prepare_lasp_hf(run: Run, x: Inputs) -> Prepared:
     def forward():
         return lasp_hf.linear_attention(q, k, v, g, scale=1.0, backend=run.backend)[0]
 
-    return Prepared(forward, [q, k, v] + [g] * token, x.do, grad_names=("dq", "dk", "dv") + ("dg",) * token,
-                    note=f"backend={run.backend}")
+    return Prepared(forward, [q, k, v] + [g] * token, x.do, grad_names=("dq", "dk", "dv") + ("dg",) * token)
 
 
 def prepare_fla(run: Run, x: Inputs) -> Prepared:
@@ -209,23 +200,12 @@ def prepare_sdpa(run: Run, x: Inputs) -> Prepared:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION if cuda else SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    return Prepared(forward, [q, k, v], _bhtd(x.do), to_bthd=lambda t: t.transpose(1, 2),
-                    note=f"causal softmax ({'flash' if cuda else 'math'})")
+    return Prepared(forward, [q, k, v], _bhtd(x.do), to_bthd=lambda t: t.transpose(1, 2))
 
 
 def _needs(module: str, cuda: bool = True) -> Callable[[Run], str | None]:
-    """None when `module` imports (and the run is on CUDA, if `cuda`), else why the row is skipped."""
-
-    def check(run: Run) -> str | None:
-        if cuda and run.device.type != "cuda":
-            return f"{module} needs CUDA"
-        try:
-            __import__(module)
-        except Exception as err:  # noqa: BLE001 - a broken peer install is skipped, not fatal
-            return f"{module} unavailable ({type(err).__name__}: {err})"[:160]
-        return None
-
-    return check
+    """A provider's `unavailable`: None when `module` imports (on CUDA, if `cuda`), else why its rows are SKIP."""
+    return lambda run: common.missing(module, run.device, cuda)
 
 
 @dataclass
@@ -342,7 +322,7 @@ def _run_chunk_provider(run, name, decay, provider, inputs, ref, sdpa_ref, floor
     rows = []
     for mode in modes:
         row = _row(name, mode, decay, provider.name, shape, err=err, errors=errors, status=status,
-                   note=prepared.note, floor_ms=floors[mode])
+                   floor_ms=floors[mode])
         try:
             row["ms"] = run.time_ms(steps[mode])
             row["x_floor"] = row["ms"] / floors[mode]
@@ -364,7 +344,8 @@ def decode(run: Run, name: str, B: int, H: int) -> list[dict]:
     q, k, v = (torch.randn(B, H, D, device=run.device, dtype=run.dtype, generator=gen) for _ in range(3))
     state = torch.randn(B, H, D, D, device=run.device, generator=gen)
     g = -slopes(H).to(run.device)
-    state_ref = g.double().exp()[None, :, None, None] * state.double() + k.double()[..., None] * v.double()[..., None, :]
+    kv = k.double()[..., None] * v.double()[..., None, :]
+    state_ref = g.double().exp()[None, :, None, None] * state.double() + kv
     o_ref = (q.double()[..., None, :] @ state_ref).squeeze(-2)
     floor = (2 * state.numel() * 4 + B * H * 4 * D * q.element_size()) / (run.bandwidth_gbps * 1e9) * 1e3
 
@@ -452,14 +433,13 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth_gbps(device, (16 << 20) if args.cpu or args.tiny else 1 << 30)
     run = Run(device, getattr(torch, args.dtype), backend, args.tiny, bandwidth, args.warmup_ms, args.rep_ms,
               providers=args.providers, decays=tuple(args.decays.split(",")))
-    print(f"{common.describe_env(env)}\ncopy bandwidth {bandwidth:.0f} GB/s; backend {backend}; {args.dtype}", flush=True)
+    print(f"{common.describe_env(env)}\ncopy bandwidth {bandwidth:.0f} GB/s; backend {backend}; {args.dtype}",
+          flush=True)
     rows = []
     for case in selected:
         rows += case(run, case.name)
-    common.print_table(f"linear attention, {args.dtype}, {env['card']} (t/fla < 1: faster than fla)", rows, COLUMNS)
-    for row in rows:
-        if row["status"] != "ok":
-            print(f"  {row['case']} {row['decay']} {row['mode']} {row['provider']}: {row['status']} {row.get('note')}")
+    print(f"\nlinear attention, {args.dtype}, {env['card']} (t/fla < 1: faster than fla)")
+    print(common.format_table(rows, COLUMNS), flush=True)
     name = f"kernels-{common.card_slug(env['card'])}" + ("-tiny" if args.tiny else "")
     tolerance = TOLERANCE[run.dtype]
     path = common.write_results(

@@ -33,6 +33,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from common import KI, TOLERANCE, Column, slopes
+from common import leaves as _leaves
 
 PROVIDERS = ("single", "ring", "allgather", "lasp-ref")
 HOST_PROBE_ITERS = 4  # steps whose issuing is timed on the host right after a synchronize
@@ -111,10 +112,6 @@ def time_steps(run: Run, step) -> dict:
 
 
 # ----------------------------------------------------------------------------- providers
-
-
-def _leaves(*tensors):
-    return [x.detach().clone().requires_grad_() for x in tensors]
 
 
 def prepare(run: Run, provider: str, q, k, v, g, do):
@@ -316,16 +313,6 @@ def parse_args(argv=None):
     return args
 
 
-def _lasp_missing(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return "the LASP reference needs CUDA"
-    try:
-        import lasp  # noqa: F401
-    except Exception as err:  # noqa: BLE001
-        return f"lasp unavailable ({type(err).__name__}: {err})"[:160]
-    return None
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     selected = CASES.select(args.cases)
@@ -347,7 +334,7 @@ def main(argv=None) -> int:
         import lasp_hf
 
         sp = lasp_hf.init_sequence_parallel(dist.get_world_size())
-        lasp_missing = _lasp_missing(device)
+        lasp_missing = common.missing("lasp", device)
         if lasp_missing is None:  # it keeps its groups in module globals and sends to global ranks: W = world
             import lasp
 
@@ -361,8 +348,9 @@ def main(argv=None) -> int:
         name = (f"sp-{common.card_slug(env['card'])}-W{W}" + ("-tiny" if args.tiny else "")
                 + (f"-L{run.layers}" if run.layers > 1 else "") + ("-graphs" if run.cuda_graphs else ""))
         if run.rank == 0:
-            common.print_table(f"LASP scaling, W={W}, {run.dtype}, {env['card']}, backend {run.backend}"
-                               + (", CUDA graph replays (lasp-ref eager)" if run.cuda_graphs else ""), rows, COLUMNS)
+            print(f"\nLASP scaling, W={W}, {run.dtype}, {env['card']}, backend {run.backend}"
+                  + (", CUDA graph replays (lasp-ref eager)" if run.cuda_graphs else "")
+                  + f"\n{common.format_table(rows, COLUMNS)}", flush=True)
             tolerance = TOLERANCE[run.dtype]
             path = common.write_results(
                 name, env, rows, COLUMNS, args.out,
