@@ -27,7 +27,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, RESULTS_DIR, card_slug, environment, launch_training  # noqa: E402
+from common import (REPO_ROOT, RESULTS_DIR, Column, card_slug, environment, format_table,  # noqa: E402
+                    launch_training, write_results)
 
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16 tensor-core peaks
 
@@ -80,7 +81,7 @@ def main() -> None:
     env = environment()
     peak = args.peak_tflops or card_peak(env["card"])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # (the profile is copied there before the results are written)
     scratch = Path(tempfile.mkdtemp(prefix="train-mfu-"))
     rows = []
     try:
@@ -105,20 +106,16 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    path = out / f"train-mfu-{card_slug(env['card'])}-W{args.world}.json"
-    path.write_text(json.dumps({"env": env, "args": vars(args), "peak_tflops": peak, "rows": rows}, indent=1))
-    lines = [f"# training MFU, {env['card']}, W={args.world}, {Path(args.model_config).name}, commit "
-             f"{env['commit'][:12]}, {env['date_utc'][:10]}", "", f"`{' '.join(sys.argv)}`", "",
-             "| run | tok/s total | tok/s/GPU | TFLOP/s/GPU | MFU | peak GB | final loss |", "|---" * 7 + "|"]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"| {r['run']} | FAILED: {r['note']} | | | | | |")
-            continue
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        lines.append(f"| {r['run']} | {r['tokens_per_second']:.0f} | {r['tokens_per_second_per_gpu']:.0f} | "
-                     f"{r['tflops_per_gpu']:.1f} | {mfu} | {r['peak_memory_gb']:.1f} | {r['final_loss']:.3f} |")
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines) + f"\nwrote {path}")
+    columns = [Column("run", "run"), Column("tokens_per_second", "tok/s total", "{:.0f}"),
+               Column("tokens_per_second_per_gpu", "tok/s/GPU", "{:.0f}"),
+               Column("tflops_per_gpu", "TFLOP/s/GPU", "{:.1f}"),
+               Column("mfu", "MFU", "{:.1%}"), Column("peak_memory_gb", "peak GB", "{:.1f}"),
+               Column("final_loss", "final loss", "{:.3f}"), Column("status", "status")]
+    path = write_results(f"train-mfu-{card_slug(env['card'])}-W{args.world}", env, rows, columns, out,
+                         extra={"args": vars(args), "peak_tflops": peak},
+                         notes=[f"command: `{' '.join(sys.argv)}`",
+                                f"model {args.model_config}; MFU against a bf16 peak of {peak} TFLOP/s per GPU"])
+    print(format_table(rows, columns) + f"\nwrote {path}")
     sys.exit(1 if any(r["status"] != "ok" for r in rows) else 0)
 
 

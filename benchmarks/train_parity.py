@@ -13,7 +13,6 @@ relative difference, tokens/s, TFLOP/s per GPU and peak memory. Writes `train-pa
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, RESULTS_DIR, card_slug, environment, launch_training  # noqa: E402
+from common import (REPO_ROOT, RESULTS_DIR, Column, card_slug, environment, format_table,  # noqa: E402
+                    launch_training, write_results)
 
 
 def main() -> None:
@@ -69,19 +69,15 @@ def main() -> None:
                              ("mem_gb", "peak_memory_gb"))}})
         diffs = [r["rel_diff"] for r in rows if r["run"] == name]
         summary[name] = {"status": "ok", "steps": len(diffs), "max_rel_diff": max(diffs, default=None)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"train-parity-{card_slug(env['card'])}-W{W}.json"
-    path.write_text(json.dumps({"env": env, "args": vars(args), "runs": summary, "rows": rows}, indent=1))
-    keys = ["run", "step", "loss_sp1", f"loss_sp{W}", "rel_diff", "tok_s_sp1", f"tok_s_sp{W}", "tflops_sp1",
-            f"tflops_sp{W}", "mem_gb_sp1", f"mem_gb_sp{W}"]
-    fmt = lambda v: f"{v:.5g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [f"# train parity, {env['card']}, W={W}, commit {env['commit'][:12]}, {env['date_utc'][:10]}", "",
-             f"`{' '.join(sys.argv)}`", "", "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    lines += [""] + [f"- {name}: {info}" for name, info in summary.items()]
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines) + f"\nwrote {path}")
+    columns = [Column("run", "run"), Column("step", "step"), Column("loss_sp1", "loss SP=1", "{:.5f}"),
+               Column(f"loss_sp{W}", f"loss SP={W}", "{:.5f}"), Column("rel_diff", "rel diff", "{:.1e}")]
+    columns += [Column(f"{key}_sp{sp}", f"{header} SP={sp}", fmt) for key, header, fmt in
+                (("tok_s", "tok/s", "{:.0f}"), ("tflops", "TFLOP/s/GPU", "{:.1f}"), ("mem_gb", "peak GB", "{:.1f}"))
+                for sp in (1, W)]
+    path = write_results(f"train-parity-{card_slug(env['card'])}-W{W}", env, rows, columns, args.out,
+                         extra={"args": vars(args), "runs": summary},
+                         notes=[f"command: `{' '.join(sys.argv)}`"] + [f"{n}: {i}" for n, i in summary.items()])
+    print(format_table(rows, columns) + "\n" + "\n".join(f"{n}: {i}" for n, i in summary.items()) + f"\nwrote {path}")
     sys.exit(1 if any(info["status"] != "ok" for info in summary.values()) else 0)
 
 
