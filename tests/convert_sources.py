@@ -50,13 +50,14 @@ def _randn(gen, *shape, std=0.3):
 
 
 def tnl_source(folder: Path, *, heads=5, head_dim=8, layers=3, glu=48, lrpe_list=(1, 0, 1), tied=True,
-               no_scale_embedding=False, act="silu", fmt="safetensors", num_shards=2, seed=0, extra=None):
+               no_scale_embedding=False, act="silu", fmt="safetensors", num_shards=2, seed=0, extra=None,
+               vocab=VOCAB):
     """A tiny TransNormerLLM checkpoint (the Hub code's config keys and tensor names); returns (config, tensors)."""
     folder.mkdir(parents=True, exist_ok=True)
     hidden = heads * head_dim
     config = {
         "model_type": "transnormer", "architectures": ["TransnormerForCausalLM"], "pad_token_id": 0,
-        "bos_token_id": 1, "eos_token_id": 2, "vocab_size": VOCAB, "use_cache": True, "init_std": 0.02,
+        "bos_token_id": 1, "eos_token_id": 2, "vocab_size": vocab, "use_cache": True, "init_std": 0.02,
         "decoder_embed_dim": hidden, "decoder_layers": layers, "decoder_attention_heads": heads,
         "no_scale_embedding": no_scale_embedding, "add_bos_token": False, "norm_type": "simplermsnorm",
         "linear_use_lrpe_list": list(lrpe_list), "hidden_dim": hidden, "linear_act_fun": act, "glu_dim": glu,
@@ -65,7 +66,7 @@ def tnl_source(folder: Path, *, heads=5, head_dim=8, layers=3, glu=48, lrpe_list
     if not tied:
         config["tie_word_embeddings"] = False
     gen = torch.Generator().manual_seed(seed)
-    tensors = {"model.embed_tokens.weight": _randn(gen, VOCAB, hidden, std=0.05)}
+    tensors = {"model.embed_tokens.weight": _randn(gen, vocab, hidden, std=0.05)}
     for i in range(layers):
         p = f"model.layers.{i}."
         tensors[p + "token_mixer.qkvu_proj.weight"] = _randn(gen, 4 * hidden, hidden)
@@ -80,7 +81,7 @@ def tnl_source(folder: Path, *, heads=5, head_dim=8, layers=3, glu=48, lrpe_list
         tensors[p + "channel_mixer.l2.weight"] = _randn(gen, glu, hidden)
         tensors[p + "channel_mixer.l3.weight"] = _randn(gen, hidden, glu)
     if not tied:
-        tensors["lm_head.weight"] = _randn(gen, VOCAB, hidden)
+        tensors["lm_head.weight"] = _randn(gen, vocab, hidden)
     tensors.update(extra or {})
     (folder / "config.json").write_text(json.dumps(config))
     write_weights(folder, tensors, fmt, num_shards)
@@ -191,7 +192,7 @@ def retnet_forward64(config: dict, tensors: dict, ids: torch.Tensor) -> torch.Te
     """Logits [B, T, vocab] of fla's RetNet forward in float64 (retention in its parallel form)."""
     W = {k: v.double() for k, v in tensors.items()}
     hidden, heads, layers = config["hidden_size"], config["num_heads"], config["num_hidden_layers"]
-    D, Vd = hidden * config["expand_k"] // heads, hidden * config["expand_v"] // heads
+    D, Vd = int(hidden * config["expand_k"]) // heads, int(hidden * config["expand_v"]) // heads
     eps = config["norm_eps"]
     silu = torch.nn.functional.silu
 
@@ -210,7 +211,7 @@ def retnet_forward64(config: dict, tensors: dict, ids: torch.Tensor) -> torch.Te
     gamma = 1 - 2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float64))
     decay = (gamma[:, None, None] ** dist.clamp(min=0)).masked_fill(dist < 0, 0.0)  # [H, T, T]
     x = W["model.embeddings.weight"][ids]
-    norm_name = "g_norm_swish_gate" if config["fuse_norm"] else "g_norm"
+    norm_name = "g_norm_swish_gate" if config.get("fuse_norm", True) else "g_norm"
     for i in range(layers):
         p = f"model.layers.{i}."
         h = rms(x, W[p + "attn_norm.weight"])
