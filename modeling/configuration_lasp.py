@@ -241,7 +241,8 @@ class LaspConfig(PretrainedConfig):
                 )
         _check_choice("output_norm", output_norm, OUTPUT_NORMS)
         for name, value in (("attention_scale", attention_scale), ("embedding_scale", embedding_scale)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            number = not isinstance(value, bool) and isinstance(value, (int, float))
+            if value is not None and (not number or value <= 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         _check_positive_int("max_position_embeddings", max_position_embeddings)
         for name, value in (

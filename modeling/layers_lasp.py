@@ -1,5 +1,6 @@
 """Building blocks of the lasp model family: norms, the GLU channel mixer, the linear-attention token mixer
-(lightning / linear / gated, composed of the parts in `parts_lasp`) and the softmax-attention token mixer with rotary embeddings (hybrid layers).
+(lightning / linear / gated, composed of the parts in `parts_lasp`) and the softmax-attention token mixer with
+rotary embeddings (hybrid layers).
 
 Shapes: B batch, T tokens (this call), H heads, D head dim, V value head dim.
 """
@@ -180,7 +181,9 @@ class LaspLinearAttention(nn.Module):
         else:
             self.decay = None
         scale = getattr(config, "attention_scale", None)
-        self.scale = scale if scale is not None else (1.0 if self.kind == "lightning" else self.head_dim**-0.5)
+        if scale is None:
+            scale = 1.0 if self.kind == "lightning" else self.head_dim**-0.5
+        self.scale = scale
 
     def _apply(self, fn, recurse=True):
         # Keep the fixed decay in float32 when the model is cast to bf16 / fp16 (bf16 would round it by 2^-9).
@@ -200,8 +203,8 @@ class LaspLinearAttention(nn.Module):
 
     def _project(self, x, mask, position_ids, input_norm=None):
         """The token-wise part before the op: q, k `[B, T, H, D']` after the activation and position encoding
-        (D' = 2D with LRPE), v `[B, T, H, V]`, and the per-token log decay `[B, T, H]` of the "gated" kind (else
-        None); k, v (and g) zeroed at padding (mask False)."""
+        (D' = 2D with LRPE), v `[B, T, H, V]`, and the per-token log decay `[B, T, H]` of the "gated" kind
+        (else None); k, v (and g) zeroed at padding (mask False)."""
         if input_norm is not None:
             x = input_norm(x)
         B, T, _ = x.shape

@@ -199,9 +199,9 @@ class LaspModel(LaspPreTrainedModel):
                 padding (left or right). Real tokens get the same outputs as without the padding.
             position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): positions for the rotary
                 embeddings of full-attention layers and the position encoding of linear ones (defaults to the
-                global positions: the cache length, plus the rank's offset under SP). With B == 1, positions that restart at 0 mark packed
-                documents (as `DataCollatorWithFlattening` makes): states reset and attention stays inside
-                each document.
+                global positions: the cache length, plus the rank's offset under SP). With B == 1, positions
+                that restart at 0 mark packed documents (as `DataCollatorWithFlattening` makes): states reset
+                and attention stays inside each document.
             past_key_values (`LaspCache`, *optional*): the cache of a previous call (also accepted as
                 `cache`).
             use_cache (`bool`, *optional*): return a `LaspCache` (defaults to `config.use_cache`).

@@ -42,7 +42,7 @@ def build_config(source: dict):
     hidden = source.get("hidden_size", 2048)
     heads = source.get("num_heads", 8)
     checks = (
-        (source.get("num_kv_heads") in (None, heads), f"num_kv_heads = {source.get('num_kv_heads')} (grouped keys)"),
+        (source.get("num_kv_heads") in (None, heads), f"num_kv_heads = {source.get('num_kv_heads')}"),
         (not source.get("use_short_conv", False), "use_short_conv = true"),
         (source.get("attn") is None, "attn (softmax attention layers) set"),
         (source.get("use_output_gate", True), "use_output_gate = false"),

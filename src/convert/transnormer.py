@@ -37,14 +37,15 @@ def build_config(source: dict):
 
     for key in _UNSUPPORTED_KEYS:
         if key in source:
-            raise ValueError(f"transnormer config key {key!r} (a model variant lasp-hf does not convert) is set")
+            raise ValueError(f"transnormer config key {key!r} is set: a model variant lasp-hf does not convert")
     if source.get("norm_type", "simplermsnorm") != "simplermsnorm":
         raise ValueError(f"transnormer norm_type must be 'simplermsnorm', got {source['norm_type']!r}")
     if source.get("bias", False):
-        raise ValueError("transnormer checkpoints with bias=True are not supported (the lasp layers have no biases)")
+        raise ValueError("transnormer checkpoints with bias=True are not supported (lasp layers have no biases)")
     act = source.get("linear_act_fun", "silu")
     if act not in _ACTIVATIONS:
-        raise ValueError(f"transnormer linear_act_fun must be one of {sorted(map(str, _ACTIVATIONS))}, got {act!r}")
+        choices = sorted(map(str, _ACTIVATIONS))
+        raise ValueError(f"transnormer linear_act_fun must be one of {choices}, got {act!r}")
     hidden = source.get("decoder_embed_dim", 1024)
     layers = source.get("decoder_layers", 24)
     heads = source.get("decoder_attention_heads", 8)
@@ -111,9 +112,10 @@ def map_tensor(name: str, tensor: torch.Tensor, config) -> list[tuple[str, torch
     prefix, rest = f"model.layers.{match[1]}.", match[2]
     if rest == "token_mixer.qkvu_proj.weight":
         if tensor.shape[0] % 4:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}: its rows are not 4 equal q, k, v, u parts")
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}: its rows do not split into q, k, v, u")
         q, k, v, u = tensor.chunk(4, dim=0)
-        return [(prefix + f"token_mixer.{p}_proj.weight", w) for p, w in zip("qkvu", (q, k, v, u), strict=True)]
+        parts = zip("qkvu", (q, k, v, u), strict=True)
+        return [(prefix + f"token_mixer.{p}_proj.weight", w) for p, w in parts]
     if rest == "token_mixer.lrpe.theta":
         # [H, 1, D] in the source, [H, D] here.
         return [(prefix + "token_mixer.position.theta", tensor.reshape(tensor.shape[0], -1))]
