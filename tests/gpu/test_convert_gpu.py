@@ -8,11 +8,13 @@
   float64 statement of TransNormerLLM's forward (the Hub code needs its own Triton kernels and is not installed).
 
 fla's float32 kernels may multiply in TF32; the bound against fla is then twice fla's own error against float64.
+In bf16 (both models cast), lasp's logits must be no further from float64 than twice fla's (DESIGN's bf16 rule).
 Errors land in $LASP_HF_TEST_OUT/convert_errors.json when that variable is set.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -74,10 +76,16 @@ def test_fla_retnet_logits_and_greedy_tokens(fla_retnet, tmp_path):
     ours_tokens = lasp.generate(prompt, use_cache=True, pad_token_id=0, **kwargs)
     theirs_tokens = fla_model.generate(prompt, use_cache=True, **kwargs)
     errors["greedy_tokens_equal"] = bool(torch.equal(ours_tokens.cpu(), theirs_tokens.cpu()))
+    with torch.no_grad():
+        ours16 = lasp.to(torch.bfloat16)(ids).logits.float().cpu()
+        theirs16 = copy.deepcopy(fla_model).to(torch.bfloat16)(ids).logits.float().cpu()
+    errors.update(lasp_bf16_vs_float64=relative_error(ours16, ref), fla_bf16_vs_float64=relative_error(theirs16, ref),
+                  lasp_bf16_vs_fla_bf16=relative_error(ours16, theirs16))
     _record("fla-retnet", **errors)
     assert errors["lasp_vs_float64"] <= TOL
     assert errors["lasp_vs_fla"] <= max(TOL, 2 * errors["fla_vs_float64"])
     assert ours_tokens.shape == (1, 48) and errors["greedy_tokens_equal"]
+    assert errors["lasp_bf16_vs_float64"] <= 2 * errors["fla_bf16_vs_float64"]
 
 
 def test_transnormer_logits_on_gpu(tmp_path):
