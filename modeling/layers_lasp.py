@@ -110,6 +110,25 @@ def chunked_over_tokens(fn: Callable, chunk_size: int, *inputs: torch.Tensor | N
     return tuple(joined)
 
 
+# The widest value head the Triton kernels take in one call. The op is separable along V (each column of the state
+# and of the output depends on that column of v alone), so wider heads (fla RetNet's 512) run as several calls.
+MAX_VALUE_BLOCK = 256
+
+
+def in_value_blocks(attend: Callable, v: torch.Tensor, state: torch.Tensor | None, width: int):
+    """`attend(v, state) -> (o, final_state)` on column blocks of at most `width` value channels of v `[B, T, H,
+    V]` and of the state `[B, H, K, V]`, the results joined along V: exact, since linear attention treats every
+    value channel on its own."""
+    if v.shape[-1] <= width:
+        return attend(v, state)
+    outs, states = [], []
+    for start in range(0, v.shape[-1], width):
+        o, final = attend(v[..., start:start + width], None if state is None else state[..., start:start + width])
+        outs.append(o)
+        states.append(final)
+    return torch.cat(outs, dim=-1), None if states[0] is None else torch.cat(states, dim=-1)
+
+
 class LaspLinearAttention(nn.Module):
     """Linear-attention token mixer, composed of parts chosen once here (see `parts_lasp`):
 
@@ -262,15 +281,16 @@ class LaspLinearAttention(nn.Module):
                 g = g.expand(B, T, self.num_heads).masked_fill(~mask[:, :, None], 0.0)
 
         state = cache.get_state(self.layer_idx) if cache is not None else None
-        if state is not None and T == 1:
-            # One decoding token: O(1) in the context length.
-            g_step = g[:, 0] if (g is not None and g.dim() == 3) else g
-            o, new_state = linear_attention_step(
-                q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale
-            )
-            o = o[:, None]
-        else:
-            o, new_state = linear_attention(
+
+        def attend(v, state):
+            if state is not None and T == 1:
+                # One decoding token: O(1) in the context length.
+                g_step = g[:, 0] if (g is not None and g.dim() == 3) else g
+                o, new_state = linear_attention_step(
+                    q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale
+                )
+                return o[:, None], new_state
+            return linear_attention(
                 q,
                 k,
                 v,
@@ -282,6 +302,8 @@ class LaspLinearAttention(nn.Module):
                 sp_group=sp_context,
                 sp_mode=sp_context.mode if sp_context is not None else "ring",
             )
+
+        o, new_state = in_value_blocks(attend, v, state, MAX_VALUE_BLOCK)
         if cache is not None:
             cache.set_state(new_state, self.layer_idx)
 

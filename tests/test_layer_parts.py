@@ -178,3 +178,32 @@ def test_position_encoding_layers_and_defaults():
         tiny_config("gated", decay_schedule="retnet")
     with pytest.raises(ValueError, match="position_encoding_layers"):
         tiny_config(position_encoding="rope", position_encoding_layers=[5])
+
+
+def test_value_blocks_equal_one_call(monkeypatch):
+    """Values wider than the kernels' widest tile run as column blocks: outputs, gradients, the cache and a
+    decoding step are those of one call."""
+    from lasp_hf.modeling import layers_lasp
+    from lasp_hf.modeling.cache_lasp import LaspCache
+
+    config = tiny_config(num_attention_heads=2, value_head_dim=32, decay_schedule="retnet",
+                         position_encoding="rope", output_norm="per_head", norm_type="rmsnorm")
+    torch.manual_seed(0)
+    mixer = LaspLinearAttention(config, layer_idx=0)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    pos = torch.arange(9).expand(2, 9)
+
+    def run():
+        cache = LaspCache(config)
+        out = mixer(x, position_ids=pos, cache=cache)
+        step = mixer(x[:, -1:], position_ids=pos[:, -1:] + 1, cache=cache)
+        grads = torch.autograd.grad(out.square().sum(), [x, *mixer.parameters()])
+        return out, step, cache.get_state(0), grads
+
+    whole = run()
+    monkeypatch.setattr(layers_lasp, "MAX_VALUE_BLOCK", 8)
+    blocks = run()
+    for a, b in zip(whole[:3], blocks[:3], strict=True):
+        assert rel_err(b, a) < 1e-6
+    for a, b in zip(whole[3], blocks[3], strict=True):
+        assert rel_err(b, a) < 1e-5
