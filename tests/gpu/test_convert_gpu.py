@@ -47,7 +47,8 @@ def fla_retnet(tmp_path_factory):
     models = pytest.importorskip("fla.models")
     torch.manual_seed(0)
     config = models.RetNetConfig(
-        hidden_size=256, num_heads=4, num_hidden_layers=2, vocab_size=1000, expand_k=1, expand_v=2,
+        # fla-hub's RetNet head shape (key heads of 256, value heads of 512: the layer runs two value blocks).
+        hidden_size=512, num_heads=2, num_hidden_layers=2, vocab_size=1000, expand_k=1, expand_v=2,
         hidden_ratio=2, fuse_norm=True, fuse_swiglu=True, initializer_range=0.1,
     )
     model = models.RetNetForCausalLM(config)
