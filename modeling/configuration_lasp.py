@@ -9,6 +9,10 @@ CHANNEL_MIXERS = ("sglu", "swiglu")
 NORM_TYPES = ("rmsnorm", "srmsnorm")
 FEATURE_MAPS = ("elu", "identity")
 OUTPUT_GATE_ACTS = ("sigmoid", "silu", "identity")
+QK_ACTIVATIONS = ("silu", "elu", "identity")
+POSITION_ENCODINGS = ("none", "lrpe", "rope")
+DECAY_SCHEDULES = ("lightning", "lightning_alibi", "retnet", "none")
+OUTPUT_NORMS = ("all_heads", "per_head")
 
 
 class LaspConfig(PretrainedConfig):
@@ -54,7 +58,7 @@ class LaspConfig(PretrainedConfig):
         gate_logit_normalizer (`float`, *optional*, defaults to 16.0):
             The `"gated"` log decay is `logsigmoid(W2 W1 x + b) / gate_logit_normalizer` (as in GLA).
         rope_theta (`float`, *optional*, defaults to 10000.0):
-            Base of the rotary embeddings of the `"full_attention"` layers.
+            Base of the rotary embeddings of the `"full_attention"` layers (and of `position_encoding="rope"`).
         max_position_embeddings (`int`, *optional*, defaults to 2048):
             Longest sequence the model is meant for (informational: linear layers have no limit).
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -81,6 +85,38 @@ class LaspConfig(PretrainedConfig):
             layers of hybrids are not chunked. A separate field from `mlp_chunk_size` (not one shared
             `token_chunk_size`) so that configs and scripts that set `mlp_chunk_size` keep their meaning and
             each half can be chunked on its own. `None` (the default) runs them on all tokens at once.
+        value_head_dim (`int`, *optional*, defaults to `head_dim`):
+            Width of one head's values (and of the output norm, gate and o_proj input per head) in linear-attention
+            layers; fla's RetNet uses `2 * head_dim`.
+        qk_activation (`str`, *optional*):
+            Activation on queries and keys of linear-attention layers: `"silu"`, `"elu"` (elu + 1) or `"identity"`.
+            Defaults to the token mixer's own (`"silu"` for `"lightning"`, `feature_map` for `"linear"`, identity
+            for `"gated"`).
+        position_encoding (`str`, *optional*, defaults to `"none"`):
+            Position encoding of q and k inside linear-attention layers, at each token's global position (the
+            position in the unsharded sequence under sequence parallelism, the cache length plus the offset in
+            decoding): `"none"`, `"lrpe"` (TransNormerLLM's learned relative position encoding,
+            `[x cos(theta n), x sin(theta n)]` with a learned `theta` `[H, head_dim]`; the key width doubles) or
+            `"rope"` (rotary, rotate-half convention, base `rope_theta`, as fla's RetNet).
+        position_encoding_layers (`list[int]`, *optional*):
+            Indices of the layers that use `position_encoding`; defaults to every linear-attention layer
+            (TransNormerLLM uses LRPE on the layers its `linear_use_lrpe_list` marks).
+        decay_schedule (`str`, *optional*):
+            Fixed per-head log decay of the `"lightning"` token mixer: `"lightning"` (the default:
+            `-2^(-8 (h + 1) / H) * (1 - l / (L - 1) + 1e-5)` for layer l of L), `"lightning_alibi"` (the same with
+            ALiBi's slopes for any head count, interleaved when H is not a power of two, as TransNormerLLM's
+            released code; equal to `"lightning"` for powers of two), `"retnet"` (`log(1 - 2^(-5 - h))` in every
+            layer) or `"none"`.
+        attention_scale (`float`, *optional*):
+            Scale of q in linear-attention layers; defaults to 1 for `"lightning"` and `head_dim ** -0.5`
+            otherwise (fla's RetNet: `head_dim ** -0.5`).
+        output_norm (`str`, *optional*, defaults to `"all_heads"`):
+            Output norm of linear-attention layers: `"all_heads"` (one norm over all heads' channels, as
+            TransNormer) or `"per_head"` (over each head's `value_head_dim` channels, one weight shared by the
+            heads, as fla's RetNet).
+        embedding_scale (`float`, *optional*, defaults to 1.0):
+            Factor on the token embeddings looked up from `input_ids` (TransNormerLLM: `sqrt(hidden_size)`); the
+            output head (tied or not) is not scaled.
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether the model returns its cache (recurrent states, and keys/values of full-attention layers).
         pad_token_id (`int`, *optional*):
@@ -126,6 +162,14 @@ class LaspConfig(PretrainedConfig):
         loss_chunk_size=1024,
         mlp_chunk_size=None,
         attention_chunk_size=None,
+        value_head_dim=None,
+        qk_activation=None,
+        position_encoding="none",
+        position_encoding_layers=None,
+        decay_schedule=None,
+        attention_scale=None,
+        output_norm="all_heads",
+        embedding_scale=1.0,
         use_cache=True,
         pad_token_id=None,
         bos_token_id=1,
@@ -174,6 +218,32 @@ class LaspConfig(PretrainedConfig):
             raise ValueError(
                 f"full_attention layers use rotary embeddings and need an even head_dim, got {head_dim}"
             )
+        if value_head_dim is None:
+            value_head_dim = head_dim
+        _check_positive_int("value_head_dim", value_head_dim)
+        if qk_activation is not None:
+            _check_choice("qk_activation", qk_activation, QK_ACTIVATIONS)
+        _check_choice("position_encoding", position_encoding, POSITION_ENCODINGS)
+        if position_encoding == "rope" and head_dim % 2:
+            raise ValueError(f"position_encoding='rope' needs an even head_dim, got {head_dim}")
+        if position_encoding_layers is not None:
+            position_encoding_layers = [int(i) for i in position_encoding_layers]
+            bad = [i for i in position_encoding_layers if not 0 <= i < num_hidden_layers]
+            if bad:
+                raise ValueError(
+                    f"position_encoding_layers must be layer indices in [0, {num_hidden_layers}), got {bad}"
+                )
+        if decay_schedule is not None:
+            _check_choice("decay_schedule", decay_schedule, DECAY_SCHEDULES)
+            if token_mixer != "lightning":
+                raise ValueError(
+                    f"decay_schedule applies to the 'lightning' token mixer, got token_mixer={token_mixer!r}"
+                )
+        _check_choice("output_norm", output_norm, OUTPUT_NORMS)
+        for name, value in (("attention_scale", attention_scale), ("embedding_scale", embedding_scale)):
+            number = not isinstance(value, bool) and isinstance(value, (int, float))
+            if value is not None and (not number or value <= 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         _check_positive_int("max_position_embeddings", max_position_embeddings)
         for name, value in (
             ("rms_norm_eps", rms_norm_eps),
@@ -205,6 +275,14 @@ class LaspConfig(PretrainedConfig):
         self.loss_chunk_size = loss_chunk_size
         self.mlp_chunk_size = mlp_chunk_size
         self.attention_chunk_size = attention_chunk_size
+        self.value_head_dim = value_head_dim
+        self.qk_activation = qk_activation
+        self.position_encoding = position_encoding
+        self.position_encoding_layers = position_encoding_layers
+        self.decay_schedule = decay_schedule
+        self.attention_scale = attention_scale
+        self.output_norm = output_norm
+        self.embedding_scale = embedding_scale
         self.use_cache = use_cache
         super().__init__(
             pad_token_id=pad_token_id,

@@ -1,7 +1,8 @@
 """Building blocks of the lasp model family: norms, the GLU channel mixer, the linear-attention token mixer
-(lightning / linear / gated) and the softmax-attention token mixer with rotary embeddings (hybrid layers).
+(lightning / linear / gated, composed of the parts in `parts_lasp`) and the softmax-attention token mixer with
+rotary embeddings (hybrid layers).
 
-Shapes: B batch, T tokens (this call), H heads, D head dim.
+Shapes: B batch, T tokens (this call), H heads, D head dim, V value head dim.
 """
 
 from collections.abc import Callable
@@ -17,6 +18,16 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_lasp import LaspConfig
+from .parts_lasp import (
+    OUTPUT_NORMS,
+    GatedHeadDecay,
+    NoPositionEncoding,
+    build_position_encoding,
+    build_qk_activation,
+    decay_kind,
+    fixed_decay,
+    lightning_decay,
+)
 
 
 def _rms_normalize(x, eps: float):
@@ -99,37 +110,54 @@ def chunked_over_tokens(fn: Callable, chunk_size: int, *inputs: torch.Tensor | N
     return tuple(joined)
 
 
-def lightning_decay(config: LaspConfig, layer_idx: int) -> torch.Tensor:
-    """TransNormerLLM's fixed log decay of layer l of L: g_h = -s_h * (1 - l / (L - 1) + 1e-5), with the ALiBi
-    slopes s_h = 2^(-8 (h + 1) / H). Float32 `[H]`."""
-    H, L = config.num_attention_heads, config.num_hidden_layers
-    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32)
-    depth = layer_idx / (L - 1) if L > 1 else 0.0
-    return -slopes * (1.0 - depth + 1e-5)
+# The widest value head the Triton kernels take in one call. The op is separable along V (each column of the state
+# and of the output depends on that column of v alone), so wider heads (fla RetNet's 512) run as several calls.
+MAX_VALUE_BLOCK = 256
+
+
+def in_value_blocks(attend: Callable, v: torch.Tensor, state: torch.Tensor | None, width: int):
+    """`attend(v, state) -> (o, final_state)` on column blocks of at most `width` value channels of v `[B, T, H,
+    V]` and of the state `[B, H, K, V]`, the results joined along V: exact, since linear attention treats every
+    value channel on its own."""
+    if v.shape[-1] <= width:
+        return attend(v, state)
+    outs, states = [], []
+    for start in range(0, v.shape[-1], width):
+        o, final = attend(v[..., start:start + width], None if state is None else state[..., start:start + width])
+        outs.append(o)
+        states.append(final)
+    return torch.cat(outs, dim=-1), None if states[0] is None else torch.cat(states, dim=-1)
 
 
 class LaspLinearAttention(nn.Module):
-    """Linear-attention token mixer; `config.token_mixer` picks the kind:
+    """Linear-attention token mixer, composed of parts chosen once here (see `parts_lasp`):
 
-    - "lightning" (TransNormerLLM): q, k = silu(W x), v = W x; fixed per-head decay (`lightning_decay`);
-      scale 1; norm on the output, times an output gate act(W_u x).
-    - "linear" (the LASP paper's basic linear attention): q, k = phi(W x) with phi = elu + 1 or identity;
-      no decay; scale D^-0.5; norm on the output.
+        q, k = position(act(W_q x)), position(act(W_k x));  v = W_v x;  g = decay
+        o = linear_attention(q, k, v, g, scale);  out = o_proj(gate(W_u x) * output_norm(o))
+
+    `config.token_mixer` picks the defaults of each part, and the other fields override them:
+    - "lightning" (TransNormerLLM): act silu; fixed per-head decay (`config.decay_schedule`); scale 1; output
+      gate. With LRPE on some layers, ALiBi slopes for any head count and an identity gate it is the released
+      TransNormerLLM; with RoPE, the RetNet schedule, scale D^-0.5, no activation, values 2D wide, a per-head
+      output norm and a silu gate it is fla's RetNet.
+    - "linear" (the LASP paper's basic linear attention): act = feature map (elu + 1 or identity); no decay;
+      scale D^-0.5; no gate.
     - "gated" (gated linear attention): g_t = logsigmoid(W2 W1 x_t + b) / normalizer per token and head;
-      scale D^-0.5; norm on the output, times an output gate.
+      scale D^-0.5; output gate.
 
-    The output norm (the config's norm, over all heads) stands in for linear attention's denominator, as in
-    TransNormer, and keeps the unnormalized sum of outer products in range.
+    The output norm stands in for linear attention's denominator, as in TransNormer, and keeps the unnormalized
+    sum of outer products in range. Positions (`position_ids`, the tokens' global positions) matter only to a
+    position encoding.
 
     Padding (`mask` False): k and v are zeroed and g set to 0 there, so a padded token neither adds to the
     state nor decays it. Left pads keep the state exactly zero until the first real token; right pads leave
     it (and the cached state) equal to the state after the last real token.
 
     With `config.attention_chunk_size` set (training at long T): the token-wise parts before the op (input
-    norm, projections, feature maps, masking, decay projection) and after it (output norm, gate, o_proj) run
-    over the token axis in checkpointed chunks (`chunked_over_tokens`), so for the backward the block keeps
-    only its input, q, k, v (and g), which the op keeps anyway, and the op's output o. The op itself runs on
-    all T tokens (of this rank) at once.
+    norm, projections, feature maps, position encoding, masking, decay projection) and after it (output norm,
+    gate, o_proj) run over the token axis in checkpointed chunks (`chunked_over_tokens`), so for the backward
+    the block keeps only its input, q, k, v (and g), which the op keeps anyway, and the op's output o. The op
+    itself runs on all T tokens (of this rank) at once.
     """
 
     def __init__(self, config: LaspConfig, layer_idx: int):
@@ -139,29 +167,42 @@ class LaspLinearAttention(nn.Module):
         self.kind = config.token_mixer
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        width = self.num_heads * self.head_dim
+        self.value_head_dim = getattr(config, "value_head_dim", None) or config.head_dim
+        width, v_width = self.num_heads * self.head_dim, self.num_heads * self.value_head_dim
         self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.o_norm = build_norm(config, width)
-        self.o_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, v_width, bias=False)
+
+        default_act = {"lightning": "silu", "linear": config.feature_map, "gated": "identity"}[self.kind]
+        self.qk_act = build_qk_activation(getattr(config, "qk_activation", None) or default_act)
+        self.position = build_position_encoding(config, layer_idx)
+
+        output_norm = getattr(config, "output_norm", "all_heads")
+        self.o_norm = build_norm(config, v_width if output_norm == "all_heads" else self.value_head_dim)
+        self.normalize_output = OUTPUT_NORMS[output_norm]
+        self.o_proj = nn.Linear(v_width, config.hidden_size, bias=False)
         self.u_proj = None
         if self.kind in ("lightning", "gated"):
-            self.u_proj = nn.Linear(config.hidden_size, width, bias=False)
+            self.u_proj = nn.Linear(config.hidden_size, v_width, bias=False)
             self.u_act = {"sigmoid": nn.Sigmoid, "silu": nn.SiLU, "identity": nn.Identity}[
                 config.output_gate_act
             ]()
+        # Created after the projections, as before the layer was split into parts, so that a seeded model
+        # draws the same initial weights.
+        kind = decay_kind(config)
         self.decay_proj = None
-        if self.kind == "gated":
-            self.decay_proj = nn.Sequential(
-                nn.Linear(config.hidden_size, config.gate_low_rank_dim, bias=False),
-                nn.Linear(config.gate_low_rank_dim, self.num_heads, bias=True),
+        if kind == "gated_head":
+            self.decay_proj = GatedHeadDecay(
+                config.hidden_size, config.gate_low_rank_dim, self.num_heads, config.gate_logit_normalizer
             )
-        if self.kind == "lightning":
-            self.register_buffer("decay", lightning_decay(config, layer_idx), persistent=False)
+        if kind == "fixed":
+            self.register_buffer("decay", fixed_decay(config, layer_idx), persistent=False)
         else:
             self.decay = None
-        self.scale = 1.0 if self.kind == "lightning" else self.head_dim**-0.5
+        scale = getattr(config, "attention_scale", None)
+        if scale is None:
+            scale = 1.0 if self.kind == "lightning" else self.head_dim**-0.5
+        self.scale = scale
 
     def _apply(self, fn, recurse=True):
         # Keep the fixed decay in float32 when the model is cast to bf16 / fp16 (bf16 would round it by 2^-9).
@@ -179,23 +220,18 @@ class LaspLinearAttention(nn.Module):
             return None
         return chunk_size
 
-    def _project(self, x, mask, input_norm=None):
-        """The token-wise part before the op: q, k, v `[B, T, H, D]` after the feature map, and the per-token
-        log decay `[B, T, H]` of the "gated" kind (else None); k, v (and g) zeroed at padding (mask False)."""
+    def _project(self, x, mask, position_ids, input_norm=None):
+        """The token-wise part before the op: q, k `[B, T, H, D']` after the activation and position encoding
+        (D' = 2D with LRPE), v `[B, T, H, V]`, and the per-token log decay `[B, T, H]` of the "gated" kind
+        (else None); k, v (and g) zeroed at padding (mask False)."""
         if input_norm is not None:
             x = input_norm(x)
         B, T, _ = x.shape
-        shape = (B, T, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(shape)
-        k = self.k_proj(x).view(shape)
+        shape = (B, T, self.num_heads, -1)
+        q = self.position(self.qk_act(self.q_proj(x).view(shape)), position_ids)
+        k = self.position(self.qk_act(self.k_proj(x).view(shape)), position_ids)
         v = self.v_proj(x).view(shape)
-        if self.kind == "lightning":
-            q, k = F.silu(q), F.silu(k)
-        elif self.kind == "linear" and self.config.feature_map == "elu":
-            q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
-        g = None
-        if self.kind == "gated":
-            g = F.logsigmoid(self.decay_proj(x).float()) / self.config.gate_logit_normalizer
+        g = self.decay_proj(x) if self.decay_proj is not None else None
         if mask is not None:
             pad = ~mask[:, :, None]  # [B, T, 1]
             k = k.masked_fill(pad[..., None], 0.0)
@@ -205,11 +241,9 @@ class LaspLinearAttention(nn.Module):
         return q, k, v, g
 
     def _output(self, o, x, input_norm=None):
-        """The token-wise part after the op: o `[B, T, H, D]` -> norm over all heads, times the output gate
-        of x (the block input, normed by input_norm if given) when the kind has one, -> o_proj
-        `[B, T, hidden]`."""
-        B, T = o.shape[:2]
-        o = self.o_norm(o.reshape(B, T, -1))
+        """The token-wise part after the op: o `[B, T, H, V]` -> output norm, times the output gate of x (the
+        block input, normed by input_norm if given) when the kind has one, -> o_proj `[B, T, hidden]`."""
+        o = self.normalize_output(self.o_norm, o)
         if self.u_proj is not None:
             x = input_norm(x) if input_norm is not None else x
             o = self.u_act(self.u_proj(x)) * o
@@ -223,35 +257,40 @@ class LaspLinearAttention(nn.Module):
         cache=None,
         sp_context=None,
         input_norm=None,
+        position_ids=None,
         **kwargs,
     ):
         """hidden_states `[B, T, hidden]`, normed already, or the block input when `input_norm` (the block's
         norm) is given: the norm then runs here, inside the chunks of `config.attention_chunk_size` when those
-        are on, so no normed copy of all T tokens is kept for the backward."""
+        are on, so no normed copy of all T tokens is kept for the backward. position_ids `[B, T]`: the tokens'
+        global positions (needed by a position encoding; the model always passes them)."""
         B, T, _ = hidden_states.shape
+        if position_ids is None and not isinstance(self.position, NoPositionEncoding):
+            raise ValueError("a linear-attention layer with a position encoding needs position_ids [B, T]")
         chunk_size = self._chunk_size(T)
         if chunk_size is None and input_norm is not None:
             hidden_states, input_norm = input_norm(hidden_states), None
         if chunk_size is None:
-            q, k, v, g = self._project(hidden_states, mask, input_norm)
+            q, k, v, g = self._project(hidden_states, mask, position_ids, input_norm)
         else:
             project = partial(self._project, input_norm=input_norm)
-            q, k, v, g = chunked_over_tokens(project, chunk_size, hidden_states, mask)
-        if self.kind == "lightning":
+            q, k, v, g = chunked_over_tokens(project, chunk_size, hidden_states, mask, position_ids)
+        if self.decay is not None:
             g = self.decay.float()
             if mask is not None:
                 g = g.expand(B, T, self.num_heads).masked_fill(~mask[:, :, None], 0.0)
 
         state = cache.get_state(self.layer_idx) if cache is not None else None
-        if state is not None and T == 1:
-            # One decoding token: O(1) in the context length.
-            g_step = g[:, 0] if (g is not None and g.dim() == 3) else g
-            o, new_state = linear_attention_step(
-                q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale
-            )
-            o = o[:, None]
-        else:
-            o, new_state = linear_attention(
+
+        def attend(v, state):
+            if state is not None and T == 1:
+                # One decoding token: O(1) in the context length.
+                g_step = g[:, 0] if (g is not None and g.dim() == 3) else g
+                o, new_state = linear_attention_step(
+                    q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale
+                )
+                return o[:, None], new_state
+            return linear_attention(
                 q,
                 k,
                 v,
@@ -263,6 +302,8 @@ class LaspLinearAttention(nn.Module):
                 sp_group=sp_context,
                 sp_mode=sp_context.mode if sp_context is not None else "ring",
             )
+
+        o, new_state = in_value_blocks(attend, v, state, MAX_VALUE_BLOCK)
         if cache is not None:
             cache.set_state(new_state, self.layer_idx)
 
@@ -404,5 +445,6 @@ __all__ = [
     "LaspSoftmaxAttention",
     "build_norm",
     "chunked_over_tokens",
+    "fixed_decay",
     "lightning_decay",
 ]

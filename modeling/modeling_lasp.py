@@ -28,8 +28,8 @@ from .layers_lasp import (
     LaspSoftmaxAttention,
     build_norm,
     chunked_over_tokens,
-    lightning_decay,
 )
+from .parts_lasp import LinearLrpe, LinearRotary, fixed_decay
 from .loss_lasp import chunked_cross_entropy
 
 logger = logging.get_logger(__name__)
@@ -133,9 +133,13 @@ class LaspPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LaspLinearAttention) and module.decay is not None:
             # Non-persistent buffers are not in checkpoints: rebuild them (the model may have been made on
             # meta).
-            init.copy_(module.decay, lightning_decay(self.config, module.layer_idx))
+            init.copy_(module.decay, fixed_decay(self.config, module.layer_idx))
         elif isinstance(module, LaspRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(self.config))
+        elif isinstance(module, LinearRotary):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+        elif isinstance(module, LinearLrpe):
+            init.copy_(module.theta, module.initial_theta(*module.theta.shape))
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -194,9 +198,10 @@ class LaspModel(LaspPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(B, P + T)`, *optional*): 1 for real tokens, 0 for
                 padding (left or right). Real tokens get the same outputs as without the padding.
             position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): positions for the rotary
-                embeddings of full-attention layers. With B == 1, positions that restart at 0 mark packed
-                documents (as `DataCollatorWithFlattening` makes): states reset and attention stays inside
-                each document.
+                embeddings of full-attention layers and the position encoding of linear ones (defaults to the
+                global positions: the cache length, plus the rank's offset under SP). With B == 1, positions
+                that restart at 0 mark packed documents (as `DataCollatorWithFlattening` makes): states reset
+                and attention stays inside each document.
             past_key_values (`LaspCache`, *optional*): the cache of a previous call (also accepted as
                 `cache`).
             use_cache (`bool`, *optional*): return a `LaspCache` (defaults to `config.use_cache`).
@@ -217,6 +222,9 @@ class LaspModel(LaspPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+            embedding_scale = getattr(self.config, "embedding_scale", 1.0)
+            if embedding_scale != 1.0:
+                inputs_embeds = inputs_embeds * embedding_scale
         B, T = inputs_embeds.shape[:2]
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -318,6 +326,7 @@ class LaspModel(LaspPreTrainedModel):
                 linear_mask=linear_mask,
                 attn_mask=attn_mask,
                 position_embeddings=position_embeddings,
+                position_ids=position_ids,
                 cu_seqlens=cu_seqlens,
                 cache=cache,
                 sp_context=sp_context,
