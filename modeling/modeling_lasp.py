@@ -458,8 +458,12 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
             )
             if loss_reduction == "mean":
                 denominator = num_items_in_batch if num_items_in_batch is not None else num_valid
+                # A step without targets (every label -100) sums to 0: dividing by at least 1 makes it contribute
+                # loss 0 and zero gradients instead of 0 / 0 = NaN, as the sequence-parallel path does.
                 if torch.is_tensor(denominator):
-                    denominator = denominator.to(loss.device)
+                    denominator = denominator.to(loss.device).clamp(min=1)
+                else:
+                    denominator = max(denominator, 1)
                 loss = loss / denominator
         if not wants_loss or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             logits = self.lm_head(_keep_last(hidden_states, logits_to_keep))
