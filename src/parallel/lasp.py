@@ -227,7 +227,9 @@ def _segment_state(k, v, g, lo: int, hi: int, h0, local_impl=None):
         weights, total = None, None
     elif g.dim() == 1:
         steps = torch.arange(n - 1, -1, -1, device=k.device, dtype=torch.float32)
-        weights = (g.float()[None, None, :] * steps[None, :, None]).exp().expand(B, n, H)
+        # The last token's weight is exp(0) = 1 even for g = -inf (a restart), where g * 0 would be NaN.
+        log_weights = (g.float()[None, None, :] * steps[None, :, None]).masked_fill(steps[None, :, None] == 0, 0.0)
+        weights = log_weights.exp().expand(B, n, H)
         total = (g.float() * n).exp().expand(B, H)
     else:
         # Reverse cumulative sums from the end: accurate where the weights are largest.
