@@ -30,8 +30,10 @@ group. Every rank must back-propagate through o (the exchange is collective).
 
 from __future__ import annotations
 
+import array
 import bisect
 import functools
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -149,23 +151,51 @@ def _checked_packed_plan(bounds: tuple[int, ...], L: int, rank: int, world_size:
     return packed_plan(bounds, L, rank, world_size)
 
 
-def _check_across_ranks(sp: SequenceParallelContext, q, v, g, initial_state, output_final_state, packed, mode):
-    """Every rank must pass the same shapes and options; checked once per distinct signature."""
+def _bounds_digest(bounds) -> tuple[int, int]:
+    """(number of boundaries, CRC-32 of their values): equal on ranks that pass the same cu_seqlens."""
+    if bounds is None:
+        return (0, 0)
+    return (len(bounds), zlib.crc32(array.array("q", bounds).tobytes()))
+
+
+# Signatures remembered per SP context before the set is emptied (a packed batch adds one per step).
+_MAX_SIGNATURES = 1024
+
+
+def _check_across_ranks(sp: SequenceParallelContext, q, v, g, initial_state, output_final_state, bounds, mode):
+    """Every rank must pass the same shapes, options and packed-sequence boundaries (`bounds`, None when not
+    packed; a digest of them is compared). Checked once per distinct signature: a model's layers, forward and
+    backward, pass the same one, so a packed batch costs one small all_gather (and, on NCCL, one wait for it)
+    per step, in its first layer, and dense input one per shape."""
     B, L, H, K = q.shape
     g_mode = 0 if g is None else g.dim()
-    signature = (B, L, H, K, v.shape[-1], g_mode, initial_state is not None, bool(output_final_state), packed,
-                 SP_MODES.index(mode))
+    signature = (B, L, H, K, v.shape[-1], g_mode, initial_state is not None, bool(output_final_state),
+                 bounds is not None, SP_MODES.index(mode), *_bounds_digest(bounds))
     if signature in sp.checked_signatures:
         return
     device = q.device if dist.get_backend(sp.group) == "nccl" else torch.device("cpu")
     everyone = comm.all_gather_object_ints([int(x) for x in signature], sp, device)
-    if any(tuple(row) != tuple(everyone[0]) for row in everyone):
+    if any(tuple(row[:10]) != tuple(everyone[0][:10]) for row in everyone):
         names = "(B, T_local, H, K, V, g.dim(), initial_state given, output_final_state, packed, mode)"
         raise ValueError(
             "sequence-parallel ranks passed different shapes or options; every rank must pass the same B, "
-            f"T_local, H, K, V and options {names}; per rank: {everyone}"
+            f"T_local, H, K, V and options {names}; per rank: {[row[:10] for row in everyone]}"
         )
+    if any(tuple(row[10:]) != tuple(everyone[0][10:]) for row in everyone):
+        raise ValueError(
+            "sequence-parallel ranks passed different cu_seqlens; every rank must pass the boundaries of the same "
+            "full packed sequence. Per rank (number of boundaries, CRC-32 of their values): "
+            f"{[tuple(row[10:]) for row in everyone]}; this rank ({sp.rank}) has {_bounds_preview(bounds)}"
+        )
+    if len(sp.checked_signatures) >= _MAX_SIGNATURES:
+        sp.checked_signatures.clear()
     sp.checked_signatures.add(signature)
+
+
+def _bounds_preview(bounds) -> str:
+    if bounds is None:
+        return "none (not packed)"
+    return str(list(bounds)) if len(bounds) <= 8 else f"{list(bounds[:4])}...{list(bounds[-2:])}"
 
 
 def _check_state(initial_state, expected, packed):
@@ -622,7 +652,8 @@ def sp_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None, ou
     B, L, H, K = q.shape
     V = v.shape[-1]
     packed = cu_seqlens is not None
-    _check_across_ranks(sp, q, v, g, initial_state, output_final_state, packed, sp_mode)
+    _check_across_ranks(sp, q, v, g, initial_state, output_final_state, host_bounds(cu_seqlens) if packed else None,
+                        sp_mode)
     if packed and B != 1:
         raise ValueError(f"cu_seqlens packs documents along T and needs B == 1, got B = {B}")
     plan = _rank_plan(sp, cu_seqlens, L)
