@@ -86,7 +86,7 @@ def _fit_backend(resolved: str, asked: str, K: int, V: int) -> str:
 
 # Set to False to skip the decay check (`check_decay`), e.g. when timing the op alone.
 CHECK_DECAY = True
-# (id, version) of decays already checked, with the tensor kept alive so its id names no other tensor: a
+# (id, version) of per-head decays already checked, with the tensor kept alive so its id names no other tensor: a
 # fixed per-head decay (lightning attention's slopes) is checked once, not at every layer of every step.
 _CHECKED_DECAYS: dict = {}
 
@@ -103,8 +103,12 @@ def check_decay(g: torch.Tensor | None, name: str = "g") -> None:
     """
     if g is None or not CHECK_DECAY or torch.compiler.is_compiling():
         return
-    key = (id(g), g._version)
-    if key in _CHECKED_DECAYS and _CHECKED_DECAYS[key] is g:
+    # Only small per-head decays are remembered: a per-token one is a new tensor at every call.
+    try:
+        key = (id(g), g._version) if g.dim() == 1 else None
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        key = None
+    if key is not None and _CHECKED_DECAYS.get(key) is g:
         return
     if g.device.type == "cpu":
         bad = ~(g.detach() <= 0)  # NaN compares False
@@ -119,9 +123,10 @@ def check_decay(g: torch.Tensor | None, name: str = "g") -> None:
     else:
         torch._assert_async((g.detach() <= 0).all(), f"lasp_hf: {name} must be a natural-log decay <= 0 "
                             "(-inf restarts the state); it holds a positive or NaN value")
-    if len(_CHECKED_DECAYS) >= 64:
-        _CHECKED_DECAYS.clear()
-    _CHECKED_DECAYS[key] = g
+    if key is not None:
+        if len(_CHECKED_DECAYS) >= 64:
+            _CHECKED_DECAYS.clear()
+        _CHECKED_DECAYS[key] = g
 
 
 def _check_dims(q, v) -> None:
