@@ -164,32 +164,40 @@ _MAX_SIGNATURES = 1024
 
 def _check_across_ranks(sp: SequenceParallelContext, q, v, g, initial_state, output_final_state, bounds, mode):
     """Every rank must pass the same shapes, options and packed-sequence boundaries (`bounds`, None when not
-    packed; a digest of them is compared). Checked once per distinct signature: a model's layers, forward and
-    backward, pass the same one, so a packed batch costs one small all_gather (and, on NCCL, one wait for it)
-    per step, in its first layer, and dense input one per shape."""
+    packed; a digest of them is compared). Checked once per distinct signature (a model's layers, forward and
+    backward, pass the same one): one small all_gather. Its result is read on the host (a wait for the GPU on
+    NCCL) the first time a shape is seen; the boundaries of later packed batches of that shape are compared on the
+    GPU instead, with an asynchronous device assert, so a packed batch costs no host sync."""
     B, L, H, K = q.shape
     g_mode = 0 if g is None else g.dim()
-    signature = (B, L, H, K, v.shape[-1], g_mode, initial_state is not None, bool(output_final_state),
-                 bounds is not None, SP_MODES.index(mode), *_bounds_digest(bounds))
+    shapes = (B, L, H, K, v.shape[-1], g_mode, initial_state is not None, bool(output_final_state),
+              bounds is not None, SP_MODES.index(mode))
+    signature = (*shapes, *_bounds_digest(bounds))
     if signature in sp.checked_signatures:
         return
-    device = q.device if dist.get_backend(sp.group) == "nccl" else torch.device("cpu")
-    everyone = comm.all_gather_object_ints([int(x) for x in signature], sp, device)
-    if any(tuple(row[:10]) != tuple(everyone[0][:10]) for row in everyone):
-        names = "(B, T_local, H, K, V, g.dim(), initial_state given, output_final_state, packed, mode)"
-        raise ValueError(
-            "sequence-parallel ranks passed different shapes or options; every rank must pass the same B, "
-            f"T_local, H, K, V and options {names}; per rank: {[row[:10] for row in everyone]}"
-        )
-    if any(tuple(row[10:]) != tuple(everyone[0][10:]) for row in everyone):
-        raise ValueError(
-            "sequence-parallel ranks passed different cu_seqlens; every rank must pass the boundaries of the same "
-            "full packed sequence. Per rank (number of boundaries, CRC-32 of their values): "
-            f"{[tuple(row[10:]) for row in everyone]}; this rank ({sp.rank}) has {_bounds_preview(bounds)}"
-        )
+    nccl = dist.get_backend(sp.group) == "nccl"
+    device = q.device if nccl else torch.device("cpu")
+    if nccl and ("shapes", *shapes) in sp.checked_signatures:
+        everyone = comm.all_gather_stacked(device_ints(list(signature), device), sp)
+        torch._assert_async((everyone == everyone[:1]).all(), "lasp_hf: sequence-parallel ranks passed different "
+                            "cu_seqlens; every rank must pass the boundaries of the same full packed sequence")
+    else:
+        everyone = comm.all_gather_object_ints([int(x) for x in signature], sp, device)
+        if any(tuple(row[:10]) != tuple(everyone[0][:10]) for row in everyone):
+            names = "(B, T_local, H, K, V, g.dim(), initial_state given, output_final_state, packed, mode)"
+            raise ValueError(
+                "sequence-parallel ranks passed different shapes or options; every rank must pass the same B, "
+                f"T_local, H, K, V and options {names}; per rank: {[row[:10] for row in everyone]}"
+            )
+        if any(tuple(row[10:]) != tuple(everyone[0][10:]) for row in everyone):
+            raise ValueError(
+                "sequence-parallel ranks passed different cu_seqlens; every rank must pass the boundaries of the "
+                "same full packed sequence. Per rank (number of boundaries, CRC-32 of their values): "
+                f"{[tuple(row[10:]) for row in everyone]}; this rank ({sp.rank}) has {_bounds_preview(bounds)}"
+            )
     if len(sp.checked_signatures) >= _MAX_SIGNATURES:
         sp.checked_signatures.clear()
-    sp.checked_signatures.add(signature)
+    sp.checked_signatures.update({signature, ("shapes", *shapes)})
 
 
 def _bounds_preview(bounds) -> str:
