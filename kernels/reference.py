@@ -13,6 +13,11 @@ cumulative log-decay inside a chunk:
     S_new = exp(b_C) S_prev + sum_j exp(b_C - b_j) k_j^T v_j
 It runs on any device through autograd (gradients to q, k, v, g and the initial state) and is
 the fallback wherever the Triton kernels cannot run.
+
+g = -inf (a decay to exactly zero) restarts the state: S_t = k_t^T v_t. Inside b it counts as 0 and
+every factor exp(b_i - b_j), exp(b_i), exp(b_C - b_j), exp(b_C) that spans a restart is masked to 0
+instead, so no inf - inf (NaN) ever forms and the finite decays keep their accuracy; the gradient of g
+at a restart is exactly 0, as exp(g) = 0 makes it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ def _expand_decay(g: torch.Tensor | None, B: int, T: int, H: int, device) -> tor
     return g.float()
 
 
+def _split_restarts(gf: torch.Tensor):
+    """(g with -inf replaced by 0, the boolean restart mask): see the module docstring."""
+    restart = torch.isneginf(gf)
+    return gf.masked_fill(restart, 0.0), restart
+
+
 def chunk_linear_attention_dense(q, k, v, g, scale: float, initial_state, output_final_state: bool,
                                  chunk_size: int = CHUNK_SIZE):
     """Chunked linear attention over full (unpacked) sequences. See the module docstring.
@@ -46,27 +57,33 @@ def chunk_linear_attention_dense(q, k, v, g, scale: float, initial_state, output
     C = chunk_size
     N = (T + C - 1) // C
     pad = N * C - T
-    gf = _expand_decay(g, B, T, H, q.device)
+    gf, restart = _split_restarts(_expand_decay(g, B, T, H, q.device))
     # [B, H, T, D] in float32; padded tokens have k = v = 0 and g = 0, so they change nothing.
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))
-    gf = gf.transpose(1, 2)
+    gf, restart = gf.transpose(1, 2), restart.transpose(1, 2)
     if pad:
         qf, kf, vf = (F.pad(x, (0, 0, 0, pad)) for x in (qf, kf, vf))
         gf = F.pad(gf, (0, pad))
+        restart = F.pad(restart, (0, pad))
     qc = qf.reshape(B, H, N, C, K)
     kc = kf.reshape(B, H, N, C, K)
     vc = vf.reshape(B, H, N, C, V)
     b = gf.reshape(B, H, N, C).cumsum(-1)                        # [B, H, N, C]
+    r = restart.reshape(B, H, N, C).cumsum(-1)                   # restarts up to each token of its chunk
+    r_last = r[..., -1:]
 
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # exp(b_i - b_j) only where i >= j: the difference is <= 0 there, so it never overflows.
-    diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
+    # exp(b_i - b_j) only where i >= j with no restart in (j, i]: the difference is <= 0 there, so it never
+    # overflows.
+    visible = causal & (r.unsqueeze(-1) == r.unsqueeze(-2))
+    diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~visible, float("-inf"))
     attn = (qc @ kc.transpose(-1, -2)) * diff.exp()               # [B, H, N, C, C]
     o = attn @ vc                                                 # [B, H, N, C, V]
 
     b_last = b[..., -1:]                                          # [B, H, N, 1]
-    chunk_states = (kc * (b_last - b).exp().unsqueeze(-1)).transpose(-1, -2) @ vc  # [B, H, N, K, V]
-    chunk_decay = b_last.squeeze(-1).exp()                        # [B, H, N]
+    reaches_end = (r == r_last).float()
+    chunk_states = (kc * ((b_last - b).exp() * reaches_end).unsqueeze(-1)).transpose(-1, -2) @ vc  # [B, H, N, K, V]
+    chunk_decay = b_last.squeeze(-1).exp() * (r_last.squeeze(-1) == 0).float()  # [B, H, N]
 
     if initial_state is None:
         state = q.new_zeros(B, H, K, V, dtype=torch.float32)
@@ -77,7 +94,7 @@ def chunk_linear_attention_dense(q, k, v, g, scale: float, initial_state, output
         states_before.append(state)
         state = chunk_decay[:, :, n, None, None] * state + chunk_states[:, :, n]
     prev = torch.stack(states_before, dim=2)                      # [B, H, N, K, V]
-    o = o + (qc * b.exp().unsqueeze(-1)) @ prev
+    o = o + (qc * (b.exp() * (r == 0).float()).unsqueeze(-1)) @ prev
     o = (scale * o).reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
     return o.to(v.dtype), (state if output_final_state else None)
 
@@ -96,28 +113,31 @@ def chunk_linear_attention_packed(q, k, v, g, scale: float, cu_seqlens, chunk_si
     pad = N * C - T
     tokens = torch.arange(T, device=q.device)
     doc = torch.bucketize(tokens, cu_seqlens[1:].to(device=q.device, dtype=torch.long), right=True)
-    gf = _expand_decay(g, 1, T, H, q.device)[0].transpose(0, 1)            # [H, T]
+    gf, restart = _split_restarts(_expand_decay(g, 1, T, H, q.device)[0].transpose(0, 1))  # [H, T]
     qf, kf, vf = (x[0].float().transpose(0, 1) for x in (q, k, v))         # [H, T, D]
     if pad:
         qf, kf, vf = (F.pad(x, (0, 0, 0, pad)) for x in (qf, kf, vf))
         gf = F.pad(gf, (0, pad))
+        restart = F.pad(restart, (0, pad))
         doc = F.pad(doc, (0, pad), value=-1)
     qc, kc, vc = qf.reshape(H, N, C, K), kf.reshape(H, N, C, K), vf.reshape(H, N, C, V)
     b = gf.reshape(H, N, C).cumsum(-1)
+    r = restart.reshape(H, N, C).cumsum(-1)                                # restarts (g = -inf) so far in the chunk
+    r_last = r[..., -1:]
     dc = doc.reshape(N, C)
     prev_doc = torch.cat([dc.new_full((1,), -2), dc[:-1, -1]])             # document entering each chunk
     last_doc = dc[:, -1]
 
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    visible = causal & (dc[:, :, None] == dc[:, None, :])                  # [N, C, C]
+    visible = causal & (dc[:, :, None] == dc[:, None, :]) & (r.unsqueeze(-1) == r.unsqueeze(-2))  # [H, N, C, C]
     diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~visible, float("-inf"))
     o = ((qc @ kc.transpose(-1, -2)) * diff.exp()) @ vc                    # [H, N, C, V]
 
-    carried_in = (dc == prev_doc[:, None]).float()                         # [N, C]
-    carried_out = (dc == last_doc[:, None]).float()
+    carried_in = ((dc == prev_doc[:, None]) & (r == 0)).float()            # [H, N, C]
+    carried_out = ((dc == last_doc[:, None]) & (r == r_last)).float()
     b_last = b[..., -1:]
     chunk_states = (kc * ((b_last - b).exp() * carried_out).unsqueeze(-1)).transpose(-1, -2) @ vc
-    chunk_decay = b_last.squeeze(-1).exp() * (last_doc == prev_doc).float()  # [H, N]
+    chunk_decay = b_last.squeeze(-1).exp() * ((last_doc == prev_doc) & (r_last.squeeze(-1) == 0)).float()  # [H, N]
     state = q.new_zeros(H, K, V, dtype=torch.float32)
     states_before = []
     for n in range(N):

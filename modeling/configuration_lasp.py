@@ -1,7 +1,13 @@
 """Configuration of the lasp model family (model_type "lasp"): linear-attention causal LMs with an
 optional share of softmax-attention layers (hybrids)."""
 
+import difflib
+import inspect
+
 from transformers import PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 TOKEN_MIXERS = ("lightning", "linear", "gated")
 LAYER_TYPES = ("linear_attention", "full_attention")
@@ -13,6 +19,21 @@ QK_ACTIVATIONS = ("silu", "elu", "identity")
 POSITION_ENCODINGS = ("none", "lrpe", "rope")
 DECAY_SCHEDULES = ("lightning", "lightning_alibi", "retnet", "none")
 OUTPUT_NORMS = ("all_heads", "per_head")
+# Keys that `PretrainedConfig` of some transformers version writes or reads, besides its __init__ arguments: a
+# config.json written by another version may hold them, and they are not misspellings of LaspConfig fields.
+_HF_CONFIG_KEYS = frozenset((
+    "_attn_implementation", "_commit_hash", "_name_or_path", "add_cross_attention", "architectures", "auto_map",
+    "bad_words_ids", "base_model_pp_plan", "base_model_tp_plan", "begin_suppress_tokens", "chunk_size_feed_forward",
+    "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty", "do_sample", "dtype",
+    "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty", "finetuning_task",
+    "forced_bos_token_id", "forced_eos_token_id", "id2label", "is_decoder", "is_encoder_decoder", "label2id",
+    "length_penalty", "max_length", "min_length", "model_type", "no_repeat_ngram_size", "num_beam_groups",
+    "num_beams", "num_labels", "num_return_sequences", "output_attentions", "output_hidden_states",
+    "output_scores", "prefix", "problem_type", "pruned_heads", "quantization_config", "remove_invalid_values",
+    "repetition_penalty", "return_dict", "return_dict_in_generate", "sep_token_id", "suppress_tokens",
+    "task_specific_params", "temperature", "tf_legacy_loss", "tie_encoder_decoder", "tokenizer_class", "top_k",
+    "top_p", "torch_dtype", "torchscript", "transformers_version", "typical_p", "use_bfloat16", "use_return_dict",
+))
 
 
 class LaspConfig(PretrainedConfig):
@@ -137,6 +158,32 @@ class LaspConfig(PretrainedConfig):
 
     model_type = "lasp"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    @classmethod
+    def unknown_keys(cls, config_dict: dict) -> list[tuple[str, str | None]]:
+        """The keys of `config_dict` that are no field of this config, each with the closest field (or None): a
+        misspelled key (`intermediat_size`) would otherwise be ignored and the default used."""
+        known = set(inspect.signature(cls.__init__).parameters) | set(
+            inspect.signature(PretrainedConfig.__init__).parameters) | _HF_CONFIG_KEYS
+        known -= {"self", "kwargs"}
+        fields = sorted(set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"})
+        return [(key, next(iter(difflib.get_close_matches(key, fields, n=1, cutoff=0.6)), None))
+                for key in config_dict if key not in known]
+
+    @classmethod
+    def describe_unknown_keys(cls, config_dict: dict) -> str:
+        """`unknown_keys` in words, or "" when there is none."""
+        return "; ".join(f"{key!r}" + (f" (did you mean {close!r}?)" if close else "")
+                         for key, close in cls.unknown_keys(config_dict))
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As `PretrainedConfig.from_dict` (what `from_pretrained` calls), warning about keys that are no field of
+        this config: a folder written by another version of lasp-hf may hold options this one does not know."""
+        unknown = cls.describe_unknown_keys(config_dict)
+        if unknown:
+            logger.warning(f"LaspConfig: ignoring keys that are no field of this version's config: {unknown}")
+        return super().from_dict(config_dict, **kwargs)
 
     def __init__(
         self,

@@ -39,6 +39,29 @@ _CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields_
 _LOSS_REDUCTIONS = ("mean", "sum")
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str, ignore_index: int | None = None) -> None:
+    """Every id in [0, vocab_size) (or == ignore_index), else a ValueError naming the first bad one and its position.
+
+    CPU tensors are checked here. CUDA tensors get an asynchronous device assert instead (no host sync on the
+    hot path): the next synchronizing CUDA call fails with the message (rerun on CPU for the position).
+    """
+    if torch.compiler.is_compiling():
+        return
+    ok = (ids >= 0) & (ids < vocab_size)
+    if ignore_index is not None:
+        ok |= ids == ignore_index
+    expected = f"[0, vocab_size = {vocab_size})" + (f" or {ignore_index}" if ignore_index is not None else "")
+    if ids.device.type != "cpu":
+        if not (ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            torch._assert_async(ok.all(), f"lasp_hf: {name} holds an id outside {expected}")
+        return
+    if not bool(ok.all()):
+        index = tuple(int(i) for i in torch.nonzero(~ok)[0])
+        raise ValueError(
+            f"{name} must hold ids in {expected}; got {int(ids[index])} at {name}[{', '.join(map(str, index))}]"
+        )
+
+
 class LaspDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm residual block: x + mixer(norm(x)), then x + GLU(norm(x)); the second half in chunks of
     `config.mlp_chunk_size` tokens when that is set (`chunked_over_tokens`), and the token-wise parts of a
@@ -221,11 +244,14 @@ class LaspModel(LaspPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size, "input_ids")
             inputs_embeds = self.embed_tokens(input_ids)
             embedding_scale = getattr(self.config, "embedding_scale", 1.0)
             if embedding_scale != 1.0:
                 inputs_embeds = inputs_embeds * embedding_scale
         B, T = inputs_embeds.shape[:2]
+        if B == 0 or T == 0:
+            raise ValueError(f"the batch must hold at least one row of at least one token, got B = {B}, T = {T}")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
 
@@ -455,6 +481,8 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
         loss, logits = None, None
         wants_loss = labels is not None or shift_labels is not None
         if wants_loss:
+            check_token_ids(labels if shift_labels is None else shift_labels, self.config.vocab_size,
+                            "labels" if shift_labels is None else "shift_labels", ignore_index)
             if shift_labels is None:
                 shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
             loss, num_valid = chunked_cross_entropy(
@@ -467,8 +495,12 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
             )
             if loss_reduction == "mean":
                 denominator = num_items_in_batch if num_items_in_batch is not None else num_valid
+                # A step without targets (every label -100) sums to 0: dividing by at least 1 makes it contribute
+                # loss 0 and zero gradients instead of 0 / 0 = NaN, as the sequence-parallel path does.
                 if torch.is_tensor(denominator):
-                    denominator = denominator.to(loss.device)
+                    denominator = denominator.to(loss.device).clamp(min=1)
+                else:
+                    denominator = max(denominator, 1)
                 loss = loss / denominator
         if not wants_loss or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             logits = self.lm_head(_keep_last(hidden_states, logits_to_keep))

@@ -17,6 +17,7 @@ script's own (`ScriptArguments` below). With no data flags it trains on the ship
 The Trainer picks the device: CUDA (and the Triton kernels) when there is one, the CPU otherwise.
 """
 
+import json
 import logging
 import math
 import os
@@ -122,6 +123,11 @@ def parse_args(argv=None) -> tuple[ScriptArguments, LaspTrainingArguments]:
         )
     if script_args.model_dtype not in MODEL_DTYPES:
         raise ValueError(f"--model_dtype {script_args.model_dtype!r}: expected one of {sorted(MODEL_DTYPES)}")
+    if training_args.eval_strategy != "no" and script_args.eval_fraction == 0.0:
+        raise ValueError(
+            f"--eval_strategy {training_args.eval_strategy.value} needs an eval set: pass --eval_fraction F (the "
+            "share of documents held out for evaluation, e.g. 0.05)"
+        )
     if script_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming gives a dataset without a length: set --max_steps too")
     return script_args, training_args
@@ -154,7 +160,11 @@ def _match_tokenizer(config, tokenizer, source: str) -> None:
 
 
 def build_model(config_path: str, tokenizer, dtype: torch.dtype = torch.float32) -> LaspForCausalLM:
-    """A new model with random weights from a LaspConfig json."""
+    """A new model with random weights from a LaspConfig json (whose keys must all be config fields)."""
+    unknown = LaspConfig.describe_unknown_keys(json.loads(pathlib.Path(config_path).read_text()))
+    if unknown:
+        raise ValueError(f"--model_config {config_path}: unknown keys {unknown}; they would be ignored and the "
+                         "defaults used. Fix or remove them (LaspConfig's docstring lists the fields).")
     config = LaspConfig.from_json_file(config_path)
     _match_tokenizer(config, tokenizer, config_path)
     return LaspForCausalLM(config).to(dtype)

@@ -84,6 +84,60 @@ def _fit_backend(resolved: str, asked: str, K: int, V: int) -> str:
     return "torch"
 
 
+# Set to False to skip the decay check (`check_decay`), e.g. when timing the op alone.
+CHECK_DECAY = True
+# (id, version) of per-head decays already checked, with the tensor kept alive so its id names no other tensor: a
+# fixed per-head decay (lightning attention's slopes) is checked once, not at every layer of every step.
+_CHECKED_DECAYS: dict = {}
+
+
+def check_decay(g: torch.Tensor | None, name: str = "g") -> None:
+    """g must be <= 0 (a natural-log decay; -inf, a decay to exactly zero, restarts the state): g > 0 makes the
+    state grow without bound and NaN poisons it, silently, for long sequences.
+
+    CPU tensors are checked here, and the error names the first offending value and its position. CUDA tensors
+    are checked without a host sync: an asynchronous device assert (`torch._assert_async`) that fails the next
+    synchronizing CUDA call with the message below (rerun on CPU, or with CUDA_LAUNCH_BLOCKING=1, for the position).
+    It is skipped while a CUDA graph is being captured (the eager warm-up before capture checks) or torch.compile
+    traces, for a tensor already checked at its current version, and when `CHECK_DECAY` is False.
+    """
+    if g is None or not CHECK_DECAY or torch.compiler.is_compiling():
+        return
+    # Only small per-head decays are remembered: a per-token one is a new tensor at every call.
+    try:
+        key = (id(g), g._version) if g.dim() == 1 else None
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        key = None
+    if key is not None and _CHECKED_DECAYS.get(key) is g:
+        return
+    if g.device.type == "cpu":
+        bad = ~(g.detach() <= 0)  # NaN compares False
+        if bad.any():
+            index = tuple(int(i) for i in torch.nonzero(bad)[0])
+            raise ValueError(
+                f"{name} must be a natural-log decay <= 0 (-inf restarts the state), got {g.detach()[index].item()} "
+                f"at {name}[{', '.join(map(str, index))}] ({int(bad.sum())} such value(s))"
+            )
+    elif g.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    else:
+        torch._assert_async((g.detach() <= 0).all(), f"lasp_hf: {name} must be a natural-log decay <= 0 "
+                            "(-inf restarts the state); it holds a positive or NaN value")
+    if key is not None:
+        if len(_CHECKED_DECAYS) >= 64:
+            _CHECKED_DECAYS.clear()
+        _CHECKED_DECAYS[key] = g
+
+
+def _check_dims(q, v) -> None:
+    B, _, H, K = q.shape
+    if B < 1 or H < 1 or K < 1 or v.shape[-1] < 1:
+        raise ValueError(
+            f"q, k, v need at least one batch row, head and feature: got B = {B}, H = {H}, K = {K}, "
+            f"V = {v.shape[-1]}"
+        )
+
+
 def _check_inputs(q, k, v, g, initial_state, cu_seqlens, sp_mode):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -103,6 +157,7 @@ def _check_inputs(q, k, v, g, initial_state, cu_seqlens, sp_mode):
     V = v.shape[-1]
     if T < 1:
         raise ValueError(f"the sequence length T must be >= 1, got {T}")
+    _check_dims(q, v)
     if g is not None:
         if not isinstance(g, torch.Tensor) or not g.is_floating_point():
             raise ValueError("g must be None or a floating-point tensor of log-decays (<= 0)")
@@ -110,6 +165,7 @@ def _check_inputs(q, k, v, g, initial_state, cu_seqlens, sp_mode):
             raise ValueError(f"g must be None, [H] = [{H}] or [B, T, H] = {[B, T, H]}, got {list(g.shape)}")
         if g.device != q.device:
             raise ValueError(f"g must be on q's device {q.device}, got {g.device}")
+        check_decay(g)
     num_states = B
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
@@ -196,9 +252,20 @@ def linear_attention_step(q, k, v, g=None, *, state=None, scale=None, backend="a
             f"linear_attention_step takes q, k [B, H, K] and v [B, H, V], got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
     B, H, K = q.shape
-    if g is not None and g.shape not in (torch.Size([H]), torch.Size([B, H])):
-        raise ValueError(f"g must be None, [H] = [{H}] or [B, H] = {[B, H]}, got {list(g.shape)}")
+    if B < 1 or H < 1 or K < 1 or v.shape[-1] < 1:
+        raise ValueError(
+            f"q, k, v need at least one batch row, head and feature: got B = {B}, H = {H}, K = {K}, V = {v.shape[-1]}"
+        )
+    if g is not None:
+        if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+            raise ValueError("g must be None or a floating-point tensor of log-decays (<= 0)")
+        if g.shape not in (torch.Size([H]), torch.Size([B, H])):
+            raise ValueError(f"g must be None, [H] = [{H}] or [B, H] = {[B, H]}, got {list(g.shape)}")
+        check_decay(g)
     if state is not None and tuple(state.shape) != (B, H, K, v.shape[-1]):
         raise ValueError(f"state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}, got {tuple(state.shape)}")
     scale = float(K ** -0.5 if scale is None else scale)

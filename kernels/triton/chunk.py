@@ -27,6 +27,8 @@ q.dq and k.dk are large and nearly cancel, and the reverse sum carries their rou
 sequence, so with bf16 / fp16 inputs the terms are formed more exactly when g needs a gradient: a chunk's
 own pairs as row minus column sums of A = (q k^T) * (do v^T) * decay in float32, and the state products
 with the float32 state split into two bf16 halves (`chunk_kernels._dot_f32_left` / `_dot_f32_right`, SPLIT).
+g = -inf restarts the state; the kernels mask every decay factor that spans a restart to 0 instead of forming
+exp(-inf + inf) (`chunk_kernels._chunk_decay`), and dg is 0 there.
 """
 
 from __future__ import annotations
@@ -460,6 +462,9 @@ def chunk_linear_attention_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, fina
         dg = _reverse_cumsum_per_sequence(dlogdecay, plan)
         if g.dim() == 1:
             dg = dg.sum(0)
+        # At a restart (g = -inf) the terms of the sum cancel exactly in exact arithmetic (exp(g) = 0 there);
+        # set the rounding residue to that 0.
+        dg = dg.masked_fill(torch.isneginf(g), 0.0)
     return dq, dk, dv, dg, dh0
 
 

@@ -16,7 +16,9 @@ from lasp_hf.kernels.triton.launch import fast
 
 @triton.jit
 def _chunk_decay(g, i_h, t0, length, H: tl.constexpr, G_MODE: tl.constexpr, BT: tl.constexpr):
-    """b (cumulative log-decay inside the chunk, [BT]) and b_last for the chunk starting at t0."""
+    """For the chunk starting at t0: b (cumulative log-decay inside the chunk, [BT]), b_last, r (restarts,
+    g = -inf, up to each token, [BT]) and r_last. A restart counts as 0 in b, and the factors below that span
+    it are 0 instead: exp(b_i - b_j) of two tokens after a restart would otherwise be exp(-inf + inf) = NaN."""
     o_t = tl.arange(0, BT)
     m_t = o_t < length
     if G_MODE == 1:
@@ -25,7 +27,40 @@ def _chunk_decay(g, i_h, t0, length, H: tl.constexpr, G_MODE: tl.constexpr, BT: 
         g_vec = tl.load(g + t0 * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
     else:
         g_vec = tl.zeros([BT], dtype=tl.float32)
-    return tl.cumsum(g_vec, 0), tl.sum(g_vec, 0)
+    restart = g_vec == float("-inf")
+    g_vec = tl.where(restart, 0.0, g_vec)
+    r = tl.cumsum(restart.to(tl.int32), 0)
+    return tl.cumsum(g_vec, 0), tl.sum(g_vec, 0), r, tl.sum(restart.to(tl.int32), 0)
+
+
+@triton.jit
+def _pair_decay(b, r):
+    """exp(b_i - b_j) for token i and an earlier token j of a chunk; 0 where a restart lies in (j, i]."""
+    return tl.where(r[:, None] == r[None, :], tl.exp(b[:, None] - b[None, :]), 0.0)
+
+
+@triton.jit
+def _decay_in(b, r):
+    """exp(b_i): the share of the state entering the chunk that token i sees (0 from a restart on)."""
+    return tl.where(r == 0, tl.exp(b), 0.0)
+
+
+@triton.jit
+def _decay_out(b, b_last, r, r_last):
+    """exp(b_last - b_j): the share of token j's k^T v that reaches the chunk's end (0 before a restart)."""
+    return tl.where(r == r_last, tl.exp(b_last - b), 0.0)
+
+
+@triton.jit
+def _decay_through(b_last, r_last):
+    """exp(b_last): the factor on a state crossing the whole chunk (0 if it restarts)."""
+    return tl.where(r_last == 0, tl.exp(b_last), 0.0)
+
+
+@triton.jit
+def _log_decay_through(b_last, r_last):
+    """log of `_decay_through` (-inf if the chunk restarts)."""
+    return tl.where(r_last == 0, b_last, float("-inf"))
 
 
 @triton.jit
@@ -94,10 +129,10 @@ def _fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
         t0 = bos + r0
         b_k = tiles_k.load([r0, i_k * BK]).to(DT)
         b_v = tiles_v.load([r0, i_v * BV]).to(DT)
-        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
-        k_decayed = b_k * tl.exp(b_last - b)[:, None]
-        state = state * tl.exp(b_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)
-        log_decay += b_last
+        b, b_last, r, r_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        k_decayed = b_k * _decay_out(b, b_last, r, r_last)[:, None]
+        state = state * _decay_through(b_last, r_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)
+        log_decay += _log_decay_through(b_last, r_last)
     p_s = s_loc + ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_s, state, mask=m_k[:, None] & m_v[None, :])
     if i_kv == 0:
@@ -194,15 +229,15 @@ def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, 
         b_q = tiles_q.load([r0, 0]).to(DT)
         b_k = tiles_k.load([r0, 0]).to(DT)
         b_v = tiles_v.load([r0, i_v * BV]).to(DT)
-        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        b, b_last, r, r_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         scores = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
-        scores = tl.where(causal, scores * tl.exp(b[:, None] - b[None, :]), 0.0)
+        scores = tl.where(causal, scores * _pair_decay(b, r), 0.0)
         b_o = tl.dot(scores.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-        b_o += tl.dot(b_q, state.to(b_q.dtype), input_precision=DOT_PREC) * tl.exp(b)[:, None]
+        b_o += tl.dot(b_q, state.to(b_q.dtype), input_precision=DOT_PREC) * _decay_in(b, r)[:, None]
         tiles_o.store([r0, i_v * BV], (b_o * scale).to(o.dtype.element_ty))
-        k_decayed = b_k * tl.exp(b_last - b)[:, None]
-        state = state * tl.exp(b_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)
-        log_decay += b_last
+        k_decayed = b_k * _decay_out(b, b_last, r, r_last)[:, None]
+        state = state * _decay_through(b_last, r_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)
+        log_decay += _log_decay_through(b_last, r_last)
     tl.store(s_end + p_state, state, mask=m_k[:, None] & m_v[None, :])
     if i_v == 0:
         tl.store(seg_decay + i_s * H + i_h, log_decay)
@@ -235,15 +270,15 @@ def _bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos, sc
         t0 = bos + r0
         b_q = tiles_q.load([r0, i_k * BK]).to(DT)
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
-        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        b, b_last, r, r_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         # scale is applied once to the float32 sum below, not to q here: q * scale rounded back to the
         # operand type would add a rounding (~2^-9 relative in bf16) that an exact product avoids.
         if G_MODE == 0:
             dstate += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC)
         else:
-            q_decayed = b_q * tl.exp(b)[:, None]
-            dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
-        log_decay += b_last
+            q_decayed = b_q * _decay_in(b, r)[:, None]
+            dstate = dstate * _decay_through(b_last, r_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
+        log_decay += _log_decay_through(b_last, r_last)
     p_s = ds_loc + ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_s, dstate * scale, mask=m_k[:, None] & m_v[None, :])
     if STORE_DECAY and i_kv == 0:
@@ -284,18 +319,18 @@ def _bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, 
         b_q = tiles_q.load([r0, i_k * BK]).to(DT)
         b_v = tiles_v.load([r0, 0]).to(DT)
         b_do = tiles_do.load([r0, 0]).to(DT)
-        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        b, b_last, r, r_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         dscores = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
-        dscores = tl.where(causal, dscores * (tl.exp(b[:, None] - b[None, :]) * scale), 0.0)
-        dk_state = _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * tl.exp(b_last - b)[:, None]
+        dscores = tl.where(causal, dscores * (_pair_decay(b, r) * scale), 0.0)
+        dk_state = _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * _decay_out(b, b_last, r, r_last)[:, None]
         b_dk = tl.dot(tl.trans(dscores.to(DT)), b_q, input_precision=DOT_PREC) + dk_state
         tiles_dk.store([r0, i_k * BK], b_dk.to(dk.dtype.element_ty))
         if NEED_DG:
             # Only the state part of k . dk: the chunk's own pairs enter through the dq kernel.
             b_k = tiles_k.load([r0, i_k * BK]).to(DT)
             tl.store(kdk_part + t0 * H + i_h + o_t * H, tl.sum(b_k * dk_state, 1), mask=m_t)
-        q_decayed = b_q * (tl.exp(b) * scale)[:, None]
-        dstate = dstate * tl.exp(b_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
+        q_decayed = b_q * (_decay_in(b, r) * scale)[:, None]
+        dstate = dstate * _decay_through(b_last, r_last) + _dot_f32_left(tl.trans(q_decayed), b_do, DT, DOT_PREC, SPLIT)
     if STORE_START:
         tl.store(ds_start + p_state, dstate, mask=m_kv)
 
@@ -329,14 +364,14 @@ def _bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
         b_q = tiles_q.load([r0, 0]).to(DT)
         b_k = tiles_k.load([r0, 0]).to(DT)
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
-        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        b, b_last, r, r_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         scores = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
-        scores = tl.where(causal, scores * (tl.exp(b[:, None] - b[None, :]) * scale), 0.0)
+        scores = tl.where(causal, scores * (_pair_decay(b, r) * scale), 0.0)
         b_dv = tl.dot(tl.trans(scores.to(DT)), b_do, input_precision=DOT_PREC)
-        b_dv += tl.dot(b_k, dstate.to(DT), input_precision=DOT_PREC) * tl.exp(b_last - b)[:, None]
+        b_dv += tl.dot(b_k, dstate.to(DT), input_precision=DOT_PREC) * _decay_out(b, b_last, r, r_last)[:, None]
         tiles_dv.store([r0, i_v * BV], b_dv.to(dv.dtype.element_ty))
-        q_decayed = (b_q * (tl.exp(b) * scale)[:, None]).to(DT)
-        dstate = dstate * tl.exp(b_last) + tl.dot(tl.trans(q_decayed), b_do, input_precision=DOT_PREC)
+        q_decayed = (b_q * (_decay_in(b, r) * scale)[:, None]).to(DT)
+        dstate = dstate * _decay_through(b_last, r_last) + tl.dot(tl.trans(q_decayed), b_do, input_precision=DOT_PREC)
 
 
 @fast
@@ -372,10 +407,10 @@ def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, 
         b_k = tiles_k.load([r0, i_k * BK]).to(DT)
         b_v = tiles_v.load([r0, 0]).to(DT)
         b_do = tiles_do.load([r0, 0]).to(DT)
-        b, b_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
+        b, b_last, r, r_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         dscores = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
-        dscores = tl.where(causal, dscores * tl.exp(b[:, None] - b[None, :]), 0.0)
-        dq_state = _dot_f32_right(b_do, tl.trans(state), DT, DOT_PREC, SPLIT) * (tl.exp(b) * scale)[:, None]
+        dscores = tl.where(causal, dscores * _pair_decay(b, r), 0.0)
+        dq_state = _dot_f32_right(b_do, tl.trans(state), DT, DOT_PREC, SPLIT) * (_decay_in(b, r) * scale)[:, None]
         b_dq = tl.dot(dscores.to(DT), b_k, input_precision=DOT_PREC) * scale + dq_state
         tiles_dq.store([r0, i_k * BK], b_dq.to(dq.dtype.element_ty))
         if NEED_DG:
@@ -386,5 +421,5 @@ def _bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS, 
             pairs = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * dscores * scale
             d_log = tl.sum(pairs, 1) - tl.sum(pairs, 0) + tl.sum(b_q * dq_state, 1)
             tl.store(qdq_part + t0 * H + i_h + o_t * H, d_log, mask=m_t)
-        k_decayed = b_k * tl.exp(b_last - b)[:, None]
-        state = state * tl.exp(b_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)
+        k_decayed = b_k * _decay_out(b, b_last, r, r_last)[:, None]
+        state = state * _decay_through(b_last, r_last) + _dot_f32_left(tl.trans(k_decayed), b_v, DT, DOT_PREC, SPLIT)

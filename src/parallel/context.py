@@ -7,6 +7,7 @@ dp_rank * W + sp_rank), so every rank of one SP group gets the same batch.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, field
 
@@ -73,7 +74,8 @@ class SequenceParallelContext:
         from lasp_hf.parallel.comm import connect_neighbours  # comm imports this module
 
         if nccl.wanted(group):
-            ctx.direct = nccl.DirectComm(group, rank, world_size, torch.device("cuda", torch.cuda.current_device()))
+            ctx.direct = nccl.DirectComm(group, rank, world_size, torch.device("cuda", torch.cuda.current_device()),
+                                         timeout=group_timeout(group))
         connect_neighbours(ctx)
         return ctx
 
@@ -87,6 +89,23 @@ class SequenceParallelContext:
                 f"has this process at rank {actual_rank} of {actual_size}; build it with "
                 "init_sequence_parallel or SequenceParallelContext.from_group"
             )
+
+
+def group_timeout(group=None) -> datetime.timedelta | None:
+    """The timeout that bounds `group`'s collectives (the default group's when None), or None where this torch does
+    not say (it is read from the backend's options, which torch does not document)."""
+    try:
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        for device in ("cuda", "cpu"):
+            try:
+                timeout = pg._get_backend(torch.device(device)).options._timeout
+            except (RuntimeError, AttributeError, ValueError):
+                continue
+            if isinstance(timeout, datetime.timedelta):
+                return timeout
+    except (RuntimeError, AttributeError, ValueError):
+        pass
+    return None
 
 
 def _require_initialized() -> None:
@@ -109,8 +128,10 @@ def init_sequence_parallel(sp_size: int, mode: str = "ring", *, device_mesh=None
             instead of building new ones (its "sp" size must equal sp_size). The groups built here use
             high-priority NCCL streams; for a mesh's groups, TORCH_NCCL_HIGH_PRIORITY=1 does the same.
         backend: process-group backend for the new groups (None: the default group's).
-        timeout: optional `datetime.timedelta` bounding every collective of the new groups (None: torch's
-            default, 30 minutes for gloo/NCCL), so a dead or hung peer fails the others instead of hanging them.
+        timeout: optional `datetime.timedelta` bounding every collective of the new groups (None: the default
+            group's, as passed to `init_process_group` or accelerate's `InitProcessGroupKwargs`; torch's own default
+            would be 30 minutes), so a dead or stuck peer fails the others instead of hanging them. The direct NCCL
+            exchanges (`parallel/nccl.py`) are bounded by it too, through a watchdog thread.
 
     Every rank must call this, with the same arguments, in the same order relative to other
     group creation: `new_group` is collective over the whole world.
@@ -138,6 +159,8 @@ def init_sequence_parallel(sp_size: int, mode: str = "ring", *, device_mesh=None
             device_mesh.get_group("sp"), mode, dp_group=device_mesh.get_group("dp")
         )
 
+    if timeout is None:
+        timeout = group_timeout()
     rank = dist.get_rank()
     num_sp_groups = world_size // sp_size
     sp_group = dp_group = None

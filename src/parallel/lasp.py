@@ -30,8 +30,10 @@ group. Every rank must back-propagate through o (the exchange is collective).
 
 from __future__ import annotations
 
+import array
 import bisect
 import functools
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -149,23 +151,59 @@ def _checked_packed_plan(bounds: tuple[int, ...], L: int, rank: int, world_size:
     return packed_plan(bounds, L, rank, world_size)
 
 
-def _check_across_ranks(sp: SequenceParallelContext, q, v, g, initial_state, output_final_state, packed, mode):
-    """Every rank must pass the same shapes and options; checked once per distinct signature."""
+def _bounds_digest(bounds) -> tuple[int, int]:
+    """(number of boundaries, CRC-32 of their values): equal on ranks that pass the same cu_seqlens."""
+    if bounds is None:
+        return (0, 0)
+    return (len(bounds), zlib.crc32(array.array("q", bounds).tobytes()))
+
+
+# Signatures remembered per SP context before the set is emptied (a packed batch adds one per step).
+_MAX_SIGNATURES = 1024
+
+
+def _check_across_ranks(sp: SequenceParallelContext, q, v, g, initial_state, output_final_state, bounds, mode):
+    """Every rank must pass the same shapes, options and packed-sequence boundaries (`bounds`, None when not
+    packed; a digest of them is compared). Checked once per distinct signature (a model's layers, forward and
+    backward, pass the same one): one small all_gather. Its result is read on the host (a wait for the GPU on
+    NCCL) the first time a shape is seen; the boundaries of later packed batches of that shape are compared on the
+    GPU instead, with an asynchronous device assert, so a packed batch costs no host sync."""
     B, L, H, K = q.shape
     g_mode = 0 if g is None else g.dim()
-    signature = (B, L, H, K, v.shape[-1], g_mode, initial_state is not None, bool(output_final_state), packed,
-                 SP_MODES.index(mode))
+    shapes = (B, L, H, K, v.shape[-1], g_mode, initial_state is not None, bool(output_final_state),
+              bounds is not None, SP_MODES.index(mode))
+    signature = (*shapes, *_bounds_digest(bounds))
     if signature in sp.checked_signatures:
         return
-    device = q.device if dist.get_backend(sp.group) == "nccl" else torch.device("cpu")
-    everyone = comm.all_gather_object_ints([int(x) for x in signature], sp, device)
-    if any(tuple(row) != tuple(everyone[0]) for row in everyone):
-        names = "(B, T_local, H, K, V, g.dim(), initial_state given, output_final_state, packed, mode)"
-        raise ValueError(
-            "sequence-parallel ranks passed different shapes or options; every rank must pass the same B, "
-            f"T_local, H, K, V and options {names}; per rank: {everyone}"
-        )
-    sp.checked_signatures.add(signature)
+    nccl = dist.get_backend(sp.group) == "nccl"
+    device = q.device if nccl else torch.device("cpu")
+    if nccl and ("shapes", *shapes) in sp.checked_signatures:
+        everyone = comm.all_gather_stacked(device_ints(list(signature), device), sp)
+        torch._assert_async((everyone == everyone[:1]).all(), "lasp_hf: sequence-parallel ranks passed different "
+                            "cu_seqlens; every rank must pass the boundaries of the same full packed sequence")
+    else:
+        everyone = comm.all_gather_object_ints([int(x) for x in signature], sp, device)
+        if any(tuple(row[:10]) != tuple(everyone[0][:10]) for row in everyone):
+            names = "(B, T_local, H, K, V, g.dim(), initial_state given, output_final_state, packed, mode)"
+            raise ValueError(
+                "sequence-parallel ranks passed different shapes or options; every rank must pass the same B, "
+                f"T_local, H, K, V and options {names}; per rank: {[row[:10] for row in everyone]}"
+            )
+        if any(tuple(row[10:]) != tuple(everyone[0][10:]) for row in everyone):
+            raise ValueError(
+                "sequence-parallel ranks passed different cu_seqlens; every rank must pass the boundaries of the "
+                "same full packed sequence. Per rank (number of boundaries, CRC-32 of their values): "
+                f"{[tuple(row[10:]) for row in everyone]}; this rank ({sp.rank}) has {_bounds_preview(bounds)}"
+            )
+    if len(sp.checked_signatures) >= _MAX_SIGNATURES:
+        sp.checked_signatures.clear()
+    sp.checked_signatures.update({signature, ("shapes", *shapes)})
+
+
+def _bounds_preview(bounds) -> str:
+    if bounds is None:
+        return "none (not packed)"
+    return str(list(bounds)) if len(bounds) <= 8 else f"{list(bounds[:4])}...{list(bounds[-2:])}"
 
 
 def _check_state(initial_state, expected, packed):
@@ -227,7 +265,9 @@ def _segment_state(k, v, g, lo: int, hi: int, h0, local_impl=None):
         weights, total = None, None
     elif g.dim() == 1:
         steps = torch.arange(n - 1, -1, -1, device=k.device, dtype=torch.float32)
-        weights = (g.float()[None, None, :] * steps[None, :, None]).exp().expand(B, n, H)
+        # The last token's weight is exp(0) = 1 even for g = -inf (a restart), where g * 0 would be NaN.
+        log_weights = (g.float()[None, None, :] * steps[None, :, None]).masked_fill(steps[None, :, None] == 0, 0.0)
+        weights = log_weights.exp().expand(B, n, H)
         total = (g.float() * n).exp().expand(B, H)
     else:
         # Reverse cumulative sums from the end: accurate where the weights are largest.
@@ -620,7 +660,8 @@ def sp_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None, ou
     B, L, H, K = q.shape
     V = v.shape[-1]
     packed = cu_seqlens is not None
-    _check_across_ranks(sp, q, v, g, initial_state, output_final_state, packed, sp_mode)
+    _check_across_ranks(sp, q, v, g, initial_state, output_final_state, host_bounds(cu_seqlens) if packed else None,
+                        sp_mode)
     if packed and B != 1:
         raise ValueError(f"cu_seqlens packs documents along T and needs B == 1, got B = {B}")
     plan = _rank_plan(sp, cu_seqlens, L)

@@ -17,6 +17,7 @@ Every block therefore has `input_ids`, `position_ids` and `labels` of length `bl
 
 from __future__ import annotations
 
+import gzip
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -85,7 +86,16 @@ def load_text_dataset(
         kwargs: dict[str, Any] = {"sample_by": text_sample_by} if file_format == "text" else {}
         if file_format == "text" and text_sample_by not in ("line", "paragraph", "document"):
             raise ValueError(f"text_sample_by={text_sample_by!r}: expected 'line', 'paragraph' or 'document'")
-        return load_dataset(file_format, data_files={split: train_file}, split=split, streaming=streaming, **kwargs)
+        if os.path.getsize(train_file) == 0:
+            raise ValueError(f"train_file {train_file!r} is empty (0 bytes): no documents to train on")
+        try:
+            return load_dataset(file_format, data_files={split: train_file}, split=split, streaming=streaming,
+                                **kwargs)
+        except Exception as err:
+            if _caused_by(err, UnicodeDecodeError):
+                where = _first_bad_utf8(train_file)
+                raise ValueError(f"train_file {train_file!r} is not valid UTF-8: {where}") from err
+            raise
 
     if os.path.isdir(dataset_name) and _is_saved_dataset(dataset_name):
         dataset = load_from_disk(dataset_name)
@@ -98,6 +108,47 @@ def load_text_dataset(
     if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         dataset = dataset[split]
     return dataset
+
+
+def _caused_by(err: BaseException, kind: type) -> bool:
+    while err is not None:
+        if isinstance(err, kind):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _first_bad_utf8(path: str) -> str:
+    """Where the first invalid UTF-8 byte of `path` is, in words (read only once loading has failed)."""
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    offset = 0
+    with opener(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = "of the decompressed file" if opener is gzip.open else "of the file"
+                return f"line {number} (byte {offset + err.start} {where}: {line[max(err.start - 10, 0):err.end + 10]!r})"
+            offset += len(line)
+    return "the position could not be found"
+
+
+def check_text_column(documents: Dataset, text_column: str, source: str) -> None:
+    """Every record of an in-memory document dataset has a string `text_column`; else a ValueError naming the
+    first record without one (1-based: the line of a .jsonl without blank lines) and how many there are."""
+    if not isinstance(documents, Dataset) or text_column not in (documents.column_names or []):
+        return
+    feature = documents.features[text_column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        first = documents[0][text_column] if len(documents) else None
+        raise ValueError(f"{source}: the {text_column!r} field must hold text, got {feature} values "
+                         f"(record 1: {first!r}); every record needs a string {text_column!r}")
+    column = documents.data.column(text_column)
+    if column.null_count:
+        first = pc.index(pc.is_null(column), True).as_py()
+        raise ValueError(f"{source}: {column.null_count} of {len(documents)} records have no {text_column!r} field "
+                         f"(or null); the first is record {first + 1} (line {first + 1} of a .jsonl without blank "
+                         "lines). Every record needs one.")
 
 
 def _is_saved_dataset(folder: str) -> bool:
@@ -139,8 +190,12 @@ def tokenize_documents(
     if column_names is not None and text_column not in column_names:
         raise ValueError(f"text_column {text_column!r} is not in the dataset's columns {column_names}")
 
-    def is_nonempty(row: dict) -> bool:
-        return bool(row[text_column]) and not row[text_column].isspace()
+    def is_nonempty(row: dict, index: int) -> bool:
+        text = row[text_column]
+        if not isinstance(text, str):  # (in-memory corpora are checked as a whole first: check_text_column)
+            what = "no text field" if text is None else f"a {type(text).__name__} ({text!r:.40}) as its text"
+            raise ValueError(f"document {index + 1} has {what}: every record needs a string {text_column!r}")
+        return bool(text) and not text.isspace()
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
@@ -151,7 +206,7 @@ def tokenize_documents(
     map_kwargs: dict[str, Any] = {"batched": True}
     if isinstance(dataset, Dataset):
         map_kwargs.update(num_proc=num_proc, desc="tokenizing")
-    documents = dataset.filter(is_nonempty)
+    documents = dataset.filter(is_nonempty, with_indices=True)
     if isinstance(documents, Dataset) and len(documents) == 0:
         # map() never calls the function on zero rows, so it would not create the column.
         return Dataset.from_dict({"input_ids": []}, features=TOKENIZED_FEATURES)
@@ -220,6 +275,8 @@ def build_clm_datasets(
         raise ValueError(f"max_train_samples={max_train_samples}: expected a positive number of blocks")
     documents = load_text_dataset(train_file, dataset_name, dataset_config_name, streaming=streaming,
                                   text_sample_by=text_sample_by)
+    source = f"train_file {train_file!r}" if train_file else f"dataset {dataset_name!r}"
+    check_text_column(documents, text_column, source)
     train_docs, eval_docs = split_documents(documents, eval_fraction)
 
     def blocks(docs):

@@ -30,6 +30,7 @@ from accelerate.data_loader import prepare_data_loader
 from lasp_hf.parallel import SequenceParallelContext, init_sequence_parallel
 from lasp_hf.parallel.context import SP_MODES
 from lasp_hf.parallel.sharding import packed_boundaries, shard_batch_for_sp, shift_labels_packed
+from lasp_hf.training.checkpoints import SafeCheckpointsMixin
 from lasp_hf.training.loss import global_target_tokens, local_target_tokens, loss_multiplier, scale_loss
 from lasp_hf.training.sp_config import resolve_sequence_parallel_size
 from transformers import Trainer, TrainingArguments
@@ -52,6 +53,11 @@ class LaspTrainingArguments(TrainingArguments):
     sp_mode: str = field(
         default="ring",
         metadata={"help": "How the states cross the SP group: 'ring' (LASP) or 'allgather' (LASP-2)."},
+    )
+    allow_partial_resume: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint that lacks its optimizer, scheduler or random-number state "
+                          "(they restart fresh, with a warning) instead of refusing it."},
     )
     offload_activations: bool = field(
         default=False,
@@ -128,8 +134,10 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-class LaspTrainer(Trainer):
-    """`Trainer` for `LaspForCausalLM` under sequence parallelism; see the module docstring.
+class LaspTrainer(SafeCheckpointsMixin, Trainer):
+    """`Trainer` for `LaspForCausalLM` under sequence parallelism; see the module docstring. Checkpoints appear
+    under their final name only once complete, and resuming refuses an incomplete one
+    (`lasp_hf.training.checkpoints`).
 
     Give it `LaspTrainingArguments` (plain `TrainingArguments` train with W = 1). The SP context is
     `self.sp_context` (None when W = 1).
