@@ -90,7 +90,7 @@ def test_sp_gla_matches_unsharded(W):
 def test_sp_gla_triton_local_pass():
     """The per-channel Triton kernels (local pass, state-only passes) in Triton's interpreter, W = 2."""
     pytest.importorskip("triton")
-    results = run_distributed(_gla_worker, 2, 2, "triton", ("dense", "span"), (2, 16, 16), (70,),
+    results = run_distributed(_gla_worker, 2, 2, "triton", ("span",), (1, 16, 16), (40,),
                               start_method="spawn", env={"TRITON_INTERPRET": "1"}, timeout_s=600)
     assert not _failures(results), "\n".join(_failures(results))
-    assert len(results[0]) == 2 * len(MODES)
+    assert len(results[0]) == len(MODES)
