@@ -38,3 +38,28 @@ def packed_gla_recurrence64(q, k, v, g, scale, h0, cu_seqlens):
         outs.append(o_n)
         finals.append(s_n)
     return torch.cat(outs, 1), torch.cat(finals, 0)
+
+
+def gla_chunked64(q, k, v, g, scale, h0=None, chunk: int = 32):
+    """The same function in float64 a chunk at a time (fast enough for long T on a GPU). Differentiable.
+
+    Inside a chunk, token i sees token j <= i through exp(c_i - c_j) per channel, c the cumulative g; -inf is
+    replaced by -1e4 first (exp(-1e4) is exactly 0 in float64, and float64 keeps the differences of the large
+    cumulative sums exact to ~1e-10), so a restart needs no special case here."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))          # [B, H, T, D]
+    g = g.double().clamp(min=-1e4).transpose(1, 2)
+    S = h0.double() if h0 is not None else q.new_zeros(B, H, K, V)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    outs = []
+    for a in range(0, T, chunk):
+        e = min(a + chunk, T)
+        n = e - a
+        c = g[:, :, a:e].cumsum(2)                                      # [B, H, n, K]
+        diff = (c[:, :, :, None, :] - c[:, :, None, :, :]).masked_fill(~causal[:n, :n, None], float("-inf"))
+        attn = torch.einsum("bhik,bhjk,bhijk->bhij", q[:, :, a:e], k[:, :, a:e], diff.exp())
+        o = attn @ v[:, :, a:e] + (q[:, :, a:e] * c.exp()) @ S
+        outs.append(scale * o)
+        S = c[:, :, -1, :, None].exp() * S + (k[:, :, a:e] * (c[:, :, -1:] - c).exp()).transpose(-1, -2) @ v[:, :, a:e]
+    return torch.cat(outs, 2).transpose(1, 2), S
