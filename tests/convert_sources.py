@@ -306,7 +306,8 @@ def gla_forward64(config: dict, tensors: dict, ids: torch.Tensor) -> torch.Tenso
         q = (h @ W[p + "attn.q_proj.weight"].T).view(B, T, heads, K)
         k = (h @ W[p + "attn.k_proj.weight"].T).view(B, T, heads, K)
         v = (h @ W[p + "attn.v_proj.weight"].T).view(B, T, heads, Vd)
-        logits = (h @ W[p + "attn.gk_proj.0.weight"].T) @ W[p + "attn.gk_proj.1.weight"].T + W[p + "attn.gk_proj.1.bias"]
+        logits = (h @ W[p + "attn.gk_proj.0.weight"].T) @ W[p + "attn.gk_proj.1.weight"].T
+        logits = logits + W[p + "attn.gk_proj.1.bias"]
         alpha = torch.exp(F.logsigmoid(logits) / 16).view(B, T, heads, K)
         S = torch.zeros(B, heads, K, Vd, dtype=torch.float64)
         outs = []

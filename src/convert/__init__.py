@@ -67,7 +67,8 @@ def convert(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Convert the checkpoint `src` (a local folder or a Hub id) of source layout `layout` ("transnormer",
-    "fla-retnet" or "fla-gla") into the lasp model folder `out`, which must not exist yet (it appears only when complete).
+    "fla-retnet" or "fla-gla") into the lasp model folder `out`, which must not exist yet (it appears only when
+    complete).
     `dtype` ("float32" / "bfloat16" / "float16") defaults to the source tensors' own. Returns `out`.
 
     Raises ValueError for an unknown layout, a source config the lasp model cannot express exactly, a source

@@ -36,7 +36,7 @@ GATE_LOGIT_NORMALIZER = 16
 def _refuse_unsupported(source: dict) -> None:
     heads = source.get("num_heads", 4)
     checks = (
-        (source.get("num_kv_heads") in (None, heads), f"num_kv_heads = {source.get('num_kv_heads')} (grouped kv heads)"),
+        (source.get("num_kv_heads") in (None, heads), f"num_kv_heads = {source.get('num_kv_heads')} (grouped)"),
         (not source.get("use_short_conv", False), "use_short_conv = true"),
         (source.get("attn") is None, "attn (softmax attention layers) set"),
         (source.get("use_output_gate", True), "use_output_gate = false"),
