@@ -11,8 +11,8 @@ import json
 
 import pytest
 import torch
-from convert_sources import VOCAB, gla_forward64, gla_source, relative_error
-from lasp_hf.convert import convert
+from convert_sources import REPO_ROOT, VOCAB, gla_forward64, gla_source, relative_error
+from lasp_hf.convert import convert, fla_gla
 from lasp_hf.convert.__main__ import main
 from transformers import AutoModelForCausalLM
 
@@ -107,3 +107,21 @@ def test_wrong_tensors_are_refused(tmp_path):
         convert("fla-gla", tmp_path / "missing", tmp_path / "out")
     with pytest.raises(ValueError, match="model_type"):
         convert("fla-retnet", src, tmp_path / "out")
+
+
+def test_gla_preset_is_the_converted_340m_shape():
+    """recipes/configs/gla-340m.json is what the converter makes of fla's 340M GLA training config (hidden 1024,
+    24 layers, 4 heads, expand_k 0.5, expand_v 1, hidden_ratio 4, tied embeddings, vocab 32000)."""
+    from lasp_hf import LaspConfig
+
+    fla_340m = {"model_type": "gla", "attn_mode": "chunk", "bos_token_id": 1, "clamp_min": None, "eos_token_id": 2,
+                "expand_k": 0.5, "expand_v": 1, "fuse_cross_entropy": True, "fuse_norm": True, "hidden_act": "swish",
+                "hidden_ratio": 4, "hidden_size": 1024, "initializer_range": 0.006, "intermediate_size": None,
+                "num_heads": 4, "num_hidden_layers": 24, "norm_eps": 1e-06, "tie_word_embeddings": True,
+                "use_cache": True, "use_gk": True, "use_gv": False, "vocab_size": 32000}
+    converted = fla_gla.build_config(fla_340m).to_dict()
+    preset = LaspConfig.from_json_file(REPO_ROOT / "recipes" / "configs" / "gla-340m.json").to_dict()
+    ignored = {"loss_chunk_size", "architectures", "transformers_version"}
+    diff = {k: (converted.get(k), preset.get(k)) for k in set(converted) | set(preset)
+            if k not in ignored and converted.get(k) != preset.get(k)}
+    assert not diff
