@@ -282,14 +282,20 @@ def test_position_encoding_layers_and_defaults():
         tiny_config(position_encoding="rope", position_encoding_layers=[5])
 
 
-def test_value_blocks_equal_one_call(monkeypatch):
-    """Values wider than the kernels' widest tile run as column blocks: outputs, gradients, the cache and a
-    decoding step are those of one call."""
+@pytest.mark.parametrize("published", ["retnet", "gla"])
+def test_value_blocks_equal_one_call(monkeypatch, published):
+    """Values wider than the kernels' widest tile run as column blocks (fla RetNet's 512; GLA-1.3B's 512 with its
+    per-key-channel decay, which every block shares): outputs, gradients, the cache and a decoding step are those
+    of one call."""
     from lasp_hf.modeling import layers_lasp
     from lasp_hf.modeling.cache_lasp import LaspCache
 
-    config = tiny_config(num_attention_heads=2, value_head_dim=32, decay_schedule="retnet",
-                         position_encoding="rope", output_norm="per_head", norm_type="rmsnorm")
+    if published == "retnet":
+        config = tiny_config(num_attention_heads=2, value_head_dim=32, decay_schedule="retnet",
+                             position_encoding="rope", output_norm="per_head", norm_type="rmsnorm")
+    else:
+        config = tiny_config("gla", num_attention_heads=2, value_head_dim=32, output_norm="per_head",
+                             output_gate_act="silu", norm_type="rmsnorm")
     torch.manual_seed(0)
     mixer = LaspLinearAttention(config, layer_idx=0)
     x = torch.randn(2, 9, 32, requires_grad=True)
