@@ -227,6 +227,11 @@ class LaspConfig(PretrainedConfig):
         if qk_activation is not None:
             _check_choice("qk_activation", qk_activation, QK_ACTIVATIONS)
         _check_choice("position_encoding", position_encoding, POSITION_ENCODINGS)
+        if token_mixer == "gla" and position_encoding == "lrpe":
+            raise ValueError(
+                "token_mixer='gla' decays each of the head_dim key channels, but position_encoding='lrpe' doubles "
+                "the key width: use position_encoding 'none' or 'rope' with 'gla'"
+            )
         if position_encoding == "rope" and head_dim % 2:
             raise ValueError(f"position_encoding='rope' needs an even head_dim, got {head_dim}")
         if position_encoding_layers is not None:

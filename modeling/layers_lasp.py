@@ -178,10 +178,8 @@ class LaspLinearAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, v_width, bias=False)
 
-        default_act = {"lightning": "silu", "linear": config.feature_map, "gated": "identity", "gla": "identity"}[
-            self.kind
-        ]
-        self.qk_act = build_qk_activation(getattr(config, "qk_activation", None) or default_act)
+        default_act = {"lightning": "silu", "linear": config.feature_map, "gated": "identity", "gla": "identity"}
+        self.qk_act = build_qk_activation(getattr(config, "qk_activation", None) or default_act[self.kind])
         self.position = build_position_encoding(config, layer_idx)
 
         output_norm = getattr(config, "output_norm", "all_heads")

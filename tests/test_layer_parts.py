@@ -278,6 +278,10 @@ def test_position_encoding_layers_and_defaults():
     assert default.value_head_dim == default.head_dim and default.decay_schedule is None
     with pytest.raises(ValueError, match="decay_schedule applies to the 'lightning'"):
         tiny_config("gated", decay_schedule="retnet")
+    with pytest.raises(ValueError, match="token_mixer='gla' decays each of the head_dim key channels"):
+        tiny_config("gla", position_encoding="lrpe")
+    with pytest.raises(ValueError, match="decay_schedule applies to the 'lightning'"):
+        tiny_config("gla", decay_schedule="retnet")
     with pytest.raises(ValueError, match="position_encoding_layers"):
         tiny_config(position_encoding="rope", position_encoding_layers=[5])
 
