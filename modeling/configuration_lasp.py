@@ -9,7 +9,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-TOKEN_MIXERS = ("lightning", "linear", "gated")
+TOKEN_MIXERS = ("lightning", "linear", "gated", "gla")
 LAYER_TYPES = ("linear_attention", "full_attention")
 CHANNEL_MIXERS = ("sglu", "swiglu")
 NORM_TYPES = ("rmsnorm", "srmsnorm")
@@ -58,8 +58,11 @@ class LaspConfig(PretrainedConfig):
             Width of the channel mixer's hidden layer.
         token_mixer (`str`, *optional*, defaults to `"lightning"`):
             Kind of linear attention: `"lightning"` (TransNormerLLM: fixed per-head decay, output gate, scale
-            1), `"linear"` (the LASP paper's basic linear attention: feature map, no decay) or `"gated"` (a
-            decay per token and head from a learned low-rank projection, as in gated linear attention).
+            1), `"linear"` (the LASP paper's basic linear attention: feature map, no decay), `"gated"` (a
+            decay per token and head from a learned low-rank projection) or `"gla"` (GLA: a decay per token and
+            key channel from the same low-rank projection, `[B, T, H, head_dim]`, output gate, scale
+            `head_dim ** -0.5`; fla's GLA with `value_head_dim = 2 * head_dim`, `output_norm="per_head"`,
+            `output_gate_act="silu"`, `norm_type="rmsnorm"`, `channel_mixer="swiglu"`).
         layer_types (`list[str]`, *optional*):
             One of `"linear_attention"` / `"full_attention"` per layer; defaults to all `"linear_attention"`.
             `"full_attention"` layers use causal softmax attention with rotary position embeddings.
@@ -72,12 +75,12 @@ class LaspConfig(PretrainedConfig):
         feature_map (`str`, *optional*, defaults to `"elu"`):
             Feature map on queries and keys of the `"linear"` token mixer: `"elu"` (elu + 1) or `"identity"`.
         output_gate_act (`str`, *optional*, defaults to `"sigmoid"`):
-            Activation of the output gate of the `"lightning"` and `"gated"` token mixers: `"sigmoid"`,
+            Activation of the output gate of the `"lightning"`, `"gated"` and `"gla"` token mixers: `"sigmoid"`,
             `"silu"` or `"identity"` (TransNormerLLM's released models multiply by the raw projection u).
         gate_low_rank_dim (`int`, *optional*, defaults to 16):
-            Rank of the decay projection of the `"gated"` token mixer.
+            Rank of the decay projection of the `"gated"` and `"gla"` token mixers.
         gate_logit_normalizer (`float`, *optional*, defaults to 16.0):
-            The `"gated"` log decay is `logsigmoid(W2 W1 x + b) / gate_logit_normalizer` (as in GLA).
+            The `"gated"` and `"gla"` log decay is `logsigmoid(W2 W1 x + b) / gate_logit_normalizer` (as in GLA).
         rope_theta (`float`, *optional*, defaults to 10000.0):
             Base of the rotary embeddings of the `"full_attention"` layers (and of `position_encoding="rope"`).
         max_position_embeddings (`int`, *optional*, defaults to 2048):
@@ -112,7 +115,7 @@ class LaspConfig(PretrainedConfig):
         qk_activation (`str`, *optional*):
             Activation on queries and keys of linear-attention layers: `"silu"`, `"elu"` (elu + 1) or `"identity"`.
             Defaults to the token mixer's own (`"silu"` for `"lightning"`, `feature_map` for `"linear"`, identity
-            for `"gated"`).
+            for `"gated"` and `"gla"`).
         position_encoding (`str`, *optional*, defaults to `"none"`):
             Position encoding of q and k inside linear-attention layers, at each token's global position (the
             position in the unsharded sequence under sequence parallelism, the cache length plus the offset in
@@ -271,6 +274,11 @@ class LaspConfig(PretrainedConfig):
         if qk_activation is not None:
             _check_choice("qk_activation", qk_activation, QK_ACTIVATIONS)
         _check_choice("position_encoding", position_encoding, POSITION_ENCODINGS)
+        if token_mixer == "gla" and position_encoding == "lrpe":
+            raise ValueError(
+                "token_mixer='gla' decays each of the head_dim key channels, but position_encoding='lrpe' doubles "
+                "the key width: use position_encoding 'none' or 'rope' with 'gla'"
+            )
         if position_encoding == "rope" and head_dim % 2:
             raise ValueError(f"position_encoding='rope' needs an even head_dim, got {head_dim}")
         if position_encoding_layers is not None:

@@ -1,5 +1,5 @@
 """Building blocks of the lasp model family: norms, the GLU channel mixer, the linear-attention token mixer
-(lightning / linear / gated, composed of the parts in `parts_lasp`) and the softmax-attention token mixer with
+(lightning / linear / gated / gla, composed of the parts in `parts_lasp`) and the softmax-attention token mixer with
 rotary embeddings (hybrid layers).
 
 Shapes: B batch, T tokens (this call), H heads, D head dim, V value head dim.
@@ -20,6 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_lasp import LaspConfig
 from .parts_lasp import (
     OUTPUT_NORMS,
+    GatedChannelDecay,
     GatedHeadDecay,
     NoPositionEncoding,
     build_position_encoding,
@@ -144,6 +145,10 @@ class LaspLinearAttention(nn.Module):
       scale D^-0.5; no gate.
     - "gated" (gated linear attention): g_t = logsigmoid(W2 W1 x_t + b) / normalizer per token and head;
       scale D^-0.5; output gate.
+    - "gla" (GLA, Yang et al. 2023, as fla's `GatedLinearAttention`): the same low-rank gate per token and key
+      channel, g_t `[B, T, H, D]`, S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t; no q / k activation; scale
+      D^-0.5; output gate. With value_head_dim 2D, a per-head RMSNorm output norm with a learned weight and a
+      silu (swish) gate it is fla's GLA layer.
 
     The output norm stands in for linear attention's denominator, as in TransNormer, and keeps the unnormalized
     sum of outer products in range. Positions (`position_ids`, the tokens' global positions) matter only to a
@@ -173,8 +178,8 @@ class LaspLinearAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, v_width, bias=False)
 
-        default_act = {"lightning": "silu", "linear": config.feature_map, "gated": "identity"}[self.kind]
-        self.qk_act = build_qk_activation(getattr(config, "qk_activation", None) or default_act)
+        default_act = {"lightning": "silu", "linear": config.feature_map, "gated": "identity", "gla": "identity"}
+        self.qk_act = build_qk_activation(getattr(config, "qk_activation", None) or default_act[self.kind])
         self.position = build_position_encoding(config, layer_idx)
 
         output_norm = getattr(config, "output_norm", "all_heads")
@@ -182,7 +187,7 @@ class LaspLinearAttention(nn.Module):
         self.normalize_output = OUTPUT_NORMS[output_norm]
         self.o_proj = nn.Linear(v_width, config.hidden_size, bias=False)
         self.u_proj = None
-        if self.kind in ("lightning", "gated"):
+        if self.kind in ("lightning", "gated", "gla"):
             self.u_proj = nn.Linear(config.hidden_size, v_width, bias=False)
             self.u_act = {"sigmoid": nn.Sigmoid, "silu": nn.SiLU, "identity": nn.Identity}[
                 config.output_gate_act
@@ -194,6 +199,14 @@ class LaspLinearAttention(nn.Module):
         if kind == "gated_head":
             self.decay_proj = GatedHeadDecay(
                 config.hidden_size, config.gate_low_rank_dim, self.num_heads, config.gate_logit_normalizer
+            )
+        if kind == "gated_channel":
+            self.decay_proj = GatedChannelDecay(
+                config.hidden_size,
+                config.gate_low_rank_dim,
+                self.num_heads,
+                self.head_dim,
+                config.gate_logit_normalizer,
             )
         if kind == "fixed":
             self.register_buffer("decay", fixed_decay(config, layer_idx), persistent=False)
@@ -222,8 +235,8 @@ class LaspLinearAttention(nn.Module):
 
     def _project(self, x, mask, position_ids, input_norm=None):
         """The token-wise part before the op: q, k `[B, T, H, D']` after the activation and position encoding
-        (D' = 2D with LRPE), v `[B, T, H, V]`, and the per-token log decay `[B, T, H]` of the "gated" kind
-        (else None); k, v (and g) zeroed at padding (mask False)."""
+        (D' = 2D with LRPE), v `[B, T, H, V]`, and the per-token log decay (`[B, T, H]` of the "gated" kind,
+        `[B, T, H, D]` of "gla", else None); k, v (and g) zeroed at padding (mask False)."""
         if input_norm is not None:
             x = input_norm(x)
         B, T, _ = x.shape
@@ -237,7 +250,7 @@ class LaspLinearAttention(nn.Module):
             k = k.masked_fill(pad[..., None], 0.0)
             v = v.masked_fill(pad[..., None], 0.0)
             if g is not None:
-                g = g.masked_fill(pad, 0.0)
+                g = g.masked_fill(pad if g.dim() == 3 else pad[..., None], 0.0)
         return q, k, v, g
 
     def _output(self, o, x, input_norm=None):
@@ -285,7 +298,8 @@ class LaspLinearAttention(nn.Module):
         def attend(v, state):
             if state is not None and T == 1:
                 # One decoding token: O(1) in the context length.
-                g_step = g[:, 0] if (g is not None and g.dim() == 3) else g
+                # A per-token decay ([B, 1, H] or [B, 1, H, D]) loses its token axis; a fixed one is [H].
+                g_step = g[:, 0] if (g is not None and g.dim() >= 3) else g
                 o, new_state = linear_attention_step(
                     q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale
                 )

@@ -4,13 +4,13 @@
 - position encoding (`build_position_encoding`): none, LRPE (TransNormerLLM) or RoPE (fla RetNet), applied to
   q and k at the tokens' GLOBAL positions (the caller passes the positions of the unsharded sequence, so a
   rank under sequence parallelism and a decoding step use their own offsets).
-- decay (`build_decay`): none, a fixed per-head schedule (`fixed_decay`: TransNormerLLM's depth-scaled ALiBi
-  slopes or RetNet's log(1 - 2^(-5 - h))), a per-token per-head gate (`GatedHeadDecay`); a per-key-channel
-  gate (GLA / HGRN2) takes its slot in `DECAY_KINDS` when the op supports it.
+- decay (`decay_kind`): none, a fixed per-head schedule (`fixed_decay`: TransNormerLLM's depth-scaled ALiBi
+  slopes or RetNet's log(1 - 2^(-5 - h))), a per-token per-head gate (`GatedHeadDecay`) or a per-token
+  per-key-channel gate (`GatedChannelDecay`, GLA).
 - output norm (`norm_all_heads` / `norm_per_head`): the norm over the concatenated heads (TransNormer) or over
   each head with one weight shared by the heads (RetNet's group norm as RMSNorm).
 
-Shapes: B batch, T tokens, H heads, D query/key head dim, V value head dim.
+Shapes: B batch, T tokens, H heads, D (or K) query/key head dim, V value head dim.
 """
 
 import math
@@ -167,17 +167,36 @@ class GatedHeadDecay(nn.Sequential):
         return F.logsigmoid(super().forward(x).float()) / self.normalizer
 
 
+class GatedChannelDecay(nn.Sequential):
+    """Per-token, per-key-channel log decay (GLA): g_t = logsigmoid(W2 W1 x_t + b) / normalizer, `[B, T, H, K]`
+    (float32), from a low-rank projection (`decay_proj.0` hidden -> rank without bias, `decay_proj.1` rank ->
+    H K with a bias, as fla's `gk_proj`). The op applies it as S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t."""
+
+    def __init__(self, hidden_size: int, low_rank_dim: int, num_heads: int, head_dim: int, normalizer: float):
+        super().__init__(
+            nn.Linear(hidden_size, low_rank_dim, bias=False),
+            nn.Linear(low_rank_dim, num_heads * head_dim, bias=True),
+        )
+        self.num_heads, self.normalizer = num_heads, normalizer
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        return (F.logsigmoid(super().forward(x).float()) / self.normalizer).view(B, T, self.num_heads, -1)
+
+
 def decay_kind(config) -> str:
-    """"none", "fixed" (one log decay per head), "gated_head" (per token and head); "gated_channel" (per token
-    and key channel, GLA) is the slot for the op's `[B, T, H, K]` decay."""
+    """"none", "fixed" (one log decay per head), "gated_head" (per token and head) or "gated_channel" (per token
+    and key channel, GLA: the op's `[B, T, H, K]` decay)."""
     if config.token_mixer == "gated":
         return "gated_head"
+    if config.token_mixer == "gla":
+        return "gated_channel"
     if config.token_mixer == "lightning" and config.decay_schedule != "none":
         return "fixed"
     return "none"
 
 
-DECAY_KINDS = ("none", "fixed", "gated_head")
+DECAY_KINDS = ("none", "fixed", "gated_head", "gated_channel")
 
 
 def norm_all_heads(norm: nn.Module, o: torch.Tensor) -> torch.Tensor:
@@ -197,6 +216,7 @@ OUTPUT_NORMS = {"all_heads": norm_all_heads, "per_head": norm_per_head}
 
 __all__ = [
     "DECAY_KINDS",
+    "GatedChannelDecay",
     "GatedHeadDecay",
     "LinearLrpe",
     "LinearRotary",

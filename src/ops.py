@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from lasp_hf.kernels import reference
+from lasp_hf.kernels import reference, reference_gla
 from lasp_hf.kernels.host import host_bounds
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,15 @@ def _backend_module(backend: str):
     if not hasattr(triton_kernels, "chunk_linear_attention"):
         raise NotImplementedError("the Triton backend of linear_attention is not built yet; pass backend='torch'.")
     return triton_kernels
+
+
+def _per_channel_module(impl):
+    """The backend's implementation for a decay per key channel (g [B, T, H, K]: GLA)."""
+    if impl is reference:
+        return reference_gla
+    from lasp_hf.kernels.triton import gla_chunk
+
+    return gla_chunk
 
 
 def _fit_backend(resolved: str, asked: str, K: int, V: int) -> str:
@@ -161,8 +170,9 @@ def _check_inputs(q, k, v, g, initial_state, cu_seqlens, sp_mode):
     if g is not None:
         if not isinstance(g, torch.Tensor) or not g.is_floating_point():
             raise ValueError("g must be None or a floating-point tensor of log-decays (<= 0)")
-        if g.shape not in (torch.Size([H]), torch.Size([B, T, H])):
-            raise ValueError(f"g must be None, [H] = [{H}] or [B, T, H] = {[B, T, H]}, got {list(g.shape)}")
+        if g.shape not in (torch.Size([H]), torch.Size([B, T, H]), torch.Size([B, T, H, K])):
+            raise ValueError(f"g must be None, [H] = [{H}], [B, T, H] = {[B, T, H]} or [B, T, H, K] = {[B, T, H, K]}, "
+                             f"got {list(g.shape)}")
         if g.device != q.device:
             raise ValueError(f"g must be on q's device {q.device}, got {g.device}")
         check_decay(g)
@@ -200,7 +210,9 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None, output_
     Args:
         q, k: [B, T, H, K]. v: [B, T, H, V]. float32, bfloat16 or float16, one dtype.
         g: natural-log decay (<= 0). None (no decay), [H] (one fixed decay per head: lightning
-            attention / RetNet), or [B, T, H] (per token and head: gated). Gradients flow to it.
+            attention / RetNet), [B, T, H] (per token and head: gated), or [B, T, H, K] (per token, head
+            and key channel: GLA / HGRN2, S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t; -inf restarts a
+            channel). Gradients flow to it.
         scale: multiplies q; defaults to K ** -0.5 (TransNormerLLM passes 1.0).
         initial_state: [B, H, K, V] (or [N, H, K, V] with cu_seqlens), any float dtype; the
             state before the first token. Under SP: the state before the whole sequence.
@@ -225,6 +237,8 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None, output_
         scale = q.shape[-1] ** -0.5
     scale = float(scale)
     impl = _backend_module(_fit_backend(resolve_backend(backend, q.device), backend, q.shape[-1], v.shape[-1]))
+    if g is not None and g.dim() == 4:
+        impl = _per_channel_module(impl)
     if sp_group is not None:
         from lasp_hf.parallel import lasp
 
@@ -242,7 +256,8 @@ def linear_attention_step(q, k, v, g=None, *, state=None, scale=None, backend="a
     """One decoding token of `linear_attention`: S = exp(g) * S + k^T v, o = scale * q S.
 
     Args:
-        q, k: [B, H, K]. v: [B, H, V]. g: None, [H] or [B, H]. state: None or float32
+        q, k: [B, H, K]. v: [B, H, V]. g: None, [H], [B, H] or [B, H, K] (per key channel: S =
+        diag(exp(g)) S + k^T v). state: None or float32
         [B, H, K, V] (the state after the previous token). scale: defaults to K ** -0.5.
     Returns:
         o: [B, H, V] in v's dtype; the new float32 state [B, H, K, V].
@@ -263,8 +278,9 @@ def linear_attention_step(q, k, v, g=None, *, state=None, scale=None, backend="a
     if g is not None:
         if not isinstance(g, torch.Tensor) or not g.is_floating_point():
             raise ValueError("g must be None or a floating-point tensor of log-decays (<= 0)")
-        if g.shape not in (torch.Size([H]), torch.Size([B, H])):
-            raise ValueError(f"g must be None, [H] = [{H}] or [B, H] = {[B, H]}, got {list(g.shape)}")
+        if g.shape not in (torch.Size([H]), torch.Size([B, H]), torch.Size([B, H, K])):
+            raise ValueError(f"g must be None, [H] = [{H}], [B, H] = {[B, H]} or [B, H, K] = {[B, H, K]}, "
+                             f"got {list(g.shape)}")
         check_decay(g)
     if state is not None and tuple(state.shape) != (B, H, K, v.shape[-1]):
         raise ValueError(f"state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}, got {tuple(state.shape)}")
@@ -272,4 +288,6 @@ def linear_attention_step(q, k, v, g=None, *, state=None, scale=None, backend="a
     impl = _backend_module(_fit_backend(resolve_backend(backend, q.device), backend, K, v.shape[-1]))
     if not hasattr(impl, "recurrent_step"):
         impl = reference
+    if impl is reference and g is not None and g.dim() == 3:
+        impl = reference_gla
     return impl.recurrent_step(q, k, v, g, scale=scale, state=state)

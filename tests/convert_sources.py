@@ -230,6 +230,100 @@ def retnet_forward64(config: dict, tensors: dict, ids: torch.Tensor) -> torch.Te
     return rms(x, W["model.norm.weight"]) @ head.T
 
 
+# ----------------------------------------------------------------------------------------------- fla GLA
+
+
+def gla_source(folder: Path, *, hidden=32, heads=2, layers=2, expand_k=0.5, expand_v=1, intermediate_size=48,
+               hidden_ratio=None, fuse_norm=True, tied=False, fmt="safetensors", num_shards=1, seed=0, extra=None,
+               config_extra=None):
+    """A tiny fla GLA checkpoint (fla's GLAConfig keys and tensor names); returns (config, tensors). The gate's
+    bias spreads the decays from ~1 (slow) to ~exp(-1.3) (fast) per step, so the per-channel decay matters."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_type": "gla", "architectures": ["GLAForCausalLM"], "attn_mode": "chunk", "hidden_size": hidden,
+        "expand_k": expand_k, "expand_v": expand_v, "hidden_ratio": hidden_ratio,
+        "intermediate_size": intermediate_size, "num_hidden_layers": layers, "num_heads": heads,
+        "num_kv_heads": None, "feature_map": None, "use_short_conv": False, "conv_size": 4,
+        "use_output_gate": True, "clamp_min": None, "hidden_act": "swish", "max_position_embeddings": 2048,
+        "elementwise_affine": True, "norm_eps": 1e-6, "use_gk": True, "use_gv": False, "attn": None,
+        "use_cache": True, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": tied,
+        "initializer_range": 0.02, "fuse_norm": fuse_norm, "fuse_swiglu": True, "fuse_cross_entropy": True,
+        "vocab_size": VOCAB, "torch_dtype": "float32",
+    }
+    config.update(config_extra or {})
+    if intermediate_size is None:
+        inter = int(hidden * (hidden_ratio or 4) * 2 / 3)
+        inter = 256 * ((inter + 255) // 256)
+    else:
+        inter = intermediate_size
+    kw, vw = int(hidden * expand_k), int(hidden * expand_v)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {"model.embeddings.weight": _randn(gen, VOCAB, hidden, std=1.0)}
+    norm_name = "g_norm_swish_gate" if fuse_norm else "g_norm"
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors[p + "attn_norm.weight"] = 1 + _randn(gen, hidden, std=0.1)
+        tensors[p + "attn.q_proj.weight"] = _randn(gen, kw, hidden)
+        tensors[p + "attn.k_proj.weight"] = _randn(gen, kw, hidden)
+        tensors[p + "attn.v_proj.weight"] = _randn(gen, vw, hidden)
+        tensors[p + "attn.g_proj.weight"] = _randn(gen, vw, hidden)
+        tensors[p + "attn.gk_proj.0.weight"] = _randn(gen, 16, hidden)
+        tensors[p + "attn.gk_proj.1.weight"] = _randn(gen, kw, 16)
+        tensors[p + "attn.gk_proj.1.bias"] = _randn(gen, kw, std=8.0)
+        tensors[p + "attn.o_proj.weight"] = _randn(gen, hidden, vw)
+        tensors[p + f"attn.{norm_name}.weight"] = 1 + _randn(gen, vw // heads, std=0.1)
+        tensors[p + "mlp_norm.weight"] = 1 + _randn(gen, hidden, std=0.1)
+        tensors[p + "mlp.gate_proj.weight"] = _randn(gen, inter, hidden)
+        tensors[p + "mlp.up_proj.weight"] = _randn(gen, inter, hidden)
+        tensors[p + "mlp.down_proj.weight"] = _randn(gen, hidden, inter)
+    tensors["model.norm.weight"] = 1 + _randn(gen, hidden, std=0.1)
+    if not tied:
+        tensors["lm_head.weight"] = _randn(gen, VOCAB, hidden)
+    tensors.update(extra or {})
+    (folder / "config.json").write_text(json.dumps(config))
+    write_weights(folder, tensors, fmt, num_shards)
+    return config, tensors
+
+
+def gla_forward64(config: dict, tensors: dict, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, vocab] of fla's GLA forward in float64, the gated recurrence token by token (GLA paper eq.
+    S_t = diag(alpha_t) S_{t-1} + k_t^T v_t, o_t = K^-0.5 q_t S_t, alpha_t = exp(logsigmoid(gk_proj(h)) / 16))."""
+    W = {k: v.double() for k, v in tensors.items()}
+    hidden, heads, layers = config["hidden_size"], config["num_heads"], config["num_hidden_layers"]
+    K, Vd = int(hidden * config["expand_k"]) // heads, int(hidden * config["expand_v"]) // heads
+    eps = config["norm_eps"]
+    F = torch.nn.functional
+
+    def rms(x, w):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    B, T = ids.shape
+    x = W["model.embeddings.weight"][ids]
+    norm_name = "g_norm_swish_gate" if config.get("fuse_norm", True) else "g_norm"
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        h = rms(x, W[p + "attn_norm.weight"])
+        q = (h @ W[p + "attn.q_proj.weight"].T).view(B, T, heads, K)
+        k = (h @ W[p + "attn.k_proj.weight"].T).view(B, T, heads, K)
+        v = (h @ W[p + "attn.v_proj.weight"].T).view(B, T, heads, Vd)
+        logits = (h @ W[p + "attn.gk_proj.0.weight"].T) @ W[p + "attn.gk_proj.1.weight"].T
+        logits = logits + W[p + "attn.gk_proj.1.bias"]
+        alpha = torch.exp(F.logsigmoid(logits) / 16).view(B, T, heads, K)
+        S = torch.zeros(B, heads, K, Vd, dtype=torch.float64)
+        outs = []
+        for t in range(T):
+            S = alpha[:, t, :, :, None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+            outs.append(K**-0.5 * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+        o = rms(torch.stack(outs, dim=1), W[p + f"attn.{norm_name}.weight"]).reshape(B, T, -1)
+        o = o * F.silu(h @ W[p + "attn.g_proj.weight"].T)
+        x = x + o @ W[p + "attn.o_proj.weight"].T
+        h = rms(x, W[p + "mlp_norm.weight"])
+        mlp = F.silu(h @ W[p + "mlp.gate_proj.weight"].T) * (h @ W[p + "mlp.up_proj.weight"].T)
+        x = x + mlp @ W[p + "mlp.down_proj.weight"].T
+    head = W["model.embeddings.weight"] if config["tie_word_embeddings"] else W["lm_head.weight"]
+    return rms(x, W["model.norm.weight"]) @ head.T
+
+
 def relative_error(x, ref) -> float:
     x, ref = x.double(), ref.double()
     err = ((x - ref).norm() / ref.norm()).item()

@@ -2,7 +2,8 @@
 of each rank's slice, the summed loss and every parameter gradient (summed over ranks by hand, as DDP over the SP
 group would). LRPE (TransNormerLLM) and RoPE (fla RetNet) must see each token's global position: the slice's
 position_ids from `shard_batch_for_sp`, the rank's offset when no position_ids are passed, and positions that
-restart in packed documents crossing the cut. Also: activation chunks (`attention_chunk_size`) with a position
+restart in packed documents crossing the cut. fla GLA's per-key-channel decay crosses the cut through the op's
+per-channel SP path. Also: activation chunks (`attention_chunk_size`) with a position
 encoding give the unchunked gradients."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from convert_sources import VOCAB, retnet_source, tnl_source
+from convert_sources import VOCAB, gla_source, retnet_source, tnl_source
 from distributed_utils import relative_error, run_distributed
 from lasp_hf import LaspForCausalLM
 from lasp_hf.convert import convert
@@ -80,9 +81,11 @@ def _folders():
     root = Path(tempfile.mkdtemp(prefix="lasp-convert-sp-"))
     tnl_source(root / "tnl", heads=5, lrpe_list=(1, 0, 1))
     retnet_source(root / "retnet", heads=2)
+    gla_source(root / "gla", heads=2)
     return {
         "transnormer": str(convert("transnormer", root / "tnl", root / "tnl-lasp")),
         "fla-retnet": str(convert("fla-retnet", root / "retnet", root / "retnet-lasp")),
+        "fla-gla": str(convert("fla-gla", root / "gla", root / "gla-lasp")),
     }
 
 
@@ -91,10 +94,10 @@ def test_converted_models_under_sp_match_unsharded():
     results = run_distributed(_worker, 2, 2, _folders())
     bad = [f"rank {r} {k}: {e:.2e}" for r, errs in enumerate(results) for k, e in errs.items() if not e <= TOL]
     assert not bad, "\n".join(bad)
-    assert len(results[0]) == 2 * (2 * 2 + 2) * 3
+    assert len(results[0]) == len(_folders()) * (2 * 2 + 2) * 3
 
 
-@pytest.mark.parametrize("name", ["transnormer", "fla-retnet"])
+@pytest.mark.parametrize("name", ["transnormer", "fla-retnet", "fla-gla"])
 def test_attention_chunks_with_position_encoding_give_same_gradients(name):
     model = LaspForCausalLM.from_pretrained(_folders()[name], dtype=torch.float32).train()
     batch = _batches(2)["packed"]

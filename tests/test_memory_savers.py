@@ -147,15 +147,18 @@ def test_chunked_mlp_runs_every_gate_on_one_chunk_in_forward_and_backward(checkp
 # ---- attention_chunk_size -------------------------------------------------------------------------------
 
 # Every linear kind, and a hybrid whose softmax layer stays unchunked: tnl-1b's lightning block (identity output
-# gate, no norm weight), basic linear attention (elu + 1, weighted norms), gated (per-token decay, sigmoid gate).
+# gate, no norm weight), basic linear attention (elu + 1, weighted norms), gated (per-token decay, sigmoid gate),
+# and (last) fla's GLA parts (per-key-channel decay, values twice the keys, per-head norm, swish gate).
 ATTENTION_BLOCKS = [
     {"token_mixer": "lightning", "output_gate_act": "identity"},
     {"token_mixer": "linear", "norm_type": "rmsnorm", "channel_mixer": "swiglu"},
     {"token_mixer": "gated", "norm_type": "rmsnorm"},
     {"token_mixer": "lightning", "layer_types": ["full_attention", "linear_attention"], "norm_type": "rmsnorm",
      "output_gate_act": "silu"},
+    {"token_mixer": "gla", "value_head_dim": 16, "output_norm": "per_head", "output_gate_act": "silu",
+     "norm_type": "rmsnorm", "channel_mixer": "swiglu"},
 ]
-ATTENTION_BLOCK_IDS = ["lightning", "linear", "gated", "hybrid-lightning"]
+ATTENTION_BLOCK_IDS = ["lightning", "linear", "gated", "hybrid-lightning", "gla"]
 
 
 def _attention_pair(block, chunk_size, **more):

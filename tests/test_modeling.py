@@ -384,7 +384,7 @@ def test_softmax_layers_sdpa_equals_eager():
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
-@pytest.mark.parametrize("mixer, layer_types", [CASES[0], CASES[4]], ids=["lightning", "hybrid-gated"])
+@pytest.mark.parametrize("mixer, layer_types", [CASES[0], CASES[4], CASES[5]], ids=["lightning", "hybrid-gated", "gla"])
 def test_gradient_checkpointing_gives_same_gradients(mixer, layer_types, use_reentrant):
     x = torch.randint(1, VOCAB, (2, 15))
     grads = []

@@ -12,8 +12,9 @@ MIXERS = ("lightning", "linear", "gated")
 CASES = [(m, None) for m in MIXERS] + [
     ("lightning", ["full_attention", "linear_attention"]),
     ("gated", ["linear_attention", "full_attention"]),
+    ("gla", None),  # appended last: tests pick cases by index
 ]
-CASE_IDS = ["lightning", "linear", "gated", "hybrid-lightning", "hybrid-gated"]
+CASE_IDS = ["lightning", "linear", "gated", "hybrid-lightning", "hybrid-gated", "gla"]
 
 
 def tiny_config(token_mixer="lightning", layer_types=None, **overrides):

@@ -14,7 +14,7 @@ from test_modeling_common import VOCAB, rel_err, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "configs"
-PRESETS = ["tnl-tiny", "tnl-385m", "tnl-1b", "linear-transformer-385m", "hybrid-1b"]
+PRESETS = ["tnl-tiny", "tnl-385m", "tnl-1b", "linear-transformer-385m", "hybrid-1b", "gla-340m"]
 
 
 def test_auto_classes_are_registered():
@@ -128,3 +128,6 @@ def test_presets_load_and_round_trip(name, tmp_path):
         assert [i for i, t in enumerate(config.layer_types) if t == "full_attention"] == [3, 7, 11, 15]
     if name == "linear-transformer-385m":
         assert config.token_mixer == "linear"
+    if name == "gla-340m":  # fla's 340M GLA: K = 1024 * 0.5 / 4, V = 1024 / 4, SwiGLU 2816 (4 * 1024 * 2 / 3 -> 256s)
+        assert (config.token_mixer, config.head_dim, config.value_head_dim) == ("gla", 128, 256)
+        assert (config.intermediate_size, config.vocab_size, config.tie_word_embeddings) == (2816, 32000, True)

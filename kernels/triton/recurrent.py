@@ -1,7 +1,7 @@
 """Fused one-token decoding step of linear attention with decay (inference only, no autograd).
 
 Shapes: B batch, H heads, K key/query head dim, V value head dim.
-    S_new = exp(g) * S + k^T v,    o = scale * q S_new
+    S_new = exp(g) * S + k^T v,    o = scale * q S_new     (g per head, or diag(exp(g)) per key channel)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import triton.language as tl
 from lasp_hf.kernels.triton.launch import fast
 from lasp_hf.kernels.triton.utils import cdiv, empty, interpreting, next_pow2
 
-G_NONE, G_HEAD, G_BATCH_HEAD = 0, 1, 2
+G_NONE, G_HEAD, G_BATCH_HEAD, G_CHANNEL = 0, 1, 2, 3
 
 
 @fast
@@ -38,6 +38,8 @@ def _recurrent_step_kernel(q, k, v, g, state, new_state, o, scale,
             s = s * tl.exp(tl.load(g + i_h).to(tl.float32))
         elif G_MODE == 2:
             s = s * tl.exp(tl.load(g + i_bh).to(tl.float32))
+        elif G_MODE == 3:  # a decay per key channel (GLA): g [B, H, K]
+            s = s * tl.exp(tl.load(g + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32))[:, None]
         s += b_k[:, None] * b_v[None, :]
     else:
         s = b_k[:, None] * b_v[None, :]
@@ -50,7 +52,7 @@ def recurrent_step(q, k, v, g=None, *, scale: float, state=None):
     """One decoding step (inputs already validated by `lasp_hf.ops`).
 
     Args:
-        q, k: [B, H, K]; v: [B, H, V]; g: None, [H] or [B, H] natural-log decay;
+        q, k: [B, H, K]; v: [B, H, V]; g: None, [H], [B, H] or [B, H, K] (per key channel) natural-log decay;
         state: None or float32 [B, H, K, V], the state after the previous token.
     Returns:
         o [B, H, V] in v's dtype and the new float32 state [B, H, K, V].
@@ -60,7 +62,7 @@ def recurrent_step(q, k, v, g=None, *, scale: float, state=None):
     BK = max(16, next_pow2(K))
     BV = min(max(16, next_pow2(V)), max(16, 8192 // BK))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    g_mode = G_NONE if g is None else (G_HEAD if g.dim() == 1 else G_BATCH_HEAD)
+    g_mode = G_NONE if g is None else (G_HEAD, G_BATCH_HEAD, G_CHANNEL)[g.dim() - 1]
     state_in = state.float().contiguous() if state is not None else None
     new_state = empty(q, (B, H, K, V), torch.float32)
     o = empty(v, v.shape, v.dtype)

@@ -2,6 +2,7 @@
 
     python -m lasp_hf.convert --from transnormer OpenNLPLab/TransNormerLLM-1B ./tnl-1b-lasp
     python -m lasp_hf.convert --from fla-retnet ./retnet-1.3B ./retnet-lasp --dtype bfloat16
+    python -m lasp_hf.convert --from fla-gla fla-hub/gla-1.3B-100B ./gla-1.3b-lasp
 
 or `lasp_hf.convert.convert("transnormer", src, out)`. The converter reads the source's `config.json` and its
 tensors directly (never the source's own model code), maps names and shapes onto `LaspForCausalLM`, checks that
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from . import fla_retnet, transnormer
+from . import fla_gla, fla_retnet, transnormer
 from .io import ShardWriter, copy_tokenizer_files, iter_tensors, read_config, resolve_source, weight_files
 
-LAYOUTS = {"transnormer": transnormer, "fla-retnet": fla_retnet}
+LAYOUTS = {"transnormer": transnormer, "fla-retnet": fla_retnet, "fla-gla": fla_gla}
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,8 +66,9 @@ def convert(
     dtype: str | torch.dtype | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Convert the checkpoint `src` (a local folder or a Hub id) of source layout `layout` ("transnormer" or
-    "fla-retnet") into the lasp model folder `out`, which must not exist yet (it appears only when complete).
+    """Convert the checkpoint `src` (a local folder or a Hub id) of source layout `layout` ("transnormer",
+    "fla-retnet" or "fla-gla") into the lasp model folder `out`, which must not exist yet (it appears only when
+    complete).
     `dtype` ("float32" / "bfloat16" / "float16") defaults to the source tensors' own. Returns `out`.
 
     Raises ValueError for an unknown layout, a source config the lasp model cannot express exactly, a source

@@ -1,4 +1,5 @@
-"""python -m lasp_hf.convert --from {transnormer,fla-retnet} SRC OUT [--dtype bfloat16] [--max_shard_size 5GB]"""
+"""python -m lasp_hf.convert --from {transnormer,fla-retnet,fla-gla} SRC OUT [--dtype bfloat16]
+[--max_shard_size 5GB]"""
 
 import argparse
 import re

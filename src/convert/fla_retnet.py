@@ -27,11 +27,12 @@ MODEL_TYPES = ("retnet",)
 _SWISH = ("swish", "silu")
 
 
-def _intermediate_size(source: dict, hidden: int) -> int:
-    """fla's GatedMLP: intermediate_size, or hidden * hidden_ratio * 2 / 3 rounded up to a multiple of 256."""
+def fla_intermediate_size(source: dict, hidden: int, default_ratio: int = 2) -> int:
+    """fla's GatedMLP: intermediate_size, or hidden * hidden_ratio * 2 / 3 rounded up to a multiple of 256
+    (`default_ratio`: the model config's default hidden_ratio, RetNet's 2 or GLA's 4)."""
     if source.get("intermediate_size") is not None:
         return source["intermediate_size"]
-    ratio = source.get("hidden_ratio", 2)  # RetNetConfig's default; GatedMLP's own (4) when None
+    ratio = source.get("hidden_ratio", default_ratio)  # GatedMLP's own default (4) when None
     size = int(hidden * (4 if ratio is None else ratio) * 2 / 3)
     return 256 * ((size + 255) // 256)
 
@@ -66,7 +67,7 @@ def build_config(source: dict):
         num_attention_heads=heads,
         head_dim=head_dim,
         value_head_dim=int(value_width) // heads,
-        intermediate_size=_intermediate_size(source, hidden),
+        intermediate_size=fla_intermediate_size(source, hidden),
         token_mixer="lightning",
         channel_mixer="swiglu",
         norm_type="rmsnorm",

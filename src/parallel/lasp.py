@@ -23,6 +23,14 @@ is the state combines and hops only. The two state-only passes run in PyTorch un
 offers kernels for them (`final_state_only`, `initial_state_grad_only`; see `_segment_state`,
 `_carried_state_grad`).
 
+A decay per key channel (g [B, L, H, K], GLA / HGRN2) is the same with diagonal factors: G_t, a_r in R^K per
+(b, h), S_in(r) = diag(a_{r-1}) S_in(r-1) + S_loc(r-1), o_t = o_loc_t + scale * (q_t * exp(G_t)) S_in(r); the
+state-only passes and the local pass come from the backend's per-channel module (`kernels.reference_gla`,
+`kernels.triton.gla_chunk`). The all-gather then sends, per rank and layer, S_loc and a_r as float32:
+4 * B * H * K * (V + 1) bytes (1,056,768 at B = 1, H = 16, K = V = 128; a per-head decay sends
+4 * B * H * (K * V + 1)), and the backward gathers dS_direct alone (4 * B * H * K * V bytes); the ring sends one
+state each way, as for any decay.
+
 Gradients: for tensors every rank passes whole (g of shape [H], initial_state) each rank
 returns only its own contribution (zeros where it has none); the owner sums them across the SP
 group. Every rank must back-propagate through o (the exchange is collective).
@@ -244,7 +252,8 @@ def _weighted_outer_sum(a, b, weights, lo: int, hi: int):
         j = min(i + _BLOCK_TOKENS, hi)
         ab = a[:, i:j]
         if weights is not None:
-            ab = (ab.float() * weights[:, i - lo:j - lo, :, None]).to(a.dtype)
+            w = weights[:, i - lo:j - lo]
+            ab = (ab.float() * (w if w.dim() == 4 else w[..., None])).to(a.dtype)
         out += _outer_sum(ab, b[:, i:j])
     return out
 
@@ -257,7 +266,7 @@ def _segment_state(k, v, g, lo: int, hi: int, h0, local_impl=None):
     """
     hook = getattr(local_impl, "final_state_only", None)
     if hook is not None:
-        g_part = g[:, lo:hi] if g is not None and g.dim() == 3 else g
+        g_part = g[:, lo:hi] if g is not None and g.dim() >= 3 else g
         return hook(k[:, lo:hi], v[:, lo:hi], g_part, initial_state=h0).float()
     B, _, H, _ = k.shape
     n = hi - lo
@@ -272,17 +281,17 @@ def _segment_state(k, v, g, lo: int, hi: int, h0, local_impl=None):
     else:
         # Reverse cumulative sums from the end: accurate where the weights are largest.
         rev = g[:, lo:hi].float().flip(1).cumsum(1).flip(1)                       # sum_{u >= t}
-        weights = torch.cat([rev[:, 1:], rev.new_zeros(B, 1, H)], dim=1).exp()  # sum_{u > t}
+        weights = torch.cat([rev[:, 1:], torch.zeros_like(rev[:, :1])], dim=1).exp()  # sum_{u > t}
         total = rev[:, 0].exp()
     state = _weighted_outer_sum(k, v, weights, lo, hi)
     if h0 is not None:
-        state += h0.float() * (total[..., None, None] if total is not None else 1.0)
+        state += h0.float() * (_state_factor(total) if total is not None else 1.0)
     return state
 
 
 def _carried_state_grad(q, do, g, n: int, scale: float, local_impl=None, reuse=None, need_decay: bool = True):
     """scale * sum_{t < n} exp(G_t) q_t^T do_t (G inclusive from the rank's start), float32 [B, H, K, V],
-    and exp(G_{n-1}) [B, H] (None when g is None or not need_decay).
+    and exp(G_{n-1}) [B, H] ([B, H, K] for a decay per key channel; None when g is None or not need_decay).
 
     A backend may provide the first as `initial_state_grad_only(q, do, g, *, scale)`: the gradient
     of sum(o * do) with respect to the initial state, which needs neither k nor v; or, for dense
@@ -292,15 +301,15 @@ def _carried_state_grad(q, do, g, n: int, scale: float, local_impl=None, reuse=N
     B, L, H, _ = q.shape
     hook = getattr(local_impl, "initial_state_grad_only", None)
     if hook is not None:
-        g_part = g[:, :n] if g is not None and g.dim() == 3 else g
+        g_part = g[:, :n] if g is not None and g.dim() >= 3 else g
         if reuse is not None and n == L:
             ds = reuse.initial_state_grad(q, do, g, scale)
         else:
             ds = hook(q[:, :n], do[:, :n], g_part, scale=scale).float()
         if g is None or not need_decay:
             return ds, None
-        total = g.float() * n if g.dim() == 1 else g[:, :n].float().sum(1)
-        return ds, total.exp().expand(B, H)
+        total = (g.float() * n).expand(B, H) if g.dim() == 1 else g[:, :n].float().sum(1)
+        return ds, total.exp()
     if g is None:
         G = None
     elif g.dim() == 1:
@@ -312,8 +321,14 @@ def _carried_state_grad(q, do, g, n: int, scale: float, local_impl=None, reuse=N
     return scale * ds, (G[:, -1].exp() if G is not None else None)
 
 
+def _state_factor(decay):
+    """A decay [B, H] (per head) or [B, H, K] (per key channel) as a factor on [B, H, K, V] states."""
+    return decay[..., None, None] if decay.dim() == 2 else decay[..., None]
+
+
 def _rank_decay(g, B: int, L: int, H: int, device):
-    """a_r = exp(sum of g over the rank's L tokens), float32 [B, H, 1, 1] (a factor on states)."""
+    """a_r = exp(sum of g over the rank's L tokens), float32 [B, H, 1, 1] (a factor on states; [B, H, K, 1] for
+    a decay per key channel)."""
     if g is None:
         key = (B, H, str(device))
         ones = _ONES.get(key)
@@ -325,6 +340,8 @@ def _rank_decay(g, B: int, L: int, H: int, device):
     if g.dim() == 1:
         a = _head_decay(g, L)
         return a if B == 1 else a.expand(B, H, 1, 1)
+    if g.dim() == 4:  # per key channel: diag(a_r), a factor [B, H, K, 1]
+        return g.float().sum(1).exp().unsqueeze(-1)
     return g.float().sum(1).exp().view(B, H, 1, 1)
 
 
@@ -465,6 +482,9 @@ class _LaspFunction(torch.autograd.Function):
         if make_reuse is not None and plan.local_bounds is None:
             reuse = make_reuse.make(q, k, v, g, accurate_states=g is not None and needs[3])
         decay = _rank_decay(g, B, L, H, q.device) if plan.passes_through else None  # None: a_r = 0
+        if decay is None and not ring and g is not None and g.dim() == 4:
+            # Every rank gathers the same number of floats: a_r = 0 as a per-channel [B, H, K, 1] factor.
+            decay = q.new_zeros(B, H, K, 1, dtype=torch.float32)
         if plan.hands_on:
             if reuse is not None:
                 s_loc = reuse.final_state(k, v, g, initial_state if not plan.carried_len else None)
@@ -532,6 +552,8 @@ class _LaspFunction(torch.autograd.Function):
             q, g = saved[0].view(B, L, H, -1), saved[3]  # the local pass's flat q and float32 g
             if g is not None and g.dim() == 2:
                 g = g.view(B, L, H)
+            elif g is not None and g.dim() == 3:  # a decay per key channel, flat [B * L, H, K]
+                g = g.view(B, L, H, -1)
         else:
             if ctx.inner is None:  # recorded again now (see the class docstring)
                 ctx.inner = _local_pass(run, ctx.saved_tensors, ctx.needs_input_grad, ctx.reuse, record=True)
@@ -559,7 +581,7 @@ class _LaspFunction(torch.autograd.Function):
                                                          ctx.reuse, need_decay=dht is not None)
             if dht is not None:
                 d_first = dht[:1] if packed else dht
-                ds_direct = ds_direct + (first_decay[..., None, None] * d_first if first_decay is not None else d_first)
+                ds_direct = ds_direct + (_state_factor(first_decay) * d_first if first_decay is not None else d_first)
         elif ctx.reuse is not None and plan.hands_on:
             # No carried state to differentiate, but the local backward's first step can run before the wait.
             ctx.reuse.prepare_dstates(q, do, g, run.scale)
