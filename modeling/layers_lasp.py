@@ -370,9 +370,13 @@ class LaspSoftmaxAttention(nn.Module):
         if sp_context is not None:
             from lasp_hf.parallel.attention import sp_softmax_attention
 
-            o = sp_softmax_attention(
-                q, k, v, sp_context=sp_context, cu_seqlens=cu_seqlens, scale=self.scaling
+            o, kv = sp_softmax_attention(
+                q, k, v, sp_context=sp_context, cu_seqlens=cu_seqlens, scale=self.scaling,
+                return_gathered_kv=cache is not None,
             )
+            if cache is not None:
+                # A prefill under SP: every rank keeps the whole prompt's keys / values for decoding.
+                cache.update(kv[0].transpose(1, 2), kv[1].transpose(1, 2), self.layer_idx)
             return self.o_proj(o.reshape(B, T, -1))
 
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]

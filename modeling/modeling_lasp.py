@@ -31,6 +31,7 @@ from .layers_lasp import (
     lightning_decay,
 )
 from .loss_lasp import chunked_cross_entropy
+from .prefill_lasp import prefill_in_chunks
 
 logger = logging.get_logger(__name__)
 
@@ -203,21 +204,24 @@ class LaspModel(LaspPreTrainedModel):
             sp_context (`SequenceParallelContext`, *optional*): sequence-parallel group; each rank passes its
                 slice.
             kwargs: `cu_seq_lens_q` (int `[N + 1]`, packed documents; takes precedence over position_ids),
-                `cache_position`, and anything else, passed on to the layers.
+                `cache_position`, `hidden_states_to_keep` (int, a prompt prefilled in chunks returns only the
+                last n positions' hidden states when n > 0, see `prefill_in_chunks`), and anything else, passed
+                on to the layers.
         """
         cache = kwargs.pop("cache", None)
         if cache is not None and past_key_values is not None:
             raise ValueError("pass the cache as `past_key_values` or `cache`, not both")
         cache = cache if cache is not None else past_key_values
         cache_position = kwargs.pop("cache_position", None)
+        hidden_states_to_keep = kwargs.pop("hidden_states_to_keep", 0)
         cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
         for name in ("cu_seq_lens_k", "max_length_q", "max_length_k", "output_attentions"):
             kwargs.pop(name, None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        B, T = inputs_embeds.shape[:2]
+        # Embedded below, after a long prompt has been handed to the chunked prefill (which embeds per chunk).
+        B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        device = (input_ids if inputs_embeds is None else inputs_embeds).device
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
 
@@ -255,14 +259,18 @@ class LaspModel(LaspPreTrainedModel):
                 raise ValueError("packed sequences cannot be used with a cache; pass use_cache=False")
             if padding:
                 raise ValueError("packed sequences take no padding attention_mask")
-            cu_seqlens = cu_seqlens.to(device=inputs_embeds.device, dtype=torch.int32)
+            cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
         if sp_context is not None:
             if padding:
                 raise ValueError(
                     "sequence parallelism does not take padded batches; pack the sequences instead"
                 )
-            if cache is not None or use_cache:
-                raise ValueError("sequence parallelism does not use a cache; pass use_cache=False")
+            if (cache is None and use_cache) or (cache is not None and cache.get_seq_length() > 0):
+                # An empty cache passed in is a prefill under SP (lasp_hf.parallel.prefill).
+                raise ValueError(
+                    "sequence parallelism does not use a cache (pass use_cache=False), except an empty "
+                    "LaspCache passed as past_key_values to prefill a prompt (see lasp_hf.parallel.prefill)"
+                )
 
         if use_cache is None:
             # As transformers' recurrent models: no cache while training, nor for packed or sharded sequences.
@@ -283,6 +291,25 @@ class LaspModel(LaspPreTrainedModel):
                 f"or the new ones ({T}), "
                 f"got shape {tuple(attention_mask.shape)}"
             )
+        prompt_chunk_size = getattr(self.config, "prompt_chunk_size", None)  # read here: it may be set later
+        if cache is not None and sp_context is None and prompt_chunk_size is not None and T > prompt_chunk_size:
+            output = prefill_in_chunks(
+                self,
+                prompt_chunk_size,
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache_position=cache_position,
+                cache=cache,
+                hidden_states_to_keep=hidden_states_to_keep,
+                output_hidden_states=output_hidden_states,
+                cache_field=_CACHE_FIELD,
+                **kwargs,
+            )
+            return output if return_dict is not False else output.to_tuple()
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
 
         full_mask = None
         if attention_mask is not None:
@@ -327,7 +354,8 @@ class LaspModel(LaspPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if cache is not None:
-            cache.num_seen_tokens += T
+            # Under SP (a prefill) every rank's cache holds the whole prompt: W slices of T tokens.
+            cache.num_seen_tokens += T * (sp_context.world_size if sp_context is not None else 1)
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{_CACHE_FIELD: cache}
@@ -430,6 +458,9 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
                 "cut), "
                 "not labels: shifting a slice would lose the prediction at each cut"
             )
+        if labels is None and shift_labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            # A prompt prefilled in chunks then keeps only these positions' hidden states (O(chunk) memory).
+            kwargs["hidden_states_to_keep"] = logits_to_keep
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
