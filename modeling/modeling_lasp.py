@@ -334,6 +334,9 @@ class LaspModel(LaspPreTrainedModel):
             position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
             if sp_context is None and cu_seqlens is None and (padding or (past_length > 0 and T > 1)):
                 attn_mask = self._softmax_mask(full_mask, B, T, past_length, inputs_embeds.device)
+            elif T == 1:
+                # A fixed-shape decoding cache (generation_lasp.LaspStaticCache) marks its valid key slots.
+                attn_mask = getattr(cache, "key_mask", None)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
@@ -405,6 +408,18 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`; with `cache_implementation="static"`, greedy decoding whose one-token step
+        runs as a CUDA graph on a GPU (`generation_lasp.generate_static`: ids, attention_mask, max_new_tokens,
+        eos / pad token ids)."""
+        if kwargs.get("cache_implementation") == "static":
+            from .generation_lasp import generate_static
+
+            kwargs.pop("cache_implementation")
+            inputs = kwargs.pop("inputs", kwargs.pop("input_ids", None))
+            return generate_static(self, *args, **kwargs) if inputs is None else generate_static(self, inputs, **kwargs)
+        return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # save_pretrained maps only this class in config.json's auto_map; add the base model so that

@@ -1,0 +1,308 @@
+"""Fast greedy decoding: the one-token decoding step of a lasp model, with fixed shapes, replayed as a CUDA graph.
+
+Shapes: B batch, P prompt tokens, N new tokens, M = the key/value buffer length of full-attention layers (>= P + N),
+H heads, K / V key / value head dims, D head dim.
+
+Why a graph of our own step, not transformers' static-cache compiled path: a decoding step of a linear-attention
+layer already has a fixed shape (the state `[B, H, K, V]` does not grow), so the step is the eager model's own
+forward on one token, captured once; it runs the same kernels as eager decoding (greedy tokens are identical) and
+needs no `torch.compile` of the model (no recompilation, no graph breaks in the Triton op). A decoding step's cost
+at B = 1 is mostly the launch of a few hundred small kernels, which a graph replay removes.
+
+Hybrids: the keys / values of full-attention layers live in buffers preallocated to M slots (the prompt plus the
+new tokens, rounded up to a multiple of 256 so one captured graph serves several lengths); a boolean key mask
+`[B, 1, 1, M]` marks the slots written so far (and hides left padding). Each step attends over all M slots, so
+its cost grows with M (the longest context asked for), not with the tokens so far.
+
+Use: `model.generate(input_ids, max_new_tokens=..., cache_implementation="static")` (greedy only; CUDA graphs on
+a GPU, the same static-buffer step run eagerly elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .cache_lasp import LaspCache, LaspStateLayer
+
+_SLOT_MULTIPLE = 256
+_STOP_CHECK_EVERY = 32  # decoding steps between host checks of "every row has ended" (one sync each)
+_MAX_EOS_IDS = 8  # end-token ids live in a fixed buffer, so one captured graph serves any of them
+GENERATE_ARGS = ("attention_mask", "max_new_tokens", "eos_token_id", "pad_token_id", "do_sample", "use_cache")
+
+
+class _StaticStateLayer(LaspStateLayer):
+    """A linear-attention state in a fixed buffer: `set_state` copies into it (a graph replays the same
+    addresses)."""
+
+    def __init__(self, state: torch.Tensor):
+        super().__init__()
+        super().set_state(state)
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.recurrent_states[0].copy_(state)
+
+
+class _StaticKVLayer(DynamicLayer):
+    """Keys / values of a full-attention layer in buffers `[B, H, M, D]`; `update` writes the step's token at
+    the slot `cursor` (a device tensor, so a replay writes the next slot) and returns the whole buffers."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cursor: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.cursor = keys, values, cursor
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys.index_copy_(2, self.cursor, key_states)
+        self.values.index_copy_(2, self.cursor, value_states)
+        return self.keys, self.values
+
+
+class LaspStaticCache(LaspCache):
+    """Fixed-shape cache of one decoding step: a float32 state buffer per linear-attention layer, key / value
+    buffers of M slots per full-attention layer, the next slot (`cursor`, int64 `[1]`) and `key_mask`
+    (bool `[B, 1, 1, M]`, which `LaspModel` passes to the full-attention layers)."""
+
+    def __init__(self, config, batch_size: int, max_length: int, dtype: torch.dtype, device):
+        super().__init__(config)
+        H, D = config.num_attention_heads, config.head_dim
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_mask = None
+        layers = []
+        for layer_type in config.layer_types:
+            if layer_type == "linear_attention":
+                layers.append(_StaticStateLayer(torch.zeros(batch_size, H, D, D, dtype=torch.float32, device=device)))
+            else:
+                shape = (batch_size, H, max_length, D)
+                keys = torch.zeros(shape, dtype=dtype, device=device)
+                layers.append(_StaticKVLayer(keys, torch.zeros_like(keys), self.cursor))
+                if self.key_mask is None:
+                    self.key_mask = torch.zeros(batch_size, 1, 1, max_length, dtype=torch.bool, device=device)
+        self.layers = layers
+        self.max_length = max_length
+
+    def load(self, cache: LaspCache, prompt_mask: torch.Tensor) -> None:
+        """Copy a prefilled cache in (states; keys / values into the first P slots) and mark the prompt's real
+        tokens (prompt_mask `[B, P]`, 1 = token) in the key mask."""
+        P = cache.get_seq_length()
+        if P >= self.max_length and self.key_mask is not None:
+            raise ValueError(f"the prompt ({P} tokens) does not fit the {self.max_length} key/value slots")
+        for mine, theirs in zip(self.layers, cache.layers, strict=True):
+            if isinstance(mine, _StaticStateLayer):
+                mine.set_state(theirs.get_state())
+            else:
+                mine.keys[:, :, :P].copy_(theirs.keys)
+                mine.values[:, :, :P].copy_(theirs.values)
+                mine.keys[:, :, P:].zero_()
+                mine.values[:, :, P:].zero_()
+        if self.key_mask is not None:
+            self.key_mask.zero_()
+            self.key_mask[:, 0, 0, :P].copy_(prompt_mask.bool())
+        self.cursor.fill_(P)
+        self.num_seen_tokens = P
+
+    def get_max_length(self, layer_idx=None) -> int:
+        return self.max_length if self.key_mask is not None else -1
+
+
+class LaspGraphDecoder:
+    """Greedy decoding steps of `model` for a batch of B rows, as one CUDA graph (captured on the first CUDA use)
+    or, on other devices, the same fixed-shape step run eagerly.
+
+    One step: mark the slot of the current token in the key mask, run the model on the current tokens `[B, 1]`
+    at their positions, pick the argmax, replace it by `pad_token_id` in rows that have ended, write it to the
+    output buffer and make it the next step's input. Every tensor it touches is a fixed buffer.
+    """
+
+    def __init__(self, model, batch_size: int, max_length: int):
+        param = next(model.parameters())
+        self.model, self.device = model, param.device
+        self.batch_size, self.max_length = batch_size, max_length
+        self.cache = LaspStaticCache(model.config, batch_size, max_length, param.dtype, param.device)
+        B, device = batch_size, param.device
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.output = None
+        self.eos = torch.full((_MAX_EOS_IDS,), -1, dtype=torch.long, device=device)  # -1: no id
+        self.pad = torch.zeros((), dtype=torch.long, device=device)
+        self.has_eos = False
+        self.graph = None
+        self.num_output_slots = 0
+
+    def matches(self, batch_size, max_length, device) -> bool:
+        return (self.batch_size, self.device) == (batch_size, device) and self.max_length >= max_length
+
+    def set_tokens(self, eos_token_ids: list[int], pad_token_id: int) -> None:
+        if len(eos_token_ids) > _MAX_EOS_IDS:
+            raise ValueError(f"at most {_MAX_EOS_IDS} eos_token_id values, got {len(eos_token_ids)}")
+        self.eos.fill_(-1)
+        if eos_token_ids:
+            self.eos[: len(eos_token_ids)].copy_(torch.tensor(eos_token_ids, dtype=torch.long))
+        self.pad.fill_(int(pad_token_id))
+        self.has_eos = bool(eos_token_ids)
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy choice `[B]`, pad in rows that ended; updates which rows ended (as transformers' greedy search)."""
+        nxt = logits.argmax(dim=-1)
+        nxt = torch.where(self.unfinished, nxt, self.pad)
+        self.unfinished &= ~torch.isin(nxt, self.eos)
+        return nxt
+
+    def _step(self) -> None:
+        if self.cache.key_mask is not None:
+            self.cache.key_mask.index_fill_(-1, self.cache.cursor, True)
+        out = self.model(
+            input_ids=self.tokens,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        nxt = self._pick(out.logits[:, -1])
+        self.output.index_copy_(1, self.step_index, nxt[:, None])
+        self.tokens.copy_(nxt[:, None])
+        self.positions.add_(1)
+        self.cache.cursor.add_(1)
+        self.step_index.add_(1)
+
+    def _ensure_output(self, num_new: int) -> None:
+        if self.output is None or self.num_output_slots < num_new:
+            if self.graph is not None:
+                self.graph = None  # the output buffer's address changes: capture again
+            self.num_output_slots = max(num_new, 256)
+            self.output = torch.zeros(self.batch_size, self.num_output_slots, dtype=torch.long, device=self.device)
+
+    def _capture(self) -> None:
+        """Warm up (kernels compile, allocations settle) on a side stream, then capture one step."""
+        saved = [buffer.clone() for buffer in self._mutable_buffers()]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        for buffer, value in zip(self._mutable_buffers(), saved, strict=True):
+            buffer.copy_(value)
+        self.graph = graph
+
+    def _mutable_buffers(self):
+        buffers = [self.tokens, self.positions, self.unfinished, self.step_index, self.cache.cursor, self.output]
+        for layer in self.cache.layers:
+            buffers += [layer.get_state()] if isinstance(layer, _StaticStateLayer) else [layer.keys, layer.values]
+        return buffers + ([self.cache.key_mask] if self.cache.key_mask is not None else [])
+
+    @torch.no_grad()
+    def decode(self, cache: LaspCache, prompt_mask, first_tokens, num_new: int) -> torch.Tensor:
+        """Given the prefilled cache and the first new token `[B]` (picked from the prompt's last logits), run
+        num_new - 1 more steps; returns the new tokens `[B, num_new]` (cut where every row has ended)."""
+        self._ensure_output(num_new)
+        self.cache.load(cache, prompt_mask)
+        self.unfinished.fill_(True)
+        first = self._pick_first(first_tokens)
+        self.output.zero_()
+        self.output[:, 0].copy_(first)
+        self.tokens.copy_(first[:, None])
+        # A row's next position is its number of real tokens (positions count only unpadded tokens).
+        self.positions.copy_(prompt_mask.long().sum(dim=1, keepdim=True))
+        self.step_index.fill_(1)
+        use_graph = self.device.type == "cuda"
+        if use_graph and self.graph is None:
+            self._capture()
+        for i in range(1, num_new):
+            if self.has_eos and i % _STOP_CHECK_EVERY == 0 and not bool(self.unfinished.any()):
+                break
+            if use_graph:
+                self.graph.replay()
+            else:
+                self._step()
+        new = self.output[:, :num_new].clone()
+        return _cut_after_all_ended(new, self.eos if self.has_eos else None)
+
+    def _pick_first(self, first_tokens: torch.Tensor) -> torch.Tensor:
+        self.unfinished &= ~torch.isin(first_tokens, self.eos)
+        return first_tokens
+
+
+def _cut_after_all_ended(new: torch.Tensor, eos: torch.Tensor | None) -> torch.Tensor:
+    """Tokens up to the step where the last row produced an end token (as transformers stops)."""
+    if eos is None or new.shape[1] == 0:
+        return new
+    ended = torch.isin(new, eos).long().cumsum(dim=1) > 0  # [B, N]
+    all_ended = ended.all(dim=0).nonzero()
+    return new if all_ended.numel() == 0 else new[:, : int(all_ended[0]) + 1]
+
+
+def _as_list(ids) -> list[int]:
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        return ids.flatten().tolist()
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+
+
+@torch.no_grad()
+def generate_static(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Greedy `generate` through `LaspGraphDecoder` (see the module docstring): the prompt prefills in chunks of
+    `config.prompt_chunk_size` into a `LaspCache`, then every new token is one replay of the captured step.
+
+    Args:
+        input_ids: `[B, P]` prompt ids. attention_mask (`[B, P]`, *optional*): 1 = token, 0 = (left) padding.
+        max_new_tokens (`int`, defaults to the generation config's): tokens to add.
+        eos_token_id / pad_token_id (*optional*): as `generate` (defaults from the generation config); rows that
+            ended get pad, and decoding stops once every row has ended.
+    Returns:
+        `[B, P + n]` ids, n <= max_new_tokens, as greedy `generate` returns them.
+    """
+    unknown = sorted(set(kwargs) - set(GENERATE_ARGS))
+    if unknown:
+        raise ValueError(
+            f"generate(cache_implementation='static') decodes greedily and takes {GENERATE_ARGS}; got also {unknown}"
+        )
+    if kwargs.get("do_sample"):
+        raise ValueError("generate(cache_implementation='static') decodes greedily: do_sample must be False")
+    if kwargs.get("use_cache") is False:
+        raise ValueError("generate(cache_implementation='static') decodes from a cache: use_cache must not be False")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a 2-D tensor [B, P], got {getattr(input_ids, 'shape', input_ids)}")
+    config = model.generation_config
+    max_new = kwargs.get("max_new_tokens") or config.max_new_tokens
+    if not isinstance(max_new, int) or max_new < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new!r}")
+    eos = _as_list(kwargs.get("eos_token_id", config.eos_token_id))
+    pad = kwargs.get("pad_token_id", config.pad_token_id)
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    B, P = input_ids.shape
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must be [B, P] = {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
+
+    prefill = model(input_ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    cache = prefill.cache if "cache" in prefill else prefill.past_key_values
+    first = prefill.logits[:, -1].argmax(dim=-1)
+    if max_new == 1:
+        return torch.cat([input_ids, _cut_after_all_ended(first[:, None], _eos_tensor(eos, first))], dim=1)
+    hybrid = "full_attention" in model.config.layer_types
+    needed = -(-(P + max_new) // _SLOT_MULTIPLE) * _SLOT_MULTIPLE if hybrid else 0
+    decoder = getattr(model, "_lasp_graph_decoder", None)
+    if decoder is None or not decoder.matches(B, needed, input_ids.device):
+        decoder = None
+        model._lasp_graph_decoder = None  # free the old buffers and graph before making new ones
+        decoder = LaspGraphDecoder(model, B, needed)
+        model._lasp_graph_decoder = decoder
+    decoder.set_tokens(eos, pad)
+    new = decoder.decode(cache, mask, first, max_new)
+    return torch.cat([input_ids, new], dim=1)
+
+
+def _eos_tensor(eos, like):
+    return torch.tensor(eos, dtype=torch.long, device=like.device) if eos else None
+
+
+__all__ = ["LaspGraphDecoder", "LaspStaticCache", "generate_static"]
