@@ -147,7 +147,7 @@ class LaspGraphDecoder:
         """Greedy choice `[B]`, pad in rows that ended; updates which rows ended (as transformers' greedy search)."""
         nxt = logits.argmax(dim=-1)
         nxt = torch.where(self.unfinished, nxt, self.pad)
-        self.unfinished &= ~torch.isin(nxt, self.eos)
+        self.unfinished &= ~_is_end(nxt, self.eos)
         return nxt
 
     def _step(self) -> None:
@@ -197,9 +197,9 @@ class LaspGraphDecoder:
         return buffers + ([self.cache.key_mask] if self.cache.key_mask is not None else [])
 
     @torch.no_grad()
-    def decode(self, cache: LaspCache, prompt_mask, first_tokens, num_new: int) -> torch.Tensor:
-        """Given the prefilled cache and the first new token `[B]` (picked from the prompt's last logits), run
-        num_new - 1 more steps; returns the new tokens `[B, num_new]` (cut where every row has ended)."""
+    def start(self, cache: LaspCache, prompt_mask, first_tokens, num_new: int) -> None:
+        """Load the prefilled cache and the first new token `[B]` (picked from the prompt's last logits); capture
+        the step on the first CUDA use. The caller may drop `cache` afterwards (its contents are copied)."""
         self._ensure_output(num_new)
         self.cache.load(cache, prompt_mask)
         self.unfinished.fill_(True)
@@ -210,22 +210,39 @@ class LaspGraphDecoder:
         # A row's next position is its number of real tokens (positions count only unpadded tokens).
         self.positions.copy_(prompt_mask.long().sum(dim=1, keepdim=True))
         self.step_index.fill_(1)
-        use_graph = self.device.type == "cuda"
-        if use_graph and self.graph is None:
+        if self.device.type == "cuda" and self.graph is None:
             self._capture()
-        for i in range(1, num_new):
-            if self.has_eos and i % _STOP_CHECK_EVERY == 0 and not bool(self.unfinished.any()):
-                break
-            if use_graph:
+
+    def steps(self, n: int) -> None:
+        """n decoding steps (graph replays on CUDA), without looking at the tokens."""
+        for _ in range(n):
+            if self.graph is not None:
                 self.graph.replay()
             else:
                 self._step()
+
+    @torch.no_grad()
+    def run(self, num_new: int) -> torch.Tensor:
+        """The remaining num_new - 1 steps after `start`; returns the new tokens `[B, num_new]` (cut where every
+        row has ended)."""
+        done = 1
+        while done < num_new:
+            if self.has_eos and not bool(self.unfinished.any()):
+                break
+            n = min(_STOP_CHECK_EVERY, num_new - done)
+            self.steps(n)
+            done += n
         new = self.output[:, :num_new].clone()
         return _cut_after_all_ended(new, self.eos if self.has_eos else None)
 
     def _pick_first(self, first_tokens: torch.Tensor) -> torch.Tensor:
-        self.unfinished &= ~torch.isin(first_tokens, self.eos)
+        self.unfinished &= ~_is_end(first_tokens, self.eos)
         return first_tokens
+
+
+def _is_end(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """tokens `[B]` in the end-token buffer (-1 entries match nothing); a comparison, no host sync (graph-safe)."""
+    return (tokens[:, None] == eos[None, :]).any(dim=-1)
 
 
 def _cut_after_all_ended(new: torch.Tensor, eos: torch.Tensor | None) -> torch.Tensor:
@@ -297,8 +314,9 @@ def generate_static(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         decoder = LaspGraphDecoder(model, B, needed)
         model._lasp_graph_decoder = decoder
     decoder.set_tokens(eos, pad)
-    new = decoder.decode(cache, mask, first, max_new)
-    return torch.cat([input_ids, new], dim=1)
+    decoder.start(cache, mask, first, max_new)
+    del prefill, cache  # the decoder holds its own copy: the prompt's key/value cache need not exist twice
+    return torch.cat([input_ids, decoder.run(max_new)], dim=1)
 
 
 def _eos_tensor(eos, like):
