@@ -175,8 +175,8 @@ class LaspGraphDecoder:
             self.output = torch.zeros(self.batch_size, self.num_output_slots, dtype=torch.long, device=self.device)
 
     def _capture(self) -> None:
-        """Warm up (kernels compile, allocations settle) on a side stream, then capture one step."""
-        saved = [buffer.clone() for buffer in self._mutable_buffers()]
+        """Warm up (kernels compile, allocations settle) on a side stream, then capture one step. The steps run on
+        whatever the buffers hold: `start` loads them afterwards (no copy of the key/value buffers is kept)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -186,21 +186,16 @@ class LaspGraphDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step()
-        for buffer, value in zip(self._mutable_buffers(), saved, strict=True):
-            buffer.copy_(value)
         self.graph = graph
-
-    def _mutable_buffers(self):
-        buffers = [self.tokens, self.positions, self.unfinished, self.step_index, self.cache.cursor, self.output]
-        for layer in self.cache.layers:
-            buffers += [layer.get_state()] if isinstance(layer, _StaticStateLayer) else [layer.keys, layer.values]
-        return buffers + ([self.cache.key_mask] if self.cache.key_mask is not None else [])
 
     @torch.no_grad()
     def start(self, cache: LaspCache, prompt_mask, first_tokens, num_new: int) -> None:
         """Load the prefilled cache and the first new token `[B]` (picked from the prompt's last logits); capture
         the step on the first CUDA use. The caller may drop `cache` afterwards (its contents are copied)."""
         self._ensure_output(num_new)
+        if self.device.type == "cuda" and self.graph is None:
+            self._capture()
+        # Everything a step reads is (re)set from here on.
         self.cache.load(cache, prompt_mask)
         self.unfinished.fill_(True)
         first = self._pick_first(first_tokens)
@@ -210,8 +205,6 @@ class LaspGraphDecoder:
         # A row's next position is its number of real tokens (positions count only unpadded tokens).
         self.positions.copy_(prompt_mask.long().sum(dim=1, keepdim=True))
         self.step_index.fill_(1)
-        if self.device.type == "cuda" and self.graph is None:
-            self._capture()
 
     def steps(self, n: int) -> None:
         """n decoding steps (graph replays on CUDA), without looking at the tokens."""
