@@ -92,3 +92,13 @@ def test_chunked_prefill_left_padded_and_generate(mixer, layer_types):
 def test_prompt_chunk_size_is_checked():
     with pytest.raises(ValueError, match="prompt_chunk_size"):
         tiny_model("lightning", prompt_chunk_size=0)
+
+
+def test_generate_keeps_only_the_last_hidden_state_of_a_chunked_prompt():
+    """generate() asks for the last logits only; the chunked prefill then never holds all T hidden states."""
+    model = tiny_model("lightning", prompt_chunk_size=CHUNK)
+    lengths = []
+    model.model.register_forward_hook(lambda module, args, out: lengths.append(out.last_hidden_state.shape[1]))
+    model.generate(torch.randint(1, VOCAB, (1, T)), max_new_tokens=2, do_sample=False)
+    # The outer prefill call returns 1 position (its chunk calls 5, 5, 5, 5, 3), then one decoding step.
+    assert lengths == [5, 5, 5, 5, 3, 1, 1]
