@@ -117,6 +117,8 @@ class LaspGraphDecoder:
     def __init__(self, model, batch_size: int, max_length: int):
         param = next(model.parameters())
         self.model, self.device = model, param.device
+        # A graph replays the addresses it captured: casting or moving the model makes a new decoder.
+        self.weights = _weights_signature(model)
         self.batch_size, self.max_length = batch_size, max_length
         self.cache = LaspStaticCache(model.config, batch_size, max_length, param.dtype, param.device)
         B, device = batch_size, param.device
@@ -132,7 +134,8 @@ class LaspGraphDecoder:
         self.num_output_slots = 0
 
     def matches(self, batch_size, max_length, device) -> bool:
-        return (self.batch_size, self.device) == (batch_size, device) and self.max_length >= max_length
+        return (self.batch_size, self.device, self.weights) == (batch_size, device, _weights_signature(self.model)) \
+            and self.max_length >= max_length
 
     def set_tokens(self, eos_token_ids: list[int], pad_token_id: int) -> None:
         if len(eos_token_ids) > _MAX_EOS_IDS:
@@ -231,6 +234,11 @@ class LaspGraphDecoder:
     def _pick_first(self, first_tokens: torch.Tensor) -> torch.Tensor:
         self.unfinished &= ~_is_end(first_tokens, self.eos)
         return first_tokens
+
+
+def _weights_signature(model) -> tuple:
+    """Where and how the weights live (host metadata only): each parameter's address and dtype."""
+    return tuple((p.data_ptr(), p.dtype) for p in model.parameters())
 
 
 def _is_end(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:

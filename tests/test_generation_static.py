@@ -76,6 +76,10 @@ def test_static_generate_stops_at_end_tokens_and_reuses_its_buffers():
     again = model.generate(other, attention_mask=other_mask, max_new_tokens=10, cache_implementation="static")
     assert model._lasp_graph_decoder is decoder
     assert torch.equal(again, model.generate(other, attention_mask=other_mask, max_new_tokens=10, do_sample=False))
+    # Casting the model moves its weights: a captured step would read the old ones, so a new decoder is made.
+    model.bfloat16()
+    model.generate(other, attention_mask=other_mask, max_new_tokens=3, cache_implementation="static")
+    assert model._lasp_graph_decoder is not decoder
 
 
 @pytest.mark.parametrize("mixer, layer_types", [CASES[0], CASES[3]], ids=[CASE_IDS[0], CASE_IDS[3]])
