@@ -1,5 +1,5 @@
-"""Long-context inference: prefill tokens/s and decode ms/token of lasp models against HF Llama and fla RetNet of
-the same size, in one process on one card.
+"""Long-context inference: prefill tokens/s and decode ms/token of lasp models against HF Llama and fla RetNet
+of the same size, in one process on one card.
 
     python3 benchmarks/generate_speed.py                                   # every case (see --help)
     python3 benchmarks/generate_speed.py --models tnl-1b llama-1b --lengths 8K 32K
@@ -7,36 +7,36 @@ the same size, in one process on one card.
     python3 benchmarks/generate_speed.py --cpu --tiny                      # smoke test of the harness
 
 Models (random weights, bf16 on a GPU): tnl-1b and hybrid-1b (recipes/configs/), an HF LlamaForCausalLM of the
-same shape (hidden 2048, 16 layers, 16 heads, intermediate 5632, vocab 64000, SDPA) and fla's RetNet (hidden 2048,
-16 layers, vocab 64000; 1.1B parameters, as DESIGN.md's training anchor).
+same shape (hidden 2048, 16 layers, 16 heads, intermediate 5632, vocab 64000, SDPA) and fla's RetNet (hidden
+2048, 16 layers, vocab 64000; 1.1B parameters, as DESIGN.md's training anchor).
 
 Rows, per model and context length T:
 - `prefill` (B = 1): one forward over T prompt tokens with the model's own cache, the last position's logits;
   tokens/s and peak memory (`torch.cuda.max_memory_allocated`, weights included). Ours prefill in chunks of
-  `config.prompt_chunk_size`. Lengths up to 32K run twice and report the second run (kernels compile in the first).
-  hybrid-1b prefills up to --hybrid-max-prefill (128K: its softmax layers are quadratic, 1M would take minutes);
-  its decode rows beyond that start from random keys / values of T tokens.
+  `config.prompt_chunk_size`. Lengths up to 32K run twice and report the second run (kernels compile in the
+  first). hybrid-1b prefills up to --hybrid-max-prefill (128K: its softmax layers are quadratic, 1M would take
+  minutes); its decode rows beyond that start from random keys / values of T tokens.
 - `decode-graph` (ours): ms per token of the CUDA-graph step (`generate(..., cache_implementation="static")`'s
   decoder), timed over --decode-steps replays after a warm-up; `decode-eager`: the same number of eager
-  `model(next_token, past_key_values=cache)` steps with an argmax between them (what `generate` runs per token,
-  without its bookkeeping). At B = 1 the context is the prefill's own cache; at B > 1 it is made of random values
-  of the right shapes (states; keys / values of T tokens): the time of a step does not depend on the values.
-  fla RetNet's B > 1 state comes from a 16-token prefill (its size does not depend on T).
-- `generate-eager` / `generate-static` (ours, B = 1, the smallest T): `model.generate` as a user calls it, today's
-  default and the CUDA-graph path; ms/token = the time difference of two calls with 8 and 8 + --generate-steps new
-  tokens, divided by the difference in tokens (the prefill cancels).
+  `model(next_token, past_key_values=cache)` steps with an argmax between them (what `generate` runs per
+  token, without its bookkeeping). At B = 1 the context is the prefill's own cache; at B > 1 it is made of
+  random values of the right shapes (states; keys / values of T tokens): the time of a step does not depend on
+  the values. fla RetNet's B > 1 state comes from a 16-token prefill (its size does not depend on T).
+- `generate-eager` / `generate-static` (ours, B = 1, the smallest T): `model.generate` as a user calls it,
+  today's default and the CUDA-graph path; ms/token = the time difference of two calls with 8 and 8 +
+  --generate-steps new tokens, divided by the difference in tokens (the prefill cancels).
 - `llama-1b-generate-compiled` (B = 1, 32K): transformers' own fastest decoding, `generate(...,
-  cache_implementation="static")` with its automatic `torch.compile`, the same difference of two calls (both with
-  the same static cache size; a stopping criterion ends the shorter one).
-A row whose memory cannot fit (Llama's or a hybrid's key/value cache larger than the card) is recorded as OOM without
-running; an out-of-memory error while running is recorded as OOM too.
+  cache_implementation="static")` with its automatic `torch.compile`, the same difference of two calls (both
+  with the same static cache size; a stopping criterion ends the shorter one).
+A row whose memory cannot fit (Llama's or a hybrid's key/value cache larger than the card) is recorded as OOM
+without running; an out-of-memory error while running is recorded as OOM too.
 
-Before any decode timing of a model, the graph's greedy tokens are checked against eager decoding from the same
-cache (the first --check-steps tokens at the smallest T, B = 1): rows of a model that fails are marked and no
-speedup is reported for them.
+Before any decode timing of a model, the graph's greedy tokens are checked against eager decoding from the
+same cache (the first --check-steps tokens at the smallest T, B = 1): rows of a model that fails are marked
+and no speedup is reported for them.
 
-Output: a table, `benchmarks/results/generate-<card>.json` + `.md`, and `generate-<card>.png` (decode ms/token at
-B = 1 against context length; needs matplotlib).
+Output: a table, `benchmarks/results/generate-<card>.json` + `.md`, and `generate-<card>.png` (decode ms/token
+at B = 1 against context length; needs matplotlib).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     KI,
     REPO_ROOT,
     RESULTS_DIR,
@@ -59,7 +59,6 @@ from common import (  # noqa: E402
     card_slug,
     common_parser,
     environment,
-    format_table,
     print_table,
     short_number,
     write_results,
@@ -75,7 +74,8 @@ GB = 1e9
 
 
 class Skip(Exception):
-    """A case that cannot run here (a peer that does not import, a path that needs CUDA); the message says why."""
+    """A case that cannot run here (a peer that does not import, a path that needs CUDA); the message says
+    why."""
 
 
 # ----------------------------------------------------------------------------- models
@@ -88,9 +88,15 @@ def _our_config(name: str, tiny: bool):
     if tiny:
         hybrid = "full_attention" in config.layer_types
         config = LaspConfig(
-            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-            token_mixer=config.token_mixer, output_gate_act=config.output_gate_act,
-            layer_types=["linear_attention", "full_attention"] if hybrid else None, prompt_chunk_size=64,
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            token_mixer=config.token_mixer,
+            output_gate_act=config.output_gate_act,
+            layer_types=["linear_attention", "full_attention"] if hybrid else None,
+            prompt_chunk_size=64,
         )
     return config
 
@@ -107,12 +113,31 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, tiny: bool)
     elif name == "llama-1b":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                     vocab_size=128) if tiny else dict(hidden_size=2048, intermediate_size=5632,
-                                                       num_hidden_layers=16, num_attention_heads=16, vocab_size=64000)
-        config = LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"],
-                             max_position_embeddings=2 * 1024 * KI, attn_implementation="sdpa",
-                             bos_token_id=1, eos_token_id=2)
+        shape = (
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                vocab_size=128,
+            )
+            if tiny
+            else dict(
+                hidden_size=2048,
+                intermediate_size=5632,
+                num_hidden_layers=16,
+                num_attention_heads=16,
+                vocab_size=64000,
+            )
+        )
+        config = LlamaConfig(
+            **shape,
+            num_key_value_heads=shape["num_attention_heads"],
+            max_position_embeddings=2 * 1024 * KI,
+            attn_implementation="sdpa",
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         with torch.device(device):
             model = LlamaForCausalLM(config)
     elif name == "retnet-1b":
@@ -120,9 +145,11 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, tiny: bool)
             raise Skip("fla's RetNet runs Triton kernels: needs CUDA")
         try:
             from fla.models import RetNetConfig, RetNetForCausalLM
-        except Exception as err:  # noqa: BLE001 - any import failure of the peer skips it, with the reason
+        except Exception as err:  # any import failure of the peer skips it, with the reason
             raise Skip(f"fla does not import: {type(err).__name__}: {err}") from err
-        config = RetNetConfig(hidden_size=2048, num_hidden_layers=16, vocab_size=64000, fuse_cross_entropy=False)
+        config = RetNetConfig(
+            hidden_size=2048, num_hidden_layers=16, vocab_size=64000, fuse_cross_entropy=False
+        )
         with torch.device(device):
             model = RetNetForCausalLM(config)
     else:
@@ -221,8 +248,16 @@ def _timed_ms(fn, device) -> float:
 class Runner:
     """Holds one model at a time and the prefilled context of the last prefill row."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, tiny: bool, decode_steps: int,
-                 generate_steps: int, check_steps: int, hybrid_max_prefill: int):
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        tiny: bool,
+        decode_steps: int,
+        generate_steps: int,
+        check_steps: int,
+        hybrid_max_prefill: int,
+    ):
         self.device, self.dtype, self.tiny = device, dtype, tiny
         self.hybrid_max_prefill = hybrid_max_prefill
         self.decode_steps, self.generate_steps, self.check_steps = decode_steps, generate_steps, check_steps
@@ -339,7 +374,9 @@ def _graph_check(run: Runner, name: str, model, T: int) -> str:
     eager_tokens = eager_steps(model, cache, first, run.check_steps)  # consumes the context's cache
     run.context = None
     same = torch.equal(graph_tokens.cpu(), eager_tokens.cpu())
-    run.checks[name] = "ok" if same else f"mismatch: graph {graph_tokens.tolist()} eager {eager_tokens.tolist()}"
+    run.checks[name] = (
+        "ok" if same else f"mismatch: graph {graph_tokens.tolist()} eager {eager_tokens.tolist()}"
+    )
     return run.checks[name]
 
 
@@ -408,6 +445,7 @@ def case_generate(run: Runner, name: str, path: str, B: int, T: int) -> dict:
             criteria = StoppingCriteriaList([_StopAfter(T + n)])
             return model.generate(ids, max_new_tokens=long, stopping_criteria=criteria, **kwargs)
     else:
+
         def call(n):
             return model.generate(ids, max_new_tokens=n, **kwargs)
 
@@ -416,13 +454,18 @@ def case_generate(run: Runner, name: str, path: str, B: int, T: int) -> dict:
     times, lengths = {}, {}
     run.reset_peak()
     for n in (short, long):
-        box = {}
-        times[n] = min(_timed_ms(lambda n=n: box.__setitem__("out", call(n)), run.device) for _ in range(2))
-        lengths[n] = box["out"].shape[1] - T
+        outputs = []
+        times[n] = min(
+            _timed_ms(lambda n=n, outputs=outputs: outputs.append(call(n)), run.device) for _ in range(2)
+        )
+        lengths[n] = outputs[-1].shape[1] - T
     if lengths[long] <= lengths[short]:
         raise RuntimeError(f"generate stopped early: {lengths} new tokens")
-    return {"ms_per_token": (times[long] - times[short]) / (lengths[long] - lengths[short]),
-            "peak_gb": run.peak_gb(), "new_tokens": lengths}
+    return {
+        "ms_per_token": (times[long] - times[short]) / (lengths[long] - lengths[short]),
+        "peak_gb": run.peak_gb(),
+        "new_tokens": lengths,
+    }
 
 
 def build_cases(models, lengths, batch_sizes, with_compiled: bool) -> Registry:
@@ -432,21 +475,28 @@ def build_cases(models, lengths, batch_sizes, with_compiled: bool) -> Registry:
     for name in models:
         if name in OURS:
             cases.case(f"{name}-generate-eager", dict(B=1, T=smallest))(
-                lambda run, B, T, name=name: case_generate(run, name, "eager", B, T))
+                lambda run, B, T, name=name: case_generate(run, name, "eager", B, T)
+            )
             cases.case(f"{name}-generate-static", dict(B=1, T=smallest))(
-                lambda run, B, T, name=name: case_generate(run, name, "static", B, T))
+                lambda run, B, T, name=name: case_generate(run, name, "static", B, T)
+            )
         if name == "llama-1b" and with_compiled:
             T = COMPILED_LENGTH if COMPILED_LENGTH in lengths else max(lengths)
             cases.case(f"{name}-generate-compiled", dict(B=1, T=T))(
-                lambda run, B, T, name=name: case_generate(run, name, "compiled", B, T))
+                lambda run, B, T, name=name: case_generate(run, name, "compiled", B, T)
+            )
         variants = ("graph", "eager") if name in OURS else ("eager",)
         for T in lengths:
             cases.case(f"{name}-prefill", dict(B=1, T=T))(
-                lambda run, B, T, name=name: case_prefill(run, name, B, T))
+                lambda run, B, T, name=name: case_prefill(run, name, B, T)
+            )
             for B in batch_sizes:
                 for variant in variants:
                     cases.case(f"{name}-decode-{variant}", dict(B=B, T=T))(
-                        lambda run, B, T, name=name, variant=variant: case_decode(run, name, variant, B, T, smallest))
+                        lambda run, B, T, name=name, variant=variant: case_decode(
+                            run, name, variant, B, T, smallest
+                        )
+                    )
     return cases
 
 
@@ -455,8 +505,12 @@ def build_cases(models, lengths, batch_sizes, with_compiled: bool) -> Registry:
 
 def _find(rows, case_prefix, T=None, B=1):
     for row in rows:
-        if row["case"].startswith(case_prefix) and row.get("status") == "ok" and row["B"] == B and (
-                T is None or row["T"] == T):
+        if (
+            row["case"].startswith(case_prefix)
+            and row.get("status") == "ok"
+            and row["B"] == B
+            and (T is None or row["T"] == T)
+        ):
             return row
     return None
 
@@ -464,33 +518,47 @@ def _find(rows, case_prefix, T=None, B=1):
 def targets(rows, lengths) -> list[str]:
     """The issue's targets, read off the rows (a target whose rows are missing says so)."""
     notes = []
-    graph = [r for r in rows if r["case"].startswith("tnl-1b-decode-graph") and r["B"] == 1 and r["status"] == "ok"]
+    graph = [
+        r for r in rows if r["case"].startswith("tnl-1b-decode-graph") and r["B"] == 1 and r["status"] == "ok"
+    ]
     checked = all(r.get("check") == "ok" for r in graph)
     if graph and checked:
         ms = [r["ms_per_token"] for r in graph]
-        notes.append(f"tnl-1b graph decode B=1 from {short_number(graph[0]['T'])} to {short_number(graph[-1]['T'])}:"
-                     f" {min(ms):.3f}-{max(ms):.3f} ms/token, spread {max(ms) / min(ms) - 1:.1%} (target <= 10%)")
+        notes.append(
+            f"tnl-1b graph decode B=1 from {short_number(graph[0]['T'])} to {short_number(graph[-1]['T'])}:"
+            f" {min(ms):.3f}-{max(ms):.3f} ms/token, spread {max(ms) / min(ms) - 1:.1%} (target <= 10%)"
+        )
     elif graph:
         notes.append("tnl-1b graph decode: the token check failed, no speed reported as a result")
     at32 = 32 * KI
     ours32 = _find(rows, "tnl-1b-decode-graph", at32)
-    llama32 = [r for r in (_find(rows, "llama-1b-decode-eager", at32), _find(rows, "llama-1b-generate-compiled",
-                                                                               at32)) if r]
+    llama32 = [
+        r
+        for r in (_find(rows, "llama-1b-decode-eager", at32), _find(rows, "llama-1b-generate-compiled", at32))
+        if r
+    ]
     if ours32 and llama32 and checked:
         best = min(r["ms_per_token"] for r in llama32)
-        notes.append(f"32K, B=1: tnl-1b graph {ours32['ms_per_token']:.3f} ms/token vs Llama's best {best:.3f}: "
-                     f"{ours32['ms_per_token'] / best:.2f}x (target <= 0.33x)")
+        notes.append(
+            f"32K, B=1: tnl-1b graph {ours32['ms_per_token']:.3f} ms/token vs Llama's best {best:.3f}: "
+            f"{ours32['ms_per_token'] / best:.2f}x (target <= 0.33x)"
+        )
     eager = _find(rows, "tnl-1b-generate-eager")
     static = _find(rows, "tnl-1b-generate-static")
     if eager and static and checked:
-        notes.append(f"tnl-1b generate at {short_number(eager['T'])}, B=1: eager {eager['ms_per_token']:.3f} ms/token,"
-                     f" static (CUDA graph) {static['ms_per_token']:.3f}: {eager['ms_per_token'] / static['ms_per_token']:.1f}x"
-                     " faster (target >= 3x)")
+        notes.append(
+            f"tnl-1b generate at {short_number(eager['T'])}, B=1: eager {eager['ms_per_token']:.3f} ms/token,"
+            f" static (CUDA graph) {static['ms_per_token']:.3f}: "
+            f"{eager['ms_per_token'] / static['ms_per_token']:.1f}x faster (target >= 3x)"
+        )
     at128 = 128 * KI
     ours_p, fla_p = _find(rows, "tnl-1b-prefill", at128), _find(rows, "retnet-1b-prefill", at128)
     if ours_p and fla_p:
-        notes.append(f"prefill 128K: tnl-1b {ours_p['tokens_per_s']:.0f} tokens/s vs fla RetNet "
-                     f"{fla_p['tokens_per_s']:.0f}: {ours_p['tokens_per_s'] / fla_p['tokens_per_s']:.2f}x (target >= 2x)")
+        notes.append(
+            f"prefill 128K: tnl-1b {ours_p['tokens_per_s']:.0f} tokens/s vs fla RetNet "
+            f"{fla_p['tokens_per_s']:.0f}: {ours_p['tokens_per_s'] / fla_p['tokens_per_s']:.2f}x "
+            "(target >= 2x)"
+        )
     big = _find(rows, "tnl-1b-prefill", 1024 * KI)
     if big and big.get("peak_gb") is not None:
         notes.append(f"tnl-1b 1M-token prefill: peak {big['peak_gb']:.1f} GB (target <= 30 GB)")
@@ -509,8 +577,12 @@ def plot(rows, path: Path) -> Path | None:
         return None
     lines: dict = {}
     for row in rows:
-        if row.get("status") == "ok" and row["B"] == 1 and row.get("ms_per_token") is not None and (
-                "-decode-" in row["case"] or "-generate-compiled" in row["case"]):
+        if (
+            row.get("status") == "ok"
+            and row["B"] == 1
+            and row.get("ms_per_token") is not None
+            and ("-decode-" in row["case"] or "-generate-compiled" in row["case"])
+        ):
             label = row["case"].rsplit("-B", 1)[0].replace("-decode", "")
             lines.setdefault(label, []).append((row["T"], row["ms_per_token"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -543,8 +615,13 @@ def _lengths(values):
     out = []
     for value in values:
         text = str(value).upper()
-        out.append(int(text[:-1]) * KI if text.endswith("K") else int(text[:-1]) * KI * KI if text.endswith("M")
-                   else int(text))
+        out.append(
+            int(text[:-1]) * KI
+            if text.endswith("K")
+            else int(text[:-1]) * KI * KI
+            if text.endswith("M")
+            else int(text)
+        )
     return tuple(out)
 
 
@@ -554,11 +631,16 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", nargs="*", default=None, help="context lengths, e.g. 8K 32K 1M")
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=None, help="decode batch sizes (1 32)")
     parser.add_argument("--decode-steps", type=int, default=None, help="timed decoding steps per row (64)")
-    parser.add_argument("--generate-steps", type=int, default=None, help="extra tokens of the generate rows (128)")
+    parser.add_argument(
+        "--generate-steps", type=int, default=None, help="extra tokens of the generate rows (128)"
+    )
     parser.add_argument("--check-steps", type=int, default=16, help="tokens of the graph-vs-eager check")
     parser.add_argument("--no-compiled", action="store_true", help="skip Llama's compiled static-cache row")
-    parser.add_argument("--hybrid-max-prefill", default="128K",
-                        help="longest hybrid-1b prefill row (its softmax layers are quadratic; default 128K)")
+    parser.add_argument(
+        "--hybrid-max-prefill",
+        default="128K",
+        help="longest hybrid-1b prefill row (its softmax layers are quadratic; default 128K)",
+    )
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -575,12 +657,23 @@ def main(argv=None) -> int:
         return 0
 
     env = environment(device)
-    run = Runner(device, dtype, args.tiny, decode_steps, generate_steps, min(args.check_steps, decode_steps),
-                 _lengths([args.hybrid_max_prefill])[0])
+    run = Runner(
+        device,
+        dtype,
+        args.tiny,
+        decode_steps,
+        generate_steps,
+        min(args.check_steps, decode_steps),
+        _lengths([args.hybrid_max_prefill])[0],
+    )
     rows, sizes = [], {}
     for case in cases:
-        row = {"case": case.name, "model": case.name.split("-")[0] + "-" + case.name.split("-")[1],
-               "B": case.params["B"], "T": case.params["T"]}
+        row = {
+            "case": case.name,
+            "model": case.name.split("-")[0] + "-" + case.name.split("-")[1],
+            "B": case.params["B"],
+            "T": case.params["T"],
+        }
         begin = time.perf_counter()
         try:
             with torch.no_grad():
@@ -609,9 +702,20 @@ def main(argv=None) -> int:
     notes = targets(rows, lengths) + [f"parameters: {json.dumps(sizes)}", f"dtype {dtype}, device {device}"]
     name = f"generate-{card_slug(env['card'])}" + ("-tiny" if args.tiny else "")
     out_dir = Path(args.out) if args.out else RESULTS_DIR
-    json_path = write_results(name, env, rows, COLUMNS, out_dir=out_dir, notes=notes,
-                              extra={"lengths": lengths, "batch_sizes": batch_sizes, "decode_steps": decode_steps,
-                                     "parameters": sizes})
+    json_path = write_results(
+        name,
+        env,
+        rows,
+        COLUMNS,
+        out_dir=out_dir,
+        notes=notes,
+        extra={
+            "lengths": lengths,
+            "batch_sizes": batch_sizes,
+            "decode_steps": decode_steps,
+            "parameters": sizes,
+        },
+    )
     png = plot(rows, out_dir / f"{name}.png")
     print_table(f"generate speed on {env['card']} (commit {env['commit'][:12]})", rows, COLUMNS)
     for note in notes:

@@ -91,12 +91,14 @@ class LaspConfig(PretrainedConfig):
             End-of-sequence token id.
         prompt_chunk_size (`int`, *optional*, defaults to 16384):
             Tokens per chunk when a prompt runs with a cache (`generate`, or `forward` with `use_cache=True` /
-            `past_key_values`): a longer prompt runs in chunks of this many tokens, the recurrent states (and the
-            keys / values of full-attention layers) carried from chunk to chunk through the cache, so the
+            `past_key_values`): a longer prompt runs in chunks of this many tokens, the recurrent states (and
+            the keys / values of full-attention layers) carried from chunk to chunk through the cache, so the
             activations exist for one chunk at a time and peak memory is bounded by the chunk, not the prompt.
-            The results are those of one call on the whole prompt (to rounding). `None` runs every prompt
-            whole. (Not named `prefill_chunk_size`: `generate` would copy that into its GenerationConfig and run
-            transformers' own chunking, which needs a cache that generate builds; the model builds its own.)
+            The results are those of one call on the whole prompt (to rounding). With `logits_to_keep=n > 0`
+            (`generate` asks for 1) only the last n hidden states are kept; asking for all logits concatenates
+            the chunks' outputs and materializes `[T, vocab_size]` logits, as one call would. `None` runs every
+            prompt whole. (Not named `prefill_chunk_size`: `generate` would copy that into its
+            GenerationConfig and run transformers' own chunking, which needs a cache that generate builds.)
 
     Example:
 

@@ -1,21 +1,23 @@
-"""Fast greedy decoding: the one-token decoding step of a lasp model, with fixed shapes, replayed as a CUDA graph.
+"""Fast greedy decoding: the one-token decoding step of a lasp model, with fixed shapes, replayed as a CUDA
+graph.
 
-Shapes: B batch, P prompt tokens, N new tokens, M = the key/value buffer length of full-attention layers (>= P + N),
-H heads, K / V key / value head dims, D head dim.
+Shapes: B batch, P prompt tokens, N new tokens, M = the key/value buffer length of full-attention layers (>= P
++ N), H heads, K / V key / value head dims, D head dim.
 
-Why a graph of our own step, not transformers' static-cache compiled path: a decoding step of a linear-attention
-layer already has a fixed shape (the state `[B, H, K, V]` does not grow), so the step is the eager model's own
-forward on one token, captured once; it runs the same kernels as eager decoding (greedy tokens are identical) and
-needs no `torch.compile` of the model (no recompilation, no graph breaks in the Triton op). A decoding step's cost
-at B = 1 is mostly the launch of a few hundred small kernels, which a graph replay removes.
+Why a graph of our own step, not transformers' static-cache compiled path: a decoding step of a
+linear-attention layer already has a fixed shape (the state `[B, H, K, V]` does not grow), so the step is the
+eager model's own forward on one token, captured once; it runs the same kernels as eager decoding (greedy
+tokens are identical) and needs no `torch.compile` of the model (no recompilation, no graph breaks in the
+Triton op). A decoding step's cost at B = 1 is mostly the launch of a few hundred small kernels, which a graph
+replay removes.
 
-Hybrids: the keys / values of full-attention layers live in buffers preallocated to M slots (the prompt plus the
-new tokens, rounded up to a multiple of 256 so one captured graph serves several lengths); a boolean key mask
-`[B, 1, 1, M]` marks the slots written so far (and hides left padding). Each step attends over all M slots, so
-its cost grows with M (the longest context asked for), not with the tokens so far.
+Hybrids: the keys / values of full-attention layers live in buffers preallocated to M slots (the prompt plus
+the new tokens, rounded up to a multiple of 256 so one captured graph serves several lengths); a boolean key
+mask `[B, 1, 1, M]` marks the slots written so far (and hides left padding). Each step attends over all M
+slots, so its cost grows with M (the longest context asked for), not with the tokens so far.
 
-Use: `model.generate(input_ids, max_new_tokens=..., cache_implementation="static")` (greedy only; CUDA graphs on
-a GPU, the same static-buffer step run eagerly elsewhere).
+Use: `model.generate(input_ids, max_new_tokens=..., cache_implementation="static")` (greedy only; CUDA graphs
+on a GPU, the same static-buffer step run eagerly elsewhere).
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ class LaspStaticCache(LaspCache):
         layers = []
         for layer_type in config.layer_types:
             if layer_type == "linear_attention":
-                layers.append(_StaticStateLayer(torch.zeros(batch_size, H, D, D, dtype=torch.float32, device=device)))
+                layers.append(
+                    _StaticStateLayer(torch.zeros(batch_size, H, D, D, dtype=torch.float32, device=device))
+                )
             else:
                 shape = (batch_size, H, max_length, D)
                 keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -106,8 +110,8 @@ class LaspStaticCache(LaspCache):
 
 
 class LaspGraphDecoder:
-    """Greedy decoding steps of `model` for a batch of B rows, as one CUDA graph (captured on the first CUDA use)
-    or, on other devices, the same fixed-shape step run eagerly.
+    """Greedy decoding steps of `model` for a batch of B rows, as one CUDA graph (captured on the first CUDA
+    use) or, on other devices, the same fixed-shape step run eagerly.
 
     One step: mark the slot of the current token in the key mask, run the model on the current tokens `[B, 1]`
     at their positions, pick the argmax, replace it by `pad_token_id` in rows that have ended, write it to the
@@ -134,8 +138,11 @@ class LaspGraphDecoder:
         self.num_output_slots = 0
 
     def matches(self, batch_size, max_length, device) -> bool:
-        return (self.batch_size, self.device, self.weights) == (batch_size, device, _weights_signature(self.model)) \
-            and self.max_length >= max_length
+        return (self.batch_size, self.device, self.weights) == (
+            batch_size,
+            device,
+            _weights_signature(self.model),
+        ) and self.max_length >= max_length
 
     def set_tokens(self, eos_token_ids: list[int], pad_token_id: int) -> None:
         if len(eos_token_ids) > _MAX_EOS_IDS:
@@ -147,7 +154,8 @@ class LaspGraphDecoder:
         self.has_eos = bool(eos_token_ids)
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy choice `[B]`, pad in rows that ended; updates which rows ended (as transformers' greedy search)."""
+        """Greedy choice `[B]`, pad in rows that ended; updates which rows ended (as transformers' greedy
+        search)."""
         nxt = logits.argmax(dim=-1)
         nxt = torch.where(self.unfinished, nxt, self.pad)
         self.unfinished &= ~_is_end(nxt, self.eos)
@@ -175,11 +183,15 @@ class LaspGraphDecoder:
             if self.graph is not None:
                 self.graph = None  # the output buffer's address changes: capture again
             self.num_output_slots = max(num_new, 256)
-            self.output = torch.zeros(self.batch_size, self.num_output_slots, dtype=torch.long, device=self.device)
+            self.output = torch.zeros(
+                self.batch_size, self.num_output_slots, dtype=torch.long, device=self.device
+            )
 
     def _capture(self) -> None:
-        """Warm up (kernels compile, allocations settle) on a side stream, then capture one step. The steps run on
-        whatever the buffers hold: `start` loads them afterwards (no copy of the key/value buffers is kept)."""
+        """Warm up (kernels compile, allocations settle) on a side stream, then capture one step. The steps
+        run on
+        whatever the buffers hold: `start` loads them afterwards (no copy of the key/value buffers is
+        kept)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -193,7 +205,8 @@ class LaspGraphDecoder:
 
     @torch.no_grad()
     def start(self, cache: LaspCache, prompt_mask, first_tokens, num_new: int) -> None:
-        """Load the prefilled cache and the first new token `[B]` (picked from the prompt's last logits); capture
+        """Load the prefilled cache and the first new token `[B]` (picked from the prompt's last logits);
+        capture
         the step on the first CUDA use. The caller may drop `cache` afterwards (its contents are copied)."""
         self._ensure_output(num_new)
         if self.device.type == "cuda" and self.graph is None:
@@ -219,7 +232,8 @@ class LaspGraphDecoder:
 
     @torch.no_grad()
     def run(self, num_new: int) -> torch.Tensor:
-        """The remaining num_new - 1 steps after `start`; returns the new tokens `[B, num_new]` (cut where every
+        """The remaining num_new - 1 steps after `start`; returns the new tokens `[B, num_new]` (cut where
+        every
         row has ended)."""
         done = 1
         while done < num_new:
@@ -242,7 +256,8 @@ def _weights_signature(model) -> tuple:
 
 
 def _is_end(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-    """tokens `[B]` in the end-token buffer (-1 entries match nothing); a comparison, no host sync (graph-safe)."""
+    """tokens `[B]` in the end-token buffer (-1 entries match nothing); a comparison, no host sync
+    (graph-safe)."""
     return (tokens[:, None] == eos[None, :]).any(dim=-1)
 
 
@@ -265,28 +280,33 @@ def _as_list(ids) -> list[int]:
 
 @torch.no_grad()
 def generate_static(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Greedy `generate` through `LaspGraphDecoder` (see the module docstring): the prompt prefills in chunks of
-    `config.prompt_chunk_size` into a `LaspCache`, then every new token is one replay of the captured step.
+    """Greedy `generate` through `LaspGraphDecoder` (see the module docstring): the prompt prefills in chunks
+    of `config.prompt_chunk_size` into a `LaspCache`, then every new token is one replay of the captured step.
 
     Args:
         input_ids: `[B, P]` prompt ids. attention_mask (`[B, P]`, *optional*): 1 = token, 0 = (left) padding.
         max_new_tokens (`int`, defaults to the generation config's): tokens to add.
-        eos_token_id / pad_token_id (*optional*): as `generate` (defaults from the generation config); rows that
-            ended get pad, and decoding stops once every row has ended.
+        eos_token_id / pad_token_id (*optional*): as `generate` (defaults from the generation config); rows
+            that ended get pad, and decoding stops once every row has ended.
     Returns:
         `[B, P + n]` ids, n <= max_new_tokens, as greedy `generate` returns them.
     """
     unknown = sorted(set(kwargs) - set(GENERATE_ARGS))
     if unknown:
         raise ValueError(
-            f"generate(cache_implementation='static') decodes greedily and takes {GENERATE_ARGS}; got also {unknown}"
+            f"generate(cache_implementation='static') decodes greedily and takes {GENERATE_ARGS}; "
+            f"got also {unknown}"
         )
     if kwargs.get("do_sample"):
         raise ValueError("generate(cache_implementation='static') decodes greedily: do_sample must be False")
     if kwargs.get("use_cache") is False:
-        raise ValueError("generate(cache_implementation='static') decodes from a cache: use_cache must not be False")
+        raise ValueError(
+            "generate(cache_implementation='static') decodes from a cache: use_cache must not be False"
+        )
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a 2-D tensor [B, P], got {getattr(input_ids, 'shape', input_ids)}")
+        raise ValueError(
+            f"input_ids must be a 2-D tensor [B, P], got {getattr(input_ids, 'shape', input_ids)}"
+        )
     config = model.generation_config
     max_new = kwargs.get("max_new_tokens") or config.max_new_tokens
     if not isinstance(max_new, int) or max_new < 1:

@@ -371,7 +371,13 @@ class LaspSoftmaxAttention(nn.Module):
             from lasp_hf.parallel.attention import sp_softmax_attention
 
             o, (k_all, v_all) = sp_softmax_attention(
-                q, k, v, sp_context=sp_context, cu_seqlens=cu_seqlens, scale=self.scaling, return_gathered_kv=True
+                q,
+                k,
+                v,
+                sp_context=sp_context,
+                cu_seqlens=cu_seqlens,
+                scale=self.scaling,
+                return_gathered_kv=True,
             )
             if cache is not None:
                 # A prefill under SP: every rank keeps the whole prompt's keys / values for decoding.

@@ -204,9 +204,9 @@ class LaspModel(LaspPreTrainedModel):
             sp_context (`SequenceParallelContext`, *optional*): sequence-parallel group; each rank passes its
                 slice.
             kwargs: `cu_seq_lens_q` (int `[N + 1]`, packed documents; takes precedence over position_ids),
-                `cache_position`, `hidden_states_to_keep` (int, a prompt prefilled in chunks returns only the
-                last n positions' hidden states when n > 0, see `prefill_in_chunks`), and anything else, passed
-                on to the layers.
+                `cache_position`, `hidden_states_to_keep` (int, a prompt prefilled in chunks returns only
+                the last n positions' hidden states when n > 0, see `prefill_in_chunks`), and anything else,
+                passed on to the layers.
         """
         cache = kwargs.pop("cache", None)
         if cache is not None and past_key_values is not None:
@@ -291,11 +291,11 @@ class LaspModel(LaspPreTrainedModel):
                 f"or the new ones ({T}), "
                 f"got shape {tuple(attention_mask.shape)}"
             )
-        prompt_chunk_size = getattr(self.config, "prompt_chunk_size", None)  # read here: it may be set later
-        if cache is not None and sp_context is None and prompt_chunk_size is not None and T > prompt_chunk_size:
+        chunk_size = getattr(self.config, "prompt_chunk_size", None)  # read here: it may be set later
+        if cache is not None and sp_context is None and chunk_size is not None and T > chunk_size:
             output = prefill_in_chunks(
                 self,
-                prompt_chunk_size,
+                chunk_size,
                 input_ids=input_ids,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -410,15 +410,17 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     def generate(self, *args, **kwargs):
-        """transformers' `generate`; with `cache_implementation="static"`, greedy decoding whose one-token step
-        runs as a CUDA graph on a GPU (`generation_lasp.generate_static`: ids, attention_mask, max_new_tokens,
-        eos / pad token ids)."""
+        """transformers' `generate`; with `cache_implementation="static"`, greedy decoding whose one-token
+        step runs as a CUDA graph on a GPU (`generation_lasp.generate_static`: ids, attention_mask,
+        max_new_tokens, eos / pad token ids)."""
         if kwargs.get("cache_implementation") == "static":
             from .generation_lasp import generate_static
 
             kwargs.pop("cache_implementation")
             inputs = kwargs.pop("inputs", kwargs.pop("input_ids", None))
-            return generate_static(self, *args, **kwargs) if inputs is None else generate_static(self, inputs, **kwargs)
+            if inputs is not None:
+                args = (inputs, *args)
+            return generate_static(self, *args, **kwargs)
         return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):

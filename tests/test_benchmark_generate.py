@@ -1,5 +1,6 @@
-"""benchmarks/generate_speed.py on CPU: the smoke mode runs end to end (tiny models, short prompts), writes its
-JSON / .md / plot, the graph-vs-eager token check passes, peers that cannot run are skipped with a reason, and the
+"""benchmarks/generate_speed.py on CPU: the smoke mode runs end to end (tiny models, short prompts), writes
+its JSON / .md / plot, the graph-vs-eager token check passes, peers that cannot run are skipped with a reason,
+and the
 summary reports no speedup for a model whose check failed."""
 
 from __future__ import annotations
@@ -29,8 +30,15 @@ generate_speed = _load()
 def _run(args, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(BENCH_DIR / "generate_speed.py"), *args, "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, check=False, cwd=BENCH_DIR.parent)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "generate_speed.py"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+        cwd=BENCH_DIR.parent,
+    )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     return proc
 
@@ -44,15 +52,34 @@ def test_dry_run_lists_the_cases(tmp_path):
 
 
 def test_cpu_smoke_run_writes_results(tmp_path):
-    proc = _run(["--cpu", "--tiny", "--lengths", "96", "--batch-sizes", "2", "--models", "tnl-1b", "hybrid-1b",
-                 "llama-1b", "retnet-1b"], tmp_path)
+    proc = _run(
+        [
+            "--cpu",
+            "--tiny",
+            "--lengths",
+            "96",
+            "--batch-sizes",
+            "2",
+            "--models",
+            "tnl-1b",
+            "hybrid-1b",
+            "llama-1b",
+            "retnet-1b",
+        ],
+        tmp_path,
+    )
     data = json.loads((tmp_path / "generate-cpu-tiny.json").read_text())
     rows = {row["case"]: row for row in data["rows"]}
     assert data["env"]["commit"] and data["env"]["torch"]
     for name in ("tnl-1b", "hybrid-1b"):
         assert rows[f"{name}-decode-graph-B2-T96"]["check"] == "ok"
-        for case in (f"{name}-prefill-B1-T96", f"{name}-decode-graph-B2-T96", f"{name}-decode-eager-B2-T96",
-                     f"{name}-generate-static-B1-T96", f"{name}-generate-eager-B1-T96"):
+        for case in (
+            f"{name}-prefill-B1-T96",
+            f"{name}-decode-graph-B2-T96",
+            f"{name}-decode-eager-B2-T96",
+            f"{name}-generate-static-B1-T96",
+            f"{name}-generate-eager-B1-T96",
+        ):
             assert rows[case]["status"] == "ok", rows[case]
     assert rows["llama-1b-decode-eager-B2-T96"]["status"] == "ok"
     assert rows["llama-1b-prefill-B1-T96"]["tokens_per_s"] > 0
@@ -65,9 +92,22 @@ def test_cpu_smoke_run_writes_results(tmp_path):
 
 def test_targets_report_no_speedup_without_a_passing_check():
     rows = [
-        {"case": "tnl-1b-decode-graph-B1-T4K", "B": 1, "T": 4096, "status": "ok", "ms_per_token": 1.0, "check": "ok"},
-        {"case": "tnl-1b-decode-graph-B1-T1M", "B": 1, "T": 1 << 20, "status": "ok", "ms_per_token": 1.05,
-         "check": "ok"},
+        {
+            "case": "tnl-1b-decode-graph-B1-T4K",
+            "B": 1,
+            "T": 4096,
+            "status": "ok",
+            "ms_per_token": 1.0,
+            "check": "ok",
+        },
+        {
+            "case": "tnl-1b-decode-graph-B1-T1M",
+            "B": 1,
+            "T": 1 << 20,
+            "status": "ok",
+            "ms_per_token": 1.05,
+            "check": "ok",
+        },
         {"case": "tnl-1b-generate-eager-B1-T4K", "B": 1, "T": 4096, "status": "ok", "ms_per_token": 6.0},
         {"case": "tnl-1b-generate-static-B1-T4K", "B": 1, "T": 4096, "status": "ok", "ms_per_token": 1.5},
     ]

@@ -1,7 +1,8 @@
-"""Fixed-shape decoding (`generate(..., cache_implementation="static")`, modeling/generation_lasp.py) against the
-eager cached path: the static-buffer step's logits (float32, relative error <= 1e-5: the same math on the same
-values, only the full-attention layers' softmax runs over zero-masked extra slots), and greedy tokens identical to
-eager `generate`, with left padding, end tokens, chunked prompts and hybrids. On CPU the step runs eagerly; the
+"""Fixed-shape decoding (`generate(..., cache_implementation="static")`, modeling/generation_lasp.py) against
+the eager cached path: the static-buffer step's logits (float32, relative error <= 1e-5: the same math on the
+same values, only the full-attention layers' softmax runs over zero-masked extra slots), and greedy tokens
+identical to eager `generate`, with left padding, end tokens, chunked prompts and hybrids. On CPU the step
+runs eagerly; the
 CUDA graph of the same step is tested in tests/gpu/test_generation_gpu.py."""
 
 import pytest
@@ -35,7 +36,9 @@ def test_static_cache_step_logits_equal_eager(mixer, layer_types):
     step_mask = mask
     for t in range(steps.shape[1]):
         step_mask = torch.cat([step_mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
-        eager = model(steps[:, t : t + 1], attention_mask=step_mask, past_key_values=eager_cache, use_cache=True)
+        eager = model(
+            steps[:, t : t + 1], attention_mask=step_mask, past_key_values=eager_cache, use_cache=True
+        )
         if static.key_mask is not None:
             static.key_mask.index_fill_(-1, static.cursor, True)
         fixed = model(steps[:, t : t + 1], position_ids=positions + t, past_key_values=static, use_cache=True)
@@ -65,17 +68,27 @@ def test_static_generate_stops_at_end_tokens_and_reuses_its_buffers():
     common = [t for t in new[0].tolist() if all(t in row.tolist() for row in new)]
     assert common, "the test needs a token every row generates"
     eos = common[0]
-    eager = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=eos,
-                           pad_token_id=0)
-    fast = model.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=0,
-                          cache_implementation="static")
+    eager = model.generate(
+        ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
+    fast = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=16,
+        eos_token_id=eos,
+        pad_token_id=0,
+        cache_implementation="static",
+    )
     assert torch.equal(fast, eager)
     decoder = model._lasp_graph_decoder
-    # A second prompt of the same batch size and a fitting length reuses the decoder (and, on a GPU, its graph).
+    # A second prompt of the same batch size and a fitting length reuses the decoder (and, on a GPU, its
+    # graph).
     other, other_mask = _left_padded(seed=2)
     again = model.generate(other, attention_mask=other_mask, max_new_tokens=10, cache_implementation="static")
     assert model._lasp_graph_decoder is decoder
-    assert torch.equal(again, model.generate(other, attention_mask=other_mask, max_new_tokens=10, do_sample=False))
+    assert torch.equal(
+        again, model.generate(other, attention_mask=other_mask, max_new_tokens=10, do_sample=False)
+    )
     # Casting the model moves its weights: a captured step would read the old ones, so a new decoder is made.
     model.bfloat16()
     model.generate(other, attention_mask=other_mask, max_new_tokens=3, cache_implementation="static")

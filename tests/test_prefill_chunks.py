@@ -1,5 +1,6 @@
-"""Chunked prefill (`config.prompt_chunk_size`): a prompt with a cache run in chunks against the same prompt in
-one call (float32, relative error <= 1e-5: the chunks reorder float32 sums, nothing else), for every token mixer
+"""Chunked prefill (`config.prompt_chunk_size`): a prompt with a cache run in chunks against the same prompt
+in one call (float32, relative error <= 1e-5: the chunks reorder float32 sums, nothing else), for every token
+mixer
 and hybrids, a prompt length that is not a multiple of the chunk, left padding, and generate()."""
 
 import pytest
@@ -98,7 +99,9 @@ def test_generate_keeps_only_the_last_hidden_state_of_a_chunked_prompt():
     """generate() asks for the last logits only; the chunked prefill then never holds all T hidden states."""
     model = tiny_model("lightning", prompt_chunk_size=CHUNK)
     lengths = []
-    model.model.register_forward_hook(lambda module, args, out: lengths.append(out.last_hidden_state.shape[1]))
+    model.model.register_forward_hook(
+        lambda module, args, out: lengths.append(out.last_hidden_state.shape[1])
+    )
     model.generate(torch.randint(1, VOCAB, (1, T)), max_new_tokens=2, do_sample=False)
     # The outer prefill call returns 1 position (its chunk calls 5, 5, 5, 5, 3), then one decoding step.
     assert lengths == [5, 5, 5, 5, 3, 1, 1]

@@ -1,7 +1,8 @@
 """Sequence-parallel prefill (`lasp_hf.parallel.sp_prefill`, W = 2, 3 gloo processes) against the one-process
-prefill of the same prompt: the last position's logits, every linear layer's state, every full-attention layer's
-keys / values, and the logits of a decoding step from the cache, on every rank, for ring and all-gather, prompt
-lengths with and without a remainder (T mod W). float32, relative error <= 1e-5: LASP only regroups the float32
+prefill of the same prompt: the last position's logits, every linear layer's state, every full-attention
+layer's keys / values, and the logits of a decoding step from the cache, on every rank, for ring and
+all-gather, prompt lengths with and without a remainder (T mod W). float32, relative error <= 1e-5: LASP only
+regroups the float32
 sums of the recurrence."""
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def _errors(model, ids, logits, cache, nxt):
     errors = [relative_error(logits, ref.logits[:, -1])]
     layer_types = model.config.layer_types
     assert cache.get_seq_length() == ids.shape[1]
-    for mine, theirs in zip(_cache_tensors(cache, layer_types), _cache_tensors(ref_cache, layer_types), strict=True):
+    for mine, theirs in zip(
+        _cache_tensors(cache, layer_types), _cache_tensors(ref_cache, layer_types), strict=True
+    ):
         assert mine.shape == theirs.shape
         errors.append(relative_error(mine, theirs))
     step = model(nxt, past_key_values=cache, use_cache=True).logits
@@ -57,8 +60,9 @@ def _worker(W, lengths, case_indices):
     return results
 
 
-@pytest.mark.parametrize("W, lengths, cases", [(2, (12, 13), range(len(CASES))), (3, (12, 14), (0, 4))],
-                         ids=["W2", "W3"])
+@pytest.mark.parametrize(
+    "W, lengths, cases", [(2, (12, 13), range(len(CASES))), (3, (12, 14), (0, 4))], ids=["W2", "W3"]
+)
 def test_sp_prefill_equals_one_process_prefill(W, lengths, cases):
     per_rank = run_distributed(_worker, W, W, lengths, tuple(cases))
     for rank, results in enumerate(per_rank):

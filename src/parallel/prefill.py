@@ -6,11 +6,13 @@ Shapes: B batch, T prompt tokens, W ranks in the SP group, L = T // W tokens per
 How the cache is made (the same collectives as training, DESIGN.md "Sequence parallel"):
 - linear-attention layers: LASP (ring or all-gather, the context's mode) gives every rank the state after the
   whole sequence (`linear_attention(..., output_final_state=True)` returns it on every rank);
-- full-attention layers: the keys / values of all slices are all-gathered (as their attention does) and every rank
+- full-attention layers: the keys / values of all slices are all-gathered (as their attention does) and every
+rank
   keeps them (`sp_softmax_attention(..., return_gathered_kv=True)`).
-So no extra hand-off is needed: every rank holds the state a one-process prefill would, and any of them may decode
-(typically rank 0; the others may free theirs). The last position's logits live on the last rank and are
-broadcast; when W does not divide T, the R < W remaining tokens run as an ordinary cached forward on every rank.
+So no extra hand-off is needed: every rank holds the state a one-process prefill would, and any of them may
+decode (typically rank 0; the others may free theirs). The last position's logits live on the last rank and
+are broadcast; when W does not divide T, the R < W remaining tokens run as an ordinary cached forward on every
+rank.
 
 Each rank runs its slice whole: prefill memory is that of L tokens (chunking inside a slice, as
 `config.prompt_chunk_size` does on one device, is not done under SP).
@@ -43,12 +45,14 @@ def sp_prefill(model, input_ids: torch.Tensor, sp_context) -> tuple[torch.Tensor
         sp_context: a `SequenceParallelContext` (or SP ProcessGroup); its mode picks ring or all-gather.
 
     Returns:
-        (logits `[B, vocab]` of the prompt's last position, the `LaspCache` holding the whole prompt), the same
-        on every rank; continue with `model(next_ids, past_key_values=cache)` or decode from it.
+        (logits `[B, vocab]` of the prompt's last position, the `LaspCache` holding the whole prompt), the
+        same on every rank; continue with `model(next_ids, past_key_values=cache)` or decode from it.
     """
     sp = as_sp_context(sp_context)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a 2-D tensor [B, T], got {getattr(input_ids, 'shape', input_ids)}")
+        raise ValueError(
+            f"input_ids must be a 2-D tensor [B, T], got {getattr(input_ids, 'shape', input_ids)}"
+        )
     B, T = input_ids.shape
     shapes = comm.all_gather_object_ints([B, T], sp, input_ids.device)
     if any(shape != [B, T] for shape in shapes):

@@ -1,10 +1,11 @@
-"""Inference on a GPU: CUDA-graph greedy decoding (`generate(..., cache_implementation="static")`) against eager
-`generate`, and chunked prefill against one call, on the Triton kernels.
+"""Inference on a GPU: CUDA-graph greedy decoding (`generate(..., cache_implementation="static")`) against
+eager `generate`, and chunked prefill against one call, on the Triton kernels.
 
-Greedy tokens must be identical: a linear-attention model's graph replays the very kernels of eager decoding (bf16).
-A hybrid's graph attends over a fixed-length key buffer with a mask while eager attends over the exact keys, so
-SDPA may pick another kernel; it runs in float32, where the two agree to ~1e-6 and the argmax with them.
-Chunked prefill in bf16: relative error <= 1e-2 (DESIGN.md's bf16 rule) on the last logits and every state.
+Greedy tokens must be identical: a linear-attention model's graph replays the very kernels of eager decoding
+(bf16). A hybrid's graph attends over a fixed-length key buffer with a mask while eager attends over the exact
+keys, so SDPA may pick another kernel; it runs in float32, where the two agree to ~1e-6 and the argmax with
+them. Chunked prefill in bf16: relative error <= 1e-2 (DESIGN.md's bf16 rule) on the last logits and every
+state.
 """
 
 from __future__ import annotations
@@ -28,9 +29,18 @@ HYBRID = ["linear_attention", "full_attention", "linear_attention", "full_attent
 def _model(layer_types=None, dtype=torch.bfloat16, **overrides):
     torch.manual_seed(0)
     config = LaspConfig(
-        vocab_size=VOCAB, hidden_size=512, num_hidden_layers=4, num_attention_heads=4, head_dim=128,
-        intermediate_size=1024, layer_types=layer_types, bos_token_id=None, eos_token_id=None, pad_token_id=0,
-        initializer_range=0.1, **overrides,
+        vocab_size=VOCAB,
+        hidden_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        head_dim=128,
+        intermediate_size=1024,
+        layer_types=layer_types,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+        initializer_range=0.1,
+        **overrides,
     )
     return LaspForCausalLM(config).to("cuda", dtype).eval()
 
