@@ -96,9 +96,9 @@ class LaspConfig(PretrainedConfig):
             activations exist for one chunk at a time and peak memory is bounded by the chunk, not the prompt.
             The results are those of one call on the whole prompt (to rounding). With `logits_to_keep=n > 0`
             (`generate` asks for 1) only the last n hidden states are kept; asking for all logits concatenates
-            the chunks' outputs and materializes `[T, vocab_size]` logits, as one call would. `None` runs every
-            prompt whole. (Not `prefill_chunk_size`: `generate` would copy that into its
-            GenerationConfig and run transformers' own chunking, which needs a cache that generate builds.)
+            the chunks' outputs and materializes `[T, vocab_size]` logits, as one call would. `None` runs
+            every prompt whole. (Not `prefill_chunk_size`: `generate` would copy that into its GenerationConfig
+            and run transformers' own chunking, which needs a cache that generate builds.)
 
     Example:
 
