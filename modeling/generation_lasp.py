@@ -1,8 +1,7 @@
-"""Fast greedy decoding: the one-token decoding step of a lasp model, with fixed shapes, replayed as a CUDA
-graph.
+"""Fast greedy decoding: a lasp model's one-token decoding step, with fixed shapes, replayed as a CUDA graph.
 
-Shapes: B batch, P prompt tokens, N new tokens, M = the key/value buffer length of full-attention layers (>= P
-+ N), H heads, K / V key / value head dims, D head dim.
+Shapes: B batch, P prompt tokens, N new tokens, M = the key/value buffer length of full-attention layers
+(>= P + N), H heads, K / V key / value head dims, D head dim.
 
 Why a graph of our own step, not transformers' static-cache compiled path: a decoding step of a
 linear-attention layer already has a fixed shape (the state `[B, H, K, V]` does not grow), so the step is the
@@ -189,8 +188,7 @@ class LaspGraphDecoder:
 
     def _capture(self) -> None:
         """Warm up (kernels compile, allocations settle) on a side stream, then capture one step. The steps
-        run on
-        whatever the buffers hold: `start` loads them afterwards (no copy of the key/value buffers is
+        run on whatever the buffers hold: `start` loads them afterwards (no copy of the key/value buffers is
         kept)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -206,8 +204,8 @@ class LaspGraphDecoder:
     @torch.no_grad()
     def start(self, cache: LaspCache, prompt_mask, first_tokens, num_new: int) -> None:
         """Load the prefilled cache and the first new token `[B]` (picked from the prompt's last logits);
-        capture
-        the step on the first CUDA use. The caller may drop `cache` afterwards (its contents are copied)."""
+        capture the step on the first CUDA use. The caller may drop `cache` afterwards (its contents are
+        copied)."""
         self._ensure_output(num_new)
         if self.device.type == "cuda" and self.graph is None:
             self._capture()
@@ -222,6 +220,7 @@ class LaspGraphDecoder:
         self.positions.copy_(prompt_mask.long().sum(dim=1, keepdim=True))
         self.step_index.fill_(1)
 
+    @torch.no_grad()
     def steps(self, n: int) -> None:
         """n decoding steps (graph replays on CUDA), without looking at the tokens."""
         for _ in range(n):
@@ -233,8 +232,7 @@ class LaspGraphDecoder:
     @torch.no_grad()
     def run(self, num_new: int) -> torch.Tensor:
         """The remaining num_new - 1 steps after `start`; returns the new tokens `[B, num_new]` (cut where
-        every
-        row has ended)."""
+        every row has ended)."""
         done = 1
         while done < num_new:
             if self.has_eos and not bool(self.unfinished.any()):
@@ -308,7 +306,7 @@ def generate_static(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
             f"input_ids must be a 2-D tensor [B, P], got {getattr(input_ids, 'shape', input_ids)}"
         )
     config = model.generation_config
-    max_new = kwargs.get("max_new_tokens") or config.max_new_tokens
+    max_new = kwargs["max_new_tokens"] if "max_new_tokens" in kwargs else config.max_new_tokens
     if not isinstance(max_new, int) or max_new < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new!r}")
     eos = _as_list(kwargs.get("eos_token_id", config.eos_token_id))

@@ -1,5 +1,4 @@
-"""Chunked prefill: a long prompt with a cache runs as consecutive calls of at most `prompt_chunk_size`
-tokens.
+"""Chunked prefill: a long prompt with a cache runs as consecutive calls of `prompt_chunk_size` tokens.
 
 Shapes: B batch, T prompt tokens (this call), P tokens already in the cache, C chunk size.
 
@@ -9,10 +8,9 @@ values to the cache and attend over everything cached so far. So chunk after chu
 result, while the per-token activations (projections, GLU, logits) exist for C tokens at a time.
 
 What is returned: the last `hidden_states_to_keep` positions' final hidden states when the caller asks for
-only
-those (`LaspForCausalLM` passes its int `logits_to_keep`, as `generate` does), so memory stays O(C); otherwise
-the chunks' outputs are concatenated to `[B, T, hidden]` (all T positions were asked for; only that output,
-not the activations, grows with T).
+only those (`LaspForCausalLM` passes its int `logits_to_keep`, as `generate` does), so memory stays O(C);
+otherwise the chunks' outputs are concatenated to `[B, T, hidden]` (all T positions were asked for; only that
+output, not the activations, grows with T).
 """
 
 import torch

@@ -1,7 +1,6 @@
 """benchmarks/generate_speed.py on CPU: the smoke mode runs end to end (tiny models, short prompts), writes
 its JSON / .md / plot, the graph-vs-eager token check passes, peers that cannot run are skipped with a reason,
-and the
-summary reports no speedup for a model whose check failed."""
+and the summary reports no speedup for a model whose check failed."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 the eager cached path: the static-buffer step's logits (float32, relative error <= 1e-5: the same math on the
 same values, only the full-attention layers' softmax runs over zero-masked extra slots), and greedy tokens
 identical to eager `generate`, with left padding, end tokens, chunked prompts and hybrids. On CPU the step
-runs eagerly; the
-CUDA graph of the same step is tested in tests/gpu/test_generation_gpu.py."""
+runs eagerly; the CUDA graph of the same step is tested in tests/gpu/test_generation_gpu.py."""
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Chunked prefill (`config.prompt_chunk_size`): a prompt with a cache run in chunks against the same prompt
 in one call (float32, relative error <= 1e-5: the chunks reorder float32 sums, nothing else), for every token
-mixer
-and hybrids, a prompt length that is not a multiple of the chunk, left padding, and generate()."""
+mixer and hybrids, a prompt length that is not a multiple of the chunk, left padding, and generate()."""
 
 import pytest
 import torch

@@ -2,8 +2,7 @@
 prefill of the same prompt: the last position's logits, every linear layer's state, every full-attention
 layer's keys / values, and the logits of a decoding step from the cache, on every rank, for ring and
 all-gather, prompt lengths with and without a remainder (T mod W). float32, relative error <= 1e-5: LASP only
-regroups the float32
-sums of the recurrence."""
+regroups the float32 sums of the recurrence."""
 
 from __future__ import annotations
 

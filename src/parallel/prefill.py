@@ -7,8 +7,7 @@ How the cache is made (the same collectives as training, DESIGN.md "Sequence par
 - linear-attention layers: LASP (ring or all-gather, the context's mode) gives every rank the state after the
   whole sequence (`linear_attention(..., output_final_state=True)` returns it on every rank);
 - full-attention layers: the keys / values of all slices are all-gathered (as their attention does) and every
-rank
-  keeps them (`sp_softmax_attention(..., return_gathered_kv=True)`).
+  rank keeps them (`sp_softmax_attention(..., return_gathered_kv=True)`).
 So no extra hand-off is needed: every rank holds the state a one-process prefill would, and any of them may
 decode (typically rank 0; the others may free theirs). The last position's logits live on the last rank and
 are broadcast; when W does not divide T, the R < W remaining tokens run as an ordinary cached forward on every
