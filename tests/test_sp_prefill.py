@@ -84,3 +84,46 @@ def _mismatch_worker():
 def test_sp_prefill_rejects_ranks_with_different_prompts():
     messages = run_distributed(_mismatch_worker, 2)
     assert all(m is not None and "same prompt shape" in m for m in messages)
+
+
+def _gpu_worker(W):
+    """On cuda:rank with NCCL, a bf16 hybrid on the Triton kernels: SP prefill against the one-process prefill on
+    the same card (both bf16: relative error <= 1e-2, DESIGN.md's bf16 rule)."""
+    from lasp_hf import LaspConfig, LaspForCausalLM
+
+    torch.manual_seed(0)
+    config = LaspConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=512,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+        prompt_chunk_size=None,
+        initializer_range=0.1,
+    )
+    model = LaspForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    results = {}
+    for mode in ("ring", "allgather"):
+        ctx = init_sequence_parallel(W, mode=mode)
+        for T in (W * 2048, W * 2048 + 1):
+            gen = torch.Generator().manual_seed(T)
+            ids = torch.randint(1, 1000, (2, T), generator=gen).cuda()
+            nxt = torch.randint(1, 1000, (2, 1), generator=gen).cuda()
+            with torch.no_grad():
+                logits, cache = sp_prefill(model, ids, ctx)
+                results[f"T{T}/{mode}"] = _errors(model, ids, logits, cache, nxt)
+    return results
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.parametrize("W", [2, 4])
+def test_sp_prefill_nccl_bf16(W):
+    if not torch.cuda.is_available() or torch.cuda.device_count() < W:
+        pytest.skip(f"needs {W} CUDA GPUs")
+    per_rank = run_distributed(_gpu_worker, W, W, backend="nccl", timeout_s=600)
+    for rank, results in enumerate(per_rank):
+        assert len(results) == 4
+        for key, err in results.items():
+            assert err <= 1e-2, f"rank {rank} {key}: relative error {err:.2e}"
