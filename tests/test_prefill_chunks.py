@@ -66,10 +66,13 @@ def test_chunked_prefill_after_a_cache_all_logits_and_hidden_states(mixer, layer
     for a, b in zip(chunked.hidden_states, whole.hidden_states, strict=True):
         assert rel_err(a, b) < TOL
     _assert_same_cache(caches[1], caches[0])
-    # The base model returns all positions too, and a tuple without return_dict.
+    # The base model returns all positions too, and a tuple without return_dict; inputs_embeds chunk as ids do.
     base = chunked_model.model(x[:, :T], use_cache=True, return_dict=False)
     ref = whole_model.model(x[:, :T], use_cache=True).last_hidden_state
     assert rel_err(base[0], ref) < TOL
+    embeds = chunked_model.get_input_embeddings()(x[:, :T])
+    from_embeds = chunked_model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits
+    assert rel_err(from_embeds, whole_model(x[:, :T], use_cache=True, logits_to_keep=1).logits) < TOL
 
 
 @pytest.mark.parametrize("mixer, layer_types", [CASES[2], CASES[-1]], ids=[CASE_IDS[2], CASE_IDS[-1]])
