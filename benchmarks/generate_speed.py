@@ -58,7 +58,9 @@ from common import (
     Registry,
     card_slug,
     common_parser,
+    describe_env,
     environment,
+    format_table,
     print_table,
     short_number,
     write_results,
@@ -515,6 +517,51 @@ def _find(rows, case_prefix, T=None, B=1):
     return None
 
 
+def _cell(row, key):
+    """The row's number, or its status where it did not run (OOM, skipped, failed)."""
+    if row is None:
+        return None
+    return row.get(key) if row.get("status") == "ok" else row["status"].split(":")[0]
+
+
+def summary_tables(rows) -> tuple[list, list, list, list]:
+    """Compact tables for the README: prefill (model x T: tokens/s, peak GB) and decode (model and path x T:
+    ms/token at each batch size)."""
+    prefill, decode = {}, {}
+    for row in rows:
+        case = row["case"]
+        if "-prefill-" in case:
+            prefill[(row["model"], row["T"])] = {
+                "model": row["model"],
+                "T": short_number(row["T"]),
+                "tokens_per_s": _cell(row, "tokens_per_s"),
+                "peak_gb": _cell(row, "peak_gb"),
+            }
+        elif "-decode-" in case or "-generate-compiled" in case:
+            path = case.split("-B")[0].split("-", 2)[2].replace("decode-", "").replace("generate-", "")
+            line = decode.setdefault(
+                (row["model"], path, row["T"]),
+                {"model": f"{row['model']} {path}", "T": short_number(row["T"])},
+            )
+            line[f"B{row['B']}"] = _cell(row, "ms_per_token")
+    batch_sizes = sorted({row["B"] for row in rows})
+    prefill_cols = [
+        Column("model", "model"),
+        Column("T", "T"),
+        Column("tokens_per_s", "prefill tokens/s", "{:,.0f}"),
+        Column("peak_gb", "peak GB", "{:.1f}"),
+    ]
+    decode_cols = [Column("model", "model, decode path"), Column("T", "context")] + [
+        Column(f"B{B}", f"ms/token B={B}", "{:.2f}") for B in batch_sizes
+    ]
+    # Decode lines grouped by model and path (in run order), then by context length.
+    first_seen = {}
+    for model, path, _ in decode:
+        first_seen.setdefault((model, path), len(first_seen))
+    decode_lines = [decode[key] for key in sorted(decode, key=lambda k: (first_seen[k[:2]], k[2]))]
+    return list(prefill.values()), prefill_cols, decode_lines, decode_cols
+
+
 def targets(rows, lengths) -> list[str]:
     """The issue's targets, read off the rows (a target whose rows are missing says so)."""
     notes = []
@@ -718,6 +765,20 @@ def main(argv=None) -> int:
     )
     png = plot(rows, out_dir / f"{name}.png")
     print_table(f"generate speed on {env['card']} (commit {env['commit'][:12]})", rows, COLUMNS)
+    prefill_rows, prefill_cols, decode_rows, decode_cols = summary_tables(rows)
+    summary = [
+        f"# {name} summary",
+        "",
+        describe_env(env),
+        "",
+        format_table(prefill_rows, prefill_cols, markdown=True),
+        "",
+        format_table(decode_rows, decode_cols, markdown=True),
+        "",
+    ] + [f"- {note}" for note in notes]
+    (out_dir / f"{name}-summary.md").write_text("\n".join(summary) + "\n")
+    print_table("prefill (B = 1)", prefill_rows, prefill_cols)
+    print_table("decode", decode_rows, decode_cols)
     for note in notes:
         print(f"- {note}")
     print(f"wrote {json_path}" + (f" and {png}" if png else ""))

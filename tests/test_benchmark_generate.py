@@ -86,6 +86,8 @@ def test_cpu_smoke_run_writes_results(tmp_path):
     assert rows["llama-1b-generate-compiled-B1-T96"]["status"].startswith("skipped")
     assert (tmp_path / "generate-cpu-tiny.md").read_text().count("|") > 10
     assert (tmp_path / "generate-cpu-tiny.png").stat().st_size > 1000
+    summary = (tmp_path / "generate-cpu-tiny-summary.md").read_text()
+    assert "| tnl-1b graph | 96 |" in summary and "| retnet-1b | 96 | skipped |" in summary
     assert "tnl-1b-decode-graph-B2-T96" in proc.stdout  # the table is printed
 
 
