@@ -136,6 +136,14 @@ class LaspGraphDecoder:
         self.graph = None
         self.num_output_slots = 0
 
+    def __deepcopy__(self, memo):
+        # The model keeps its decoder as an attribute: a copied (or pickled) model makes its own on first use
+        # instead of sharing this one's buffers and graph (a CUDA graph cannot be copied).
+        return None
+
+    def __reduce__(self):
+        return (_no_decoder, ())
+
     def matches(self, batch_size, max_length, device) -> bool:
         return (self.batch_size, self.device, self.weights) == (
             batch_size,
@@ -246,6 +254,10 @@ class LaspGraphDecoder:
     def _pick_first(self, first_tokens: torch.Tensor) -> torch.Tensor:
         self.unfinished &= ~_is_end(first_tokens, self.eos)
         return first_tokens
+
+
+def _no_decoder():
+    return None
 
 
 def _weights_signature(model) -> tuple:

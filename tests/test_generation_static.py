@@ -4,6 +4,9 @@ same values, only the full-attention layers' softmax runs over zero-masked extra
 identical to eager `generate`, with left padding, end tokens, chunked prompts and hybrids. On CPU the step
 runs eagerly; the CUDA graph of the same step is tested in tests/gpu/test_generation_gpu.py."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from lasp_hf.modeling.generation_lasp import LaspStaticCache
@@ -88,6 +91,9 @@ def test_static_generate_stops_at_end_tokens_and_reuses_its_buffers():
     assert torch.equal(
         again, model.generate(other, attention_mask=other_mask, max_new_tokens=10, do_sample=False)
     )
+    # A copy of the model (or a pickled one) does not share the decoder: it makes its own.
+    assert copy.deepcopy(model)._lasp_graph_decoder is None
+    assert pickle.loads(pickle.dumps(model))._lasp_graph_decoder is None
     # Casting the model moves its weights: a captured step would read the old ones, so a new decoder is made.
     model.bfloat16()
     model.generate(other, attention_mask=other_mask, max_new_tokens=3, cache_implementation="static")
