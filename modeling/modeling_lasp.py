@@ -219,9 +219,9 @@ class LaspModel(LaspPreTrainedModel):
             kwargs.pop(name, None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        # Embedded below, after a long prompt has been handed to the chunked prefill (which embeds per chunk).
-        B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
-        device = (input_ids if inputs_embeds is None else inputs_embeds).device
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T = inputs_embeds.shape[:2]
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
 
@@ -259,7 +259,7 @@ class LaspModel(LaspPreTrainedModel):
                 raise ValueError("packed sequences cannot be used with a cache; pass use_cache=False")
             if padding:
                 raise ValueError("packed sequences take no padding attention_mask")
-            cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+            cu_seqlens = cu_seqlens.to(device=inputs_embeds.device, dtype=torch.int32)
         if sp_context is not None:
             if padding:
                 raise ValueError(
@@ -293,6 +293,8 @@ class LaspModel(LaspPreTrainedModel):
             )
         chunk_size = getattr(self.config, "prompt_chunk_size", None)  # read here: it may be set later
         if cache is not None and sp_context is None and chunk_size is not None and T > chunk_size:
+            if input_ids is not None:
+                inputs_embeds = None  # chunks of ids embed themselves: drop the whole prompt's embeddings
             output = prefill_in_chunks(
                 self,
                 chunk_size,
@@ -308,8 +310,6 @@ class LaspModel(LaspPreTrainedModel):
                 **kwargs,
             )
             return output if return_dict is not False else output.to_tuple()
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
 
         full_mask = None
         if attention_mask is not None:
