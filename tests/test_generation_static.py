@@ -109,6 +109,18 @@ def test_static_generate_after_a_chunked_prompt(mixer, layer_types):
     assert torch.equal(fast, model.generate(ids, max_new_tokens=8, do_sample=False))
 
 
+@pytest.mark.parametrize(
+    "extra", [{"position_encoding": "rope"}, {"position_encoding": "lrpe"}], ids=["rope", "lrpe"]
+)
+def test_static_generate_with_position_encodings(extra):
+    """Linear layers with a position encoding read the step's position from the fixed positions buffer."""
+    model = tiny_model("lightning", ["linear_attention", "full_attention"], **extra)
+    ids, mask = _left_padded()
+    eager = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    fast = model.generate(ids, attention_mask=mask, max_new_tokens=8, cache_implementation="static")
+    assert torch.equal(fast, eager)
+
+
 def test_static_generate_rejects_what_it_does_not_do():
     model = tiny_model("lightning")
     ids = torch.randint(1, VOCAB, (1, 4))

@@ -9,6 +9,11 @@ from test_modeling_common import CASE_IDS, CASES, VOCAB, rel_err, tiny_model
 
 TOL = 1e-5
 T, CHUNK = 23, 5  # 5 chunks, the last one of 3 tokens
+# Linear layers with a position encoding (global positions must run on from chunk to chunk).
+POSITION_CASES = [
+    ("lightning", None, {"position_encoding": "rope"}),
+    ("gated", None, {"position_encoding": "lrpe"}),
+]
 
 
 def _cache_of(output):
@@ -66,7 +71,7 @@ def test_chunked_prefill_after_a_cache_all_logits_and_hidden_states(mixer, layer
     for a, b in zip(chunked.hidden_states, whole.hidden_states, strict=True):
         assert rel_err(a, b) < TOL
     _assert_same_cache(caches[1], caches[0])
-    # The base model returns all positions too, and a tuple without return_dict; inputs_embeds chunk as ids do.
+    # The base model returns all positions too, a tuple without return_dict; inputs_embeds chunk as ids do.
     base = chunked_model.model(x[:, :T], use_cache=True, return_dict=False)
     ref = whole_model.model(x[:, :T], use_cache=True).last_hidden_state
     assert rel_err(base[0], ref) < TOL
@@ -90,6 +95,17 @@ def test_chunked_prefill_left_padded_and_generate(mixer, layer_types):
     a = chunked_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     b = whole_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mixer, layer_types, extra", POSITION_CASES, ids=["rope", "lrpe"])
+def test_chunked_prefill_with_position_encodings(mixer, layer_types, extra):
+    whole_model = tiny_model(mixer, layer_types, prompt_chunk_size=None, **extra)
+    chunked_model = tiny_model(mixer, layer_types, prompt_chunk_size=CHUNK, **extra)
+    x = torch.randint(1, VOCAB, (2, T))
+    whole = whole_model(x, use_cache=True, logits_to_keep=1)
+    chunked = chunked_model(x, use_cache=True, logits_to_keep=1)
+    assert rel_err(chunked.logits, whole.logits) < TOL
+    _assert_same_cache(_cache_of(chunked), _cache_of(whole))
 
 
 def test_prompt_chunk_size_is_checked():

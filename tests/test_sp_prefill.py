@@ -48,7 +48,9 @@ def _worker(W, lengths, case_indices):
     contexts = {mode: init_sequence_parallel(W, mode=mode) for mode in ("ring", "allgather")}
     for index in case_indices:
         mixer, layer_types = CASES[index]
-        model = tiny_model(mixer, layer_types, prompt_chunk_size=None)
+        # Linear layers with a position encoding too (each slice must use its global positions).
+        extra = {"position_encoding": "rope"} if index == 0 else {}
+        model = tiny_model(mixer, layer_types, prompt_chunk_size=None, **extra)
         for T in lengths:
             gen = torch.Generator().manual_seed(T)
             ids = torch.randint(1, VOCAB, (2, T), generator=gen)
@@ -87,8 +89,8 @@ def test_sp_prefill_rejects_ranks_with_different_prompts():
 
 
 def _gpu_worker(W):
-    """On cuda:rank with NCCL, a bf16 hybrid on the Triton kernels: SP prefill against the one-process prefill on
-    the same card (both bf16: relative error <= 1e-2, DESIGN.md's bf16 rule)."""
+    """On cuda:rank with NCCL, a bf16 hybrid on the Triton kernels: SP prefill against the one-process prefill
+    on the same card (both bf16: relative error <= 1e-2, DESIGN.md's bf16 rule)."""
     from lasp_hf import LaspConfig, LaspForCausalLM
 
     torch.manual_seed(0)
