@@ -357,7 +357,7 @@ def _graph_decoder(run: Runner, model, B: int, T: int, cache, logits):
     steps = run.decode_steps + 8
     hybrid = "full_attention" in model.config.layer_types
     slots = -(-(T + steps + 1) // 256) * 256 if hybrid else 0
-    decoder = LaspGraphDecoder(model, B, slots)
+    decoder = LaspGraphDecoder(model, cache, slots)
     decoder.set_tokens([], 0)
     mask = torch.ones(B, T, dtype=torch.long, device=run.device)
     decoder.start(cache, mask, logits.argmax(dim=-1), steps + 1)

@@ -62,27 +62,43 @@ class _StaticKVLayer(DynamicLayer):
 class LaspStaticCache(LaspCache):
     """Fixed-shape cache of one decoding step: a float32 state buffer per linear-attention layer, key / value
     buffers of M slots per full-attention layer, the next slot (`cursor`, int64 `[1]`) and `key_mask`
-    (bool `[B, 1, 1, M]`, which `LaspModel` passes to the full-attention layers)."""
+    (bool `[B, 1, 1, M]`, which `LaspModel` passes to the full-attention layers).
 
-    def __init__(self, config, batch_size: int, max_length: int, dtype: torch.dtype, device):
+    The buffers take their shapes and dtypes from a prefilled cache `like` (a layer's state need not be
+    `[B, H, D, D]`: a position encoding such as LRPE doubles the key dim), with M slots for keys / values."""
+
+    def __init__(self, config, like: LaspCache, max_length: int):
         super().__init__(config)
-        H, D = config.num_attention_heads, config.head_dim
-        self.cursor = torch.zeros(1, dtype=torch.long, device=device)
+        B = like.batch_size
         self.key_mask = None
+        self.cursor = None
         layers = []
-        for layer_type in config.layer_types:
+        for i, layer_type in enumerate(config.layer_types):
             if layer_type == "linear_attention":
-                layers.append(
-                    _StaticStateLayer(torch.zeros(batch_size, H, D, D, dtype=torch.float32, device=device))
-                )
-            else:
-                shape = (batch_size, H, max_length, D)
-                keys = torch.zeros(shape, dtype=dtype, device=device)
-                layers.append(_StaticKVLayer(keys, torch.zeros_like(keys), self.cursor))
-                if self.key_mask is None:
-                    self.key_mask = torch.zeros(batch_size, 1, 1, max_length, dtype=torch.bool, device=device)
+                layers.append(_StaticStateLayer(torch.zeros_like(like.get_state(i))))
+                continue
+            keys = like.layers[i].keys
+            if self.key_mask is None:
+                self.cursor = torch.zeros(1, dtype=torch.long, device=keys.device)
+                self.key_mask = torch.zeros(B, 1, 1, max_length, dtype=torch.bool, device=keys.device)
+            shape = (B, keys.shape[1], max_length, keys.shape[3])
+            buffer = torch.zeros(shape, dtype=keys.dtype, device=keys.device)
+            layers.append(_StaticKVLayer(buffer, torch.zeros_like(buffer), self.cursor))
+        if self.cursor is None:
+            self.cursor = torch.zeros(1, dtype=torch.long, device=layers[0].get_state().device)
         self.layers = layers
         self.max_length = max_length
+
+    def fits(self, like: LaspCache) -> bool:
+        """Whether `like` (a prefilled cache) has the shapes and dtypes of this cache's buffers."""
+        for mine, theirs in zip(self.layers, like.layers, strict=True):
+            if isinstance(mine, _StaticStateLayer):
+                state = theirs.get_state()
+                if state is None or state.shape != mine.get_state().shape or state.dtype != torch.float32:
+                    return False
+            elif theirs.keys.shape[:2] != mine.keys.shape[:2] or theirs.keys.shape[3] != mine.keys.shape[3]:
+                return False
+        return True
 
     def load(self, cache: LaspCache, prompt_mask: torch.Tensor) -> None:
         """Copy a prefilled cache in (states; keys / values into the first P slots) and mark the prompt's real
@@ -117,14 +133,16 @@ class LaspGraphDecoder:
     output buffer and make it the next step's input. Every tensor it touches is a fixed buffer.
     """
 
-    def __init__(self, model, batch_size: int, max_length: int):
+    def __init__(self, model, like: LaspCache, max_length: int):
+        """model: the `LaspForCausalLM`; like: a prefilled cache of the batch (the buffers take its shapes);
+        max_length: key/value slots of full-attention layers (M)."""
         param = next(model.parameters())
         self.model, self.device = model, param.device
         # A graph replays the addresses it captured: casting or moving the model makes a new decoder.
         self.weights = _weights_signature(model)
-        self.batch_size, self.max_length = batch_size, max_length
-        self.cache = LaspStaticCache(model.config, batch_size, max_length, param.dtype, param.device)
-        B, device = batch_size, param.device
+        self.batch_size, self.max_length = like.batch_size, max_length
+        self.cache = LaspStaticCache(model.config, like, max_length)
+        B, device = self.batch_size, param.device
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.unfinished = torch.ones(B, dtype=torch.bool, device=device)
@@ -144,12 +162,13 @@ class LaspGraphDecoder:
     def __reduce__(self):
         return (_no_decoder, ())
 
-    def matches(self, batch_size, max_length, device) -> bool:
-        return (self.batch_size, self.device, self.weights) == (
-            batch_size,
-            device,
-            _weights_signature(self.model),
-        ) and self.max_length >= max_length
+    def matches(self, like: LaspCache, max_length: int) -> bool:
+        """Whether this decoder can continue from the prefilled cache `like` with max_length slots."""
+        return (
+            self.weights == _weights_signature(self.model)
+            and self.max_length >= max_length
+            and self.cache.fits(like)
+        )
 
     def set_tokens(self, eos_token_ids: list[int], pad_token_id: int) -> None:
         if len(eos_token_ids) > _MAX_EOS_IDS:
@@ -339,10 +358,10 @@ def generate_static(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     hybrid = "full_attention" in model.config.layer_types
     needed = -(-(P + max_new) // _SLOT_MULTIPLE) * _SLOT_MULTIPLE if hybrid else 0
     decoder = getattr(model, "_lasp_graph_decoder", None)
-    if decoder is None or not decoder.matches(B, needed, input_ids.device):
+    if decoder is None or not decoder.matches(cache, needed):
         decoder = None
         model._lasp_graph_decoder = None  # free the old buffers and graph before making new ones
-        decoder = LaspGraphDecoder(model, B, needed)
+        decoder = LaspGraphDecoder(model, cache, needed)
         model._lasp_graph_decoder = decoder
     decoder.set_tokens(eos, pad)
     decoder.start(cache, mask, first, max_new)

@@ -32,8 +32,9 @@ def test_static_cache_step_logits_equal_eager(mixer, layer_types):
     ids, mask = _left_padded()
     steps = torch.randint(1, VOCAB, (3, 5))
     eager_cache = _cache_of(model(ids, attention_mask=mask, use_cache=True))
-    static = LaspStaticCache(model.config, 3, 32, torch.float32, "cpu")
-    static.load(_cache_of(model(ids, attention_mask=mask, use_cache=True)), mask)
+    prefilled = _cache_of(model(ids, attention_mask=mask, use_cache=True))
+    static = LaspStaticCache(model.config, prefilled, 32)
+    static.load(prefilled, mask)
     positions = mask.sum(dim=1, keepdim=True)
     step_mask = mask
     for t in range(steps.shape[1]):
