@@ -731,11 +731,12 @@ def main(argv=None) -> int:
         except torch.OutOfMemoryError as err:
             row["status"] = "OOM"
             row["error"] = str(err).split("\n")[0][:200]
-            run.free()
         except Exception as err:  # noqa: BLE001 - one failing row is recorded, the others still run
             row["status"] = f"failed: {type(err).__name__}"
             row["error"] = str(err)[:300]
-            run.context = None
+        if row["status"] != "ok":
+            # Here, not in the handler: the exception's frames (and their tensors) are gone only after it.
+            run.free()
         row["wall_s"] = round(time.perf_counter() - begin, 2)
         if run.model is not None and run.name not in sizes:
             sizes[run.name] = num_params(run.model)
