@@ -149,6 +149,16 @@ class LaspConfig(PretrainedConfig):
             Beginning-of-sequence token id.
         eos_token_id (`int`, *optional*, defaults to 2):
             End-of-sequence token id.
+        prompt_chunk_size (`int`, *optional*, defaults to 16384):
+            Tokens per chunk when a prompt runs with a cache (`generate`, or `forward` with `use_cache=True` /
+            `past_key_values`): a longer prompt runs in chunks of this many tokens, the recurrent states (and
+            the keys / values of full-attention layers) carried from chunk to chunk through the cache, so the
+            activations exist for one chunk at a time and peak memory is bounded by the chunk, not the prompt.
+            The results are those of one call on the whole prompt (to rounding). With `logits_to_keep=n > 0`
+            (`generate` asks for 1) only the last n hidden states are kept; asking for all logits concatenates
+            the chunks' outputs and materializes `[T, vocab_size]` logits, as one call would. `None` runs
+            every prompt whole. (Not `prefill_chunk_size`: `generate` would copy that into its GenerationConfig
+            and run transformers' own chunking, which needs a cache that generate builds.)
 
     Example:
 
@@ -224,6 +234,7 @@ class LaspConfig(PretrainedConfig):
         pad_token_id=None,
         bos_token_id=1,
         eos_token_id=2,
+        prompt_chunk_size=16384,
         **kwargs,
     ):
         for name, value in (
@@ -240,6 +251,8 @@ class LaspConfig(PretrainedConfig):
             _check_positive_int("mlp_chunk_size", mlp_chunk_size)
         if attention_chunk_size is not None:
             _check_positive_int("attention_chunk_size", attention_chunk_size)
+        if prompt_chunk_size is not None:
+            _check_positive_int("prompt_chunk_size", prompt_chunk_size)
         if head_dim is None:
             if hidden_size % num_attention_heads != 0:
                 raise ValueError(
@@ -339,6 +352,7 @@ class LaspConfig(PretrainedConfig):
         self.output_norm = output_norm
         self.embedding_scale = embedding_scale
         self.use_cache = use_cache
+        self.prompt_chunk_size = prompt_chunk_size
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

@@ -425,9 +425,18 @@ class LaspSoftmaxAttention(nn.Module):
         if sp_context is not None:
             from lasp_hf.parallel.attention import sp_softmax_attention
 
-            o = sp_softmax_attention(
-                q, k, v, sp_context=sp_context, cu_seqlens=cu_seqlens, scale=self.scaling
+            o, (k_all, v_all) = sp_softmax_attention(
+                q,
+                k,
+                v,
+                sp_context=sp_context,
+                cu_seqlens=cu_seqlens,
+                scale=self.scaling,
+                return_gathered_kv=True,
             )
+            if cache is not None:
+                # A prefill under SP: every rank keeps the whole prompt's keys / values for decoding.
+                cache.update(k_all.transpose(1, 2), v_all.transpose(1, 2), self.layer_idx)
             return self.o_proj(o.reshape(B, T, -1))
 
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]

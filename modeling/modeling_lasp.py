@@ -31,6 +31,7 @@ from .layers_lasp import (
 )
 from .parts_lasp import LinearLrpe, LinearRotary, fixed_decay
 from .loss_lasp import chunked_cross_entropy
+from .prefill_lasp import prefill_in_chunks
 
 logger = logging.get_logger(__name__)
 
@@ -231,13 +232,16 @@ class LaspModel(LaspPreTrainedModel):
             sp_context (`SequenceParallelContext`, *optional*): sequence-parallel group; each rank passes its
                 slice.
             kwargs: `cu_seq_lens_q` (int `[N + 1]`, packed documents; takes precedence over position_ids),
-                `cache_position`, and anything else, passed on to the layers.
+                `cache_position`, `hidden_states_to_keep` (int, a prompt prefilled in chunks returns only
+                the last n positions' hidden states when n > 0, see `prefill_in_chunks`), and anything else,
+                passed on to the layers.
         """
         cache = kwargs.pop("cache", None)
         if cache is not None and past_key_values is not None:
             raise ValueError("pass the cache as `past_key_values` or `cache`, not both")
         cache = cache if cache is not None else past_key_values
         cache_position = kwargs.pop("cache_position", None)
+        hidden_states_to_keep = kwargs.pop("hidden_states_to_keep", 0)
         cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
         for name in ("cu_seq_lens_k", "max_length_q", "max_length_k", "output_attentions"):
             kwargs.pop(name, None)
@@ -295,8 +299,12 @@ class LaspModel(LaspPreTrainedModel):
                 raise ValueError(
                     "sequence parallelism does not take padded batches; pack the sequences instead"
                 )
-            if cache is not None or use_cache:
-                raise ValueError("sequence parallelism does not use a cache; pass use_cache=False")
+            if (cache is None and use_cache) or (cache is not None and cache.get_seq_length() > 0):
+                # An empty cache passed in is a prefill under SP (lasp_hf.parallel.prefill).
+                raise ValueError(
+                    "sequence parallelism does not use a cache (pass use_cache=False), except an empty "
+                    "LaspCache passed as past_key_values to prefill a prompt (see lasp_hf.parallel.prefill)"
+                )
 
         if use_cache is None:
             # As transformers' recurrent models: no cache while training, nor for packed or sharded sequences.
@@ -317,6 +325,25 @@ class LaspModel(LaspPreTrainedModel):
                 f"or the new ones ({T}), "
                 f"got shape {tuple(attention_mask.shape)}"
             )
+        chunk_size = getattr(self.config, "prompt_chunk_size", None)  # read here: it may be set later
+        if cache is not None and sp_context is None and chunk_size is not None and T > chunk_size:
+            if input_ids is not None:
+                inputs_embeds = None  # chunks of ids embed themselves: drop the whole prompt's embeddings
+            output = prefill_in_chunks(
+                self,
+                chunk_size,
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache_position=cache_position,
+                cache=cache,
+                hidden_states_to_keep=hidden_states_to_keep,
+                output_hidden_states=output_hidden_states,
+                cache_field=_CACHE_FIELD,
+                **kwargs,
+            )
+            return output if return_dict is not False else output.to_tuple()
 
         full_mask = None
         if attention_mask is not None:
@@ -341,6 +368,9 @@ class LaspModel(LaspPreTrainedModel):
             position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
             if sp_context is None and cu_seqlens is None and (padding or (past_length > 0 and T > 1)):
                 attn_mask = self._softmax_mask(full_mask, B, T, past_length, inputs_embeds.device)
+            elif T == 1:
+                # A fixed-shape decoding cache (generation_lasp.LaspStaticCache) marks its valid key slots.
+                attn_mask = getattr(cache, "key_mask", None)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
@@ -362,7 +392,8 @@ class LaspModel(LaspPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if cache is not None:
-            cache.num_seen_tokens += T
+            # Under SP (a prefill) every rank's cache holds the whole prompt: W slices of T tokens.
+            cache.num_seen_tokens += T * (sp_context.world_size if sp_context is not None else 1)
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{_CACHE_FIELD: cache}
@@ -412,6 +443,20 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`; with `cache_implementation="static"`, greedy decoding whose one-token
+        step runs as a CUDA graph on a GPU (`generation_lasp.generate_static`: ids, attention_mask,
+        max_new_tokens, eos / pad token ids)."""
+        if kwargs.get("cache_implementation") == "static":
+            from .generation_lasp import generate_static
+
+            kwargs.pop("cache_implementation")
+            inputs = kwargs.pop("inputs", kwargs.pop("input_ids", None))
+            if inputs is not None:
+                args = (inputs, *args)
+            return generate_static(self, *args, **kwargs)
+        return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # save_pretrained maps only this class in config.json's auto_map; add the base model so that
@@ -465,6 +510,9 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
                 "cut), "
                 "not labels: shifting a slice would lose the prediction at each cut"
             )
+        if labels is None and shift_labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            # A prompt prefilled in chunks then keeps only these positions' hidden states (O(chunk) memory).
+            kwargs["hidden_states_to_keep"] = logits_to_keep
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

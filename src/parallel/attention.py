@@ -45,7 +45,7 @@ def _query_segments(L: int, rank: int, world_size: int, cu_seqlens):
     return segments
 
 
-def sp_softmax_attention(q, k, v, *, sp_context, cu_seqlens=None, scale=None):
+def sp_softmax_attention(q, k, v, *, sp_context, cu_seqlens=None, scale=None, return_gathered_kv=False):
     """Causal softmax attention of this rank's queries over the whole (sharded) sequence.
 
     Args:
@@ -54,9 +54,11 @@ def sp_softmax_attention(q, k, v, *, sp_context, cu_seqlens=None, scale=None):
         cu_seqlens: optional int [N + 1], B == 1: boundaries of the FULL packed sequence
             (T = L * W); attention stays inside each document.
         scale: defaults to D ** -0.5.
+        return_gathered_kv: also return the whole sequence's (k, v), each [B, T, H_kv, D] (a prefill
+            keeps them as its cache).
 
     Returns:
-        [B, L, H, D] in q's dtype.
+        [B, L, H, D] in q's dtype; with return_gathered_kv, (that, (k_all, v_all)).
     """
     sp = as_sp_context(sp_context)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -72,6 +74,7 @@ def sp_softmax_attention(q, k, v, *, sp_context, cu_seqlens=None, scale=None):
         raise ValueError(f"cu_seqlens packs documents along T and needs B == 1, got B = {B}")
     k_all = comm.gather_sequence(k, sp)                                  # [B, T, H_kv, D]
     v_all = comm.gather_sequence(v, sp)
+    gathered = (k_all, v_all)
     if H_kv != H:
         k_all = k_all.repeat_interleave(H // H_kv, dim=2)
         v_all = v_all.repeat_interleave(H // H_kv, dim=2)
@@ -85,5 +88,5 @@ def sp_softmax_attention(q, k, v, *, sp_context, cu_seqlens=None, scale=None):
         outs.append(F.scaled_dot_product_attention(
             qh[:, :, lo:hi], kh[:, :, key_start:key_end], vh[:, :, key_start:key_end], attn_mask=bias, scale=scale,
         ))
-    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return o.transpose(1, 2)
+    o = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).transpose(1, 2)
+    return (o, gathered) if return_gathered_kv else o
