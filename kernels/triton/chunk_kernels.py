@@ -40,6 +40,13 @@ def _pair_decay(b, r):
 
 
 @triton.jit
+def _same_run(r):
+    """[BT, BT]: no restart lies between the two tokens (folded into the causal mask by the forward, whose
+    shared memory has no room for a second masked [BT, BT] product)."""
+    return r[:, None] == r[None, :]
+
+
+@triton.jit
 def _decay_in(b, r):
     """exp(b_i): the share of the state entering the chunk that token i sees (0 from a restart on)."""
     return tl.where(r == 0, tl.exp(b), 0.0)
@@ -231,7 +238,7 @@ def _fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, 
         b_v = tiles_v.load([r0, i_v * BV]).to(DT)
         b, b_last, r, r_last = _chunk_decay(g, i_h, t0, eos - t0, H, G_MODE, BT)
         scores = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
-        scores = tl.where(causal, scores * _pair_decay(b, r), 0.0)
+        scores = tl.where(causal & _same_run(r), scores * tl.exp(b[:, None] - b[None, :]), 0.0)
         b_o = tl.dot(scores.to(b_v.dtype), b_v, input_precision=DOT_PREC)
         b_o += tl.dot(b_q, state.to(b_q.dtype), input_precision=DOT_PREC) * _decay_in(b, r)[:, None]
         tiles_o.store([r0, i_v * BV], (b_o * scale).to(o.dtype.element_ty))
