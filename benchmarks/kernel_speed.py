@@ -5,10 +5,11 @@
     python benchmarks/kernel_speed.py --cpu --tiny          # smoke test of the harness, PyTorch backend
 
 Shapes: B batch, T tokens, H heads, K = V = 128 head dims, bf16 inputs, scale 1.0, decay g_h =
--2^(-8(h+1)/H) (TransNormerLLM's slopes) as a tensor [H] ("head"), or a per-token decay [B, T, H]
-("token", secondary). Providers:
+-2^(-8(h+1)/H) (TransNormerLLM's slopes) as a tensor [H] ("head"), a per-token decay [B, T, H]
+("token", secondary), or a decay per key channel [B, T, H, K] ("channel": GLA, `--decays channel`). Providers:
     lasp_hf   lasp_hf.linear_attention(q, k, v, g, scale=1.0, backend="triton")    [B, T, H, D]
     fla       fla.ops.simple_gla.chunk_simple_gla (g_gamma=g, or g=g per token)     [B, T, H, D]
+              fla.ops.gla.chunk_gla (g per key channel)
     lasp-ref  lasp.lightning_attn(q, k, v, s) with s = -g as [H, 1, 1]              [B, H, T, D]
     sdpa      causal softmax attention, flash backend (a yardstick, not the same function)
 Every provider is first checked at the case's shape against a float64 run (o and every gradient;
@@ -108,18 +109,39 @@ def reference_float64(q, k, v, g, scale: float, chunk: int = 64) -> torch.Tensor
     return (scale * o).reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
 
 
-def reference_grads_float64(q, k, v, g, do, scale: float, grad_g: bool) -> dict:
-    """o, dq, dk, dv (and dg) of `reference_float64`, one batch row and 8 heads at a time to
-    bound memory (rows and heads are independent)."""
+def reference_gla_float64(q, k, v, g, scale: float, chunk: int = 16) -> torch.Tensor:
+    """o of linear attention with a decay per key channel (g [B, T, H, K]: S_t = diag(exp(g_t)) S_{t-1} +
+    k_t^T v_t), in float64, C tokens at a time; inside a chunk the decays exp(b_i - b_j) are formed per channel."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    q, k, v, g = (x.double().transpose(1, 2) for x in (q, k, v, g))
+    state = q.new_zeros(B, H, K, V)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    outs = []
+    for a in range(0, T, chunk):
+        e = min(a + chunk, T)
+        b = g[:, :, a:e].cumsum(2)
+        decay = (b[:, :, :, None] - b[:, :, None]).masked_fill(~causal[: e - a, : e - a, None], float("-inf")).exp()
+        attn = torch.einsum("bhik,bhjk,bhijk->bhij", q[:, :, a:e], k[:, :, a:e], decay)
+        outs.append(scale * (attn @ v[:, :, a:e] + (q[:, :, a:e] * b.exp()) @ state))
+        k_end = k[:, :, a:e] * (b[:, :, -1:] - b).exp()
+        state = b[:, :, -1, :, None].exp() * state + k_end.transpose(-1, -2) @ v[:, :, a:e]
+    return torch.cat(outs, 2).transpose(1, 2)
+
+
+def reference_grads_float64(q, k, v, g, do, scale: float, grad_g: bool, heads: int = 8,
+                            reference: Callable = reference_float64) -> dict:
+    """o, dq, dk, dv (and dg) of `reference` (`reference_float64`), one batch row and `heads` heads at a time
+    to bound memory (rows and heads are independent)."""
     B, _, H, _ = q.shape
     out = {name: [] for name in ("o", "dq", "dk", "dv", "dg")}
     for b in range(B):
         per_head = {name: [] for name in out}
-        for h0 in range(0, H, 8):
-            sl = (slice(b, b + 1), slice(None), slice(h0, h0 + 8))
+        for h0 in range(0, H, heads):
+            sl = (slice(b, b + 1), slice(None), slice(h0, h0 + heads))
             leaves = [x[sl].double().requires_grad_() for x in (q, k, v)]
             g_part = g[sl].double().requires_grad_(grad_g)
-            o = reference_float64(*leaves, g_part, scale)
+            o = reference(*leaves, g_part, scale)
             grads = torch.autograd.grad(o, leaves + ([g_part] if grad_g else []), do[sl].double())
             for name, value in zip(("o", "dq", "dk", "dv", "dg"), (o.detach(),) + grads):
                 per_head[name].append(value)
@@ -151,7 +173,7 @@ class Inputs:
     q: torch.Tensor  # [B, T, H, K]
     k: torch.Tensor  # [B, T, H, K]
     v: torch.Tensor  # [B, T, H, V]
-    g: torch.Tensor  # float32 [H] ("head") or [B, T, H] ("token"), <= 0
+    g: torch.Tensor  # float32 [H] ("head"), [B, T, H] ("token") or [B, T, H, K] ("channel"), <= 0
     do: torch.Tensor  # [B, T, H, V]
     decay: str
 
@@ -181,13 +203,14 @@ def prepare_lasp_hf(run: Run, x: Inputs) -> Prepared:
     import lasp_hf
 
     q, k, v = _leaves(x.q, x.k, x.v)
-    g = x.g.detach().clone().requires_grad_(x.decay == "token")
-    leaves = [q, k, v] + ([g] if x.decay == "token" else [])
+    gated = x.decay in ("token", "channel")
+    g = x.g.detach().clone().requires_grad_(gated)
+    leaves = [q, k, v] + ([g] if gated else [])
 
     def forward():
         return lasp_hf.linear_attention(q, k, v, g, scale=1.0, backend=run.backend)[0]
 
-    names = ("dq", "dk", "dv") + (("dg",) if x.decay == "token" else ())
+    names = ("dq", "dk", "dv") + (("dg",) if gated else ())
     return Prepared(forward, leaves, x.do, grad_names=names, note=f"backend={run.backend}")
 
 
@@ -202,6 +225,13 @@ def prepare_fla(run: Run, x: Inputs) -> Prepared:
 
         return Prepared(forward, [q, k, v], x.do)
     g = x.g.detach().clone().requires_grad_()
+    if x.decay == "channel":
+        from fla.ops.gla import chunk_gla
+
+        def forward():
+            return chunk_gla(q, k, v, g, scale=1.0)[0]
+
+        return Prepared(forward, [q, k, v, g], x.do, grad_names=("dq", "dk", "dv", "dg"), note="chunk_gla")
 
     def forward():
         return chunk_simple_gla(q, k, v, g=g, scale=1.0)[0]
@@ -264,8 +294,8 @@ class Provider:
 
 
 PROVIDERS = [
-    Provider("lasp_hf", prepare_lasp_hf, ("head", "token")),
-    Provider("fla", prepare_fla, ("head", "token"), _needs("fla.ops.simple_gla")),
+    Provider("lasp_hf", prepare_lasp_hf, ("head", "token", "channel")),
+    Provider("fla", prepare_fla, ("head", "token", "channel"), _needs("fla.ops.simple_gla")),
     Provider("lasp-ref", prepare_lasp_ref, ("head",), _needs("lasp")),
     Provider("sdpa", prepare_sdpa, ("head",), _needs("torch.nn.attention", cuda=False)),
 ]
@@ -290,11 +320,12 @@ def check_chunk(run: Run, provider: str, prepared: Prepared, ref: dict, sdpa_ref
     return errors
 
 
-def chunk_bytes(B: int, T: int, H: int, K: int, V: int, element: int, token_decay: bool) -> dict:
+def chunk_bytes(B: int, T: int, H: int, K: int, V: int, element: int, token_decay: bool,
+                channel_decay: bool = False) -> dict:
     """Bytes that must move. Forward: read q, k, v, write o. Backward: read q, k, v, do, write
-    dq, dk, dv. A per-token decay adds g (read) and dg (write), float32."""
+    dq, dk, dv. A per-token decay adds g (read) and dg (write), float32 (K of each with channel_decay)."""
     tokens = B * T * H
-    g_bytes = tokens * 4 if token_decay else 0
+    g_bytes = tokens * 4 * (K if channel_decay else 1) if token_decay else 0
     fwd = tokens * (2 * K + 2 * V) * element + g_bytes
     bwd = tokens * ((2 * K + 2 * V) + (2 * K + V)) * element + 2 * g_bytes
     return {"fwd": fwd, "fwd+bwd": fwd + bwd}
@@ -342,9 +373,15 @@ def chunk(run: Run, name: str, B: int, H: int, T: int) -> list[dict]:
         q, k, v, do = (
             torch.randn(B, T, H, D, device=run.device, dtype=run.dtype, generator=gen) for _ in range(4)
         )
+        reference = {}
         if decay == "head":
             g = -slopes(H).to(run.device)
             g_full = g.view(1, 1, H).expand(B, T, H)
+        elif decay == "channel":
+            # GLA's gates (fla's tests): log-sigmoid of a normal, damped by 16, per key channel
+            g = F.logsigmoid(torch.randn(B, T, H, D, device=run.device, generator=gen)) / 16
+            g_full = g
+            reference = dict(heads=1, reference=reference_gla_float64)
         else:
             # gated-model decays, as in fla's tests: log-sigmoid of a normal, damped by 16
             g = F.logsigmoid(torch.randn(B, T, H, device=run.device, generator=gen)) / 16
@@ -354,14 +391,14 @@ def chunk(run: Run, name: str, B: int, H: int, T: int) -> list[dict]:
         ref = {
             key: value.float()
             for key, value in reference_grads_float64(
-                q, k, v, g_full, do, 1.0, grad_g=decay == "token"
+                q, k, v, g_full, do, 1.0, grad_g=decay != "head", **reference
             ).items()
         }
         sdpa_ref = None
         if decay == "head":
             rows_checked = min(SDPA_CHECK_ROWS, T)
             sdpa_ref = sdpa_rows_float64(_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(do), rows_checked)
-        nbytes = chunk_bytes(B, T, H, D, D, q.element_size(), decay == "token")
+        nbytes = chunk_bytes(B, T, H, D, D, q.element_size(), decay != "head", decay == "channel")
         for provider in PROVIDERS:
             if decay not in provider.decays or not run.wants(provider.name):
                 continue
@@ -558,10 +595,11 @@ def parse_args(argv=None):
         "e.g. --providers ours to time our op alone",
     )
     parser.add_argument("--decays", default="head,token",
-                        help="decay kinds of the chunk cases: head (g [H], the targets' case), token (g [B, T, H])")
+                        help="decay kinds of the chunk cases: head (g [H], the targets' case), token (g [B, T, H]), "
+                        "channel (g [B, T, H, K], GLA; fla's peer is chunk_gla)")
     args = parser.parse_args(argv)
-    if not set(args.decays.split(",")) <= {"head", "token"} or not args.decays:
-        raise ValueError(f"--decays takes head and/or token, comma-separated; got {args.decays!r}")
+    if not set(args.decays.split(",")) <= {"head", "token", "channel"} or not args.decays:
+        raise ValueError(f"--decays takes head, token and/or channel, comma-separated; got {args.decays!r}")
     args.providers = parse_providers(args.providers)
     return args
 
