@@ -26,7 +26,9 @@ combine, dk (reverse scan, blocked over K) and dv (reverse scan, blocked over V)
 log-decay from a sequence's start (per channel),
     dL/dB_t = q_t * dq_t - k_t * dk_t   (elementwise; + S_final * dS_final summed over V at the last token),
     dg_t    = sum_{u >= t} dL/dB_u  within t's sequence, stopping before the next restart of the channel
-(dg = 0 where g = -inf). The kernels write q * dq and k * dk in float32; the sum runs in float64.
+(dg = 0 where g = -inf). The dq kernel writes q * dq in float32; the dk kernel, walking the segment backwards,
+forms d = q * dq - k * dk and its sum up to the segment's end in float32 registers; what crosses segments (and
+the final state's term) is added by a walk over the segments and one pass over the tokens it reaches.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from lasp_hf.kernels.triton import chunk
 from lasp_hf.kernels.host import host_bounds
 from lasp_hf.kernels.triton.chunk import _Plan, _flat_tokens
 from lasp_hf.kernels.triton.gla_kernels import (
+    gla_bwd_kernel_dg_carry,
     gla_bwd_kernel_dk,
     gla_bwd_kernel_dq,
     gla_bwd_kernel_dv,
@@ -162,10 +165,11 @@ def _launch_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool):
     return o, s_in, s_end, seg_decay
 
 
-def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, plan: _Plan, need_dg: bool, need_dh0: bool):
-    """Returns dq, dk, dv (in the inputs' dtypes), dL/dB per token and channel [NT, H, K] (float32, None unless
-    need_dg), dh0 [N, H, K, V] (or None) and dht (the final states' gradient, None, or a function returning it,
-    called once dq's kernel is queued)."""
+def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan: _Plan, need_dg: bool,
+                need_dh0: bool):
+    """Returns dq, dk, dv (in the inputs' dtypes), dg [NT, H, K] (float32, None unless need_dg) and dh0
+    [N, H, K, V] (or None). dht: the final states' gradient, None, or a function returning it, called once dq's
+    kernel is queued; final: the final states (for dg when dht is given)."""
     NT, H, K = q.shape
     V = v.shape[-1]
     S = plan.num_segs
@@ -173,9 +177,9 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, plan: _Plan,
     NK = cdiv(K, BKK)
     cfg_k, meta_k = _settings("bwd", q.dtype, BKK, BVF, H, K, V, need_dg)
     dq = empty(q, q.shape, q.dtype)
-    qdq = empty(q, q.shape, torch.float32) if need_dg else dq
+    dg = empty(q, q.shape, torch.float32) if need_dg else dq  # q * dq first, then dg (see gla_bwd_kernel_dk)
     gla_bwd_kernel_dq[(S, H, NK)](
-        q, k, v, g, do, dq, qdq, s_in, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_k),
+        q, k, v, g, do, dq, dg, s_in, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_k),
         NEED_DG=need_dg, **meta_k, **cfg_k)
     if callable(dht):
         dht = dht()
@@ -192,11 +196,13 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, plan: _Plan,
         ds_out = q.new_zeros(S, H, K, V, dtype=torch.float32)
     dk = empty(k, k.shape, k.dtype)
     dv = empty(v, v.shape, v.dtype)
-    kdk = empty(q, q.shape, torch.float32) if need_dg else dk
+    seg_carry = empty(q, (S, H, K), torch.float32) if need_dg else dk
+    seg_coef = empty(q, (S, H, K), torch.float32) if need_dg else dk
     store_start = dh0 is None and need_dh0  # one segment per sequence: dh0 is dS at the segments' starts
     ds_start = empty(ds_out, ds_out.shape, ds_out.dtype) if store_start else ds_out
     gla_bwd_kernel_dk[(S, H, NK)](
-        q, k, v, g, do, dk, kdk, ds_out, ds_start, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_k),
+        q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_coef, plan.seg_bos, plan.seg_eos, scale,
+        _loop_bound(plan, meta_k),
         NEED_DG=need_dg, STORE_START=store_start, **meta_k, **cfg_k)
     BK, BV = _blocks_v(K, V, "bwd")
     cfg_v, meta_v = _settings("bwd", q.dtype, BK, BV, H, K, V, None)
@@ -206,8 +212,28 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, plan: _Plan,
         dh0 = ds_start[plan.first_seg_index]
         keep = plan.nonempty.view(-1, 1, 1, 1)
         dh0 = torch.where(keep, dh0, dht) if dht is not None else dh0 * keep
-    d_log = qdq - kdk if need_dg else None
-    return dq, dk, dv, d_log, dh0, dht
+    if need_dg and (plan.max_segs > 1 or dht is not None):
+        _add_dg_carries(g, dg, seg_carry, seg_coef, dht, final, plan, meta_k, cfg_k)
+    return dq, dk, dv, (dg if need_dg else None), dh0
+
+
+def _add_dg_carries(g, dg, seg_carry, seg_coef, dht, final, plan: _Plan, meta: dict, cfg: dict) -> None:
+    """The part of dg that crosses segments: C(s), the carry entering each segment at its end, is the final
+    state's term S_final * dS_final summed over V (per sequence) walked back over the later segments with
+    C(s - 1) = exp(seg_coef(s)) C(s) + seg_carry(s) (`gla_kernel_segment_scan` with V = 1); then every token
+    with no restart between it and its segment's end gets C(s) (`gla_bwd_kernel_dg_carry`)."""
+    _, H, K = g.shape
+    S = plan.num_segs
+    final_term = (dht * final).sum(-1) * plan.nonempty[:, None, None] if dht is not None else None
+    if plan.max_segs > 1:
+        carry_in = empty(seg_carry, (S, H, K, 1), torch.float32)
+        start = final_term.unsqueeze(-1).contiguous() if final_term is not None else None
+        _scan_segments(seg_carry.unsqueeze(-1), seg_coef, plan, start=start, each=carry_in, end=None, reverse=True)
+    else:
+        carry_in = final_term[plan.seg_seq].contiguous()
+    gla_bwd_kernel_dg_carry[(S, H, cdiv(K, meta["BK"]))](
+        g, dg, carry_in, plan.seg_bos, plan.seg_eos, _loop_bound(plan, meta), H=H, K=K, BT=STEP_TOKENS,
+        BK=meta["BK"], DYN_LOOP=meta["DYN_LOOP"], **cfg)
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -224,35 +250,9 @@ def gla_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool = False, n
     return o, final, s_in, seg_decay
 
 
-def _piece_reverse_cumsum(d_log: torch.Tensor, g: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """dg_t = sum of d_log_u over u >= t in t's sequence, up to (not including) the channel's next restart
-    (g = -inf); 0 at the restarts themselves. d_log, g: [NT, H, K]. Summed in float64."""
-    NT = d_log.shape[0]
-    total = torch.cat([d_log.double().flip(0).cumsum(0).flip(0), d_log.new_zeros(1, *d_log.shape[1:],
-                                                                                 dtype=torch.float64)])
-    restart = torch.isneginf(g)
-    positions = torch.arange(NT, device=g.device).view(NT, 1, 1)
-    restart_at = torch.where(restart, positions, NT)
-    # The first restart strictly after t, or the end of t's sequence, whichever comes first.
-    next_restart = torch.cat([restart_at[1:].flip(0).cummin(0).values.flip(0), restart_at.new_full((1,) + g.shape[1:], NT)])
-    seq_end = torch.repeat_interleave(plan.seq_ends, plan.lengths, output_size=plan.num_tokens).view(NT, 1, 1)
-    stop = torch.minimum(next_restart, seq_end)
-    dg = total[:NT] - total.gather(0, stop)
-    return torch.where(restart, 0.0, dg).float()
-
-
 def gla_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan: _Plan, need_dg: bool,
             need_dh0: bool = True):
-    dq, dk, dv, d_log, dh0, dht = _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan, need_dg, need_dh0)
-    dg = None
-    if need_dg:
-        if dht is not None:
-            # The final state depends on B at each sequence's last token through diag(exp(B_last)).
-            last_token = (plan.seq_ends - 1).clamp(min=0)
-            final_term = (dht * final).sum(-1) * plan.nonempty[:, None, None]
-            d_log = d_log.index_add(0, last_token, final_term)
-        dg = _piece_reverse_cumsum(d_log, g, plan)
-    return dq, dk, dv, dg, dh0
+    return _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, final, plan, need_dg, need_dh0)
 
 
 @dataclass

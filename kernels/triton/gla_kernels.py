@@ -31,6 +31,15 @@ def _gla_step_decay(g, i_h, t0, length, o_k, H: tl.constexpr, K: tl.constexpr, B
 
 
 @triton.jit
+def _step_resets(g, i_h, t0, length, o_k, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
+    """[BT, BK] whether g = -inf (a restart) at each token and channel of the step."""
+    o_t = tl.arange(0, BT)
+    mask = (o_t[:, None] < length) & (o_k[None, :] < K)
+    g_tile = tl.load(g + (t0 + o_t[:, None]) * (H * K) + i_h * K + o_k[None, :], mask=mask, other=0.0)
+    return g_tile == float("-inf")
+
+
+@triton.jit
 def _masked_exp(diff, keep):
     """exp(diff) where keep, else 0; diff is clamped at 0 so the dropped entries cannot overflow."""
     return tl.where(keep, tl.exp(tl.minimum(diff, 0.0)), 0.0)
@@ -245,13 +254,18 @@ def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
 
 @fast
 @triton.jit
-def gla_bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, scale, CPS,
+def gla_bwd_kernel_dk(q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_coef, seg_bos, seg_eos, scale, CPS,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
                       NEED_DG: tl.constexpr, STORE_START: tl.constexpr, DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, K block), with all of V: reverse scan from dS at the segment's end (rows
-    of this K block), writing dk for the block, k * dk in float32 (NEED_DG) and dS at the segment's start
-    (STORE_START)."""
+    of this K block), writing dk for the block and dS at the segment's start (STORE_START).
+
+    NEED_DG: `dg` holds q * dq (float32, from the dq kernel) and is overwritten with the segment's part of dg:
+    X_t = d_t + [g_{t+1} != -inf] X_{t+1} from X = 0 at the segment's end, d = q * dq - k * dk, and dg_t = X_t
+    where g_t != -inf (0 at a restart). Per segment and channel it also writes what the later segments' carry
+    needs: seg_carry = X at the segment's first token (0 if that token restarts) and seg_coef = 0 if the carry
+    entering at the segment's end reaches its first token and the token before it, else -inf (log of 1 / 0)."""
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
     eos = tl.load(seg_eos + i_s).to(tl.int64)
@@ -267,7 +281,10 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eo
     tiles_dk = _token_tiles(dk, bos, eos, i_h, H, K, BT, BK)
     tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
     tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
-    tiles_kdk = _token_tiles(kdk, bos, eos, i_h, H, K, BT, BK)
+    tiles_dg = _token_tiles(dg, bos, eos, i_h, H, K, BT, BK)
+    carry = tl.zeros([BK], dtype=tl.float32)        # X at the token after the current row
+    restart_next = tl.zeros([BK], dtype=tl.float32)  # whether that token restarts (1.0) or not
+    restarts = tl.zeros([BK], dtype=tl.float32)      # restarts in the rows walked so far
     n_steps = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
     for i in range(n_steps):
         r0 = (n_steps - 1 - i) * BT
@@ -291,12 +308,53 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eo
         b_dk = b_dk * scale + _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * k_decay
         tiles_dk.store([r0, i_k * BK], b_dk.to(dk.dtype.element_ty))
         if NEED_DG:
-            tiles_kdk.store([r0, i_k * BK], b_k * b_dk)
+            d_log = tiles_dg.load([r0, i_k * BK]) - b_k * b_dk
+            reset = tl.where(_step_resets(g, i_h, t0, eos - t0, o_k, H, K, BT), 1.0, 0.0)
+            b_dg = tl.zeros([BT, BK], dtype=tl.float32)
+            for jj in range(BT):
+                sel = o_t == BT - 1 - jj
+                reset_j = _row(reset, sel)
+                carry = _row(d_log, sel) + tl.where(restart_next > 0, 0.0, carry)
+                b_dg = tl.where(sel[:, None], tl.where(reset_j > 0, 0.0, carry)[None, :], b_dg)
+                restart_next = reset_j
+            tiles_dg.store([r0, i_k * BK], b_dg)
+            restarts += r_last
         q_from_start = b_q * _masked_exp(b, r == 0) * scale
         dstate = dstate * _masked_exp(b_last, r_last == 0)[:, None] + _dot_f32_left(
             tl.trans(q_from_start), b_do, DT, DOT_PREC, SPLIT)
     if STORE_START:
         tl.store(ds_start + p_state, dstate, mask=m_kv)
+    if NEED_DG:
+        p_seg = (i_s * H + i_h) * K + o_k
+        tl.store(seg_carry + p_seg, tl.where(restart_next > 0, 0.0, carry), mask=o_k < K)
+        tl.store(seg_coef + p_seg, tl.where(restarts > 0, float("-inf"), 0.0), mask=o_k < K)
+
+
+@fast
+@triton.jit
+def gla_bwd_kernel_dg_carry(g, dg, seg_carry_in, seg_bos, seg_eos, CPS, H: tl.constexpr, K: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, DYN_LOOP: tl.constexpr = False):
+    """One program per (segment, head, K block): dg_t += C(s) for the segment's tokens t with no restart in
+    [t, end of the segment], C(s) = seg_carry_in [S, H, K] the carry entering at the segment's end (the later
+    segments' sum, and the final state's term)."""
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    carry = tl.load(seg_carry_in + (i_s * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
+    tiles_dg = _token_tiles(dg, bos, eos, i_h, H, K, BT, BK)
+    later = tl.zeros([BK], dtype=tl.float32)  # restarts after the current step
+    n_steps = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
+    for i in range(n_steps):
+        r0 = (n_steps - 1 - i) * BT
+        t0 = bos + r0
+        _, r, _, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
+        reset = _step_resets(g, i_h, t0, eos - t0, o_k, H, K, BT)
+        # restarts in [t, step end] = r_last - r_t + [t restarts]
+        keep = (r_last[None, :] - r == 0) & (~reset) & (later[None, :] == 0)
+        b_dg = tiles_dg.load([r0, i_k * BK])
+        tiles_dg.store([r0, i_k * BK], b_dg + tl.where(keep, carry[None, :], 0.0))
+        later += r_last
 
 
 @fast
