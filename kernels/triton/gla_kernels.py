@@ -52,14 +52,33 @@ def _row(x, sel):
 
 
 @triton.jit
-def _intra_scores(b_q, b_k, b, r, BT: tl.constexpr):
-    """A [BT, BT] with A_ij = sum_c q_ic k_jc exp(b_ic - b_jc) for j <= i (no restart of c in (j, i]), float32.
-    Formed one column at a time, elementwise, so each decay factor is exp of a non-positive number."""
+def _token_row(x, t, end, i_h, o_k, H: tl.constexpr, K: tl.constexpr):
+    """x[t, i_h, o_k] of a flat [tokens, H, K] tensor as float32 [BK] (zeros past the segment: t >= end)."""
+    # A vector mask: the interpreter cannot broadcast a scalar mask against a block.
+    mask = (o_k < K) & ((o_k * 0 + t) < end)
+    return tl.load(x + t * (H * K) + i_h * K + o_k, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _next_row_decay(g, t, end, i_h, o_k, b_j, r_j, H: tl.constexpr, K: tl.constexpr):
+    """(b, r) of token t from those of token t - 1: the cumulative finite log-decay and restart count."""
+    g_j = _token_row(g, t, end, i_h, o_k, H, K)
+    reset = g_j == float("-inf")
+    return b_j + tl.where(reset, 0.0, g_j), r_j + tl.where(reset, 1.0, 0.0)
+
+
+@triton.jit
+def _intra_scores(b_q, k, g, t0, end, i_h, o_k, b, r, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
+    """A [BT, BT] with A_ij = sum_c q_ic k_jc exp(b_ic - b_jc) for j <= i (no restart of c in (j, i]), float32,
+    for the step at token t0. Formed one column at a time, elementwise, so each decay factor is exp of a
+    non-positive number; row j of k and g is read from memory (a cache hit: the step's tiles were just read)."""
     o_t = tl.arange(0, BT)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
+    b_j = o_k.to(tl.float32) * 0.0
+    r_j = b_j
     for j in range(BT):
-        sel = o_t == j
-        k_j, b_j, r_j = _row(b_k, sel), _row(b, sel), _row(r, sel)
+        b_j, r_j = _next_row_decay(g, t0 + j, end, i_h, o_k, b_j, r_j, H, K)
+        k_j = _token_row(k, t0 + j, end, i_h, o_k, H, K)
         decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
         column = tl.sum(b_q * k_j[None, :] * decay, 1)
         scores = tl.where(o_t[None, :] == j, column[:, None], scores)
@@ -164,7 +183,7 @@ def gla_fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eo
         b_k = tiles_k.load([r0, 0]).to(tl.float32)
         b_v = tiles_v.load([r0, i_v * BV]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
-        scores = _intra_scores(b_q, b_k, b, r, BT)
+        scores = _intra_scores(b_q, k, g, t0, eos, i_h, o_k, b, r, H, K, BT)
         b_o = tl.dot(scores.to(DT), b_v, input_precision=DOT_PREC)
         q_from_start = (b_q * _masked_exp(b, r == 0)).to(DT)
         b_o += tl.dot(q_from_start, state.to(DT), input_precision=DOT_PREC)
@@ -242,7 +261,7 @@ def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
         b_k = tiles_k.load([r0, 0]).to(tl.float32)
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
-        scores = _intra_scores(b_q, b_k, b, r, BT) * scale
+        scores = _intra_scores(b_q, k, g, t0, eos, i_h, o_k, b, r, H, K, BT) * scale
         b_dv = tl.dot(tl.trans(scores.to(DT)), b_do, input_precision=DOT_PREC)
         k_to_end = (b_k * _masked_exp(b_last[None, :] - b, r == r_last[None, :])).to(DT)
         b_dv += tl.dot(k_to_end, dstate.to(DT), input_precision=DOT_PREC)
@@ -297,9 +316,11 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_c
         dscores = tl.where(causal, tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC), 0.0)
         # dk_jc = scale * sum_i dA_ij q_ic exp(b_ic - b_jc), one row j at a time (elementwise decays).
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+        b_j = o_k.to(tl.float32) * 0.0
+        r_j = b_j
         for j in range(BT):
             sel = o_t == j
-            b_j, r_j = _row(b, sel), _row(r, sel)
+            b_j, r_j = _next_row_decay(g, t0 + j, eos, i_h, o_k, b_j, r_j, H, K)
             decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
             d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
             row = tl.sum(d_col[:, None] * b_q * decay, 0)
@@ -392,9 +413,11 @@ def gla_bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CP
         dscores = tl.where(causal, tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC), 0.0)
         # dq_ic = scale * sum_j dA_ij k_jc exp(b_ic - b_jc), one column j at a time.
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+        b_j = o_k.to(tl.float32) * 0.0
+        r_j = b_j
         for j in range(BT):
-            sel = o_t == j
-            k_j, b_j, r_j = _row(b_k, sel), _row(b, sel), _row(r, sel)
+            b_j, r_j = _next_row_decay(g, t0 + j, eos, i_h, o_k, b_j, r_j, H, K)
+            k_j = _token_row(k, t0 + j, eos, i_h, o_k, H, K)
             decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
             d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
             b_dq += d_col[:, None] * k_j[None, :] * decay
