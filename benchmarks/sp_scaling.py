@@ -5,7 +5,8 @@
     torchrun ... benchmarks/sp_scaling.py --cases sp-T8K --timing pipelined --profile  # host-bound?
 
 Every rank holds T local tokens of one sequence of W*T (B=1, H=16, K=V=128, bf16, scale 1.0,
-g_h = -2^(-8(h+1)/H)). Rows, all from one launch:
+g_h = -2^(-8(h+1)/H); with --decay channel, GLA's per-key-channel gates logsigmoid(x) / 16, g [B, T, H, K], which
+then also get a gradient). Rows, all from one launch:
     single     lasp_hf.linear_attention on the rank's T tokens alone (the W=1 time at this local T)
     ring       linear_attention(..., sp_group=ctx, sp_mode="ring")       (LASP: the state hops)
     allgather  linear_attention(..., sp_group=ctx, sp_mode="allgather")  (LASP-2)
@@ -48,6 +49,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,6 +80,7 @@ class Run:
     providers: tuple = PROVIDERS
     layers: int = 1  # layers per timed step (`layer_stack`); times are per layer
     cuda_graphs: bool = False  # time single / ring / allgather as CUDA graph replays (`cuda_graphed`)
+    decay: str = "head"  # "head": g [H]; "channel": g [B, T, H, K] (GLA)
 
     def shape(self, B: int, T: int, H: int, D: int) -> tuple[int, int, int, int]:
         if not self.tiny:
@@ -296,11 +299,16 @@ def sp_case(run: Run, name: str, T: int) -> list[dict]:
     # The same full sequence on every rank (same seed); this rank keeps tokens [r*T, (r+1)*T).
     gen = torch.Generator(device=run.device).manual_seed(run.seed)
     full = [torch.randn(B, W * T, H, D, device=run.device, dtype=run.dtype, generator=gen) for _ in range(4)]
-    g = -slopes(H).to(run.device)
+    cut = slice(r * T, (r + 1) * T)
+    if run.decay == "channel":
+        g = F.logsigmoid(torch.randn(B, W * T, H, D, device=run.device, generator=gen)) / 16
+    else:
+        g = -slopes(H).to(run.device)
     leaves = _leaves(*full[:3])
     o_full = lasp_hf.linear_attention(*leaves, g, scale=1.0, backend=run.backend)[0]
     grads = torch.autograd.grad(o_full, leaves, full[3])
-    cut = slice(r * T, (r + 1) * T)
+    if run.decay == "channel":  # this rank's slice, with a gradient as in a GLA layer (dg is computed and timed)
+        g = g[:, cut].detach().clone().requires_grad_()
     ref = {name_: x[:, cut].detach().clone() for name_, x in zip(("o", "dq", "dk", "dv"), (o_full,) + grads)}
     q, k, v, do = (x[:, cut].contiguous() for x in full)
     del full, leaves, o_full, grads
@@ -311,8 +319,8 @@ def sp_case(run: Run, name: str, T: int) -> list[dict]:
         row = {"case": name, "provider": provider, **shape}
         nbytes = comm_bytes(provider, W, B, H, D, D)
         row.update(comm_mb_per_rank=nbytes["per_rank"] / 2**20, comm_mb_total=nbytes["total"] / 2**20)
-        if provider == "lasp-ref" and run.lasp_ready:
-            rows.append({**row, "status": "SKIP", "note": run.lasp_ready})
+        if provider == "lasp-ref" and (run.lasp_ready or run.decay == "channel"):
+            rows.append({**row, "status": "SKIP", "note": run.lasp_ready or "no decay per key channel"})
             continue
         rows.append(_check_and_time(run, provider, row, (q, k, v, g, do), ref))
         _free(run.device)  # what the provider allocated is garbage once it returns
@@ -693,6 +701,10 @@ def parse_args(argv=None):
         "gradients against an eager step's (graph_err)",
     )
     parser.add_argument(
+        "--decay", default="head", choices=("head", "channel"),
+        help="head: g [H] (default); channel: g [B, T, H, K], a decay per key channel (GLA)",
+    )
+    parser.add_argument(
         "--timeout-s", type=int, default=300, help="process-group timeout (a hung rank ends the run)"
     )
     args = parser.parse_args(argv)
@@ -759,6 +771,7 @@ def main(argv=None) -> int:
             providers=tuple(p for p in PROVIDERS if p in args.providers),
             layers=args.layers,
             cuda_graphs=args.cuda_graphs and device.type == "cuda",
+            decay=args.decay,
         )
         env = common.environment(device)
         rows = []
@@ -774,6 +787,7 @@ def main(argv=None) -> int:
                 if row["status"] != "ok":
                     print(f"  {row['case']} {row['provider']}: {row['status']} {row.get('note', '')}")
             name = (f"sp-{common.card_slug(env['card'])}-W{world_size}" + ("-tiny" if args.tiny else "")
+                    + ("-gla" if args.decay == "channel" else "")
                     + (f"-L{run.layers}" if run.layers > 1 else "") + ("-graphs" if run.cuda_graphs else ""))
             path = common.write_results(
                 name,
