@@ -103,9 +103,10 @@ def check(B, T, H, K, V, g, *, dtype=torch.float32, use_h0=True, use_final=True,
 @needs_interpreter
 def test_strong_decay_restarts_segments_and_blocks(kernels):
     """T = 65 (a one-token last chunk), one-chunk segments (the segment-state, segment-scan and local-dS kernels
-    run), small state tiles (2 V blocks in the forward, 2 K blocks in dq / dk), decays down to -5 per token (the
-    decay over a 16-token step reaches e^-80) and restarts of some channels, on a step's first token and mid-step."""
-    kernels.CONFIGS.update(fwd=(512, 4, 2), bwd=(512, 4, 2))
+    run), small state tiles (2 V blocks in the forward and dv, 2 K blocks in dq / dk), decays down to -5 per
+    token (the decay over a 16-token step reaches e^-80) and restarts of some channels, on a step's first token
+    and mid-step."""
+    kernels.CONFIGS.update(fwd=(512, 4, 2), dv=(512, 4, 2), bwd=(512, 4, 2))
     from lasp_hf.kernels.triton import chunk
 
     chunk.CHUNKS_PER_SEGMENT = 1

@@ -55,8 +55,15 @@ from lasp_hf.kernels.triton.recurrent import recurrent_step
 from lasp_hf.kernels.triton.utils import cdiv, empty, interpreting, next_pow2
 
 STEP_TOKENS = 16
-# Largest K x V state tile one program holds (float32 elements), num_warps, num_stages.
-CONFIGS = {"fwd": (8192, 4, 2), "bwd": (8192, 4, 2), "state": (8192, 4, 2), "scan": (512, 4, 1)}
+# Per pass: (largest K x V state tile one program holds, in float32 elements; num_warps; num_stages). The output
+# ("fwd") and dv kernels hold all of K and form the intra-step scores A once per V block, so they take the whole
+# 128 x 128 state with 8 warps (one V block: A once per head and step), as the per-head forward does
+# (`chunk.CONFIGS`); dq / dk ("bwd") hold all of V and split K, whose intra-step work is per channel anyway;
+# "state" is the segment passes (step 1 and the SP state-only passes); "scan" the walks over segments
+# (flat state elements per program). Not yet swept on a GPU (benchmarks/kernel_sweep.py covers the per-head
+# kernels).
+CONFIGS = {"fwd": (16384, 8, 2), "dv": (16384, 8, 2), "bwd": (8192, 4, 2), "state": (8192, 4, 2),
+           "scan": (512, 4, 1)}
 
 __all__ = ["chunk_linear_attention", "final_state_only", "initial_state_grad_only", "local_backward",
            "local_forward", "recurrent_step"]
@@ -204,8 +211,8 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan:
         q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_coef, plan.seg_bos, plan.seg_eos, scale,
         _loop_bound(plan, meta_k),
         NEED_DG=need_dg, STORE_START=store_start, **meta_k, **cfg_k)
-    BK, BV = _blocks_v(K, V, "bwd")
-    cfg_v, meta_v = _settings("bwd", q.dtype, BK, BV, H, K, V, None)
+    BK, BV = _blocks_v(K, V, "dv")
+    cfg_v, meta_v = _settings("dv", q.dtype, BK, BV, H, K, V, None)
     gla_bwd_kernel_dv[(S, H, cdiv(V, BV))](
         q, k, g, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_v), **meta_v, **cfg_v)
     if store_start:
