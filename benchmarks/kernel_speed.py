@@ -109,7 +109,7 @@ def reference_float64(q, k, v, g, scale: float, chunk: int = 64) -> torch.Tensor
     return (scale * o).reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
 
 
-def reference_gla_float64(q, k, v, g, scale: float, chunk: int = 16) -> torch.Tensor:
+def reference_gla_float64(q, k, v, g, scale: float, chunk: int = 32) -> torch.Tensor:
     """o of linear attention with a decay per key channel (g [B, T, H, K]: S_t = diag(exp(g_t)) S_{t-1} +
     k_t^T v_t), in float64, C tokens at a time; inside a chunk the decays exp(b_i - b_j) are formed per channel."""
     B, T, H, K = q.shape
