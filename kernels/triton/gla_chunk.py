@@ -65,7 +65,7 @@ STEP_TOKENS = 16
 CONFIGS = {"fwd": (16384, 8, 2), "dv": (16384, 8, 2), "bwd": (8192, 4, 2), "state": (8192, 4, 2),
            "scan": (512, 4, 1)}
 
-__all__ = ["chunk_linear_attention", "final_state_only", "initial_state_grad_only", "local_backward",
+__all__ = ["SegmentReuse", "chunk_linear_attention", "final_state_only", "initial_state_grad_only", "local_backward",
            "local_forward", "recurrent_step"]
 
 
@@ -148,14 +148,18 @@ def _launch_segment_dstate(q, do, g, scale: float, plan: _Plan, accurate: bool, 
     return ds_loc, seg_decay
 
 
-def _launch_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool):
+def _launch_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool, segment_states=None):
     """q, k: [NT, H, K]; v: [NT, H, V]; g: float32 [NT, H, K]; h0: None or [N, H, K, V]. Returns o [NT, H, V],
-    S_in and S_end per segment [S, H, K, V] and the segments' log-decays [S, H, K]."""
+    S_in and S_end per segment [S, H, K, V] and the segments' log-decays [S, H, K]. segment_states: step 1's result
+    computed earlier by the caller (`SegmentReuse`), or None."""
     _, H, K = q.shape
     V = v.shape[-1]
     S = plan.num_segs
     if plan.max_segs > 1:
-        s_loc, seg_decay = _launch_segment_state(k, v, g, plan, accurate)
+        if segment_states is not None:
+            s_loc, seg_decay = segment_states
+        else:
+            s_loc, seg_decay = _launch_segment_state(k, v, g, plan, accurate)
         s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
         _scan_segments(s_loc, seg_decay, plan, start=h0, each=s_in, end=None, reverse=False)
     else:
@@ -173,7 +177,7 @@ def _launch_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool):
 
 
 def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan: _Plan, need_dg: bool,
-                need_dh0: bool):
+                need_dh0: bool, segment_dstates=None):
     """Returns dq, dk, dv (in the inputs' dtypes), dg [NT, H, K] (float32, None unless need_dg) and dh0
     [N, H, K, V] (or None). dht: the final states' gradient, None, or a function returning it, called once dq's
     kernel is queued; final: the final states (for dg when dht is given)."""
@@ -193,7 +197,10 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan:
     dht = dht.float().contiguous() if dht is not None else None
     dh0 = None
     if plan.max_segs > 1:
-        ds_loc, _ = _launch_segment_dstate(q, do, g, scale, plan, need_dg)
+        if segment_dstates is not None:
+            ds_loc = segment_dstates
+        else:
+            ds_loc, _ = _launch_segment_dstate(q, do, g, scale, plan, need_dg)
         ds_out = empty(ds_loc, ds_loc.shape, ds_loc.dtype)
         dh0 = empty(q, (plan.num_seqs, H, K, V), torch.float32) if need_dh0 else None
         _scan_segments(ds_loc, seg_decay, plan, start=dht, each=ds_out, end=dh0, reverse=True)
@@ -245,10 +252,11 @@ def _add_dg_carries(g, dg, seg_carry, seg_coef, dht, final, plan: _Plan, meta: d
 
 # ----------------------------------------------------------------------------- forward / backward
 
-def gla_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool = False, need_final: bool = True):
+def gla_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool = False, need_final: bool = True,
+            segment_states=None):
     """Flat inputs (see `_launch_fwd`). Returns o, the final state [N, H, K, V] (None unless need_final), S_in
     per segment and the segments' log-decays."""
-    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate)
+    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate, segment_states)
     if not need_final:
         return o, None, s_in, seg_decay
     final = s_end[plan.last_seg_index]
@@ -258,8 +266,45 @@ def gla_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool = False, n
 
 
 def gla_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan: _Plan, need_dg: bool,
-            need_dh0: bool = True):
-    return _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, final, plan, need_dg, need_dh0)
+            need_dh0: bool = True, segment_dstates=None):
+    return _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, final, plan, need_dg, need_dh0, segment_dstates)
+
+
+class SegmentReuse(chunk.SegmentReuse):
+    """`chunk.SegmentReuse` for a decay per key channel: step 1 of the forward and of the backward computed by
+    sequence parallelism before the op runs (the state it hands on, the gradient of the state it received),
+    then handed to the op instead of computed twice. Dense input whose rows the plan cuts into segments only."""
+
+    @classmethod
+    def make(cls, q, k, v, g, accurate_states: bool):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        plan = _plan_for_gla(B, T, H, K, V, None, q.device)  # the op's own (cached) plan: take_* checks identity
+        return cls(plan, (B, T, H, K, V), accurate_states) if plan.max_segs > 1 else None
+
+    def _g(self, g):
+        B, T, H, K = self.shape[:4]
+        return g.float().reshape(B * T, H, K).contiguous()
+
+    def _fold(self, local, seg_decay, start, reverse: bool):
+        _, H, K, V = local.shape
+        out = empty(local, (self.plan.num_seqs, H, K, V), torch.float32)
+        start = start.float().contiguous() if start is not None else None
+        _scan_segments(local, seg_decay, self.plan, start=start, each=None, end=out, reverse=reverse)
+        return out
+
+    @torch.no_grad()
+    def prepare_states(self, k, v, g):
+        self.segment_states = _launch_segment_state(_flat_tokens(k), _flat_tokens(v), self._g(g), self.plan,
+                                                    self.accurate_states)
+        return self.segment_states
+
+    @torch.no_grad()
+    def prepare_dstates(self, q, do, g, scale: float):
+        ds_loc, seg_decay = _launch_segment_dstate(_flat_tokens(q), _flat_tokens(do.to(q.dtype)), self._g(g), scale,
+                                                   self.plan, self.accurate_states)
+        self.segment_dstates = ds_loc
+        return ds_loc, seg_decay
 
 
 @dataclass
@@ -272,21 +317,24 @@ class LocalPass:
     need_dg: bool
     g_dtype: torch.dtype
     h0_dtype: torch.dtype | None
+    reuse: SegmentReuse | None = None
 
 
 def local_forward(q, k, v, g, *, scale: float, initial_state=None, cu_seqlens=None, need_final=False,
                   need_dg=False, reuse=None):
     """The forward pass without autograd, for a caller that runs the backward itself (sequence parallelism).
-    As `chunk.local_forward` with g [B, T, H, K]; `reuse` is not supported here and must be None."""
-    assert reuse is None, "per-segment reuse is for per-head decays"
+    As `chunk.local_forward` with g [B, T, H, K]; reuse: this module's `SegmentReuse` (dense input) or None."""
+    if reuse is not None and cu_seqlens is not None:
+        raise ValueError("reuse (SegmentReuse) is for dense input; got cu_seqlens")
     B, T, H, K = q.shape
     V = v.shape[-1]
     plan = _plan_for_gla(B, T, H, K, V, cu_seqlens, q.device)
     qf, kf, vf = (_flat_tokens(x) for x in (q, k, v))
     g32 = g.float().reshape(B * T, H, K).contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
-    o, final, s_in, seg_decay = gla_fwd(qf, kf, vf, g32, scale, h0, plan, need_dg, need_final=need_final)
-    info = LocalPass(plan, scale, (B, T, H, K, V), need_dg, g.dtype, h0.dtype if h0 is not None else None)
+    o, final, s_in, seg_decay = gla_fwd(qf, kf, vf, g32, scale, h0, plan, need_dg, need_final=need_final,
+                                        segment_states=reuse.take_states(plan, need_dg) if reuse is not None else None)
+    info = LocalPass(plan, scale, (B, T, H, K, V), need_dg, g.dtype, h0.dtype if h0 is not None else None, reuse)
     return o.view(B, T, H, V), final, (qf, kf, vf, g32, s_in, seg_decay, final), info
 
 
@@ -295,8 +343,9 @@ def local_backward(saved, info: LocalPass, do, dfinal=None, *, need_dh0: bool = 
     None unless need_dh0). dfinal: the final state's gradient, None, or a function returning either."""
     q, k, v, g32, s_in, seg_decay, final = saved
     B, T, H, K, V = info.shape
+    dstates = info.reuse.take_dstates(info.plan, info.need_dg) if info.reuse is not None else None
     dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g32, _flat_tokens(do.to(q.dtype)), dfinal, info.scale, s_in, seg_decay,
-                                  final, info.plan, info.need_dg, need_dh0)
+                                  final, info.plan, info.need_dg, need_dh0, dstates)
     if dg is not None:
         dg = dg.view(B, T, H, K).to(info.g_dtype)
     dh0 = dh0.to(info.h0_dtype) if need_dh0 and dh0 is not None else None
