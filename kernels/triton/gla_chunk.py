@@ -60,9 +60,11 @@ STEP_TOKENS = 16
 # 128 x 128 state with 8 warps (one V block: A once per head and step), as the per-head forward does
 # (`chunk.CONFIGS`); dq / dk ("bwd") hold all of V and split K, whose intra-step work is per channel anyway;
 # "state" is the segment passes (step 1 and the SP state-only passes); "scan" the walks over segments
-# (flat state elements per program). Not yet swept on a GPU (benchmarks/kernel_sweep.py covers the per-head
-# kernels).
-CONFIGS = {"fwd": (16384, 8, 2), "dv": (16384, 8, 2), "bwd": (8192, 4, 2), "state": (8192, 4, 2),
+# (flat state elements per program). Registers at bf16, K = V = 128, compiled for sm_90 (ptxas): output kernel
+# 243 (8 warps), dv 204, dq 212 and dk 247 at 64 x 128 tiles with 8 warps (with 4 warps both spill: 255 + stack),
+# segment passes 165 - 215: none spills. Not yet timed on a GPU (benchmarks/kernel_sweep.py covers the per-head
+# kernels only).
+CONFIGS = {"fwd": (16384, 8, 2), "dv": (16384, 8, 2), "bwd": (8192, 8, 2), "state": (8192, 4, 2),
            "scan": (512, 4, 1)}
 
 __all__ = ["SegmentReuse", "chunk_linear_attention", "final_state_only", "initial_state_grad_only", "local_backward",
