@@ -4,8 +4,9 @@
     python benchmarks/kernel_speed.py --cases 'chunk-B1-*'  # a subset (glob on case names; --dry-run lists them)
     python benchmarks/kernel_speed.py --cpu --tiny          # smoke test of the harness, PyTorch backend
 
-B batch, T tokens, H heads, K = V = 128, bf16, scale 1.0, g [H] = TransNormerLLM's slopes ("head") or [B, T, H]
-("token"). Providers (PROVIDERS): lasp_hf (backend "triton"), fla's chunk_simple_gla, the LASP reference's
+B batch, T tokens, H heads, K = V = 128, bf16, scale 1.0, g [H] = TransNormerLLM's slopes ("head"), [B, T, H]
+("token") or [B, T, H, K] ("channel": GLA's gates, `--decays channel`; fla's peer is then chunk_gla).
+Providers (PROVIDERS): lasp_hf (backend "triton"), fla's chunk_simple_gla, the LASP reference's
 lightning_attn ([B, H, T, D]), SDPA flash (softmax: a yardstick, not the same function). Every provider is first
 checked against float64 (o and every gradient); a row that fails is FAILED and gets no ratio. Beside each row: the
 memory-bound floor (bytes that must move / measured copy bandwidth) and the time over fla's.
@@ -64,11 +65,12 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / (common.bench_ms(lambda: dst.copy_(src), device) * 1e-3) / 1e9
 
 
-def chunk_bytes(B: int, T: int, H: int, K: int, V: int, element: int, token_decay: bool) -> dict:
+def chunk_bytes(B: int, T: int, H: int, K: int, V: int, element: int, token_decay: bool,
+                channel_decay: bool = False) -> dict:
     """Bytes that must move. Forward: read q, k, v, write o. Backward: read q, k, v, do, write dq, dk, dv.
-    A per-token decay adds g (read) and dg (write), float32."""
+    A per-token decay adds g (read) and dg (write), float32 (K of each with channel_decay)."""
     tokens = B * T * H
-    g_bytes = tokens * 4 if token_decay else 0
+    g_bytes = tokens * 4 * (K if channel_decay else 1) if token_decay else 0
     fwd = tokens * (2 * K + 2 * V) * element + g_bytes
     return {"fwd": fwd, "fwd+bwd": 2 * fwd + tokens * (2 * K + V) * element + g_bytes}
 
@@ -98,17 +100,36 @@ def reference_float64(q, k, v, g, scale: float, chunk: int = 64) -> torch.Tensor
     return (scale * o).reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
 
 
-def reference_grads_float64(q, k, v, g, do, scale: float, grad_g: bool) -> dict:
-    """o, dq, dk, dv (and dg) of `reference_float64`, one batch row and 8 heads at a time (memory)."""
+def reference_gla_float64(q, k, v, g, scale: float, chunk: int = 32) -> torch.Tensor:
+    """o of linear attention with a decay per key channel (g [B, T, H, K]: S_t = diag(exp(g_t)) S_{t-1} +
+    k_t^T v_t) in float64, C tokens at a time; inside a chunk the decays exp(b_i - b_j) are formed per channel."""
+    B, T, H, K = q.shape
+    q, k, v, g = (x.double().transpose(1, 2) for x in (q, k, v, g))
+    state, outs = q.new_zeros(B, H, K, v.shape[-1]), []
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    for a in range(0, T, chunk):
+        e = min(a + chunk, T)
+        b = g[:, :, a:e].cumsum(2)
+        decay = (b[:, :, :, None] - b[:, :, None]).masked_fill(~causal[:e - a, :e - a, None], float("-inf")).exp()
+        attn = torch.einsum("bhik,bhjk,bhijk->bhij", q[:, :, a:e], k[:, :, a:e], decay)
+        outs.append(scale * (attn @ v[:, :, a:e] + (q[:, :, a:e] * b.exp()) @ state))
+        state = b[:, :, -1, :, None].exp() * state + (k[:, :, a:e] * (b[:, :, -1:] - b).exp()).transpose(-1, -2) @ v[:, :, a:e]
+    return torch.cat(outs, 2).transpose(1, 2)
+
+
+def reference_grads_float64(q, k, v, g, do, scale: float, grad_g: bool, heads: int = 8,
+                            reference: Callable = reference_float64) -> dict:
+    """o, dq, dk, dv (and dg) of `reference` (`reference_float64`), one batch row and `heads` heads at a time
+    (memory)."""
     names = ("o", "dq", "dk", "dv", "dg")
     out = {name: [] for name in names}
     for b in range(q.shape[0]):
         parts = {name: [] for name in names}
-        for h0 in range(0, q.shape[2], 8):
-            sl = (slice(b, b + 1), slice(None), slice(h0, h0 + 8))
+        for h0 in range(0, q.shape[2], heads):
+            sl = (slice(b, b + 1), slice(None), slice(h0, h0 + heads))
             leaves = [x[sl].double().requires_grad_() for x in (q, k, v)]
             g_part = g[sl].double().requires_grad_(grad_g)
-            o = reference_float64(*leaves, g_part, scale)
+            o = reference(*leaves, g_part, scale)
             grads = torch.autograd.grad(o, leaves + ([g_part] if grad_g else []), do[sl].double())
             for name, value in zip(names, (o.detach(),) + grads):
                 parts[name].append(value)
@@ -137,7 +158,7 @@ class Inputs:
     q: torch.Tensor  # [B, T, H, K]
     k: torch.Tensor  # [B, T, H, K]
     v: torch.Tensor  # [B, T, H, V]
-    g: torch.Tensor  # float32 [H] ("head") or [B, T, H] ("token"), <= 0
+    g: torch.Tensor  # float32 [H] ("head"), [B, T, H] ("token") or [B, T, H, K] ("channel"), <= 0
     do: torch.Tensor  # [B, T, H, V]
     decay: str
 
@@ -162,8 +183,8 @@ def prepare_lasp_hf(run: Run, x: Inputs) -> Prepared:
     import lasp_hf
 
     q, k, v = _leaves(x.q, x.k, x.v)
-    g = x.g.detach().clone().requires_grad_(x.decay == "token")
-    token = x.decay == "token"
+    token = x.decay != "head"  # a decay per token (and channel) gets a gradient
+    g = x.g.detach().clone().requires_grad_(token)
 
     def forward():
         return lasp_hf.linear_attention(q, k, v, g, scale=1.0, backend=run.backend)[0]
@@ -178,6 +199,11 @@ def prepare_fla(run: Run, x: Inputs) -> Prepared:
     if x.decay == "head":
         return Prepared(lambda: chunk_simple_gla(q, k, v, g_gamma=x.g, scale=1.0)[0], [q, k, v], x.do)
     g = x.g.detach().clone().requires_grad_()
+    if x.decay == "channel":
+        from fla.ops.gla import chunk_gla
+
+        return Prepared(lambda: chunk_gla(q, k, v, g, scale=1.0)[0], [q, k, v, g], x.do,
+                        grad_names=("dq", "dk", "dv", "dg"), note="chunk_gla")
     return Prepared(lambda: chunk_simple_gla(q, k, v, g=g, scale=1.0)[0], [q, k, v, g], x.do,
                     grad_names=("dq", "dk", "dv", "dg"))
 
@@ -217,14 +243,15 @@ class Provider:
 
 
 PROVIDERS = [
-    Provider("lasp_hf", prepare_lasp_hf, ("head", "token")),
-    Provider("fla", prepare_fla, ("head", "token"), _needs("fla.ops.simple_gla")),
+    Provider("lasp_hf", prepare_lasp_hf, ("head", "token", "channel")),
+    Provider("fla", prepare_fla, ("head", "token", "channel"), _needs("fla.ops.simple_gla")),
     Provider("lasp-ref", prepare_lasp_ref, ("head",), _needs("lasp")),
     Provider("sdpa", prepare_sdpa, ("head",), _needs("torch.nn.attention", cuda=False)),
 ]
 PROVIDER_ALIASES = {"ours": "lasp_hf", "lasp_hf": "lasp_hf", "fla": "fla", "lasp": "lasp-ref", "lasp-ref": "lasp-ref",
                     "sdpa": "sdpa"}  # --providers spelling -> PROVIDERS' names
-DECAYS = ("head", "token")
+DECAYS = ("head", "token")  # the default kinds; "channel" (g [B, T, H, K]) on request
+DECAY_CHOICES = DECAYS + ("channel",)
 
 
 # ----------------------------------------------------------------------------- cases
@@ -263,16 +290,20 @@ def chunk(run: Run, name: str, B: int, H: int, T: int) -> list[dict]:
     for decay in run.decays:
         gen = torch.Generator(device=run.device).manual_seed(run.seed)
         q, k, v, do = (torch.randn(B, T, H, D, device=run.device, dtype=run.dtype, generator=gen) for _ in range(4))
+        reference = {}
         if decay == "head":
             g = -slopes(H).to(run.device)
             g_full = g.view(1, 1, H).expand(B, T, H)
+        elif decay == "channel":  # GLA's gates (fla's tests): log-sigmoid of a normal, damped by 16, per key channel
+            g = g_full = F.logsigmoid(torch.randn(B, T, H, D, device=run.device, generator=gen)) / 16
+            reference = dict(heads=1, reference=reference_gla_float64)
         else:  # gated-model decays, as in fla's tests: log-sigmoid of a normal, damped by 16
             g = g_full = F.logsigmoid(torch.randn(B, T, H, device=run.device, generator=gen)) / 16
         # Computed in float64, kept in float32 (its rounding, ~1e-7, is far below bf16's ~1e-3).
         ref = {key: value.float() for key, value in
-               reference_grads_float64(q, k, v, g_full, do, 1.0, grad_g=decay == "token").items()}
+               reference_grads_float64(q, k, v, g_full, do, 1.0, grad_g=decay != "head", **reference).items()}
         sdpa_ref = sdpa_rows_float64(*map(_bhtd, (q, k, v, do)), min(SDPA_CHECK_ROWS, T)) if decay == "head" else None
-        nbytes = chunk_bytes(B, T, H, D, D, q.element_size(), decay == "token")
+        nbytes = chunk_bytes(B, T, H, D, D, q.element_size(), decay != "head", decay == "channel")
         floors = {mode: nbytes[mode] / (run.bandwidth_gbps * 1e9) * 1e3 for mode in nbytes}
         for provider in PROVIDERS:
             if decay in provider.decays and run.wants(provider.name):
@@ -410,10 +441,11 @@ def parse_args(argv=None):
     parser.add_argument("--providers", default="ours,fla,lasp,sdpa",
                         help="comma-separated subset of ours,fla,lasp,sdpa (default: all)")
     parser.add_argument("--decays", default=",".join(DECAYS),
-                        help="decay kinds of the chunk cases: head (g [H]), token (g [B, T, H])")
+                        help="decay kinds of the chunk cases: head (g [H]), token (g [B, T, H]), channel "
+                        "(g [B, T, H, K], GLA; fla's peer is chunk_gla)")
     args = parser.parse_args(argv)
-    if not args.decays or not set(args.decays.split(",")) <= set(DECAYS):
-        raise ValueError(f"--decays takes {' and/or '.join(DECAYS)}, comma-separated; got {args.decays!r}")
+    if not args.decays or not set(args.decays.split(",")) <= set(DECAY_CHOICES):
+        raise ValueError(f"--decays takes {', '.join(DECAY_CHOICES)}, comma-separated; got {args.decays!r}")
     args.providers = parse_providers(args.providers)
     return args
 

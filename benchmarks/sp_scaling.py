@@ -5,7 +5,8 @@ LASP reference.
     torchrun --standalone --nproc_per_node 4 benchmarks/sp_scaling.py --cuda-graphs  # the GPUs' side alone
     torchrun --standalone --nproc_per_node 2 benchmarks/sp_scaling.py --cpu --tiny   # gloo smoke test
 
-Every rank holds T local tokens of one sequence of W*T (B=1, H=16, K=V=128, bf16, scale 1.0, g_h = -2^(-8(h+1)/H)).
+Every rank holds T local tokens of one sequence of W*T (B=1, H=16, K=V=128, bf16, scale 1.0, g_h = -2^(-8(h+1)/H);
+with --decay channel, GLA's per-key-channel gates logsigmoid(x) / 16, g [B, T, H, K], which then get a gradient).
 Rows, all from one launch:
     single     lasp_hf.linear_attention on the rank's T tokens alone (the W=1 time at this local T)
     ring       linear_attention(..., sp_group=ctx, sp_mode="ring")       (LASP: the state hops)
@@ -51,6 +52,7 @@ class Run:
         self.iters = args.iters if args.iters is not None else (3 if args.cpu else 10)
         self.providers = tuple(p for p in PROVIDERS if p in args.providers)
         self.cuda_graphs = args.cuda_graphs and device.type == "cuda"
+        self.decay = args.decay  # "head": g [H]; "channel": g [B, T, H, K] (GLA)
 
     def shape(self, B: int, T: int, H: int, D: int) -> tuple[int, int, int, int]:
         return (B, T, H, D) if not self.tiny else (B, min(T // 128 + 1, 131), min(H, 2), 16)
@@ -187,6 +189,9 @@ def _inputs(run: Run, T: int, seed: int):
     gen = torch.Generator(device=run.device).manual_seed(seed)
     full = [torch.randn(B, run.world_size * T, H, D, device=run.device, dtype=run.dtype, generator=gen)
             for _ in range(4)]
+    if run.decay == "channel":
+        g = torch.nn.functional.logsigmoid(torch.randn(B, run.world_size * T, H, D, device=run.device, generator=gen))
+        return full, g / 16, T
     return full, -slopes(H).to(run.device), T
 
 
@@ -204,14 +209,16 @@ def sp_case(run: Run, name: str, T: int) -> list[dict]:
     ref = {n: x[:, cut].detach().clone()
            for n, x in zip(("o", "dq", "dk", "dv"), (o_full,) + torch.autograd.grad(o_full, leaves, full[3]))}
     q, k, v, do = (x[:, cut].contiguous() for x in full)
+    if run.decay == "channel":  # this rank's slice, with a gradient as in a GLA layer (dg is computed and timed)
+        g = g[:, cut].detach().clone().requires_grad_()
     del full, leaves, o_full
     rows = []
     for provider in run.providers:
         nbytes = comm_bytes(provider, W, B, H, D, D)
         row = {"case": name, "provider": provider, "W": W, "B": B, "T_local": T, "T_total": W * T, "H": H, "K": D,
                "V": D, "comm_mb_per_rank": nbytes["per_rank"] / 2**20, "comm_mb_total": nbytes["total"] / 2**20}
-        if provider == "lasp-ref" and run.lasp_missing:
-            rows.append({**row, "status": "SKIP", "note": run.lasp_missing})
+        if provider == "lasp-ref" and (run.lasp_missing or run.decay == "channel"):
+            rows.append({**row, "status": "SKIP", "note": run.lasp_missing or "no decay per key channel"})
             continue
         rows.append(_check_and_time(run, provider, row, (q, k, v, g, do), ref))
         if run.device.type == "cuda":
@@ -305,6 +312,8 @@ def parse_args(argv=None):
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time single / ring / allgather as replays of a CUDA graph of the whole step (what the "
                         "GPUs and the exchange take, without the host); lasp-ref stays eager")
+    parser.add_argument("--decay", default="head", choices=("head", "channel"),
+                        help="head: g [H] (default); channel: g [B, T, H, K], a decay per key channel (GLA)")
     parser.add_argument("--timeout-s", type=int, default=300, help="process-group timeout (a hung rank ends the run)")
     args = parser.parse_args(argv)
     for flag in ("iters", "repeats", "layers"):
@@ -346,6 +355,7 @@ def main(argv=None) -> int:
             rows += case(run, case.name)
         W = run.world_size
         name = (f"sp-{common.card_slug(env['card'])}-W{W}" + ("-tiny" if args.tiny else "")
+                + ("-gla" if args.decay == "channel" else "")
                 + (f"-L{run.layers}" if run.layers > 1 else "") + ("-graphs" if run.cuda_graphs else ""))
         if run.rank == 0:
             print(f"\nLASP scaling, W={W}, {run.dtype}, {env['card']}, backend {run.backend}"

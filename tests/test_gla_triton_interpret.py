@@ -103,9 +103,10 @@ def check(B, T, H, K, V, g, *, dtype=torch.float32, use_h0=True, use_final=True,
 @needs_interpreter
 def test_strong_decay_restarts_segments_and_blocks(kernels):
     """T = 65 (a one-token last chunk), one-chunk segments (the segment-state, segment-scan and local-dS kernels
-    run), small state tiles (2 V blocks in the forward, 2 K blocks in dq / dk), decays down to -5 per token (the
-    decay over a 16-token step reaches e^-80) and restarts of some channels, on a step's first token and mid-step."""
-    kernels.CONFIGS.update(fwd=(512, 4, 2), bwd=(512, 4, 2))
+    run), small state tiles (2 V blocks in the forward and dv, 2 K blocks in dq / dk), decays down to -5 per
+    token (the decay over a 16-token step reaches e^-80) and restarts of some channels, on a step's first token
+    and mid-step."""
+    kernels.CONFIGS.update(fwd=(512, 4, 2), dv=(512, 4, 2), bwd=(512, 4, 2))
     from lasp_hf.kernels.triton import chunk
 
     chunk.CHUNKS_PER_SEGMENT = 1
@@ -166,3 +167,38 @@ def test_decoding_step_matches_the_recurrence(kernels):
         o, state = lasp_hf.linear_attention_step(q[:, t], k[:, t], v[:, t], g[:, t], state=state, backend="triton")
         assert rel_err(o, o64[:, t]) <= TOL_FP32
     assert rel_err(state, s64) <= TOL_FP32
+
+
+@needs_interpreter
+def test_segment_reuse_for_sequence_parallelism(kernels):
+    """`SegmentReuse` as sequence parallelism drives it: the state-only results computed before the op (the state
+    handed on, the gradient of the received state), then taken by the op's forward and backward; every result
+    against float64."""
+    from lasp_hf.kernels.triton import chunk
+
+    chunk.CHUNKS_PER_SEGMENT = 1
+    B, T, H, K, V = 1, 70, 1, 16, 16
+    q, k, v, do = (torch.randn(B, T, H, D) for D in (K, K, V, V))
+    g = decays(B, T, H, K, 2.0, restarts=[(0, 30, 0, slice(0, 5))])
+    h0, dS = torch.randn(B, H, K, V), torch.randn(B, H, K, V)
+    scale = K ** -0.5
+    reuse = kernels.SegmentReuse.make(q, k, v, g, accurate_states=True)
+    assert reuse is not None
+    handed_on = reuse.final_state(k, v, g, h0)
+    o, final, saved, info = kernels.local_forward(q, k, v, g, scale=scale, initial_state=h0, need_final=True,
+                                                  need_dg=True, reuse=reuse)
+    assert reuse.segment_states is None  # taken by the forward
+    received_grad = reuse.initial_state_grad(q, do, g, scale)
+    dq, dk, dv, dg, dh0 = kernels.local_backward(saved, info, do, dS, need_dh0=True)
+    assert reuse.segment_dstates is None  # taken by the backward
+
+    ref = [x.double().requires_grad_() for x in (q, k, v, g, h0)]
+    o64, s64 = gla_recurrence64(*ref[:4], scale, ref[4])
+    ((o64 * do.double()).sum() + (s64 * dS.double()).sum()).backward()
+    h0_only = h0.double().requires_grad_()
+    (gla_recurrence64(q, k, v, g, scale, h0_only)[0] * do.double()).sum().backward()
+    pairs = [("handed_on", handed_on, s64), ("o", o, o64), ("final", final, s64),
+             ("received_grad", received_grad, h0_only.grad), ("dq", dq, ref[0].grad), ("dk", dk, ref[1].grad),
+             ("dv", dv, ref[2].grad), ("dg", dg, ref[3].grad), ("dh0", dh0, ref[4].grad)]
+    errors = {name: rel_err(got, want.detach()) for name, got, want in pairs}
+    assert all(err <= TOL_FP32 for err in errors.values()), errors

@@ -36,7 +36,7 @@ def _unsharded(inputs, cu, w_o, w_f, dtype) -> list:
     return [o, final, *torch.autograd.grad(loss, [x for x in leaves if x is not None])]
 
 
-def _gpu_worker(W: int, backend: str, L: int = L) -> dict:
+def _gpu_worker(W: int, backend: str, L: int = L, g_modes=("none", "head", "token")) -> dict:
     """Every rank: {case/quantity: (SP error, bf16 baseline error)} against the float32 unsharded op."""
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -49,14 +49,19 @@ def _gpu_worker(W: int, backend: str, L: int = L) -> dict:
         sp = init_sequence_parallel(W, mode=mode)
         results[f"{mode}/direct_nccl"] = sp.direct is not None
         for layout, bounds in layouts.items():
-            for g_mode in ("none", "head", "token"):
+            for g_mode in g_modes:
                 gen = torch.Generator().manual_seed(1000 * W + 10 * len(layout) + len(g_mode))
                 B = 2 if bounds is None else 1
                 N = B if bounds is None else len(bounds) - 1
                 q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
                 v = torch.randn(B, T, H, V, generator=gen)
-                g = {"none": None, "head": -torch.rand(H, generator=gen) * 0.05 - 1e-3,
-                     "token": torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen) + 4.0)}[g_mode]
+                if g_mode == "channel":
+                    # GLA's gates per key channel (fla: logsigmoid / 16), and restarts on the first cut
+                    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, generator=gen)) / 16
+                    g[:, L, 0, : K // 4] = float("-inf")
+                else:
+                    g = {"none": None, "head": -torch.rand(H, generator=gen) * 0.05 - 1e-3,
+                         "token": torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen) + 4.0)}[g_mode]
                 h0 = torch.randn(N, H, K, V, generator=gen)
                 w_o = torch.randn(B, T, H, V, generator=gen)
                 w_f = torch.randn(N, H, K, V, generator=gen)
@@ -67,7 +72,7 @@ def _gpu_worker(W: int, backend: str, L: int = L) -> dict:
                 ref = _unsharded((q, k, v, g, h0), cu, w_o, w_f, torch.float32)
                 base = _unsharded((q, k, v, g, h0), cu, w_o, w_f, torch.bfloat16)
                 local = [q[:, mine].bfloat16(), k[:, mine].bfloat16(), v[:, mine].bfloat16(),
-                         g[:, mine] if g_mode == "token" else g, h0]
+                         g[:, mine] if g_mode in ("token", "channel") else g, h0]
                 local = [x.clone().requires_grad_() if x is not None else None for x in local]
                 o, final = linear_attention(*local[:4], initial_state=local[4], output_final_state=True,
                                             cu_seqlens=cu, sp_group=sp, sp_mode=mode, backend=backend)
@@ -109,6 +114,21 @@ def test_sp_nccl_triton_bf16(W, direct, monkeypatch):
         # a coin toss).
         if not (err <= max(BF16_TOL, 1.05 * base) and err <= 2 * base)
     ]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_sp_nccl_triton_bf16_decay_per_key_channel(W):
+    """g [B, T, H, K] (GLA): the per-channel kernels as the local pass, ring and all-gather, dense and packed."""
+    if torch.cuda.device_count() < W:
+        pytest.skip(f"needs {W} GPUs, found {torch.cuda.device_count()}")
+    results = run_distributed(_gpu_worker, W, W, "triton", L, ("channel",), backend="nccl", timeout_s=600)
+    for errors in results:
+        [errors.pop(f"{mode}/direct_nccl") for mode in ("ring", "allgather")]
+    assert len(results[0]) == 2 * 2 * 7
+    bad = [f"rank {rank} {case}: SP {err:.2e}, bf16 PyTorch {base:.2e}"
+           for rank, errors in enumerate(results) for case, (err, base) in errors.items()
+           if not (err <= max(BF16_TOL, 1.05 * base) and err <= 2 * base)]
     assert not bad, "\n".join(bad)
 
 

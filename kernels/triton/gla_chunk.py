@@ -26,7 +26,9 @@ combine, dk (reverse scan, blocked over K) and dv (reverse scan, blocked over V)
 log-decay from a sequence's start (per channel),
     dL/dB_t = q_t * dq_t - k_t * dk_t   (elementwise; + S_final * dS_final summed over V at the last token),
     dg_t    = sum_{u >= t} dL/dB_u  within t's sequence, stopping before the next restart of the channel
-(dg = 0 where g = -inf). The kernels write q * dq and k * dk in float32; the sum runs in float64.
+(dg = 0 where g = -inf). The dq kernel writes q * dq in float32; the dk kernel, walking the segment backwards,
+forms d = q * dq - k * dk and its sum up to the segment's end in float32 registers; what crosses segments (and
+the final state's term) is added by a walk over the segments and one pass over the tokens it reaches.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from lasp_hf.kernels.triton import chunk
 from lasp_hf.kernels.host import host_bounds
 from lasp_hf.kernels.triton.chunk import _Plan, _flat_tokens
 from lasp_hf.kernels.triton.gla_kernels import (
+    gla_bwd_kernel_dg_carry,
     gla_bwd_kernel_dk,
     gla_bwd_kernel_dq,
     gla_bwd_kernel_dv,
@@ -52,10 +55,19 @@ from lasp_hf.kernels.triton.recurrent import recurrent_step
 from lasp_hf.kernels.triton.utils import cdiv, empty, interpreting, next_pow2
 
 STEP_TOKENS = 16
-# Largest K x V state tile one program holds (float32 elements), num_warps, num_stages.
-CONFIGS = {"fwd": (8192, 4, 2), "bwd": (8192, 4, 2), "state": (8192, 4, 2), "scan": (512, 4, 1)}
+# Per pass: (largest K x V state tile one program holds, in float32 elements; num_warps; num_stages). The output
+# ("fwd") and dv kernels hold all of K and form the intra-step scores A once per V block, so they take the whole
+# 128 x 128 state with 8 warps (one V block: A once per head and step), as the per-head forward does
+# (`chunk.CONFIGS`); dq / dk ("bwd") hold all of V and split K, whose intra-step work is per channel anyway;
+# "state" is the segment passes (step 1 and the SP state-only passes); "scan" the walks over segments
+# (flat state elements per program). Registers at bf16, K = V = 128, compiled for sm_90 (ptxas): output kernel
+# 243 (8 warps), dv 204, dq 212 and dk 247 at 64 x 128 tiles with 8 warps (with 4 warps both spill: 255 + stack),
+# segment passes 165 - 215: none spills. Not yet timed on a GPU (benchmarks/kernel_sweep.py covers the per-head
+# kernels only).
+CONFIGS = {"fwd": (16384, 8, 2), "dv": (16384, 8, 2), "bwd": (8192, 8, 2), "state": (8192, 4, 2),
+           "scan": (512, 4, 1)}
 
-__all__ = ["chunk_linear_attention", "final_state_only", "initial_state_grad_only", "local_backward",
+__all__ = ["SegmentReuse", "chunk_linear_attention", "final_state_only", "initial_state_grad_only", "local_backward",
            "local_forward", "recurrent_step"]
 
 
@@ -138,14 +150,18 @@ def _launch_segment_dstate(q, do, g, scale: float, plan: _Plan, accurate: bool, 
     return ds_loc, seg_decay
 
 
-def _launch_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool):
+def _launch_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool, segment_states=None):
     """q, k: [NT, H, K]; v: [NT, H, V]; g: float32 [NT, H, K]; h0: None or [N, H, K, V]. Returns o [NT, H, V],
-    S_in and S_end per segment [S, H, K, V] and the segments' log-decays [S, H, K]."""
+    S_in and S_end per segment [S, H, K, V] and the segments' log-decays [S, H, K]. segment_states: step 1's result
+    computed earlier by the caller (`SegmentReuse`), or None."""
     _, H, K = q.shape
     V = v.shape[-1]
     S = plan.num_segs
     if plan.max_segs > 1:
-        s_loc, seg_decay = _launch_segment_state(k, v, g, plan, accurate)
+        if segment_states is not None:
+            s_loc, seg_decay = segment_states
+        else:
+            s_loc, seg_decay = _launch_segment_state(k, v, g, plan, accurate)
         s_in = empty(s_loc, s_loc.shape, s_loc.dtype)
         _scan_segments(s_loc, seg_decay, plan, start=h0, each=s_in, end=None, reverse=False)
     else:
@@ -162,10 +178,11 @@ def _launch_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool):
     return o, s_in, s_end, seg_decay
 
 
-def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, plan: _Plan, need_dg: bool, need_dh0: bool):
-    """Returns dq, dk, dv (in the inputs' dtypes), dL/dB per token and channel [NT, H, K] (float32, None unless
-    need_dg), dh0 [N, H, K, V] (or None) and dht (the final states' gradient, None, or a function returning it,
-    called once dq's kernel is queued)."""
+def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan: _Plan, need_dg: bool,
+                need_dh0: bool, segment_dstates=None):
+    """Returns dq, dk, dv (in the inputs' dtypes), dg [NT, H, K] (float32, None unless need_dg) and dh0
+    [N, H, K, V] (or None). dht: the final states' gradient, None, or a function returning it, called once dq's
+    kernel is queued; final: the final states (for dg when dht is given)."""
     NT, H, K = q.shape
     V = v.shape[-1]
     S = plan.num_segs
@@ -173,16 +190,19 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, plan: _Plan,
     NK = cdiv(K, BKK)
     cfg_k, meta_k = _settings("bwd", q.dtype, BKK, BVF, H, K, V, need_dg)
     dq = empty(q, q.shape, q.dtype)
-    qdq = empty(q, q.shape, torch.float32) if need_dg else dq
+    dg = empty(q, q.shape, torch.float32) if need_dg else dq  # q * dq first, then dg (see gla_bwd_kernel_dk)
     gla_bwd_kernel_dq[(S, H, NK)](
-        q, k, v, g, do, dq, qdq, s_in, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_k),
+        q, k, v, g, do, dq, dg, s_in, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_k),
         NEED_DG=need_dg, **meta_k, **cfg_k)
     if callable(dht):
         dht = dht()
     dht = dht.float().contiguous() if dht is not None else None
     dh0 = None
     if plan.max_segs > 1:
-        ds_loc, _ = _launch_segment_dstate(q, do, g, scale, plan, need_dg)
+        if segment_dstates is not None:
+            ds_loc = segment_dstates
+        else:
+            ds_loc, _ = _launch_segment_dstate(q, do, g, scale, plan, need_dg)
         ds_out = empty(ds_loc, ds_loc.shape, ds_loc.dtype)
         dh0 = empty(q, (plan.num_seqs, H, K, V), torch.float32) if need_dh0 else None
         _scan_segments(ds_loc, seg_decay, plan, start=dht, each=ds_out, end=dh0, reverse=True)
@@ -192,30 +212,53 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, plan: _Plan,
         ds_out = q.new_zeros(S, H, K, V, dtype=torch.float32)
     dk = empty(k, k.shape, k.dtype)
     dv = empty(v, v.shape, v.dtype)
-    kdk = empty(q, q.shape, torch.float32) if need_dg else dk
+    seg_carry = empty(q, (S, H, K), torch.float32) if need_dg else dk
+    seg_coef = empty(q, (S, H, K), torch.float32) if need_dg else dk
     store_start = dh0 is None and need_dh0  # one segment per sequence: dh0 is dS at the segments' starts
     ds_start = empty(ds_out, ds_out.shape, ds_out.dtype) if store_start else ds_out
     gla_bwd_kernel_dk[(S, H, NK)](
-        q, k, v, g, do, dk, kdk, ds_out, ds_start, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_k),
+        q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_coef, plan.seg_bos, plan.seg_eos, scale,
+        _loop_bound(plan, meta_k),
         NEED_DG=need_dg, STORE_START=store_start, **meta_k, **cfg_k)
-    BK, BV = _blocks_v(K, V, "bwd")
-    cfg_v, meta_v = _settings("bwd", q.dtype, BK, BV, H, K, V, None)
+    BK, BV = _blocks_v(K, V, "dv")
+    cfg_v, meta_v = _settings("dv", q.dtype, BK, BV, H, K, V, None)
     gla_bwd_kernel_dv[(S, H, cdiv(V, BV))](
         q, k, g, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_v), **meta_v, **cfg_v)
     if store_start:
         dh0 = ds_start[plan.first_seg_index]
         keep = plan.nonempty.view(-1, 1, 1, 1)
         dh0 = torch.where(keep, dh0, dht) if dht is not None else dh0 * keep
-    d_log = qdq - kdk if need_dg else None
-    return dq, dk, dv, d_log, dh0, dht
+    if need_dg and (plan.max_segs > 1 or dht is not None):
+        _add_dg_carries(g, dg, seg_carry, seg_coef, dht, final, plan, meta_k, cfg_k)
+    return dq, dk, dv, (dg if need_dg else None), dh0
+
+
+def _add_dg_carries(g, dg, seg_carry, seg_coef, dht, final, plan: _Plan, meta: dict, cfg: dict) -> None:
+    """The part of dg that crosses segments: C(s), the carry entering each segment at its end, is the final
+    state's term S_final * dS_final summed over V (per sequence) walked back over the later segments with
+    C(s - 1) = exp(seg_coef(s)) C(s) + seg_carry(s) (`gla_kernel_segment_scan` with V = 1); then every token
+    with no restart between it and its segment's end gets C(s) (`gla_bwd_kernel_dg_carry`)."""
+    _, H, K = g.shape
+    S = plan.num_segs
+    final_term = (dht * final).sum(-1) * plan.nonempty[:, None, None] if dht is not None else None
+    if plan.max_segs > 1:
+        carry_in = empty(seg_carry, (S, H, K, 1), torch.float32)
+        start = final_term.unsqueeze(-1).contiguous() if final_term is not None else None
+        _scan_segments(seg_carry.unsqueeze(-1), seg_coef, plan, start=start, each=carry_in, end=None, reverse=True)
+    else:
+        carry_in = final_term[plan.seg_seq].contiguous()
+    gla_bwd_kernel_dg_carry[(S, H, cdiv(K, meta["BK"]))](
+        g, dg, carry_in, plan.seg_bos, plan.seg_eos, _loop_bound(plan, meta), H=H, K=K, BT=STEP_TOKENS,
+        BK=meta["BK"], DYN_LOOP=meta["DYN_LOOP"], **cfg)
 
 
 # ----------------------------------------------------------------------------- forward / backward
 
-def gla_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool = False, need_final: bool = True):
+def gla_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool = False, need_final: bool = True,
+            segment_states=None):
     """Flat inputs (see `_launch_fwd`). Returns o, the final state [N, H, K, V] (None unless need_final), S_in
     per segment and the segments' log-decays."""
-    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate)
+    o, s_in, s_end, seg_decay = _launch_fwd(q, k, v, g, scale, h0, plan, accurate, segment_states)
     if not need_final:
         return o, None, s_in, seg_decay
     final = s_end[plan.last_seg_index]
@@ -224,35 +267,46 @@ def gla_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool = False, n
     return o, final, s_in, seg_decay
 
 
-def _piece_reverse_cumsum(d_log: torch.Tensor, g: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """dg_t = sum of d_log_u over u >= t in t's sequence, up to (not including) the channel's next restart
-    (g = -inf); 0 at the restarts themselves. d_log, g: [NT, H, K]. Summed in float64."""
-    NT = d_log.shape[0]
-    total = torch.cat([d_log.double().flip(0).cumsum(0).flip(0), d_log.new_zeros(1, *d_log.shape[1:],
-                                                                                 dtype=torch.float64)])
-    restart = torch.isneginf(g)
-    positions = torch.arange(NT, device=g.device).view(NT, 1, 1)
-    restart_at = torch.where(restart, positions, NT)
-    # The first restart strictly after t, or the end of t's sequence, whichever comes first.
-    next_restart = torch.cat([restart_at[1:].flip(0).cummin(0).values.flip(0), restart_at.new_full((1,) + g.shape[1:], NT)])
-    seq_end = torch.repeat_interleave(plan.seq_ends, plan.lengths, output_size=plan.num_tokens).view(NT, 1, 1)
-    stop = torch.minimum(next_restart, seq_end)
-    dg = total[:NT] - total.gather(0, stop)
-    return torch.where(restart, 0.0, dg).float()
-
-
 def gla_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan: _Plan, need_dg: bool,
-            need_dh0: bool = True):
-    dq, dk, dv, d_log, dh0, dht = _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, plan, need_dg, need_dh0)
-    dg = None
-    if need_dg:
-        if dht is not None:
-            # The final state depends on B at each sequence's last token through diag(exp(B_last)).
-            last_token = (plan.seq_ends - 1).clamp(min=0)
-            final_term = (dht * final).sum(-1) * plan.nonempty[:, None, None]
-            d_log = d_log.index_add(0, last_token, final_term)
-        dg = _piece_reverse_cumsum(d_log, g, plan)
-    return dq, dk, dv, dg, dh0
+            need_dh0: bool = True, segment_dstates=None):
+    return _launch_bwd(q, k, v, g, do, dht, scale, s_in, seg_decay, final, plan, need_dg, need_dh0, segment_dstates)
+
+
+class SegmentReuse(chunk.SegmentReuse):
+    """`chunk.SegmentReuse` for a decay per key channel: step 1 of the forward and of the backward computed by
+    sequence parallelism before the op runs (the state it hands on, the gradient of the state it received),
+    then handed to the op instead of computed twice. Dense input whose rows the plan cuts into segments only."""
+
+    @classmethod
+    def make(cls, q, k, v, g, accurate_states: bool):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        plan = _plan_for_gla(B, T, H, K, V, None, q.device)  # the op's own (cached) plan: take_* checks identity
+        return cls(plan, (B, T, H, K, V), accurate_states) if plan.max_segs > 1 else None
+
+    def _g(self, g):
+        B, T, H, K = self.shape[:4]
+        return g.float().reshape(B * T, H, K).contiguous()
+
+    def _fold(self, local, seg_decay, start, reverse: bool):
+        _, H, K, V = local.shape
+        out = empty(local, (self.plan.num_seqs, H, K, V), torch.float32)
+        start = start.float().contiguous() if start is not None else None
+        _scan_segments(local, seg_decay, self.plan, start=start, each=None, end=out, reverse=reverse)
+        return out
+
+    @torch.no_grad()
+    def prepare_states(self, k, v, g):
+        self.segment_states = _launch_segment_state(_flat_tokens(k), _flat_tokens(v), self._g(g), self.plan,
+                                                    self.accurate_states)
+        return self.segment_states
+
+    @torch.no_grad()
+    def prepare_dstates(self, q, do, g, scale: float):
+        ds_loc, seg_decay = _launch_segment_dstate(_flat_tokens(q), _flat_tokens(do.to(q.dtype)), self._g(g), scale,
+                                                   self.plan, self.accurate_states)
+        self.segment_dstates = ds_loc
+        return ds_loc, seg_decay
 
 
 @dataclass
@@ -265,21 +319,24 @@ class LocalPass:
     need_dg: bool
     g_dtype: torch.dtype
     h0_dtype: torch.dtype | None
+    reuse: SegmentReuse | None = None
 
 
 def local_forward(q, k, v, g, *, scale: float, initial_state=None, cu_seqlens=None, need_final=False,
                   need_dg=False, reuse=None):
     """The forward pass without autograd, for a caller that runs the backward itself (sequence parallelism).
-    As `chunk.local_forward` with g [B, T, H, K]; `reuse` is not supported here and must be None."""
-    assert reuse is None, "per-segment reuse is for per-head decays"
+    As `chunk.local_forward` with g [B, T, H, K]; reuse: this module's `SegmentReuse` (dense input) or None."""
+    if reuse is not None and cu_seqlens is not None:
+        raise ValueError("reuse (SegmentReuse) is for dense input; got cu_seqlens")
     B, T, H, K = q.shape
     V = v.shape[-1]
     plan = _plan_for_gla(B, T, H, K, V, cu_seqlens, q.device)
     qf, kf, vf = (_flat_tokens(x) for x in (q, k, v))
     g32 = g.float().reshape(B * T, H, K).contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
-    o, final, s_in, seg_decay = gla_fwd(qf, kf, vf, g32, scale, h0, plan, need_dg, need_final=need_final)
-    info = LocalPass(plan, scale, (B, T, H, K, V), need_dg, g.dtype, h0.dtype if h0 is not None else None)
+    o, final, s_in, seg_decay = gla_fwd(qf, kf, vf, g32, scale, h0, plan, need_dg, need_final=need_final,
+                                        segment_states=reuse.take_states(plan, need_dg) if reuse is not None else None)
+    info = LocalPass(plan, scale, (B, T, H, K, V), need_dg, g.dtype, h0.dtype if h0 is not None else None, reuse)
     return o.view(B, T, H, V), final, (qf, kf, vf, g32, s_in, seg_decay, final), info
 
 
@@ -288,8 +345,9 @@ def local_backward(saved, info: LocalPass, do, dfinal=None, *, need_dh0: bool = 
     None unless need_dh0). dfinal: the final state's gradient, None, or a function returning either."""
     q, k, v, g32, s_in, seg_decay, final = saved
     B, T, H, K, V = info.shape
+    dstates = info.reuse.take_dstates(info.plan, info.need_dg) if info.reuse is not None else None
     dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g32, _flat_tokens(do.to(q.dtype)), dfinal, info.scale, s_in, seg_decay,
-                                  final, info.plan, info.need_dg, need_dh0)
+                                  final, info.plan, info.need_dg, need_dh0, dstates)
     if dg is not None:
         dg = dg.view(B, T, H, K).to(info.g_dtype)
     dh0 = dh0.to(info.h0_dtype) if need_dh0 and dh0 is not None else None

@@ -31,6 +31,15 @@ def _gla_step_decay(g, i_h, t0, length, o_k, H: tl.constexpr, K: tl.constexpr, B
 
 
 @triton.jit
+def _step_resets(g, i_h, t0, length, o_k, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
+    """[BT, BK] whether g = -inf (a restart) at each token and channel of the step."""
+    o_t = tl.arange(0, BT)
+    mask = (o_t[:, None] < length) & (o_k[None, :] < K)
+    g_tile = tl.load(g + (t0 + o_t[:, None]) * (H * K) + i_h * K + o_k[None, :], mask=mask, other=0.0)
+    return g_tile == float("-inf")
+
+
+@triton.jit
 def _masked_exp(diff, keep):
     """exp(diff) where keep, else 0; diff is clamped at 0 so the dropped entries cannot overflow."""
     return tl.where(keep, tl.exp(tl.minimum(diff, 0.0)), 0.0)
@@ -43,14 +52,33 @@ def _row(x, sel):
 
 
 @triton.jit
-def _intra_scores(b_q, b_k, b, r, BT: tl.constexpr):
-    """A [BT, BT] with A_ij = sum_c q_ic k_jc exp(b_ic - b_jc) for j <= i (no restart of c in (j, i]), float32.
-    Formed one column at a time, elementwise, so each decay factor is exp of a non-positive number."""
+def _token_row(x, t, end, i_h, o_k, H: tl.constexpr, K: tl.constexpr):
+    """x[t, i_h, o_k] of a flat [tokens, H, K] tensor as float32 [BK] (zeros past the segment: t >= end)."""
+    # A vector mask: the interpreter cannot broadcast a scalar mask against a block.
+    mask = (o_k < K) & ((o_k * 0 + t) < end)
+    return tl.load(x + t * (H * K) + i_h * K + o_k, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _next_row_decay(g, t, end, i_h, o_k, b_j, r_j, H: tl.constexpr, K: tl.constexpr):
+    """(b, r) of token t from those of token t - 1: the cumulative finite log-decay and restart count."""
+    g_j = _token_row(g, t, end, i_h, o_k, H, K)
+    reset = g_j == float("-inf")
+    return b_j + tl.where(reset, 0.0, g_j), r_j + tl.where(reset, 1.0, 0.0)
+
+
+@triton.jit
+def _intra_scores(b_q, k, g, t0, end, i_h, o_k, b, r, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
+    """A [BT, BT] with A_ij = sum_c q_ic k_jc exp(b_ic - b_jc) for j <= i (no restart of c in (j, i]), float32,
+    for the step at token t0. Formed one column at a time, elementwise, so each decay factor is exp of a
+    non-positive number; row j of k and g is read from memory (a cache hit: the step's tiles were just read)."""
     o_t = tl.arange(0, BT)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
+    b_j = o_k.to(tl.float32) * 0.0
+    r_j = b_j
     for j in range(BT):
-        sel = o_t == j
-        k_j, b_j, r_j = _row(b_k, sel), _row(b, sel), _row(r, sel)
+        b_j, r_j = _next_row_decay(g, t0 + j, end, i_h, o_k, b_j, r_j, H, K)
+        k_j = _token_row(k, t0 + j, end, i_h, o_k, H, K)
         decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
         column = tl.sum(b_q * k_j[None, :] * decay, 1)
         scores = tl.where(o_t[None, :] == j, column[:, None], scores)
@@ -155,7 +183,7 @@ def gla_fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eo
         b_k = tiles_k.load([r0, 0]).to(tl.float32)
         b_v = tiles_v.load([r0, i_v * BV]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
-        scores = _intra_scores(b_q, b_k, b, r, BT)
+        scores = _intra_scores(b_q, k, g, t0, eos, i_h, o_k, b, r, H, K, BT)
         b_o = tl.dot(scores.to(DT), b_v, input_precision=DOT_PREC)
         q_from_start = (b_q * _masked_exp(b, r == 0)).to(DT)
         b_o += tl.dot(q_from_start, state.to(DT), input_precision=DOT_PREC)
@@ -233,7 +261,7 @@ def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
         b_k = tiles_k.load([r0, 0]).to(tl.float32)
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
-        scores = _intra_scores(b_q, b_k, b, r, BT) * scale
+        scores = _intra_scores(b_q, k, g, t0, eos, i_h, o_k, b, r, H, K, BT) * scale
         b_dv = tl.dot(tl.trans(scores.to(DT)), b_do, input_precision=DOT_PREC)
         k_to_end = (b_k * _masked_exp(b_last[None, :] - b, r == r_last[None, :])).to(DT)
         b_dv += tl.dot(k_to_end, dstate.to(DT), input_precision=DOT_PREC)
@@ -245,13 +273,18 @@ def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
 
 @fast
 @triton.jit
-def gla_bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eos, scale, CPS,
+def gla_bwd_kernel_dk(q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_coef, seg_bos, seg_eos, scale, CPS,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
                       NEED_DG: tl.constexpr, STORE_START: tl.constexpr, DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, K block), with all of V: reverse scan from dS at the segment's end (rows
-    of this K block), writing dk for the block, k * dk in float32 (NEED_DG) and dS at the segment's start
-    (STORE_START)."""
+    of this K block), writing dk for the block and dS at the segment's start (STORE_START).
+
+    NEED_DG: `dg` holds q * dq (float32, from the dq kernel) and is overwritten with the segment's part of dg:
+    X_t = d_t + [g_{t+1} != -inf] X_{t+1} from X = 0 at the segment's end, d = q * dq - k * dk, and dg_t = X_t
+    where g_t != -inf (0 at a restart). Per segment and channel it also writes what the later segments' carry
+    needs: seg_carry = X at the segment's first token (0 if that token restarts) and seg_coef = 0 if the carry
+    entering at the segment's end reaches its first token and the token before it, else -inf (log of 1 / 0)."""
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
     eos = tl.load(seg_eos + i_s).to(tl.int64)
@@ -267,7 +300,10 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eo
     tiles_dk = _token_tiles(dk, bos, eos, i_h, H, K, BT, BK)
     tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
     tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
-    tiles_kdk = _token_tiles(kdk, bos, eos, i_h, H, K, BT, BK)
+    tiles_dg = _token_tiles(dg, bos, eos, i_h, H, K, BT, BK)
+    carry = tl.zeros([BK], dtype=tl.float32)        # X at the token after the current row
+    restart_next = tl.zeros([BK], dtype=tl.float32)  # whether that token restarts (1.0) or not
+    restarts = tl.zeros([BK], dtype=tl.float32)      # restarts in the rows walked so far
     n_steps = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
     for i in range(n_steps):
         r0 = (n_steps - 1 - i) * BT
@@ -280,9 +316,11 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eo
         dscores = tl.where(causal, tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC), 0.0)
         # dk_jc = scale * sum_i dA_ij q_ic exp(b_ic - b_jc), one row j at a time (elementwise decays).
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+        b_j = o_k.to(tl.float32) * 0.0
+        r_j = b_j
         for j in range(BT):
             sel = o_t == j
-            b_j, r_j = _row(b, sel), _row(r, sel)
+            b_j, r_j = _next_row_decay(g, t0 + j, eos, i_h, o_k, b_j, r_j, H, K)
             decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
             d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
             row = tl.sum(d_col[:, None] * b_q * decay, 0)
@@ -291,12 +329,53 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk, kdk, ds_out, ds_start, seg_bos, seg_eo
         b_dk = b_dk * scale + _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * k_decay
         tiles_dk.store([r0, i_k * BK], b_dk.to(dk.dtype.element_ty))
         if NEED_DG:
-            tiles_kdk.store([r0, i_k * BK], b_k * b_dk)
+            d_log = tiles_dg.load([r0, i_k * BK]) - b_k * b_dk
+            reset = tl.where(_step_resets(g, i_h, t0, eos - t0, o_k, H, K, BT), 1.0, 0.0)
+            b_dg = tl.zeros([BT, BK], dtype=tl.float32)
+            for jj in range(BT):
+                sel = o_t == BT - 1 - jj
+                reset_j = _row(reset, sel)
+                carry = _row(d_log, sel) + tl.where(restart_next > 0, 0.0, carry)
+                b_dg = tl.where(sel[:, None], tl.where(reset_j > 0, 0.0, carry)[None, :], b_dg)
+                restart_next = reset_j
+            tiles_dg.store([r0, i_k * BK], b_dg)
+            restarts += r_last
         q_from_start = b_q * _masked_exp(b, r == 0) * scale
         dstate = dstate * _masked_exp(b_last, r_last == 0)[:, None] + _dot_f32_left(
             tl.trans(q_from_start), b_do, DT, DOT_PREC, SPLIT)
     if STORE_START:
         tl.store(ds_start + p_state, dstate, mask=m_kv)
+    if NEED_DG:
+        p_seg = (i_s * H + i_h) * K + o_k
+        tl.store(seg_carry + p_seg, tl.where(restart_next > 0, 0.0, carry), mask=o_k < K)
+        tl.store(seg_coef + p_seg, tl.where(restarts > 0, float("-inf"), 0.0), mask=o_k < K)
+
+
+@fast
+@triton.jit
+def gla_bwd_kernel_dg_carry(g, dg, seg_carry_in, seg_bos, seg_eos, CPS, H: tl.constexpr, K: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, DYN_LOOP: tl.constexpr = False):
+    """One program per (segment, head, K block): dg_t += C(s) for the segment's tokens t with no restart in
+    [t, end of the segment], C(s) = seg_carry_in [S, H, K] the carry entering at the segment's end (the later
+    segments' sum, and the final state's term)."""
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    carry = tl.load(seg_carry_in + (i_s * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
+    tiles_dg = _token_tiles(dg, bos, eos, i_h, H, K, BT, BK)
+    later = tl.zeros([BK], dtype=tl.float32)  # restarts after the current step
+    n_steps = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
+    for i in range(n_steps):
+        r0 = (n_steps - 1 - i) * BT
+        t0 = bos + r0
+        _, r, _, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
+        reset = _step_resets(g, i_h, t0, eos - t0, o_k, H, K, BT)
+        # restarts in [t, step end] = r_last - r_t + [t restarts]
+        keep = (r_last[None, :] - r == 0) & (~reset) & (later[None, :] == 0)
+        b_dg = tiles_dg.load([r0, i_k * BK])
+        tiles_dg.store([r0, i_k * BK], b_dg + tl.where(keep, carry[None, :], 0.0))
+        later += r_last
 
 
 @fast
@@ -334,9 +413,11 @@ def gla_bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CP
         dscores = tl.where(causal, tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC), 0.0)
         # dq_ic = scale * sum_j dA_ij k_jc exp(b_ic - b_jc), one column j at a time.
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+        b_j = o_k.to(tl.float32) * 0.0
+        r_j = b_j
         for j in range(BT):
-            sel = o_t == j
-            k_j, b_j, r_j = _row(b_k, sel), _row(b, sel), _row(r, sel)
+            b_j, r_j = _next_row_decay(g, t0 + j, eos, i_h, o_k, b_j, r_j, H, K)
+            k_j = _token_row(k, t0 + j, eos, i_h, o_k, H, K)
             decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
             d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
             b_dq += d_col[:, None] * k_j[None, :] * decay

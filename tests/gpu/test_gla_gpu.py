@@ -118,8 +118,8 @@ def test_small_batch_long_sequence_bf16():
 
 
 def test_large_batch_bf16():
-    # B*H = 128: one segment per sequence.
-    _check("gla bf16 B4 T2048 H32 K128", 4, 2048, 32, 128, 128, torch.bfloat16)
+    # B*H = 128 (about one program per SM): one or two segments per sequence.
+    _check("gla bf16 B4 T1024 H32 K128", 4, 1024, 32, 128, 128, torch.bfloat16)
 
 
 def test_float32():
@@ -191,7 +191,8 @@ def test_error_no_worse_than_fla_chunk_gla():
     theirs = {"o": o, "final_state": final, **{name: x.grad for name, x in zip(NAMES, leaves)}}
     ref = _reference64(q, k, v, g, h0, do, dS, K ** -0.5)
     errors = {name: rel_err(ours[name], ref[name]) for name in ref}
-    fla_errors = {name: rel_err(theirs[name], ref[name]) for name in ref}
+    # (a gradient fla does not return, if any, is not compared)
+    fla_errors = {name: rel_err(theirs[name], ref[name]) for name in ref if theirs[name] is not None}
     _record("gla vs fla chunk_gla bf16 B1 T4096 H16 K128", {"errors": errors, "fla_errors": fla_errors})
-    worse = {n: (errors[n], fla_errors[n]) for n in ref if not errors[n] <= 1.1 * fla_errors[n] + 1e-6}
+    worse = {n: (errors[n], fla_errors[n]) for n in fla_errors if not errors[n] <= 1.1 * fla_errors[n] + 1e-6}
     assert not worse, f"(ours, fla) where ours is worse: {worse}"

@@ -1,0 +1,65 @@
+"""The per-key-channel (GLA) Triton kernels compile for an H100 (sm_90) at the benchmark's shapes (bf16, K = V = 128,
+the launchers' block sizes and warps), without a GPU: Triton's own compiler and ptxas. The interpreter tests check
+the kernels' arithmetic; this checks what only the compiler sees (layouts, dot shapes, register allocation)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles, does not interpret")
+
+
+def _compile(kernel, constexprs: dict, num_warps: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(kernel, "fn", kernel)  # (the launch wrapper of `launch.fast`)
+    pointers = {"seg_bos": "*i32", "seg_eos": "*i32", "seq_first_seg": "*i32", "seq_num_segs": "*i32"}
+    tokens = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}
+    scalars = {"scale": "fp32", "CPS": "i32", "MAX_SEGS": "i32"}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = scalars.get(name) or pointers.get(name) or ("*bf16" if name in tokens else "*fp32")
+    source = ASTSource(fn, signature, {n: v for n, v in constexprs.items() if n in fn.arg_names})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 2})
+
+
+def test_gla_kernels_compile_for_sm90():
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource / GPUTarget")
+    import triton.language as tl
+    from lasp_hf.kernels.triton import gla_chunk
+    from lasp_hf.kernels.triton import gla_kernels as kernels
+
+    base = dict(H=16, K=128, V=128, BT=gla_chunk.STEP_TOKENS, DT=tl.bfloat16, DOT_PREC="tf32", DYN_LOOP=True)
+    fwd_bk, fwd_bv = gla_chunk._blocks_v(128, 128, "fwd")
+    dv_bk, dv_bv = gla_chunk._blocks_v(128, 128, "dv")
+    bwd_bk, bwd_bv = gla_chunk._blocks_k(128, 128, "bwd")
+    warps = {phase: config[1] for phase, config in gla_chunk.CONFIGS.items()}
+    cases = [
+        (kernels.gla_fwd_kernel_output, dict(base, BK=fwd_bk, BV=fwd_bv, SPLIT=True), warps["fwd"]),
+        (kernels.gla_fwd_kernel_segment_state, dict(base, BK=128, BV=64, SPLIT=False, NV=2), warps["state"]),
+        (kernels.gla_bwd_kernel_segment_dstate, dict(base, BK=128, BV=64, SPLIT=True, NV=2, STORE_DECAY=True),
+         warps["bwd"]),
+        (kernels.gla_bwd_kernel_dv, dict(base, BK=dv_bk, BV=dv_bv), warps["dv"]),
+        (kernels.gla_bwd_kernel_dk, dict(base, BK=bwd_bk, BV=bwd_bv, SPLIT=True, NEED_DG=True, STORE_START=True),
+         warps["bwd"]),
+        (kernels.gla_bwd_kernel_dq, dict(base, BK=bwd_bk, BV=bwd_bv, SPLIT=True, NEED_DG=True), warps["bwd"]),
+        (kernels.gla_bwd_kernel_dg_carry, dict(H=16, K=128, BT=gla_chunk.STEP_TOKENS, BK=bwd_bk, DYN_LOOP=True),
+         warps["bwd"]),
+        (kernels.gla_kernel_segment_scan, dict(H=16, K=128, V=128, BLOCK=512, HAS_START=True, STORE_EACH=True,
+                                               STORE_END=True, REVERSE=True), warps["scan"]),
+    ]
+    for kernel, constexprs, num_warps in cases:
+        compiled = _compile(kernel, constexprs, num_warps)
+        assert compiled.asm.get("cubin"), getattr(kernel, "__name__", kernel)
