@@ -9,16 +9,39 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# Prepended to PROBE to run it as if Hugging Face's kernels were not installed (as on a machine where transformers
+# does not require it): the import system sees only the root's kernels/ folder under that name, and the package
+# metadata has no distribution named kernels.
+HIDE_HF_KERNELS = """
+import importlib.machinery, importlib.metadata, os
+_root = os.getcwd()
+_find_spec = importlib.machinery.PathFinder.find_spec.__func__
+def _find_spec_without_hf_kernels(cls, name, path=None, target=None):
+    if name == "kernels":
+        path = [entry for entry in (path or [_root]) if os.path.abspath(entry or os.curdir) == _root]
+    return _find_spec(cls, name, path, target)
+importlib.machinery.PathFinder.find_spec = classmethod(_find_spec_without_hf_kernels)
+for _name in ("version", "distribution", "metadata"):
+    def _hidden(name, _original=getattr(importlib.metadata, _name)):
+        if name == "kernels":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return _original(name)
+    setattr(importlib.metadata, _name, _hidden)
+"""
+
 PROBE = """
 import json, sys
 import transformers.modeling_utils  # imports Hugging Face's `kernels` when that package is installed
 import lasp_hf
+from transformers.utils.import_utils import is_kernels_available
+import kernels
 try:
-    import kernels
-    top_level, error = kernels.__file__, None
+    from kernels import get_kernel
+    error = None
 except ImportError as exc:
-    top_level, error = None, str(exc)
-print(json.dumps({"lasp_hf.kernels": lasp_hf.kernels.__file__, "kernels": top_level, "error": error,
+    error = str(exc)
+print(json.dumps({"lasp_hf.kernels": lasp_hf.kernels.__file__, "kernels": kernels.__file__, "error": error,
+                  "kernels_available": is_kernels_available(),
                   "root_on_path": sys.path[0] == ""}))  # python -c puts the working directory first
 """
 
@@ -31,18 +54,39 @@ def _hf_kernels_installed() -> bool:
     return True
 
 
-def test_imports_from_the_repository_root():
-    result = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=300)
+def _probe(prelude=""):
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + PROBE], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["root_on_path"], "the probe must run with the repository root on sys.path"
     assert pathlib.Path(found["lasp_hf.kernels"]).resolve() == REPO / "kernels" / "__init__.py"
+    return found
+
+
+def _check_stand_in(found):
+    """Without Hugging Face's kernels, `import kernels` gives the root's folder as an empty module: transformers
+    (5.17 and 5.25 probe it the same way) finds no version and treats the package as absent, and taking a name
+    from it fails with an ImportError that names the folder."""
+    assert pathlib.Path(found["kernels"]).resolve() == REPO / "kernels" / "__init__.py"
+    assert found["kernels_available"] is False
+    assert "get_kernel" in found["error"] and str(REPO / "kernels") in found["error"], found["error"]
+
+
+def test_imports_from_the_repository_root():
+    found = _probe()
     if _hf_kernels_installed():
         assert found["error"] is None, found["error"]
         assert pathlib.Path(found["kernels"]).resolve() != REPO / "kernels" / "__init__.py"
     else:
-        assert found["kernels"] is None
-        assert "lasp_hf.kernels" in found["error"] and "pip install kernels" in found["error"], found["error"]
+        _check_stand_in(found)
+
+
+def test_imports_from_the_repository_root_without_hf_kernels():
+    """transformers 5.17 without Hugging Face's kernels (the GPU machine) imported the root's folder and failed
+    on the ImportError it used to raise; now transformers, its modeling code and lasp_hf import."""
+    _check_stand_in(_probe(HIDE_HF_KERNELS))
 
 
 def test_script_folders_shadow_no_installed_module():
