@@ -101,3 +101,26 @@ def test_script_folders_shadow_no_installed_module():
         if path.stem in installed
     ]
     assert not clashes, f"files named like installed modules: {clashes}"
+
+
+DEEPSPEED_PROBE = """
+import sys, tempfile
+from lasp_hf import LaspConfig, LaspForCausalLM
+model = LaspForCausalLM(LaspConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64))
+with tempfile.TemporaryDirectory() as folder:
+    model.save_pretrained(folder)
+    LaspForCausalLM.from_pretrained(folder)
+print("deepspeed" in sys.modules)
+"""
+
+
+def test_save_pretrained_does_not_import_deepspeed():
+    """Importing deepspeed logs "Setting accelerator to CPU" in every process; without a DeepSpeed config nothing
+    should import it (accelerate's unwrap did, for save_pretrained, when deepspeed is installed)."""
+    result = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_PROBE], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"
+    assert "Setting accelerator" not in result.stderr
