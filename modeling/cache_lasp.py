@@ -5,34 +5,90 @@ keys/values of every full-attention layer (transformers' `DynamicLayer`).
 Shapes: B batch, H heads, K key head dim, V value head dim.
 """
 
+from dataclasses import dataclass
+from types import SimpleNamespace
+
 import torch
+import torch.utils._pytree as pytree
+from lasp_hf.ops import linear_attention
 from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
+
+
+@dataclass
+class _Replay:
+    """What a linear-attention layer needs to roll its state back into its last forward call: the state before
+    the call (None = zeros), the call's keys / values `[B, T, H, D]` and log decay (None, `[H]` or `[B, T, H]`,
+    as the op took them, padding already masked), and how many tokens the cache held before the call."""
+
+    start: int
+    state: torch.Tensor | None
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor | None
+
+    def state_after(self, num_tokens: int) -> torch.Tensor | None:
+        """The state after the first `num_tokens` tokens of the call."""
+        if num_tokens == 0:
+            return self.state
+        k, v = self.k[:, :num_tokens], self.v[:, :num_tokens]
+        g = self.g[:, :num_tokens] if self.g is not None and self.g.dim() == 3 else self.g
+        # The state does not depend on q or the scale; k stands in for q.
+        _, state = linear_attention(k, k, v, g, scale=1.0, initial_state=self.state, output_final_state=True)
+        return state
+
+    def keep(self, num_tokens: int) -> "_Replay":
+        g = self.g[:, :num_tokens] if self.g is not None and self.g.dim() == 3 else self.g
+        return _Replay(self.start, self.state, self.k[:, :num_tokens], self.v[:, :num_tokens], g)
+
+    def map_batch(self, fn) -> "_Replay":
+        per_token_g = self.g is not None and self.g.dim() == 3
+        return _Replay(
+            self.start,
+            fn(self.state) if self.state is not None else None,
+            fn(self.k),
+            fn(self.v),
+            fn(self.g) if per_token_g else self.g,
+        )
 
 
 class LaspStateLayer(LinearAttentionLayer):
     """The float32 recurrent state `[B, H, K, V]` of one linear-attention layer (transformers'
     linear-attention cache layer, with the state replaced rather than copied in place so its batch size may
-    change)."""
+    change).
+
+    It also keeps what rolls the state back into the last forward call (`_Replay`: the state before it and the
+    call's keys, values and decay), so that assisted and prompt-lookup decoding can crop the tokens a
+    verification pass rejected. That costs the call's k and v (the size of one call's activations, bounded by
+    a decode step or a prefill chunk) until the next call replaces them."""
+
+    replay: _Replay | None = None
 
     def get_state(self):
         return self.recurrent_states[0] if self.is_recurrent_states_initialized[0] else None
 
-    def set_state(self, state: torch.Tensor) -> None:
+    def set_state(self, state: torch.Tensor | None, replay: _Replay | None = None) -> None:
+        if state is None:
+            self.reset()
+            return
         if self.device is None:
             self.device, self.dtype = state.device, state.dtype
         self.recurrent_states[0] = state
         self.is_recurrent_states_initialized[0] = True
         self.has_previous_state[0] = True
+        self.replay = replay
 
     def reset(self) -> None:
         self.recurrent_states[0] = None
         self.is_recurrent_states_initialized[0] = False
         self.has_previous_state[0] = False
+        self.replay = None
 
     def _map_state(self, fn) -> None:
         state = self.get_state()
         if state is not None:
             self.recurrent_states[0] = fn(state)
+        if self.replay is not None:
+            self.replay = self.replay.map_batch(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_state(lambda s: s.index_select(0, beam_idx.to(s.device)))
@@ -45,12 +101,21 @@ class LaspStateLayer(LinearAttentionLayer):
 
     @property
     def is_croppable(self) -> bool:
-        return False
+        return True
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "a linear-attention state cannot be cropped (the past tokens are folded into it)"
-        )
+    def crop_to(self, length: int) -> None:
+        """Roll the state back to the first `length` tokens seen; `length` must fall inside the last call."""
+        if self.get_state() is None:
+            return
+        replay = self.replay
+        end = replay.start + replay.k.shape[1] if replay is not None else None
+        if replay is None or not replay.start <= length <= end:
+            span = f"[{replay.start}, {end}]" if replay is not None else "none"
+            raise ValueError(
+                f"a linear-attention state can be cropped only back into its last forward call (lengths {span}), "
+                f"got {length}: earlier tokens are folded into the state"
+            )
+        self.set_state(replay.state_after(length - replay.start), replay.keep(length - replay.start))
 
 
 class LaspCache(Cache):
@@ -86,8 +151,21 @@ class LaspCache(Cache):
     def get_state(self, layer_idx: int):
         return self.layers[layer_idx].get_state()
 
-    def set_state(self, state: torch.Tensor, layer_idx: int) -> None:
-        self.layers[layer_idx].set_state(state)
+    def set_state(
+        self,
+        state: torch.Tensor,
+        layer_idx: int,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        g: torch.Tensor | None = None,
+    ) -> None:
+        """Store a linear-attention layer's state after a call; with the call's k, v `[B, T, H, D]` and g (as
+        the op took them) the cache can crop back into the call."""
+        layer = self.layers[layer_idx]
+        replay = None
+        if k is not None:
+            replay = _Replay(self.num_seen_tokens, layer.get_state(), k, v, g)
+        layer.set_state(state, replay)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Appends keys/values `[B, H, T, D]` of a full-attention layer; returns all of them."""
@@ -114,12 +192,25 @@ class LaspCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        return False
+        return True
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "LaspCache cannot be cropped: linear-attention states fold the past into one matrix"
-        )
+    def crop(self, max_length: int) -> None:
+        """Drop the last tokens (as assisted decoding does after verifying candidates): `max_length < 0` removes
+        `-max_length` tokens, `max_length > 0` keeps the first `max_length` (transformers' older convention),
+        0 does nothing. Linear-attention states roll back only into their last forward call (see
+        `LaspStateLayer`); softmax layers drop keys and values."""
+        length = self.num_seen_tokens + max_length if max_length <= 0 else max_length
+        if length >= self.num_seen_tokens:
+            return
+        if length < 0:
+            raise ValueError(f"cannot crop {-max_length} tokens from a cache of {self.num_seen_tokens}")
+        for layer in self.layers:
+            if isinstance(layer, LaspStateLayer):
+                layer.crop_to(length)
+            elif layer.is_initialized:
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+        self.num_seen_tokens = length
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -146,5 +237,43 @@ class LaspCache(Cache):
                 return state.shape[0]
         return -1
 
+
+def _flatten(cache: LaspCache):
+    """Leaves: each layer's state (linear) or keys and values (softmax), None where empty. The layer kinds and
+    the token count are the tree's context, so an exported program is tied to the position it was traced at."""
+    children = [
+        layer.get_state() if isinstance(layer, LaspStateLayer) else (layer.keys, layer.values)
+        for layer in cache.layers
+    ]
+    return children, (tuple(cache.layer_types), cache.num_seen_tokens)
+
+
+def _flatten_with_keys(cache: LaspCache):
+    children, context = _flatten(cache)
+    return [(pytree.SequenceKey(i), child) for i, child in enumerate(children)], context
+
+
+def _unflatten(children, context) -> LaspCache:
+    layer_types, num_seen_tokens = context
+    cache = LaspCache(SimpleNamespace(layer_types=list(layer_types)))
+    for layer, child in zip(cache.layers, children, strict=True):
+        if isinstance(layer, LaspStateLayer):
+            if child is not None:
+                layer.set_state(child)
+        elif child[0] is not None:
+            layer.lazy_initialization(*child)
+            layer.keys, layer.values = child
+    cache.num_seen_tokens = num_seen_tokens
+    return cache
+
+
+# A pytree node, so that torch.export and torch.compile take a LaspCache as an input or output.
+pytree.register_pytree_node(
+    LaspCache,
+    _flatten,
+    _unflatten,
+    serialized_type_name=f"{LaspCache.__module__}.{LaspCache.__name__}",
+    flatten_with_keys_fn=_flatten_with_keys,
+)
 
 __all__ = ["LaspCache"]

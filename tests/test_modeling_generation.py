@@ -116,8 +116,6 @@ def test_cache_batch_operations():
     assert cache.get_state(0).shape[0] == 4 and cache.layers[1].keys.shape[0] == 4
     cache.batch_select_indices(torch.tensor([0, 3]))
     assert cache.batch_size == 2
-    with pytest.raises(NotImplementedError):
-        cache.crop(-1)
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.get_state(0) is None
 
@@ -137,3 +135,94 @@ def test_beam_search_runs_and_matches_uncached():
     cached = model.generate(x, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=True)
     uncached = model.generate(x, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
+def test_crop_rolls_back_into_the_last_call(mixer, layer_types):
+    """After a multi-token call, cropping k tokens leaves the cache as if the call had had T - k tokens: the
+    next logits equal the full forward's (the reference: no cache at all)."""
+    model = tiny_model(mixer, layer_types)
+    x = torch.randint(1, VOCAB, (2, 12))
+    full = model(x, use_cache=False).logits
+    cache = _cache_of(model(x[:, :4], use_cache=True))
+    model(x[:, 4:10], past_key_values=cache, use_cache=True)  # verification of 6 tokens, 3 of them rejected
+    cache.crop(-3)
+    assert cache.get_seq_length() == 7
+    out = model(x[:, 7:9], past_key_values=cache, use_cache=True)  # the tokens after the accepted ones
+    assert rel_err(out.logits, full[:, 7:9]) < 1e-4
+    cache.crop(-1)  # again, inside the call just made
+    out = model(x[:, 8:12], past_key_values=cache, use_cache=True)
+    assert rel_err(out.logits, full[:, 8:12]) < 1e-4
+    cache.crop(0)  # nothing
+    assert cache.get_seq_length() == 12
+    with pytest.raises(ValueError, match="last forward call"):
+        cache.crop(-5)  # back past the last call's start (8): folded into the state
+
+
+def test_crop_after_the_prompt_and_after_a_decode_step():
+    model = tiny_model("gated")
+    x = torch.randint(1, VOCAB, (1, 9))
+    full = model(x, use_cache=False).logits
+    cache = _cache_of(model(x[:, :6], use_cache=True))
+    cache.crop(-6)  # the whole prompt: an empty state
+    assert cache.get_seq_length() == 0 and cache.get_state(0) is None
+    cache = _cache_of(model(x[:, :6], use_cache=True))
+    model(x[:, 6:7], past_key_values=cache, use_cache=True)
+    cache.crop(-1)
+    out = model(x[:, 6:9], past_key_values=cache, use_cache=True)
+    assert rel_err(out.logits, full[:, 6:9]) < 1e-4
+
+
+@pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
+def test_assisted_and_prompt_lookup_decoding_equal_greedy(mixer, layer_types):
+    """transformers verifies draft tokens with one forward and crops the rejected ones from the cache: the
+    output must be greedy decoding's, token for token."""
+    model = tiny_model(mixer, layer_types)
+    assistant = tiny_model(mixer, layer_types, seed=1)  # another model: some drafts are rejected
+    # A prompt with repeats, so prompt lookup finds candidates.
+    x = torch.randint(1, VOCAB, (1, 5)).repeat(1, 3)
+    greedy = model.generate(x, max_new_tokens=20, do_sample=False)
+    assisted = model.generate(x, max_new_tokens=20, do_sample=False, assistant_model=assistant)
+    lookup = model.generate(x, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=3)
+    self_assisted = model.generate(x, max_new_tokens=20, do_sample=False, assistant_model=model)
+    assert torch.equal(assisted, greedy)
+    assert torch.equal(lookup, greedy)
+    assert torch.equal(self_assisted, greedy)
+
+
+@pytest.mark.parametrize("mixer, layer_types", [CASES[0], CASES[4]], ids=[CASE_IDS[0], CASE_IDS[4]])
+def test_output_attentions(mixer, layer_types):
+    """Softmax layers return their weights (the softmax of the masked scores, recomputed here from the layer's
+    own q and k); linear layers return None."""
+    model = tiny_model(mixer, layer_types)
+    model.config._attn_implementation = "sdpa"  # weights are computed eagerly even so
+    x = torch.randint(1, VOCAB, (2, 7))
+    out = model(x, output_attentions=True, use_cache=False)
+    assert len(out.attentions) == 2
+    for i, kind in enumerate(model.config.layer_types):
+        if kind == "linear_attention":
+            assert out.attentions[i] is None
+            continue
+        weights = out.attentions[i]
+        assert weights.shape == (2, 4, 7, 7)
+        captured = {}
+        layer = model.model.layers[i]
+        handle = layer.token_mixer.register_forward_pre_hook(
+            lambda module, args, kwargs: captured.update(x=args[0], pe=kwargs["position_embeddings"]),
+            with_kwargs=True,
+        )
+        model(x, use_cache=False)
+        handle.remove()
+        mixer_module = layer.token_mixer
+        h = captured["x"].double()
+        q = (h @ mixer_module.q_proj.weight.double().T).view(2, 7, 4, 8)
+        k = (h @ mixer_module.k_proj.weight.double().T).view(2, 7, 4, 8)
+        cos, sin = (t.double()[:, :, None] for t in captured["pe"])
+        rot = lambda t: torch.cat((-t[..., 4:], t[..., :4]), dim=-1)  # noqa: E731
+        q, k = (q * cos + rot(q) * sin).transpose(1, 2), (k * cos + rot(k) * sin).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) / 8**0.5
+        scores = scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+        assert rel_err(weights, scores.softmax(-1)) < 1e-5
+        # Unchanged outputs with the weights on.
+        assert rel_err(out.logits, model(x, use_cache=False).logits) < 1e-5
+    assert model(x, use_cache=False).attentions is None
