@@ -1,6 +1,8 @@
 """The lasp cache and generate(): cached == uncached, step-by-step decode == the full forward, O(1)
 decode steps."""
 
+import copy
+
 import pytest
 import torch
 from lasp_hf.modeling import layers_lasp
@@ -226,3 +228,64 @@ def test_output_attentions(mixer, layer_types):
         # Unchanged outputs with the weights on.
         assert rel_err(out.logits, model(x, use_cache=False).logits) < 1e-5
     assert model(x, use_cache=False).attentions is None
+
+
+EXPORT_CASES = [CASES[0], CASES[2], CASES[4]]  # fixed decay, per-token decay, and a hybrid with a softmax layer
+EXPORT_IDS = [CASE_IDS[0], CASE_IDS[2], CASE_IDS[4]]
+
+
+def _padded_batch():
+    x = torch.randint(1, VOCAB, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # left padding in row 1
+    return x, mask
+
+
+# Export is the slower of the two (~8 s a case on 2 cores): the per-token decay and the hybrid cover its paths.
+@pytest.mark.parametrize("mixer, layer_types", EXPORT_CASES[1:], ids=EXPORT_IDS[1:])
+@torch.no_grad()
+def test_torch_export_forward_and_decode_step(mixer, layer_types):
+    """torch.export of the forward with a padding mask (no cache, and returning one) and of a decode step that
+    takes a LaspCache (a pytree node): the exported programs give the eager model's outputs."""
+    model = tiny_model(mixer, layer_types)
+    x, mask = _padded_batch()
+    for use_cache in (False, True):
+        kwargs = dict(input_ids=x, attention_mask=mask, use_cache=use_cache)
+        program = torch.export.export(model, (), kwargs, strict=False)
+        exported, eager = program.module()(**kwargs), model(**kwargs)
+        assert rel_err(exported.logits, eager.logits) < 1e-6
+    cache = _cache_of(eager)
+    assert isinstance(_cache_of(exported), LaspCache)
+    step = dict(
+        input_ids=torch.randint(1, VOCAB, (2, 1)),
+        attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1),
+    )
+    program = torch.export.export(
+        model, (), dict(step, past_key_values=copy.deepcopy(cache), use_cache=True), strict=False
+    )
+    exported = program.module()(**step, past_key_values=copy.deepcopy(cache), use_cache=True)
+    eager = model(**step, past_key_values=copy.deepcopy(cache), use_cache=True)
+    assert rel_err(exported.logits, eager.logits) < 1e-6
+    assert _cache_of(exported).get_seq_length() == 7
+    for layer in range(2):
+        if model.config.layer_types[layer] == "linear_attention":
+            assert rel_err(_cache_of(exported).get_state(layer), _cache_of(eager).get_state(layer)) < 1e-6
+
+
+@pytest.mark.parametrize("mixer, layer_types", EXPORT_CASES, ids=EXPORT_IDS)
+@torch.no_grad()
+def test_compile_fullgraph_forward_and_decode_step(mixer, layer_types):
+    """torch.compile(fullgraph=True) traces the masked forward and the decode step without a graph break
+    (dynamo raises on one); the "eager" backend keeps the test fast, what is checked is the trace."""
+    model = tiny_model(mixer, layer_types)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x, mask = _padded_batch()
+    out = compiled(input_ids=x, attention_mask=mask, use_cache=True)
+    assert rel_err(out.logits, model(x, attention_mask=mask, use_cache=False).logits) < 1e-6
+    next_ids = torch.randint(1, VOCAB, (2, 1))
+    full_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    eager_cache = copy.deepcopy(_cache_of(out))
+    step = compiled(input_ids=next_ids, attention_mask=full_mask, past_key_values=_cache_of(out), use_cache=True)
+    eager = model(next_ids, attention_mask=full_mask, past_key_values=eager_cache, use_cache=True)
+    assert rel_err(step.logits, eager.logits) < 1e-6
+    torch._dynamo.reset()
