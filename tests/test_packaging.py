@@ -124,3 +124,44 @@ def test_save_pretrained_does_not_import_deepspeed():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "False"
     assert "Setting accelerator" not in result.stderr
+
+
+TOKENIZER_PROBE = """
+import sys
+{imports}
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1]{kwargs})
+print(type(tokenizer).__name__, tokenizer("a b").input_ids)
+"""
+
+
+def _saved_model_and_tokenizer(folder):
+    from lasp_hf import LaspConfig, LaspForCausalLM
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "a": 2, "b": 3}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    config = LaspConfig(vocab_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=32)
+    LaspForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_auto_tokenizer_of_a_saved_model_loads_without_a_prompt(tmp_path):
+    """A saved model's config.json names remote code (auto_map), and AutoTokenizer reads config.json first: in a
+    process that imported lasp_hf (which registers model_type "lasp"), or with trust_remote_code=True, it loads
+    with no remote-code prompt and no warning. (Without either, transformers asks y/N for 15 s: a config.json
+    whose auto_map lets trust_remote_code load the model always does.)"""
+    _saved_model_and_tokenizer(tmp_path)
+    for imports, kwargs in (("import lasp_hf", ""), ("", ", trust_remote_code=True")):
+        probe = TOKENIZER_PROBE.format(imports=imports, kwargs=kwargs)
+        result = subprocess.run(
+            [sys.executable, "-c", probe, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+            timeout=120, stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip().splitlines()[-1].endswith("[2, 3]"), result.stdout
+        for unwanted in ("custom code", "[y/N]", "model of type"):
+            assert unwanted not in result.stdout + result.stderr, (imports, kwargs, result.stderr[-2000:])
