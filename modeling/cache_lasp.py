@@ -16,38 +16,66 @@ from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 
 @dataclass
 class _Replay:
-    """What a linear-attention layer needs to roll its state back into its last forward call: the state before
-    the call (None = zeros), the call's keys / values `[B, T, H, D]` and log decay (None, `[H]` or `[B, T, H]`,
-    as the op took them, padding already masked), and how many tokens the cache held before the call."""
+    """What a linear-attention layer needs to roll its state back over its latest tokens: the state at the start
+    of a window of recent tokens (None = zeros), how many tokens the cache held then, and the keys / values
+    `[B, T, H, D]` and log decays (None or `[B, T, H]`, padding already masked) of the forward calls since, one
+    entry per call (joined only when a crop needs them, so a decode step costs no copy)."""
 
     start: int
     state: torch.Tensor | None
-    k: torch.Tensor
-    v: torch.Tensor
-    g: torch.Tensor | None
+    ks: list
+    vs: list
+    gs: list
+    length: int = 0
+
+    def append(self, k, v, g) -> None:
+        self.ks.append(k)
+        self.vs.append(v)
+        self.gs.append(g)
+        self.length += k.shape[1]
+
+    def _joined(self, num_tokens: int):
+        k = torch.cat(self.ks, dim=1)[:, :num_tokens]
+        v = torch.cat(self.vs, dim=1)[:, :num_tokens]
+        g = None if self.gs[0] is None else torch.cat(self.gs, dim=1)[:, :num_tokens]
+        return k, v, g
 
     def state_after(self, num_tokens: int) -> torch.Tensor | None:
-        """The state after the first `num_tokens` tokens of the call."""
+        """The state after the first `num_tokens` tokens of the window."""
         if num_tokens == 0:
             return self.state
-        k, v = self.k[:, :num_tokens], self.v[:, :num_tokens]
-        g = self.g[:, :num_tokens] if self.g is not None and self.g.dim() == 3 else self.g
+        k, v, g = self._joined(num_tokens)
         # The state does not depend on q or the scale; k stands in for q.
         _, state = linear_attention(k, k, v, g, scale=1.0, initial_state=self.state, output_final_state=True)
         return state
 
     def keep(self, num_tokens: int) -> "_Replay":
-        g = self.g[:, :num_tokens] if self.g is not None and self.g.dim() == 3 else self.g
-        return _Replay(self.start, self.state, self.k[:, :num_tokens], self.v[:, :num_tokens], g)
+        """The window cut to its first `num_tokens` tokens."""
+        if num_tokens == 0:
+            return _Replay(self.start, self.state, [], [], [])
+        k, v, g = self._joined(num_tokens)
+        return _Replay(self.start, self.state, [k], [v], [g], num_tokens)
+
+    def drop_oldest_calls(self, max_tokens: int) -> "_Replay":
+        """Fold the oldest calls into the window's state until at most `max_tokens` tokens of them are left."""
+        num_calls, dropped = 0, 0
+        while self.length - dropped > max_tokens and num_calls < len(self.ks) - 1:
+            dropped += self.ks[num_calls].shape[1]
+            num_calls += 1
+        if num_calls == 0:
+            return self
+        state = self.state_after(dropped)
+        return _Replay(self.start + dropped, state, self.ks[num_calls:], self.vs[num_calls:], self.gs[num_calls:],
+                       self.length - dropped)
 
     def map_batch(self, fn) -> "_Replay":
-        per_token_g = self.g is not None and self.g.dim() == 3
         return _Replay(
             self.start,
             fn(self.state) if self.state is not None else None,
-            fn(self.k),
-            fn(self.v),
-            fn(self.g) if per_token_g else self.g,
+            [fn(k) for k in self.ks],
+            [fn(v) for v in self.vs],
+            [fn(g) if g is not None else None for g in self.gs],
+            self.length,
         )
 
 
@@ -56,10 +84,11 @@ class LaspStateLayer(LinearAttentionLayer):
     linear-attention cache layer, with the state replaced rather than copied in place so its batch size may
     change).
 
-    It also keeps what rolls the state back into the last forward call (`_Replay`: the state before it and the
-    call's keys, values and decay), so that assisted and prompt-lookup decoding can crop the tokens a
-    verification pass rejected. That costs the call's k and v (the size of one call's activations, bounded by
-    a decode step or a prefill chunk) until the next call replaces them."""
+    It also keeps what rolls the state back over its latest tokens (`_Replay`: a state and the keys, values and
+    decays of the calls since), so that assisted and prompt-lookup decoding can crop the tokens a verification
+    pass rejected, from the target model's last call or across the draft model's decode steps. The window holds
+    the last call and earlier calls up to `LaspCache.rollback_tokens` tokens (folded into its state in batches
+    once they pass twice that): k and v of at most a call plus 2 x rollback_tokens tokens."""
 
     replay: _Replay | None = None
 
@@ -104,18 +133,22 @@ class LaspStateLayer(LinearAttentionLayer):
         return True
 
     def crop_to(self, length: int) -> None:
-        """Roll the state back to the first `length` tokens seen; `length` must fall inside the last call."""
+        """Roll the state back to the first `length` tokens seen; `length` must fall inside the window."""
         if self.get_state() is None:
             return
         replay = self.replay
-        end = replay.start + replay.k.shape[1] if replay is not None else None
+        end = replay.start + replay.length if replay is not None else None
         if replay is None or not replay.start <= length <= end:
             span = f"[{replay.start}, {end}]" if replay is not None else "none"
             raise ValueError(
-                f"a linear-attention state can be cropped only back into its last forward call (lengths {span}), "
-                f"got {length}: earlier tokens are folded into the state"
+                f"a linear-attention state can be cropped only back over its latest tokens (lengths {span}; "
+                f"LaspCache.rollback_tokens sets how many), got {length}: earlier tokens are folded into the state"
             )
-        self.set_state(replay.state_after(length - replay.start), replay.keep(length - replay.start))
+        state = replay.state_after(length - replay.start)
+        if state is None:
+            self.reset()
+        else:
+            self.set_state(state, replay.keep(length - replay.start))
 
 
 class LaspCache(Cache):
@@ -141,6 +174,9 @@ class LaspCache(Cache):
         super().__init__(layers=layers)
         self.layer_types = list(config.layer_types)
         self.num_seen_tokens = 0
+        # Tokens before the last call that linear-attention states can still be cropped back over (assisted
+        # decoding crops a draft model's rejected decode steps: at most its candidates per round, 20 by default).
+        self.rollback_tokens = 64
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.num_seen_tokens
@@ -164,7 +200,17 @@ class LaspCache(Cache):
         layer = self.layers[layer_idx]
         replay = None
         if k is not None:
-            replay = _Replay(self.num_seen_tokens, layer.get_state(), k, v, g)
+            if g is not None and g.dim() == 1:
+                g = g.expand(k.shape[0], k.shape[1], -1)  # one form for every call, so calls can be joined
+            replay = layer.replay
+            joins = replay is not None and replay.start + replay.length == self.num_seen_tokens and (
+                (replay.gs[0] is None) == (g is None) if replay.gs else True
+            )
+            if not joins:
+                replay = _Replay(self.num_seen_tokens, layer.get_state(), [], [], [])
+            replay.append(k, v, g)
+            if replay.length > 2 * self.rollback_tokens + k.shape[1]:
+                replay = replay.drop_oldest_calls(self.rollback_tokens + k.shape[1])
         layer.set_state(state, replay)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

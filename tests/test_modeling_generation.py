@@ -157,8 +157,29 @@ def test_crop_rolls_back_into_the_last_call(mixer, layer_types):
     assert rel_err(out.logits, full[:, 8:12]) < 1e-4
     cache.crop(0)  # nothing
     assert cache.get_seq_length() == 12
-    with pytest.raises(ValueError, match="last forward call"):
-        cache.crop(-5)  # back past the last call's start (8): folded into the state
+    cache.crop(-9)  # back over three calls, into the prompt
+    out = model(x[:, 3:12], past_key_values=cache, use_cache=True)
+    assert rel_err(out.logits, full[:, 3:12]) < 1e-4
+    cache.rollback_tokens = 0  # only the last call's tokens can be rolled back now
+    model(x[:, :2], past_key_values=cache, use_cache=True)  # two more tokens (any): cache length 14
+    with pytest.raises(ValueError, match="latest tokens"):
+        cache.crop(-3)  # back past the last call's start (12): folded into the state
+
+
+def test_crop_over_many_decode_steps_as_a_draft_model_does():
+    """A draft model decodes its candidates one token per call, then drops the rejected ones: the states roll back
+    over several calls; beyond rollback_tokens the oldest calls are folded into the window's state."""
+    model = tiny_model("lightning", ["linear_attention", "full_attention"])
+    x = torch.randint(1, VOCAB, (1, 30))
+    full = model(x, use_cache=False).logits
+    cache = _cache_of(model(x[:, :4], use_cache=True))
+    cache.rollback_tokens = 8
+    for t in range(4, 28):
+        model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+    assert cache.layers[0].replay.length <= 2 * 8 + 1
+    cache.crop(-6)
+    out = model(x[:, 22:30], past_key_values=cache, use_cache=True)
+    assert rel_err(out.logits, full[:, 22:30]) < 1e-4
 
 
 def test_crop_after_the_prompt_and_after_a_decode_step():
