@@ -116,9 +116,13 @@ class LaspPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LaspDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
+    # Softmax layers pass a boolean [B, 1, T, P + T] mask, which flash-attention and flex kernels do not take.
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
+    # torch.compile(fullgraph=True) and torch.export trace the forward and the decode step on the PyTorch path
+    # (tests/test_modeling_generation.py), but transformers reads this flag as "generate() can compile decoding
+    # with a static cache", and a LaspCache is not static (nor are the Triton kernels' launch plans).
     _can_compile_fullgraph = False
     # The cache can roll its recurrent states back into the last forward call (LaspStateLayer), which is what
     # assisted and prompt-lookup decoding need after verifying candidates.
