@@ -56,18 +56,6 @@ class _Replay:
         k, v, g = self._joined(num_tokens)
         return _Replay(self.start, self.state, [k], [v], [g], num_tokens)
 
-    def drop_oldest_calls(self, max_tokens: int) -> "_Replay":
-        """Fold the oldest calls into the window's state until at most `max_tokens` tokens of them are left."""
-        num_calls, dropped = 0, 0
-        while self.length - dropped > max_tokens and num_calls < len(self.ks) - 1:
-            dropped += self.ks[num_calls].shape[1]
-            num_calls += 1
-        if num_calls == 0:
-            return self
-        state = self.state_after(dropped)
-        return _Replay(self.start + dropped, state, self.ks[num_calls:], self.vs[num_calls:], self.gs[num_calls:],
-                       self.length - dropped)
-
     def map_batch(self, fn) -> "_Replay":
         return _Replay(
             self.start,
@@ -86,16 +74,21 @@ class LaspStateLayer(LinearAttentionLayer):
 
     It also keeps what rolls the state back over its latest tokens (`_Replay`: a state and the keys, values and
     decays of the calls since), so that assisted and prompt-lookup decoding can crop the tokens a verification
-    pass rejected, from the target model's last call or across the draft model's decode steps. The window holds
-    the last call and earlier calls up to `LaspCache.rollback_tokens` tokens (folded into its state in batches
-    once they pass twice that): k and v of at most a call plus 2 x rollback_tokens tokens."""
+    pass rejected, from the target model's last call or across the draft model's decode steps. Two windows,
+    never recomputed to advance: once the current one holds `LaspCache.rollback_tokens` tokens, the next call
+    opens a new one from the state it starts at, and the one before is dropped. So at least rollback_tokens
+    tokens before the last call can be cropped, for the k and v of at most 2 x rollback_tokens tokens plus two
+    calls (a prompt's or prefill chunk's k and v are kept until rollback_tokens tokens follow it)."""
 
     replay: _Replay | None = None
+    previous_replay: _Replay | None = None
 
     def get_state(self):
         return self.recurrent_states[0] if self.is_recurrent_states_initialized[0] else None
 
-    def set_state(self, state: torch.Tensor | None, replay: _Replay | None = None) -> None:
+    def set_state(
+        self, state: torch.Tensor | None, replay: _Replay | None = None, previous_replay: _Replay | None = None
+    ) -> None:
         if state is None:
             self.reset()
             return
@@ -104,13 +97,13 @@ class LaspStateLayer(LinearAttentionLayer):
         self.recurrent_states[0] = state
         self.is_recurrent_states_initialized[0] = True
         self.has_previous_state[0] = True
-        self.replay = replay
+        self.replay, self.previous_replay = replay, previous_replay
 
     def reset(self) -> None:
         self.recurrent_states[0] = None
         self.is_recurrent_states_initialized[0] = False
         self.has_previous_state[0] = False
-        self.replay = None
+        self.replay = self.previous_replay = None
 
     def _map_state(self, fn) -> None:
         state = self.get_state()
@@ -118,6 +111,8 @@ class LaspStateLayer(LinearAttentionLayer):
             self.recurrent_states[0] = fn(state)
         if self.replay is not None:
             self.replay = self.replay.map_batch(fn)
+        if self.previous_replay is not None:
+            self.previous_replay = self.previous_replay.map_batch(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_state(lambda s: s.index_select(0, beam_idx.to(s.device)))
@@ -132,18 +127,29 @@ class LaspStateLayer(LinearAttentionLayer):
     def is_croppable(self) -> bool:
         return True
 
-    def crop_to(self, length: int) -> None:
-        """Roll the state back to the first `length` tokens seen; `length` must fall inside the window."""
-        if self.get_state() is None:
-            return
+    def _window_for(self, length: int) -> _Replay:
+        """The window that holds the state after the first `length` tokens, or a ValueError."""
         replay = self.replay
-        end = replay.start + replay.length if replay is not None else None
+        if replay is not None and length < replay.start and self.previous_replay is not None:
+            replay = self.previous_replay  # it ends where the current window starts
+        end = self.replay.start + self.replay.length if self.replay is not None else None
         if replay is None or not replay.start <= length <= end:
             span = f"[{replay.start}, {end}]" if replay is not None else "none"
             raise ValueError(
                 f"a linear-attention state can be cropped only back over its latest tokens (lengths {span}; "
                 f"LaspCache.rollback_tokens sets how many), got {length}: earlier tokens are folded into the state"
             )
+        return replay
+
+    def check_crop(self, length: int) -> None:
+        if self.get_state() is not None:
+            self._window_for(length)
+
+    def crop_to(self, length: int) -> None:
+        """Roll the state back to the first `length` tokens seen; `length` must fall inside the windows."""
+        if self.get_state() is None:
+            return
+        replay = self._window_for(length)
         state = replay.state_after(length - replay.start)
         if state is None:
             self.reset()
@@ -202,16 +208,18 @@ class LaspCache(Cache):
         if k is not None:
             if g is not None and g.dim() == 1:
                 g = g.expand(k.shape[0], k.shape[1], -1)  # one form for every call, so calls can be joined
-            replay = layer.replay
+            replay, previous = layer.replay, layer.previous_replay
             joins = replay is not None and replay.start + replay.length == self.num_seen_tokens and (
                 (replay.gs[0] is None) == (g is None) if replay.gs else True
             )
             if not joins:
-                replay = _Replay(self.num_seen_tokens, layer.get_state(), [], [], [])
+                replay, previous = _Replay(self.num_seen_tokens, layer.get_state(), [], [], []), None
+            elif replay.length >= self.rollback_tokens:
+                # A new window from the state this call starts at (known: no recompute); the full one stays
+                # behind it until the new one fills.
+                replay, previous = _Replay(self.num_seen_tokens, layer.get_state(), [], [], []), replay
             replay.append(k, v, g)
-            if replay.length > 2 * self.rollback_tokens + k.shape[1]:
-                replay = replay.drop_oldest_calls(self.rollback_tokens + k.shape[1])
-        layer.set_state(state, replay)
+        layer.set_state(state, replay, previous)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Appends keys/values `[B, H, T, D]` of a full-attention layer; returns all of them."""
@@ -250,6 +258,9 @@ class LaspCache(Cache):
             return
         if length < 0:
             raise ValueError(f"cannot crop {-max_length} tokens from a cache of {self.num_seen_tokens}")
+        for layer in self.layers:  # every layer can, before any changes
+            if isinstance(layer, LaspStateLayer):
+                layer.check_crop(length)
         for layer in self.layers:
             if isinstance(layer, LaspStateLayer):
                 layer.crop_to(length)
@@ -314,12 +325,13 @@ def _unflatten(children, context) -> LaspCache:
 
 
 # A pytree node, so that torch.export and torch.compile take a LaspCache as an input or output.
-pytree.register_pytree_node(
-    LaspCache,
-    _flatten,
-    _unflatten,
-    serialized_type_name=f"{LaspCache.__module__}.{LaspCache.__name__}",
-    flatten_with_keys_fn=_flatten_with_keys,
-)
+if LaspCache not in pytree.SUPPORTED_NODES:
+    pytree.register_pytree_node(
+        LaspCache,
+        _flatten,
+        _unflatten,
+        serialized_type_name=f"{LaspCache.__module__}.{LaspCache.__name__}",
+        flatten_with_keys_fn=_flatten_with_keys,
+    )
 
 __all__ = ["LaspCache"]

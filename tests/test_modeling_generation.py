@@ -144,7 +144,7 @@ def test_crop_rolls_back_into_the_last_call(mixer, layer_types):
     """After a multi-token call, cropping k tokens leaves the cache as if the call had had T - k tokens: the
     next logits equal the full forward's (the reference: no cache at all)."""
     model = tiny_model(mixer, layer_types)
-    x = torch.randint(1, VOCAB, (2, 12))
+    x = torch.randint(1, VOCAB, (2, 14))
     full = model(x, use_cache=False).logits
     cache = _cache_of(model(x[:, :4], use_cache=True))
     model(x[:, 4:10], past_key_values=cache, use_cache=True)  # verification of 6 tokens, 3 of them rejected
@@ -160,15 +160,19 @@ def test_crop_rolls_back_into_the_last_call(mixer, layer_types):
     cache.crop(-9)  # back over three calls, into the prompt
     out = model(x[:, 3:12], past_key_values=cache, use_cache=True)
     assert rel_err(out.logits, full[:, 3:12]) < 1e-4
-    cache.rollback_tokens = 0  # only the last call's tokens can be rolled back now
+    cache.rollback_tokens = 0  # each call opens a window: the last two calls can be rolled back
     model(x[:, :2], past_key_values=cache, use_cache=True)  # two more tokens (any): cache length 14
+    model(x[:, :1], past_key_values=cache, use_cache=True)  # and one: 15
     with pytest.raises(ValueError, match="latest tokens"):
-        cache.crop(-3)  # back past the last call's start (12): folded into the state
+        cache.crop(-4)  # back past the start of the call before the last (12): folded into the state
+    cache.crop(-3)  # to 12, the start of the call before the last
+    out = model(x[:, 12:14], past_key_values=cache, use_cache=True)
+    assert rel_err(out.logits, full[:, 12:14]) < 1e-4
 
 
 def test_crop_over_many_decode_steps_as_a_draft_model_does():
     """A draft model decodes its candidates one token per call, then drops the rejected ones: the states roll back
-    over several calls; beyond rollback_tokens the oldest calls are folded into the window's state."""
+    over several calls; past rollback_tokens the oldest calls are dropped (two windows of them are kept)."""
     model = tiny_model("lightning", ["linear_attention", "full_attention"])
     x = torch.randint(1, VOCAB, (1, 30))
     full = model(x, use_cache=False).logits
@@ -176,7 +180,8 @@ def test_crop_over_many_decode_steps_as_a_draft_model_does():
     cache.rollback_tokens = 8
     for t in range(4, 28):
         model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
-    assert cache.layers[0].replay.length <= 2 * 8 + 1
+    windows = [cache.layers[0].replay, cache.layers[0].previous_replay]
+    assert sum(w.length for w in windows) <= 2 * 8 + 1
     cache.crop(-6)
     out = model(x[:, 22:30], past_key_values=cache, use_cache=True)
     assert rel_err(out.logits, full[:, 22:30]) < 1e-4
