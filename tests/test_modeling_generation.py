@@ -315,3 +315,18 @@ def test_compile_fullgraph_forward_and_decode_step(mixer, layer_types):
     eager = model(next_ids, attention_mask=full_mask, past_key_values=eager_cache, use_cache=True)
     assert rel_err(step.logits, eager.logits) < 1e-6
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mixer, layer_types", EXPORT_CASES, ids=EXPORT_IDS)
+@torch.no_grad()
+def test_assisted_decoding_equals_greedy_on_the_triton_path(mixer, layer_types):
+    """On CUDA the states come from the Triton kernels (head dim 16: the kernels' smallest tile), and a crop
+    recomputes a state with them: assisted and prompt-lookup decoding still give greedy decoding's tokens."""
+    model = tiny_model(mixer, layer_types, hidden_size=64, intermediate_size=128).cuda()
+    assistant = tiny_model(mixer, layer_types, seed=1, hidden_size=64, intermediate_size=128).cuda()
+    x = torch.randint(1, VOCAB, (1, 8), device="cuda").repeat(1, 3)
+    greedy = model.generate(x, max_new_tokens=24, do_sample=False)
+    assert torch.equal(model.generate(x, max_new_tokens=24, do_sample=False, assistant_model=assistant), greedy)
+    assert torch.equal(model.generate(x, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=3), greedy)
