@@ -330,3 +330,24 @@ def test_assisted_decoding_equals_greedy_on_the_triton_path(mixer, layer_types):
     greedy = model.generate(x, max_new_tokens=24, do_sample=False)
     assert torch.equal(model.generate(x, max_new_tokens=24, do_sample=False, assistant_model=assistant), greedy)
     assert torch.equal(model.generate(x, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=3), greedy)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_compile_with_graph_breaks_on_the_triton_path():
+    """On CUDA the Triton kernels are launched from Python after host-side planning, which dynamo does not trace:
+    torch.compile without fullgraph (graph breaks around the kernels) must still give the eager outputs, for the
+    masked prefill and a decode step. (fullgraph=True and torch.export hold on the PyTorch path only.)"""
+    model = tiny_model("gated", ["linear_attention", "full_attention"], hidden_size=64, intermediate_size=128).cuda()
+    compiled = torch.compile(model)
+    x, mask = (t.cuda() for t in _padded_batch())
+    out = compiled(input_ids=x, attention_mask=mask, use_cache=True)
+    eager = model(x, attention_mask=mask, use_cache=True)
+    assert rel_err(out.logits, eager.logits) < 1e-4  # float32; inductor may fuse the token-wise parts
+    next_ids = torch.randint(1, VOCAB, (2, 1), device="cuda")
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    step = compiled(input_ids=next_ids, attention_mask=full_mask, past_key_values=_cache_of(out), use_cache=True)
+    eager = model(next_ids, attention_mask=full_mask, past_key_values=_cache_of(eager), use_cache=True)
+    assert rel_err(step.logits, eager.logits) < 1e-4
+    torch._dynamo.reset()
