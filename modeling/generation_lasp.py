@@ -123,6 +123,11 @@ class LaspStaticCache(LaspCache):
     def get_max_length(self, layer_idx=None) -> int:
         return self.max_length if self.key_mask is not None else -1
 
+    def set_state(self, state: torch.Tensor, layer_idx: int, *args) -> None:
+        """Copy a step's state into the layer's buffer (a graph step keeps no rollback window: the static
+        decoder does greedy steps only, nothing crops its cache)."""
+        self.layers[layer_idx].set_state(state)
+
 
 class LaspGraphDecoder:
     """Greedy decoding steps of `model` for a batch of B rows, as one CUDA graph (captured on the first CUDA

@@ -319,7 +319,8 @@ class LaspLinearAttention(nn.Module):
 
         o, new_state = in_value_blocks(attend, v, state, MAX_VALUE_BLOCK)
         if cache is not None:
-            cache.set_state(new_state, self.layer_idx)
+            # k, v, g let the cache roll the state back into this call (assisted decoding crops rejected tokens).
+            cache.set_state(new_state, self.layer_idx, k, v, g)
 
         gate_input = hidden_states if self.u_proj is not None else None
         if chunk_size is None:
@@ -413,8 +414,12 @@ class LaspSoftmaxAttention(nn.Module):
         cu_seqlens=None,
         cache=None,
         sp_context=None,
+        output_attentions=False,
         **kwargs,
     ):
+        """Returns the output `[B, T, hidden]` and the attention weights `[B, H, T, P + T]` when
+        `output_attentions` (computed eagerly, whatever the attention implementation; None under sequence
+        parallelism and for packed documents, where no single matrix exists), else None."""
         B, T, _ = hidden_states.shape
         shape = (B, T, self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)
@@ -437,12 +442,16 @@ class LaspSoftmaxAttention(nn.Module):
             if cache is not None:
                 # A prefill under SP: every rank keeps the whole prompt's keys / values for decoding.
                 cache.update(k_all.transpose(1, 2), v_all.transpose(1, 2), self.layer_idx)
-            return self.o_proj(o.reshape(B, T, -1))
+            return self.o_proj(o.reshape(B, T, -1)), None
 
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         attention = self._attention_interface()
+        weights = None
+        if output_attentions and cu_seqlens is None:
+            # Only the eager path materializes the weights (sdpa and the kernels never do).
+            attention = eager_attention_forward
         if cu_seqlens is not None:
             # Packed documents: one causal call per document, so none attends across a boundary.
             bounds = host_bounds(cu_seqlens)
@@ -455,8 +464,8 @@ class LaspSoftmaxAttention(nn.Module):
             ]
             o = torch.cat(outs, dim=1)
         else:
-            o = attention(self, q, k, v, attn_mask, dropout=0.0, scaling=self.scaling)[0]
-        return self.o_proj(o.reshape(B, T, -1))
+            o, weights = attention(self, q, k, v, attn_mask, dropout=0.0, scaling=self.scaling)
+        return self.o_proj(o.reshape(B, T, -1)), (weights if output_attentions else None)
 
 
 __all__ = [

@@ -92,17 +92,22 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
         cu_seqlens=None,
         cache=None,
         sp_context=None,
+        output_attentions=False,
         **kwargs,
     ):
+        """Returns the block's output, or (output, attention weights) with `output_attentions` (the weights of a
+        softmax layer, None for a linear layer, which has no attention matrix)."""
         residual = hidden_states
+        attn_weights = None
         if self.layer_type == "full_attention":
-            hidden_states = self.token_mixer(
+            hidden_states, attn_weights = self.token_mixer(
                 self.input_layernorm(hidden_states),
                 position_embeddings=position_embeddings,
                 attn_mask=attn_mask,
                 cu_seqlens=cu_seqlens,
                 cache=cache,
                 sp_context=sp_context,
+                output_attentions=output_attentions,
                 **kwargs,
             )
         else:
@@ -119,8 +124,10 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
         chunk_size = getattr(self.config, "mlp_chunk_size", None)  # read here: it may be set after loading
         if chunk_size is None:
-            return hidden_states + self._mix_channels(hidden_states)
-        return hidden_states + chunked_over_tokens(self._mix_channels, chunk_size, hidden_states)
+            hidden_states = hidden_states + self._mix_channels(hidden_states)
+        else:
+            hidden_states = hidden_states + chunked_over_tokens(self._mix_channels, chunk_size, hidden_states)
+        return (hidden_states, attn_weights) if output_attentions else hidden_states
 
 
 class LaspPreTrainedModel(PreTrainedModel):
@@ -133,12 +140,17 @@ class LaspPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LaspDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
+    # Softmax layers pass a boolean [B, 1, T, P + T] mask, which flash-attention and flex kernels do not take.
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
+    # torch.compile(fullgraph=True) and torch.export trace the forward and the decode step on the PyTorch path
+    # (tests/test_modeling_generation.py), but transformers reads this flag as "generate() can compile decoding
+    # with a static cache", and a LaspCache is not static (nor are the Triton kernels' launch plans).
     _can_compile_fullgraph = False
-    # The cache folds past tokens into recurrent states: it cannot be cropped (no assisted decoding).
-    _is_stateful = True
+    # The cache can roll its recurrent states back into the last forward call (LaspStateLayer), which is what
+    # assisted and prompt-lookup decoding need after verifying candidates.
+    _is_stateful = False
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -167,8 +179,16 @@ class LaspPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # generate() must not build a DynamicCache: the model builds its own LaspCache on the first forward.
+        # A DynamicCache cannot hold recurrent states: generate() gets a LaspCache instead (below).
         return False
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() makes a DynamicCache for most models; these get a LaspCache (assisted decoding needs the
+        cache before the first forward)."""
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.use_cache is not False and model_kwargs.get(_CACHE_FIELD) is None:
+            model_kwargs[_CACHE_FIELD] = LaspCache(self.config.get_text_config(decoder=True))
+        return result
 
 
 def _packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -243,7 +263,10 @@ class LaspModel(LaspPreTrainedModel):
         cache_position = kwargs.pop("cache_position", None)
         hidden_states_to_keep = kwargs.pop("hidden_states_to_keep", 0)
         cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
-        for name in ("cu_seq_lens_k", "max_length_q", "max_length_k", "output_attentions"):
+        output_attentions = kwargs.pop("output_attentions", None)
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
             kwargs.pop(name, None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -269,7 +292,11 @@ class LaspModel(LaspPreTrainedModel):
                 "attention_mask must be 2-D [B, P + T] (1 = token, 0 = padding), "
                 f"got {attention_mask.dim()}-D"
             )
-        padding = attention_mask is not None and not bool(attention_mask.all())
+        # Eager: a mask of all ones takes the unpadded path. Traced (torch.compile / torch.export), that test
+        # would be a data-dependent branch: any mask takes the padded path, which gives the same outputs.
+        padding = attention_mask is not None and (
+            torch.compiler.is_compiling() or not bool(attention_mask.all())
+        )
 
         if cu_seqlens is None and position_ids is not None and sp_context is not None:
             # A slice cannot tell where the other ranks' documents start: the caller must pass the full
@@ -374,9 +401,25 @@ class LaspModel(LaspPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
+            if output_attentions:
+                # A `(B, H, T, P + T)` tensor for softmax layers, None for linear ones (as transformers' hybrids).
+                hidden_states, attn_weights = layer(
+                    hidden_states,
+                    linear_mask=linear_mask,
+                    attn_mask=attn_mask,
+                    position_embeddings=position_embeddings,
+                    cu_seqlens=cu_seqlens,
+                    cache=cache,
+                    sp_context=sp_context,
+                    output_attentions=True,
+                    **kwargs,
+                )
+                all_attentions += (attn_weights,)
+                continue
             hidden_states = layer(
                 hidden_states,
                 linear_mask=linear_mask,
@@ -396,7 +439,10 @@ class LaspModel(LaspPreTrainedModel):
             cache.num_seen_tokens += T * (sp_context.world_size if sp_context is not None else 1)
 
         output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{_CACHE_FIELD: cache}
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            **{_CACHE_FIELD: cache},
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -557,6 +603,7 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
         return output if return_dict is not False else output.to_tuple()
