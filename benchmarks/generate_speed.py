@@ -61,12 +61,17 @@ from common import (
     describe_env,
     environment,
     format_table,
-    print_table,
     short_number,
     write_results,
 )
 
 OURS = ("tnl-1b", "hybrid-1b")
+
+
+def print_table(title: str, rows, columns) -> None:
+    print(f"\n{title}")
+    print(format_table(rows, columns), flush=True)
+
 PEERS = ("llama-1b", "retnet-1b")
 LENGTHS = (4 * KI, 8 * KI, 32 * KI, 128 * KI, 1024 * KI)
 TINY_LENGTHS = (64, 256)

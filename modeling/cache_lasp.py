@@ -204,7 +204,7 @@ class LaspCache(Cache):
         """Store a linear-attention layer's state after a call; with the call's k, v `[B, T, H, D]` and g (as
         the op took them) the cache can crop back into the call."""
         layer = self.layers[layer_idx]
-        replay = None
+        replay = previous = None  # without k, v (a state set from outside) nothing can be cropped back
         if k is not None:
             if g is not None and g.dim() == 1:
                 g = g.expand(k.shape[0], k.shape[1], -1)  # one form for every call, so calls can be joined
