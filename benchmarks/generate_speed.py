@@ -8,7 +8,7 @@ of the same size, in one process on one card.
 
 Models (random weights, bf16 on a GPU): tnl-1b and hybrid-1b (recipes/configs/), an HF LlamaForCausalLM of the
 same shape (hidden 2048, 16 layers, 16 heads, intermediate 5632, vocab 64000, SDPA) and fla's RetNet (hidden
-2048, 16 layers, vocab 64000; 1.1B parameters, as DESIGN.md's training anchor).
+2048, 16 layers, vocab 64000; 1.1B parameters, as fla's RetNet 1.15B training anchor).
 
 Rows, per model and context length T:
 - `prefill` (B = 1): one forward over T prompt tokens with the model's own cache, the last position's logits;

@@ -3,7 +3,7 @@
 A CUDA tensor read back to the host (`.tolist()`, `.item()`) or made from host values with a plain
 `torch.tensor(values, device=...)` / `.to(device)` makes the CPU wait until the GPU has run everything queued
 before it. Once per training step that costs nothing; once or more per layer it leaves the GPU idle while the
-CPU queues the next kernels (the tnl-1b profile of session 4 had ~190 such waits per step). Hence:
+CPU queues the next kernels (a tnl-1b training profile had ~190 such waits per step). Hence:
 
 - `host_bounds(cu_seqlens)`: a packed batch's boundaries, read back once per tensor and kept on it (every layer,
   forward and backward, gets the same `cu_seqlens` tensor);

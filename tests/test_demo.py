@@ -71,7 +71,7 @@ def test_saved_model_reloads_with_trust_remote_code(trained):
     ids = tokenizer("Return the number of items.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         # Same weights and code; not bitwise: the CPU GEMMs of two separately allocated models may take different
-        # vector paths (it failed once in three local runs of session 12 with torch.equal).
+        # vector paths (it failed once in three local runs with torch.equal).
         torch.testing.assert_close(remote(ids).logits, local(ids).logits, rtol=1e-5, atol=1e-6)
     assert remote.config.eos_token_id == tokenizer.eos_token_id == 2
 

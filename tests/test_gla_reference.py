@@ -10,7 +10,7 @@ from gla_reference64 import gla_recurrence64, packed_gla_recurrence64
 from lasp_hf import linear_attention, linear_attention_step
 from triton_reference64 import rel_err
 
-TOL = 1e-4  # float32 states and inputs against float64 (DESIGN.md)
+TOL = 1e-4  # float32 states and inputs against float64
 
 
 def _case(B, T, H, K, V, strength, cu_seqlens=None, restarts=True, seed=0):

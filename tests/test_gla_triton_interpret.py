@@ -26,7 +26,7 @@ IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and isinstance(triton
                                                                           InterpretedFunction)
 needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
 
-# float32 through the interpreter is numpy float32 (~1e-6); DESIGN.md's bound is 1e-4. bfloat16 inputs: 1e-2.
+# float32 through the interpreter is numpy float32 (~1e-6); the project's float32 bound is 1e-4. bfloat16 inputs: 1e-2.
 TOL_FP32 = 1e-4
 TOL_BF16 = 1e-2
 

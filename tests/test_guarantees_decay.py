@@ -21,7 +21,7 @@ import lasp_hf
 from distributed_utils import run_distributed
 from triton_reference64 import packed_recurrence64, recurrence64, rel_err
 
-TOL = 1e-4  # float32 inputs and states against float64 (DESIGN.md)
+TOL = 1e-4  # float32 inputs and states against float64
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
 # Restarts at the first token, in the middle of a chunk, at a chunk start (64) and twice in one chunk.

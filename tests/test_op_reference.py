@@ -192,5 +192,5 @@ def test_packed_training_path_matches_recurrence(g_mode):
     grads_ref = torch.autograd.grad((o_ref * do.double()).sum(), ref_leaves)
     assert rel_err(o, o_ref) < 1e-5
     for name, a, b in zip(["dq", "dk", "dv", "dg"], grads, grads_ref):
-        # dg sums over every token with cancellation: DESIGN.md's float32 bound (1e-4) applies there.
+        # dg sums over every token with cancellation: the float32 bound (1e-4) applies there.
         assert rel_err(a, b) < (1e-4 if name == "dg" else 1e-5), name

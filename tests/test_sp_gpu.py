@@ -1,7 +1,7 @@
 """LASP on GPUs: NCCL, W = 2 and 4 (as many as the machine has), the Triton kernels as the local pass,
 bf16 inputs, both modes, every g mode, unpacked rows and packed documents crossing the cuts.
 
-Reference: the unsharded op in float32 (PyTorch backend) on the same inputs. Tolerance (DESIGN.md):
+Reference: the unsharded op in float32 (PyTorch backend) on the same inputs. Tolerance:
 a relative error <= 1e-2 and no worse than twice that of the unsharded bf16 PyTorch run; where that run
 itself is above 1e-2 (bf16 input rounding), no worse than it.
 Run on a lent multi-GPU machine: `pytest -m gpu tests/test_sp_gpu.py`.

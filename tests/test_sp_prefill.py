@@ -90,7 +90,7 @@ def test_sp_prefill_rejects_ranks_with_different_prompts():
 
 def _gpu_worker(W):
     """On cuda:rank with NCCL, a bf16 hybrid on the Triton kernels: SP prefill against the one-process prefill
-    on the same card (both bf16: relative error <= 1e-2, DESIGN.md's bf16 rule)."""
+    on the same card (both bf16: relative error <= 1e-2, the project's bf16 rule)."""
     from lasp_hf import LaspConfig, LaspForCausalLM
 
     torch.manual_seed(0)

@@ -57,13 +57,13 @@ CHUNK_SIZE = 64
 # Per pass: (largest K x V state tile one program holds, in float32 elements; num_warps; num_stages).
 # The tile sets the V block of programs that hold all of K (forward, dS, dv) and the K block of those that
 # hold all of V (dk, dq); "state" is the SP state-only passes (`state_only`, 128 x 64 tiles). Chosen from
-# the H100 sweeps (benchmarks/kernel_sweep.py, benchmarks/results/kernel-sweep-*.md): the forward holds the
+# H100 sweeps of these settings (git history: benchmarks/kernel_sweep.py and its results): the forward holds the
 # whole 128 x 128 state with 8 warps, so q and k are read once per chunk (0.57 -> 0.49 ms at B1 H16 T32K,
 # 2.06 -> 1.54 ms at 128K, same sweep); the backward is best at 128 x 64 with 4 warps.
 # "fwd_state" / "bwd_state" are step 1 of the forward / backward (the segments' states / state gradients); an
 # optional fourth entry is the tokens a step takes (default CHUNK_SIZE): 128-token steps took the forward at B1
 # H16 T32K from 0.475 to 0.439 ms (output kernel 316 -> 287 us, segment states 126 -> 118 us;
-# kernel_breakdown.py, H100, session 6). "scan" is the walks over segments (the forward's and the backward's
+# per-kernel breakdown on an H100). "scan" is the walks over segments (the forward's and the backward's
 # step 2, the SP folds): (flat state elements per program, num_warps, num_stages).
 CONFIGS = {"fwd": (16384, 8, 2, 128), "bwd": (8192, 4, 2), "state": (8192, 4, 2),
            "fwd_state": (16384, 4, 2, 128), "bwd_state": (8192, 4, 2), "scan": (512, 4, 1)}

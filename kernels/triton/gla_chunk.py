@@ -62,8 +62,7 @@ STEP_TOKENS = 16
 # "state" is the segment passes (step 1 and the SP state-only passes); "scan" the walks over segments
 # (flat state elements per program). Registers at bf16, K = V = 128, compiled for sm_90 (ptxas): output kernel
 # 243 (8 warps), dv 204, dq 212 and dk 247 at 64 x 128 tiles with 8 warps (with 4 warps both spill: 255 + stack),
-# segment passes 165 - 215: none spills. Not yet timed on a GPU (benchmarks/kernel_sweep.py covers the per-head
-# kernels only).
+# segment passes 165 - 215: none spills. Chosen from register counts, not from a timing sweep.
 CONFIGS = {"fwd": (16384, 8, 2), "dv": (16384, 8, 2), "bwd": (8192, 8, 2), "state": (8192, 4, 2),
            "scan": (512, 4, 1)}
 

@@ -174,7 +174,7 @@ class SideStream:
             main_done.record(self.main)
             self.side.wait_event(main_done)
             # (set_stream rather than the torch.cuda.stream context: the block runs on the current device, and the
-            # context's device bookkeeping is ~10-20 us of host time per use on the lent machines.)
+            # context's device bookkeeping is ~10-20 us of host time per use on an H100 host.)
             if torch.cuda.current_device() == self.device.index:
                 torch.cuda.set_stream(self.side)
                 self.switched = True

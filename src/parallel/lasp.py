@@ -3,7 +3,7 @@
 Shapes: B batch, L = T_local tokens on this rank, H heads, K key/query dim, V value dim,
 W ranks in the SP group, N packed documents. Rank r holds tokens [r*L, (r+1)*L) of the sequence.
 
-Decomposition (DESIGN.md, "Sequence parallel"). Per (b, h), with G_t the cumulative log-decay
+Decomposition (README, "The op"; the derivation below). Per (b, h), with G_t the cumulative log-decay
 from the rank's first token (inclusive):
     S_loc(r) = the state rank r alone produces at its end (a zero carried state)
     a_r      = exp(G_L)  (0 when a document starts on the rank, its first token included)

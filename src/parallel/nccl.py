@@ -4,7 +4,7 @@ Why: one LASP layer makes four point-to-point calls (ring) or two all_gathers, e
 Through `torch.distributed` each call also creates a Work object, records and waits on CUDA events on the
 process group's own stream, notes the tensors for the watchdog and the flight recorder: measured on 4x H100
 hosts, 80-120 us of host time per call against ~20 us for the same NCCL call made directly
-(`benchmarks/p2p_host.py`). At 32K tokens per GPU one layer's GPU work is ~1.6 ms, and those calls made the layer
+(a P2P host-cost probe, since folded into the SP benchmark). At 32K tokens per GPU one layer's GPU work is ~1.6 ms, and those calls made the layer
 host-bound. Here the calls go on the CURRENT CUDA stream: stream order alone makes the result visible to the work
 queued after them and keeps the buffers alive long enough (no events, no record_stream).
 

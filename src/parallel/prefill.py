@@ -3,7 +3,7 @@ with the whole prompt's cache, ready to decode.
 
 Shapes: B batch, T prompt tokens, W ranks in the SP group, L = T // W tokens per rank, R = T - W * L.
 
-How the cache is made (the same collectives as training, DESIGN.md "Sequence parallel"):
+How the cache is made (the same collectives as training):
 - linear-attention layers: LASP (ring or all-gather, the context's mode) gives every rank the state after the
   whole sequence (`linear_attention(..., output_final_state=True)` returns it on every rank);
 - full-attention layers: the keys / values of all slices are all-gathered (as their attention does) and every

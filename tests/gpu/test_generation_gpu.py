@@ -4,7 +4,7 @@ eager `generate`, and chunked prefill against one call, on the Triton kernels.
 Greedy tokens must be identical: a linear-attention model's graph replays the very kernels of eager decoding
 (bf16). A hybrid's graph attends over a fixed-length key buffer with a mask while eager attends over the exact
 keys, so SDPA may pick another kernel; it runs in float32, where the two agree to ~1e-6 and the argmax with
-them. Chunked prefill in bf16: relative error <= 1e-2 (DESIGN.md's bf16 rule) on the last logits and every
+them. Chunked prefill in bf16: relative error <= 1e-2 (the bf16 rule of tests/gpu/test_triton_gpu.py) on the last logits and every
 state.
 """
 

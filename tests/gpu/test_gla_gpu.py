@@ -3,7 +3,7 @@ chunk-at-a-time statement of the recurrence in the test helper, independent of t
 reference): output, final state and every gradient, NaN-poisoned buffers; strong decays and restarts; packed
 sequences; the decoding step; the state-only passes; and fla's `chunk_gla` as a peer where fla is installed.
 
-bf16 rule (DESIGN.md): relative error <= 1e-2 and, for o, dq, dk, dv and dh0, no worse than twice the error of
+bf16 rule: relative error <= 1e-2 and, for o, dq, dk, dv and dh0, no worse than twice the error of
 the PyTorch reference backend on the same bf16 inputs. Errors land in $LASP_HF_TEST_OUT/gla_errors.jsonl when
 that variable is set.
 """

@@ -1,7 +1,7 @@
 """The Triton kernels on a GPU at real shapes, against float64 (the chunked algorithm written in the test
 helper, independent of the kernels): output, final state and every gradient, NaN-poisoned buffers.
 
-bf16 rule (DESIGN.md): relative error <= 1e-2, and no worse than twice the error of the PyTorch reference
+bf16 rule: relative error <= 1e-2, and no worse than twice the error of the PyTorch reference
 backend run on the same bf16 inputs for every bf16-rounded result (o, dq, dk, dv) and dh0. The reference
 keeps its states and the decay gradient in float32 with no rounding at all (errors ~1e-7), so for
 final_state and dg only the 1e-2 bound applies. Errors land in $LASP_HF_TEST_OUT/triton_errors.jsonl
