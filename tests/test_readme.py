@@ -16,8 +16,8 @@ def code_blocks(language):
 
 
 def quickstart_commands():
-    quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
-    (block,) = re.findall(r"```bash\n(.*?)```", quickstart, flags=re.DOTALL)
+    quickstart = re.split(r"^## [^\n]*[Qq]uickstart", README, maxsplit=1, flags=re.MULTILINE)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)```", quickstart, flags=re.DOTALL)[0]  # the first: the two quickstart commands
     return [line.split("#")[0].strip() for line in block.strip().splitlines()]
 
 
