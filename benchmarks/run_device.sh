@@ -41,11 +41,12 @@ for part in "${PARTS[@]}"; do
   # shellcheck disable=SC2086
   case "$part" in
     tests)  # one pytest per file, each with its own limit
-      for f in ${TEST_FILES:-tests/test_host.py tests/test_sp_gpu.py tests/gpu/test_triton_gpu.py tests/test_modeling_gpu.py}; do
+      for f in ${TEST_FILES:-tests/test_host.py tests/test_sp_gpu.py tests/gpu/*.py tests/test_modeling_gpu.py tests/test_modeling_generation.py}; do
         run_part "pytest-$(basename "$f" .py)" python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider "$f"
       done ;;
-    kernels)  # per-head decay by default (fla 0.6.0 refuses per-token decay on triton 3.6)
-      CUDA_VISIBLE_DEVICES=0 run_part kernels python3 benchmarks/kernel_speed.py --out "$OUT" ${KERNELS_ARGS:---decays head} ;;
+    kernels)  # per-head decay (fla's chunk_simple_gla) and per key channel (fla's chunk_gla) by default: fla 0.6.0
+      # refuses per-token decay on triton 3.6
+      CUDA_VISIBLE_DEVICES=0 run_part kernels python3 benchmarks/kernel_speed.py --out "$OUT" ${KERNELS_ARGS:---decays head,channel} ;;
     sp)
       for W in ${SP_WORLDS:-$W4}; do run_part "sp-W$W" "${SP[@]}" "$W" benchmarks/sp_scaling.py --out "$OUT" ${SP_ARGS:-}; done ;;
     target)  # the README's SP table: eager, CUDA graph replays, four layers per step
