@@ -20,11 +20,9 @@ gate_logit_normalizer 16, output_norm "per_head", output_gate_act "silu", channe
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from .fla_retnet import fla_intermediate_size
+from .fla_retnet import FLA_LAYER_NAMES, fla_intermediate_size, map_fla_tensor
 
 MODEL_TYPES = ("gla",)
 _SWISH = ("swish", "silu")
@@ -96,37 +94,13 @@ def build_config(source: dict):
     )
 
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "mlp_norm.weight": "post_attention_layernorm.weight",
-    "attn.q_proj.weight": "token_mixer.q_proj.weight",
-    "attn.k_proj.weight": "token_mixer.k_proj.weight",
-    "attn.v_proj.weight": "token_mixer.v_proj.weight",
-    "attn.g_proj.weight": "token_mixer.u_proj.weight",
-    "attn.o_proj.weight": "token_mixer.o_proj.weight",
+    **FLA_LAYER_NAMES,
     "attn.gk_proj.0.weight": "token_mixer.decay_proj.0.weight",
     "attn.gk_proj.1.weight": "token_mixer.decay_proj.1.weight",
     "attn.gk_proj.1.bias": "token_mixer.decay_proj.1.bias",
-    # The per-head output norm: fused with the gate (fuse_norm = true) or not.
-    "attn.g_norm_swish_gate.weight": "token_mixer.o_norm.weight",
-    "attn.g_norm.weight": "token_mixer.o_norm.weight",
-    "mlp.gate_proj.weight": "channel_mixer.gate_proj.weight",
-    "mlp.up_proj.weight": "channel_mixer.up_proj.weight",
-    "mlp.down_proj.weight": "channel_mixer.down_proj.weight",
-}
-_TOP_NAMES = {
-    "model.embeddings.weight": "model.embed_tokens.weight",
-    "model.norm.weight": "model.norm.weight",
 }
 
 
 def map_tensor(name: str, tensor: torch.Tensor, config) -> list[tuple[str, torch.Tensor]]:
-    if name in _TOP_NAMES:
-        return [(_TOP_NAMES[name], tensor)]
-    if name == "lm_head.weight":
-        return [] if config.tie_word_embeddings else [(name, tensor)]
-    match = _LAYER.fullmatch(name)
-    if match is None or match[2] not in _LAYER_NAMES:
-        return [(name, tensor)]  # unknown: the caller reports it as unexpected
-    return [(f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}", tensor)]
+    return map_fla_tensor(name, tensor, config, _LAYER_NAMES)

@@ -90,7 +90,8 @@ def build_config(source: dict):
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_LAYER_NAMES = {
+# flash-linear-attention's layer names shared by its RetNet and GLA models -> lasp's.
+FLA_LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
     "attn.q_proj.weight": "token_mixer.q_proj.weight",
@@ -111,12 +112,18 @@ _TOP_NAMES = {
 }
 
 
-def map_tensor(name: str, tensor: torch.Tensor, config) -> list[tuple[str, torch.Tensor]]:
+def map_fla_tensor(name: str, tensor: torch.Tensor, config, layer_names: dict) -> list[tuple[str, torch.Tensor]]:
+    """An fla checkpoint tensor under its lasp name (`layer_names` maps the names inside a layer); a name it does
+    not know is returned as it is, for the caller to report as unexpected."""
     if name in _TOP_NAMES:
         return [(_TOP_NAMES[name], tensor)]
     if name == "lm_head.weight":
         return [] if config.tie_word_embeddings else [(name, tensor)]
     match = _LAYER.fullmatch(name)
-    if match is None or match[2] not in _LAYER_NAMES:
-        return [(name, tensor)]  # unknown: the caller reports it as unexpected
-    return [(f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}", tensor)]
+    if match is None or match[2] not in layer_names:
+        return [(name, tensor)]
+    return [(f"model.layers.{match[1]}.{layer_names[match[2]]}", tensor)]
+
+
+def map_tensor(name: str, tensor: torch.Tensor, config) -> list[tuple[str, torch.Tensor]]:
+    return map_fla_tensor(name, tensor, config, FLA_LAYER_NAMES)
