@@ -10,33 +10,12 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+from sm90_compile import SM90_SHARED_BYTES, compile_for_sm90  # noqa: E402
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles, does not interpret")
 
 
-def _compile(kernel, constexprs: dict, num_warps: int):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = getattr(kernel, "fn", kernel)  # (the launch wrapper of `launch.fast`)
-    pointers = {"seg_bos": "*i32", "seg_eos": "*i32", "seq_first_seg": "*i32", "seq_num_segs": "*i32"}
-    tokens = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}
-    scalars = {"scale": "fp32", "CPS": "i32", "MAX_SEGS": "i32"}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        else:
-            signature[name] = scalars.get(name) or pointers.get(name) or ("*bf16" if name in tokens else "*fp32")
-    source = ASTSource(fn, signature, {n: v for n, v in constexprs.items() if n in fn.arg_names})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 2})
-
-
 def test_gla_kernels_compile_for_sm90():
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton has no ASTSource / GPUTarget")
     import triton.language as tl
     from lasp_hf.kernels.triton import gla_chunk
     from lasp_hf.kernels.triton import gla_kernels as kernels
@@ -61,5 +40,7 @@ def test_gla_kernels_compile_for_sm90():
                                                STORE_END=True, REVERSE=True), warps["scan"]),
     ]
     for kernel, constexprs, num_warps in cases:
-        compiled = _compile(kernel, constexprs, num_warps)
-        assert compiled.asm.get("cubin"), getattr(kernel, "__name__", kernel)
+        compiled = compile_for_sm90(kernel, constexprs, num_warps)
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", kernel)
+        assert compiled.asm.get("cubin"), name
+        assert compiled.metadata.shared <= SM90_SHARED_BYTES, (name, compiled.metadata.shared)
