@@ -254,9 +254,11 @@ def common_parser(description: str) -> argparse.ArgumentParser:
 
 def launch_training(world: int, out_dir: Path, *, model_config: str, block_size: int, steps: int, bf16: bool,
                     gradient_checkpointing: bool, cpu: bool, timeout_s: int, config_file: str | None = None,
-                    extra: Sequence[str] = ()) -> list[dict]:
+                    extra: Sequence[str] = (), log_file: Path | None = None) -> list[dict]:
     """One `accelerate launch recipes/train_clm.py` run on `world` processes (SP = world), one block per step,
-    fixed seeds; returns its logged steps (trainer_state.json's entries that have a loss)."""
+    fixed seeds; returns its logged steps (trainer_state.json's entries that have a loss). `model_config` None:
+    `extra` names the model (`--model_name_or_path`). `log_file`: the run's output goes there instead of to the
+    terminal (so a caller can tell an out-of-memory failure from others)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(world), "--num_machines", "1",
            "--mixed_precision", "bf16" if bf16 else "no", "--dynamo_backend", "no"]
     if config_file:
@@ -267,7 +269,8 @@ def launch_training(world: int, out_dir: Path, *, model_config: str, block_size:
         cmd.append("--cpu")
     elif world > 1:
         cmd.append("--multi_gpu")
-    cmd += [str(REPO_ROOT / "recipes/train_clm.py"), "--model_config", model_config, "--block_size", str(block_size),
+    cmd += [str(REPO_ROOT / "recipes/train_clm.py")] + (["--model_config", model_config] if model_config else [])
+    cmd += ["--block_size", str(block_size),
             "--max_steps", str(steps), "--per_device_train_batch_size", "1", "--learning_rate", "3e-4",
             "--warmup_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
             "--seed", "0", "--data_seed", "0", "--sequence_parallel_size", str(world), "--output_dir", str(out_dir),
@@ -280,6 +283,10 @@ def launch_training(world: int, out_dir: Path, *, model_config: str, block_size:
     if not cpu:  # SP = 1 on exactly one GPU (one process seeing several would be a DataParallel run)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(world))
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env, timeout=timeout_s)
+    if log_file is None:
+        subprocess.run(cmd, check=True, env=env, timeout=timeout_s)
+    else:
+        with open(log_file, "w") as log:
+            subprocess.run(cmd, check=True, env=env, timeout=timeout_s, stdout=log, stderr=subprocess.STDOUT)
     state = json.loads((out_dir / "trainer_state.json").read_text())
     return [row for row in state["log_history"] if "loss" in row]
