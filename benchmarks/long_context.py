@@ -21,7 +21,8 @@ memory the highest per-GPU peak (`torch.cuda.max_memory_allocated`). A system st
 (an out-of-memory error in its output), `TIMEOUT` (--timeout-s per launch, or what is left of --budget-s) or
 `FAILED`; the longest length that trained is its `longest`. The result file is rewritten after every launch, and a
 later call for other systems on the same card and W adds its rows to it (rows of the systems run now replace
-theirs), so the systems may run in separate calls. Writes `long-context-<card>-W<W>.json` (+ .md, + .png: tokens/s
+theirs), so the systems may run in separate calls; `--merge A.json B.json ...` takes the rows of result files
+written elsewhere (separate machine starts), and with `--systems` left empty only writes the combined file. Writes `long-context-<card>-W<W>.json` (+ .md, + .png: tokens/s
 and memory against length per system) with the ratios the targets name: tnl-1b's tokens/s over Llama + CP's at
 256K (target >= 8x) and the ratio of the longest sequences (target >= 4x).
 """
@@ -230,7 +231,9 @@ COLUMNS = [Column("system", "system"), Column("length", "tokens/seq"), Column("t
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, default=4, help="GPUs (= SP size = CP size) of every run")
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=SYSTEMS,
+                        help="systems to run (none: only --merge)")
+    parser.add_argument("--merge", nargs="+", default=[], help="result files whose rows join this one's")
     parser.add_argument("--lengths", nargs="+", default=list(LENGTHS), help="tokens per sequence: 65536, 64K, 1M")
     parser.add_argument("--steps", type=int, default=3, help="training steps per launch")
     parser.add_argument("--skip", type=int, default=1, help="first steps left out of the median")
@@ -268,12 +271,18 @@ def main(argv=None) -> int:
     if args.dry_run:
         print("\n".join(f"{system} {short_number(T)} ({T // args.world} tokens per GPU)" for system, T in plan))
         return 0
-    env = environment()
+    merged = [json.loads(Path(path).read_text()) for path in args.merge]
+    env = environment() if args.systems or not merged else merged[0]["env"]
     name = f"long-context-{card_slug(env['card'])}-W{args.world}" + ("-tiny" if args.tiny else "")
     out = Path(args.out)
-    previous = out / f"{name}.json"
-    kept = [r for r in json.loads(previous.read_text())["rows"] if r["system"] not in args.systems] \
-        if previous.exists() else []
+    previous = [out / f"{name}.json"] if (out / f"{name}.json").exists() else []
+    kept = {}  # (system, length) -> row: later files win, and the systems run now replace theirs
+    for data in [json.loads(p.read_text()) for p in previous] + merged:
+        if data["env"]["card"] != env["card"] or any(r["world"] != args.world for r in data["rows"]):
+            raise ValueError(f"{data['benchmark']}: rows of {data['env']['card']} at another W cannot join "
+                             f"{env['card']} W = {args.world}")
+        kept.update({(r["system"], r["seq_len"]): r for r in data["rows"] if r["system"] not in args.systems})
+    kept = list(kept.values())
     deadline = time.monotonic() + (args.budget_s or math.inf)
     scratch = Path(tempfile.mkdtemp(prefix="long-context-"))
     launcher, rows = Launcher(args, scratch, deadline), []
@@ -287,6 +296,7 @@ def main(argv=None) -> int:
         plot(every, out / f"{name}.png")
         return path
 
+    path = write() if not args.systems else None
     try:
         for system in args.systems:
             for T in args.lengths:
@@ -298,7 +308,7 @@ def main(argv=None) -> int:
                     break  # longer sequences of this system would fail the same way
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(format_table(rows, COLUMNS) + f"\nwrote {path}")
+    print(format_table(rows or kept, COLUMNS) + f"\nwrote {path}")
     return 0
 
 
