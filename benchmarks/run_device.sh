@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/run_device.sh                 # tests, kernels, sp
 #   bash benchmarks/run_device.sh kernels sp      # some parts: tests kernels sp target parity mfu maxlen generate
-#   bash benchmarks/run_device.sh long-tnl        # multi-GPU parts, each within one PART_TIMEOUT: long-tnl
-#                                                 # long-hybrid long-llama step4m finetune prefill gla w8; "multi": all
+#   bash benchmarks/run_device.sh long-tnl        # multi-GPU parts, each within one PART_TIMEOUT: long-tnl long-hybrid
+#                                                 # long-llama long-llama-1m step4m finetune prefill gla w8; multi: all
 #
 # Peers (flash-linear-attention, fla-core, lasp) are installed from wheels in .whl/ if there are any (their rows
 # are SKIP otherwise). A copy without .git: pass the commit, LASP_HF_COMMIT=<sha>. Each part's extra arguments:
@@ -28,7 +28,7 @@ fi
 
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(tests kernels sp)
-MULTI=(long-tnl long-hybrid long-llama step4m finetune prefill gla w8)  # the multi-GPU runs, in order
+MULTI=(long-tnl long-hybrid long-llama long-llama-1m step4m finetune prefill gla w8)  # the multi-GPU runs, in order
 [ "${PARTS[*]}" = multi ] && PARTS=("${MULTI[@]}")
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 W4=${MULTI_WORLD:-$(( NGPU >= 4 ? 4 : NGPU ))}  # the SP size of the multi-GPU parts
@@ -73,9 +73,13 @@ for part in "${PARTS[@]}"; do
         --max_block_size 4194304} ;;
     generate)
       CUDA_VISIBLE_DEVICES=0 run_part generate python3 benchmarks/generate_speed.py --out "$OUT" ${GENERATE_ARGS:-} ;;
-    long-tnl|long-hybrid|long-llama)  # long-context training, one system per part; the rows join in one file
-      SYSTEM=$(case $part in long-tnl) echo tnl-1b;; long-hybrid) echo hybrid-1b;; *) echo llama-cp;; esac)
-      run_part "$part-W$W4" python3 benchmarks/long_context.py --world "$W4" --systems "$SYSTEM" --out "$OUT" \
+    long-tnl|long-hybrid|long-llama|long-llama-1m)  # long-context training, one system per part (within PART_TIMEOUT)
+      case $part in  # each a system and its ladder (a Llama + CP step at 1M takes minutes: a part of its own)
+        long-tnl) LONG=(--systems tnl-1b --steps 3);; long-hybrid) LONG=(--systems hybrid-1b --steps 2);;
+        long-llama) LONG=(--systems llama-cp --steps 2 --lengths 64K 128K 256K 512K);;
+        *) LONG=(--systems llama-cp --steps 2 --lengths 1M);;
+      esac
+      run_part "$part-W$W4" python3 benchmarks/long_context.py --world "$W4" "${LONG[@]}" --skip 1 --out "$OUT" \
         --budget-s $(( ${PART_TIMEOUT:-540} - 15 )) ${LONG_ARGS:-} ;;
     step4m)  # the LASP paper's 4096K-token step on 4 GPUs, then the largest that fits (to 8M, 2M resolution)
       run_part "step4m-W$W4" python3 -m accelerate.commands.launch --config_file "recipes/accelerate/fsdp2_sp$W4.yaml" \
