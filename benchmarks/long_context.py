@@ -98,7 +98,13 @@ class Launcher:
         return int(min(self.args.timeout_s, self.deadline - time.monotonic()))
 
     def ours(self, system: str, T: int) -> tuple[list[dict], list[str]]:
-        config = TINY_CONFIG if self.args.tiny else REPO_ROOT / "recipes/configs" / OURS[system]
+        config = REPO_ROOT / "recipes/configs" / OURS[system]
+        if self.args.tiny:  # tnl-tiny; for hybrid-1b with its second layer softmax attention, as hybrid-1b mixes them
+            tiny = json.loads(TINY_CONFIG.read_text())
+            if system == "hybrid-1b":
+                tiny["layer_types"] = ["linear_attention", "full_attention"]
+            config = self.scratch / f"{system}-tiny.json"
+            config.write_text(json.dumps(tiny))
         savers = ["activation checkpointing", "chunked cross-entropy"]
         extra = ["--train_file", str(one_document_corpus(self.scratch / f"doc-{T}.jsonl", T))]
         if self.args.savers_from is not None and T >= self.args.savers_from:
@@ -197,6 +203,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     except ImportError:
         print("[long_context] matplotlib is not installed: no plot", file=sys.stderr)
         return None
+    if not any(r["status"] == "ok" for r in rows):
+        return None  # nothing trained: nothing to draw
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for system in dict.fromkeys(r["system"] for r in rows):
         mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["seq_len"])
