@@ -130,9 +130,13 @@ def main(argv=None) -> None:
 
     set_seed(0)
     config = llama_config(args.tiny, args.seq_len)
-    llm = LlamaForCausalLM(config)
-    num_params = sum(p.numel() for p in llm.parameters())
     checkpointing = not args.no_checkpointing
+    accelerator = None if args.dry_run else build_accelerator(world, args.cpu, checkpointing, args.cp_comm_strategy)
+    # Built on its device (float32: FSDP2 keeps float32 shards and computes in bf16); fully_shard then frees all
+    # but this rank's shard.
+    with torch.device(accelerator.device if accelerator else "cpu"):
+        llm = LlamaForCausalLM(config)
+    num_params = sum(p.numel() for p in llm.parameters())
     plan = {"system": "llama-cp", "world": world, "cp_size": world, "seq_len": args.seq_len,
             "tokens_per_gpu": args.seq_len // world, "parameters": num_params, "checkpointing": checkpointing,
             "loss_chunk_size": args.loss_chunk_size, "cp_comm_strategy": args.cp_comm_strategy if world > 1 else None}
@@ -140,8 +144,8 @@ def main(argv=None) -> None:
         print(json.dumps(plan))
         return
     if world == 1 and checkpointing:  # under FSDP2, accelerate's plugin checkpoints each decoder layer instead
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    accelerator = build_accelerator(world, args.cpu, checkpointing, args.cp_comm_strategy)
+        enable = getattr(llm, "activation_checkpointing_enable", llm.gradient_checkpointing_enable)
+        enable()
     model = ChunkedLossLlama(llm, args.loss_chunk_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)

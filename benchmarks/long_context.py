@@ -233,7 +233,7 @@ COLUMNS = [Column("system", "system"), Column("length", "tokens/seq"), Column("t
            Column("status", "status"), Column("tokens_per_second", "tok/s", "{:,.0f}"),
            Column("tokens_per_second_per_gpu", "tok/s/GPU", "{:,.0f}"),
            Column("peak_memory_gb", "peak GiB/GPU", "{:.1f}"), Column("steps_averaged", "steps"),
-           Column("wall_s", "wall s", "{:.0f}")]
+           Column("wall_s", "wall s", "{:.0f}"), Column("note", "note")]
 
 
 def parse_args(argv=None):
