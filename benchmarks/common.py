@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import importlib.metadata
 import json
@@ -10,6 +11,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -252,6 +254,28 @@ def common_parser(description: str) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- training runs
 
 
+def run_process_group(cmd: Sequence[str], env: dict, timeout_s: float, log_file: Path | None = None) -> None:
+    """`subprocess.run(cmd, check=True)` in a process group of its own, which is killed whole when `timeout_s`
+    passes: a launcher's workers (torchrun, accelerate launch) must not outlive it holding GPUs. Output goes to
+    `log_file` when given."""
+    with open(log_file, "w") if log_file else contextlib.nullcontext() as log:
+        out = {"stdout": log, "stderr": subprocess.STDOUT} if log else {}
+        proc = subprocess.Popen(list(cmd), env=env, start_new_session=True, **out)
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=wait_s)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+            raise
+    if code != 0:
+        raise subprocess.CalledProcessError(code, list(cmd))
+
+
 def launch_training(world: int, out_dir: Path, *, model_config: str, block_size: int, steps: int, bf16: bool,
                     gradient_checkpointing: bool, cpu: bool, timeout_s: int, config_file: str | None = None,
                     extra: Sequence[str] = (), log_file: Path | None = None) -> list[dict]:
@@ -283,10 +307,6 @@ def launch_training(world: int, out_dir: Path, *, model_config: str, block_size:
     if not cpu:  # SP = 1 on exactly one GPU (one process seeing several would be a DataParallel run)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(world))
     print("$", " ".join(cmd), flush=True)
-    if log_file is None:
-        subprocess.run(cmd, check=True, env=env, timeout=timeout_s)
-    else:
-        with open(log_file, "w") as log:
-            subprocess.run(cmd, check=True, env=env, timeout=timeout_s, stdout=log, stderr=subprocess.STDOUT)
+    run_process_group(cmd, env, timeout_s, log_file)
     state = json.loads((out_dir / "trainer_state.json").read_text())
     return [row for row in state["log_history"] if "loss" in row]

@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (KI, NO_MULTICAST_ENV, REPO_ROOT, RESULTS_DIR, Column, card_slug, environment,  # noqa: E402
-                    format_table, launch_training, short_number, write_results)
+                    format_table, launch_training, run_process_group, short_number, write_results)
 from train_mfu import steady_row  # noqa: E402
 
 OURS = {"tnl-1b": "tnl-1b.json", "hybrid-1b": "hybrid-1b.json"}
@@ -134,8 +134,7 @@ class Launcher:
         if not self.args.cpu:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(self.world))
         print("$", " ".join(cmd), flush=True)
-        with open(self.log_path(PEER, T), "w") as log:
-            subprocess.run(cmd, check=True, env=env, timeout=self.timeout(), stdout=log, stderr=subprocess.STDOUT)
+        run_process_group(cmd, env, self.timeout(), self.log_path(PEER, T))
         run = json.loads(out.read_text())
         hist = run["steps"]
         hist[-1]["peak_memory_gb"] = run["peak_memory_gb"]  # every rank's highest, not rank 0's alone

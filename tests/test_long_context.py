@@ -180,3 +180,22 @@ def test_run_device_multi_gpu_parts_on_cpu(tmp_path):
     assert set(prefill) == {"single", "sp-ring", "sp-allgather"}
     for mode in ("sp-ring", "sp-allgather"):  # SP prefill's logits against the one-process prefill, float32
         assert prefill[mode]["status"] == "ok" and prefill[mode]["err"] <= 1e-4 and prefill[mode]["ttft_ms"] > 0
+
+
+def test_a_timed_out_launch_leaves_no_workers(tmp_path):
+    """common.run_process_group kills the whole process group at the timeout (a launcher's workers would otherwise
+    keep their GPUs), and reports a non-zero exit with the output in the log file."""
+    import common
+
+    marker = tmp_path / "alive"
+    script = f"(sleep 3; touch {marker}) & sleep 30; wait"
+    with pytest.raises(subprocess.TimeoutExpired):
+        common.run_process_group(["bash", "-c", script], dict(os.environ), 1)
+    import time
+
+    time.sleep(3)
+    assert not marker.exists()  # the background worker died with its launcher
+    log = tmp_path / "log.txt"
+    with pytest.raises(subprocess.CalledProcessError):
+        common.run_process_group(["bash", "-c", "echo OutOfMemoryError; exit 1"], dict(os.environ), 10, log)
+    assert long_context.failure_status(log.read_text()) == "OOM"
