@@ -10,8 +10,8 @@ generate_speed.py. Rows, one prompt of --length random tokens (B = 1):
   `config.prompt_chunk_size` (the other ranks wait);
 - `sp-ring`, `sp-allgather`: every rank prefills its T / W slice and the states are combined (LASP ring or
   all-gather); the time is the slowest rank's. Rank 0 then decodes from its cache.
-`ttft ms` is the prefill's time (its last logits give the first token), after one untimed prefill of a short
-prompt (kernels compile); `decode ms/tok` is --decode-steps eager greedy steps on rank 0 from the prefilled cache;
+`ttft ms` is the prefill's time (its last logits give the first token), after one untimed prefill of a
+16K x W-token prompt on each path (kernels compile); `decode ms/tok` is --decode-steps eager greedy steps on rank 0 from the prefilled cache;
 `peak GiB` the highest per-rank peak. Each SP row is checked against `single` on rank 0: the relative error of the
 prompt's last logits and of the next step's logits from the cache (bf16: <= 1e-2, the project's bf16 bound;
 float32: <= 1e-4); a row that fails is FAILED and gets no speedup. Writes `sp-prefill-<card>-W<W>.json` (+ .md).
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
     rows = []
     with torch.no_grad():
-        warm = prompt[:, : min(T, 64 * W)]
+        warm = prompt[:, : min(T, (16384 if cuda else 64) * W)]  # full-size chunks: kernels compile, autotune
         for ctx in contexts.values():
             sp_prefill(model, warm, ctx)
         if rank == 0:
