@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import importlib.metadata
 import json
@@ -10,6 +11,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -252,11 +254,35 @@ def common_parser(description: str) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- training runs
 
 
+def run_process_group(cmd: Sequence[str], env: dict, timeout_s: float, log_file: Path | None = None) -> None:
+    """`subprocess.run(cmd, check=True)` in a process group of its own, which is killed whole when `timeout_s`
+    passes: a launcher's workers (torchrun, accelerate launch) must not outlive it holding GPUs. Output goes to
+    `log_file` when given."""
+    with open(log_file, "w") if log_file else contextlib.nullcontext() as log:
+        out = {"stdout": log, "stderr": subprocess.STDOUT} if log else {}
+        proc = subprocess.Popen(list(cmd), env=env, start_new_session=True, **out)
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=wait_s)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+            raise
+    if code != 0:
+        raise subprocess.CalledProcessError(code, list(cmd))
+
+
 def launch_training(world: int, out_dir: Path, *, model_config: str, block_size: int, steps: int, bf16: bool,
                     gradient_checkpointing: bool, cpu: bool, timeout_s: int, config_file: str | None = None,
-                    extra: Sequence[str] = ()) -> list[dict]:
+                    extra: Sequence[str] = (), log_file: Path | None = None) -> list[dict]:
     """One `accelerate launch recipes/train_clm.py` run on `world` processes (SP = world), one block per step,
-    fixed seeds; returns its logged steps (trainer_state.json's entries that have a loss)."""
+    fixed seeds; returns its logged steps (trainer_state.json's entries that have a loss). `model_config` None:
+    `extra` names the model (`--model_name_or_path`). `log_file`: the run's output goes there instead of to the
+    terminal (so a caller can tell an out-of-memory failure from others)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(world), "--num_machines", "1",
            "--mixed_precision", "bf16" if bf16 else "no", "--dynamo_backend", "no"]
     if config_file:
@@ -267,7 +293,8 @@ def launch_training(world: int, out_dir: Path, *, model_config: str, block_size:
         cmd.append("--cpu")
     elif world > 1:
         cmd.append("--multi_gpu")
-    cmd += [str(REPO_ROOT / "recipes/train_clm.py"), "--model_config", model_config, "--block_size", str(block_size),
+    cmd += [str(REPO_ROOT / "recipes/train_clm.py")] + (["--model_config", model_config] if model_config else [])
+    cmd += ["--block_size", str(block_size),
             "--max_steps", str(steps), "--per_device_train_batch_size", "1", "--learning_rate", "3e-4",
             "--warmup_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
             "--seed", "0", "--data_seed", "0", "--sequence_parallel_size", str(world), "--output_dir", str(out_dir),
@@ -280,6 +307,6 @@ def launch_training(world: int, out_dir: Path, *, model_config: str, block_size:
     if not cpu:  # SP = 1 on exactly one GPU (one process seeing several would be a DataParallel run)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(world))
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env, timeout=timeout_s)
+    run_process_group(cmd, env, timeout_s, log_file)
     state = json.loads((out_dir / "trainer_state.json").read_text())
     return [row for row in state["log_history"] if "loss" in row]

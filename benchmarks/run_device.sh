@@ -3,10 +3,14 @@
 #
 #   bash benchmarks/run_device.sh                 # tests, kernels, sp
 #   bash benchmarks/run_device.sh kernels sp      # some parts: tests kernels sp target parity mfu maxlen generate
+#   bash benchmarks/run_device.sh long-tnl        # multi-GPU parts, each within one PART_TIMEOUT: long-tnl long-hybrid
+#                                                 # long-llama long-llama-1m step4m finetune prefill gla w8; multi: all
 #
 # Peers (flash-linear-attention, fla-core, lasp) are installed from wheels in .whl/ if there are any (their rows
 # are SKIP otherwise). A copy without .git: pass the commit, LASP_HF_COMMIT=<sha>. Each part's extra arguments:
-# KERNELS_ARGS, SP_ARGS, PARITY_ARGS, MFU_ARGS, MAXLEN_ARGS, GENERATE_ARGS; TEST_FILES, SP_WORLDS (e.g. "2 4"),
+# KERNELS_ARGS, SP_ARGS, PARITY_ARGS, MFU_ARGS, MAXLEN_ARGS, GENERATE_ARGS, LONG_ARGS, STEP4M_ARGS, FINETUNE_ARGS,
+# PREFILL_ARGS, GLA_ARGS; TEST_FILES, SP_WORLDS (e.g. "2 4"), MULTI_WORLD (GPUs of the multi-GPU parts, default 4 or
+# fewer),
 # PART_TIMEOUT (seconds per part, default 540), SKIP_INSTALL=1 (already installed).
 # Writes run-device.log (every part's output), each program's JSON, and summary.md (exit statuses, then the .md
 # files this run wrote, which are then removed: few files to bring back).
@@ -24,8 +28,10 @@ fi
 
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(tests kernels sp)
+MULTI=(long-tnl long-hybrid long-llama long-llama-1m step4m finetune prefill gla w8)  # the multi-GPU runs, in order
+[ "${PARTS[*]}" = multi ] && PARTS=("${MULTI[@]}")
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
-W4=$(( NGPU >= 4 ? 4 : NGPU ))  # the SP size of the multi-GPU parts
+W4=${MULTI_WORLD:-$(( NGPU >= 4 ? 4 : NGPU ))}  # the SP size of the multi-GPU parts
 LOG="$OUT/run-device.log"; MARK=$(mktemp); STATUS=()
 echo "run_device.sh: parts ${PARTS[*]}; $NGPU GPU(s); commit $LASP_HF_COMMIT; results in $OUT" | tee -a "$LOG"
 
@@ -68,7 +74,40 @@ for part in "${PARTS[@]}"; do
         --max_block_size 4194304} ;;
     generate)
       CUDA_VISIBLE_DEVICES=0 run_part generate python3 benchmarks/generate_speed.py --out "$OUT" ${GENERATE_ARGS:-} ;;
-    *) echo "run_device.sh: unknown part '$part' (tests kernels sp target parity mfu maxlen generate)" >&2; exit 2 ;;
+    long-tnl|long-hybrid|long-llama|long-llama-1m)  # long-context training, one system per part (within PART_TIMEOUT)
+      case $part in  # each a system and its ladder (a Llama + CP step at 1M takes minutes: a part of its own)
+        long-tnl) LONG=(--systems tnl-1b --steps 3);; long-hybrid) LONG=(--systems hybrid-1b --steps 2);;
+        long-llama) LONG=(--systems llama-cp --steps 2 --lengths 64K 128K 256K 512K);;
+        *) LONG=(--systems llama-cp --steps 2 --lengths 1M);;
+      esac
+      run_part "$part-W$W4" python3 benchmarks/long_context.py --world "$W4" "${LONG[@]}" --skip 1 --out "$OUT" \
+        --budget-s $(( ${PART_TIMEOUT:-540} - 15 )) ${LONG_ARGS:-} ;;
+    step4m)  # the LASP paper's 4096K-token step on 4 GPUs, then the largest that fits (to 8M, 2M resolution)
+      run_part "step4m-W$W4" python3 -m accelerate.commands.launch --config_file "recipes/accelerate/fsdp2_sp$W4.yaml" \
+        recipes/max_seq_len.py --json "$OUT/max-seq-len-4m-W$W4.json" ${STEP4M_ARGS:---model_config \
+        recipes/configs/tnl-1b.json --offload_activations --mlp_chunk_size 16384 --attention_chunk_size 16384 \
+        --start 4194304 --granularity 2097152 --max_block_size 8388608} ;;
+    finetune)  # a converted TransNormerLLM-1B (random weights, its exact layout): 20 steps at 512K, SP = 4 vs SP = 2
+      SCRATCH=$(mktemp -d); SRC=$SCRATCH/tnl-1b-source; DST=$SCRATCH/tnl-1b-lasp
+      run_part finetune-convert bash -c "python3 benchmarks/transnormer_source.py $SRC ${SOURCE_ARGS:-} && python3 -m lasp_hf.convert --from transnormer $SRC $DST"
+      BASE=(--base_world $(( W4 / 2 ))); [ "$W4" -ge 4 ] && BASE+=(--base_config "recipes/accelerate/fsdp2_sp$(( W4 / 2 )).yaml")
+      CONFIG=(); [ "$NGPU" -ge "$W4" ] && CONFIG=(--accelerate_config "recipes/accelerate/fsdp2_sp$W4.yaml")
+      run_part "finetune-W$W4" python3 benchmarks/train_parity.py --world "$W4" "${BASE[@]}" "${CONFIG[@]}" --out "$OUT" \
+        --model_name_or_path "$DST" ${FINETUNE_ARGS:---block_size 524288 --steps 20 --bf16 --gradient_checkpointing}
+      rm -rf "$SCRATCH" ;;
+    prefill)  # SP prefill of a 1M-token prompt on W4 GPUs, decoding on one, against one GPU's chunked prefill
+      run_part "prefill-W$W4" "${SP[@]}" "$W4" benchmarks/sp_prefill_speed.py --out "$OUT" ${PREFILL_ARGS:---length 1M} ;;
+    gla)  # GLA's per-key-channel decay under LASP: weak scaling at 32K and 128K tokens per GPU, ring and all-gather
+      run_part "gla-W$W4" "${SP[@]}" "$W4" benchmarks/sp_scaling.py --out "$OUT" --decay channel \
+        --providers single ring allgather ${GLA_ARGS:---cases sp-T32K sp-T128K} ;;
+    w8)  # 8 GPUs only: weak scaling of the op at W = 8 (both decays) and a tnl-1b training run at 8 x 512K tokens
+      if [ "$NGPU" -lt 8 ]; then echo "=== w8: skipped ($NGPU GPUs)" | tee -a "$LOG"; STATUS+=("w8: skipped, $NGPU GPUs"); continue; fi
+      run_part sp-W8 "${SP[@]}" 8 benchmarks/sp_scaling.py --out "$OUT" --cases sp-T32K sp-T128K --providers single ring allgather
+      run_part gla-W8 "${SP[@]}" 8 benchmarks/sp_scaling.py --out "$OUT" --decay channel --cases sp-T32K sp-T128K \
+        --providers single ring allgather
+      run_part long-tnl-W8 python3 benchmarks/long_context.py --world 8 --systems tnl-1b --lengths 4M --savers_from 4M \
+        --steps 3 --out "$OUT" ;;
+    *) echo "run_device.sh: unknown part '$part' (tests kernels sp target parity mfu maxlen generate $(echo "${MULTI[@]}") multi)" >&2; exit 2 ;;
   esac
 done
 

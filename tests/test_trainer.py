@@ -65,7 +65,7 @@ def test_shipped_configs_load_in_accelerate():
 def test_fsdp2_configs_use_parallelism_config_with_the_lasp_backend():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    for name, size in {"fsdp2_sp4": 4, "fsdp2_dp2_sp2": 2}.items():
+    for name, size in {"fsdp2_sp2": 2, "fsdp2_sp4": 4, "fsdp2_sp8": 8, "fsdp2_dp2_sp2": 2}.items():
         config = load_config_from_file(str(ACCELERATE_CONFIGS / f"{name}.yaml"))
         assert config.parallelism_config["parallelism_config_sp_backend"] == "lasp"
         assert config.parallelism_config["parallelism_config_sp_size"] == size
