@@ -9,9 +9,6 @@ inf - inf = NaN in o, the final state and dg.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,11 +16,10 @@ import torch.distributed as dist
 
 import lasp_hf
 from distributed_utils import run_distributed
+from interpreter_harness import needs_interpreter, outside_interpreter, run_in_interpreter_subprocess
 from triton_reference64 import packed_recurrence64, recurrence64, rel_err
 
 TOL = 1e-4  # float32 inputs and states against float64
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
 # Restarts at the first token, in the middle of a chunk, at a chunk start (64) and twice in one chunk.
 RESTARTS = (0, 5, 64, 70, 71, 100)
 
@@ -118,14 +114,10 @@ def test_decoding_step_restarts():
 
 # ---- the Triton kernels in the interpreter ------------------------------------------------------------------
 
-@pytest.mark.skipif(IN_INTERPRETER, reason="already in the interpreter")
+@outside_interpreter
 def test_triton_in_interpreter_subprocess():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_kernels"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout
+    run_in_interpreter_subprocess(__file__, "-k", "triton_kernels")
 
 
 @pytest.fixture

@@ -9,9 +9,6 @@ kernel tests here are skipped.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,25 +16,18 @@ import torch
 triton = pytest.importorskip("triton")
 
 import lasp_hf
-from triton.runtime.interpreter import InterpretedFunction
+from interpreter_harness import needs_interpreter, outside_interpreter, run_in_interpreter_subprocess
 from triton_reference64 import final_state64, initial_state_grad64, packed_recurrence64, recurrence64, rel_err
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and isinstance(triton.language.standard.zeros,
-                                                                          InterpretedFunction)
-needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
 
 # float32 through the interpreter is numpy float32: ~1e-6; the project's float32 bound is 1e-4.
 TOL_FP32 = 1e-4
 TOL_BF16 = 1e-2
 
 
-@pytest.mark.skipif(IN_INTERPRETER, reason="already in the interpreter")
+@outside_interpreter
 def test_in_interpreter_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout
+    run_in_interpreter_subprocess(__file__)
 
 
 @pytest.fixture
