@@ -747,7 +747,9 @@ def main(argv=None) -> int:
             sizes[run.name] = num_params(run.model)
         if row.get("check", "ok") != "ok" and row["status"] == "ok":
             row["status"] = "check failed"
-        print(f"[generate_speed] {case.name}: {row['status']} ({row['wall_s']} s)", flush=True)
+        # The whole row, so that a run stopped part-way still leaves its measurements in the log.
+        print(f"[generate_speed] {case.name}: {row['status']} ({row['wall_s']} s) {json.dumps(row, default=str)}",
+              flush=True)
         rows.append(row)
     run.name, run.model = None, None
     run.free()
