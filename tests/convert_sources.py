@@ -328,3 +328,15 @@ def relative_error(x, ref) -> float:
     x, ref = x.double(), ref.double()
     err = ((x - ref).norm() / ref.norm()).item()
     return float("nan") if math.isnan(err) else err
+
+
+def cached_logits(model, ids: torch.Tensor, prefill: int = 5) -> torch.Tensor:
+    """Logits of every position from a prefill of `prefill` tokens, then one token at a time with the cache."""
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+            cache = out.past_key_values
+    return torch.cat(logits, dim=1)

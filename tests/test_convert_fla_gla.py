@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from convert_sources import REPO_ROOT, VOCAB, gla_forward64, gla_source, relative_error
+from convert_sources import REPO_ROOT, VOCAB, cached_logits, gla_forward64, gla_source, relative_error
 from lasp_hf.convert import convert, fla_gla
 from lasp_hf.convert.__main__ import main
 from transformers import AutoModelForCausalLM
@@ -26,16 +26,6 @@ CASES = {
 }
 
 
-def _cached_logits(model, ids, prefill=5):
-    with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
-        for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-            cache = out.past_key_values
-    return torch.cat(logits, dim=1)
-
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_converted_gla_matches_float64_source(tmp_path, case):
@@ -49,7 +39,7 @@ def test_converted_gla_matches_float64_source(tmp_path, case):
     with torch.no_grad():
         logits = model(ids).logits
     assert relative_error(logits, ref) <= TOL
-    assert relative_error(_cached_logits(model, ids), ref) <= TOL
+    assert relative_error(cached_logits(model, ids), ref) <= TOL
     prompt = ids[:1, :4]
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     cached = model.generate(prompt, use_cache=True, **kwargs)

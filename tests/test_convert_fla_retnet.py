@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from convert_sources import VOCAB, relative_error, retnet_forward64, retnet_source
+from convert_sources import VOCAB, cached_logits, relative_error, retnet_forward64, retnet_source
 from lasp_hf.convert import convert
 from transformers import AutoModelForCausalLM
 
@@ -23,16 +23,6 @@ CASES = {
 }
 
 
-def _cached_logits(model, ids, prefill=5):
-    with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
-        for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-            cache = out.past_key_values
-    return torch.cat(logits, dim=1)
-
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_converted_retnet_matches_float64_source(tmp_path, case):
@@ -44,7 +34,7 @@ def test_converted_retnet_matches_float64_source(tmp_path, case):
     with torch.no_grad():
         logits = model(ids).logits
     assert relative_error(logits, ref) <= TOL
-    assert relative_error(_cached_logits(model, ids), ref) <= TOL
+    assert relative_error(cached_logits(model, ids), ref) <= TOL
     prompt = ids[:1, :4]
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs))

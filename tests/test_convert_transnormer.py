@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from convert_sources import SHIPPED_TOKENIZER, VOCAB, relative_error, tnl_forward64, tnl_source
+from convert_sources import SHIPPED_TOKENIZER, VOCAB, cached_logits, relative_error, tnl_forward64, tnl_source
 from lasp_hf.convert import convert
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,17 +26,6 @@ def _load(out):
 def _ids(T=12, B=2, seed=0):
     return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
-
-def _cached_logits(model, ids, prefill=5):
-    """Logits of every position from a prefill of `prefill` tokens, then one token at a time with the cache."""
-    with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
-        for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-            cache = out.past_key_values
-    return torch.cat(logits, dim=1)
 
 
 CASES = {
@@ -60,7 +49,7 @@ def test_converted_transnormer_matches_float64_source(tmp_path, case):
     with torch.no_grad():
         logits = model(ids).logits
     assert relative_error(logits, ref) <= TOL
-    assert relative_error(_cached_logits(model, ids), ref) <= TOL
+    assert relative_error(cached_logits(model, ids), ref) <= TOL
     saved = json.loads((out / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_lasp.LaspForCausalLM"
     assert saved["tie_word_embeddings"] == CASES[case]["tied"] and saved["pad_token_id"] == 0
