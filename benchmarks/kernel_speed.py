@@ -203,7 +203,7 @@ def prepare_fla(run: Run, x: Inputs) -> Prepared:
         from fla.ops.gla import chunk_gla
 
         return Prepared(lambda: chunk_gla(q, k, v, g, scale=1.0)[0], [q, k, v, g], x.do,
-                        grad_names=("dq", "dk", "dv", "dg"), note="chunk_gla")
+                        grad_names=("dq", "dk", "dv", "dg"))
     return Prepared(lambda: chunk_simple_gla(q, k, v, g=g, scale=1.0)[0], [q, k, v, g], x.do,
                     grad_names=("dq", "dk", "dv", "dg"))
 

@@ -214,6 +214,47 @@ def test_wrong_provider_is_failed_and_gets_no_ratio(monkeypatch):
         assert "t_vs_fla" not in row
 
 
+def test_fla_calls_match_fla_signatures(monkeypatch):
+    """prepare_fla's three calls (chunk_simple_gla with g_gamma or g, chunk_gla) run against stand-ins with fla's
+    signatures (fla itself needs CUDA) that compute the op with lasp_hf: every fla row is checked and timed."""
+    import types
+
+    import lasp_hf
+
+    def op(q, k, v, g, scale):
+        return lasp_hf.linear_attention(q, k, v, g, scale=scale, backend="torch")[0], None
+
+    def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
+                         cu_seqlens=None):
+        assert (g is None) != (g_gamma is None)
+        return op(q, k, v, g_gamma if g is None else g, scale)
+
+    def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+        assert g.shape == k.shape
+        return op(q, k, v, g, scale)
+
+    for name, attrs in {"fla": {}, "fla.ops": {}, "fla.ops.simple_gla": {"chunk_simple_gla": chunk_simple_gla},
+                        "fla.ops.gla": {"chunk_gla": chunk_gla}}.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
+    monkeypatch.setattr(kernel_speed, "PROVIDERS",
+                        [kernel_speed.Provider("fla", kernel_speed.prepare_fla, ("head", "token", "channel"))])
+
+    def one_call(fn, device, warmup_ms=0, rep_ms=0):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(kernel_speed.common, "bench_ms", one_call)
+    run = _cpu_run()
+    run.decays = ("head", "token", "channel")
+    rows = kernel_speed.chunk(run, "chunk-B1-H16-T8K", B=1, H=16, T=8192)
+    assert {(r["decay"], r["mode"]) for r in rows} == {
+        (d, m) for d in ("head", "token", "channel") for m in ("fwd", "fwd+bwd")
+    }
+    for row in rows:
+        assert row["status"] == "ok" and row["ms"] == 1.0, row
+        assert row["err"] < 2e-2
+
+
 def test_ratio_only_between_passing_rows():
     rows = [
         dict(case="c", decay="head", mode="fwd", provider="fla", status="ok", ms=2.0),

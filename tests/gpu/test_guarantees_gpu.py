@@ -3,8 +3,8 @@
 - g = -inf restarts the state exactly in the Triton kernels at real shapes (float64 chunked reference with the
   restarts applied as document boundaries would: the recurrence itself, exp(-inf) = 0);
 - g > 0 / NaN g and input ids outside the vocabulary on CUDA tensors fail through an asynchronous device assert
-  (no host sync), with the message, at the next synchronizing call (run in a subprocess: a device assert ends
-  the CUDA context);
+  (no host sync), with the message, at a later CUDA call (run in a subprocess: a device assert ends the CUDA
+  context);
 - a stuck peer on the direct NCCL path ends in an error within the SP group's timeout (2 GPUs).
 """
 
@@ -65,17 +65,26 @@ def _run_snippet(code: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("bad", ["0.5", "float('nan')"])
 def test_positive_or_nan_decay_fails_through_a_device_assert(bad):
+    """The check itself never waits for the GPU (a call with a valid g of the same shape runs under
+    `set_sync_debug_mode("error")`); a bad value then fails the process with the message at a later CUDA call
+    (which one depends on when the assert kernel has run: it can be a launch inside the op's next call)."""
     run = _run_snippet(f"""
         import torch, lasp_hf
         q = torch.randn(1, 256, 2, 64, device="cuda")
         g = torch.full((1, 256, 2), -0.1, device="cuda")
+        lasp_hf.linear_attention(q, q, q, g)  # builds and caches the launch plan of this shape
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        lasp_hf.linear_attention(q, q, q, g)  # raises if the decay check (or anything else) syncs
+        torch.cuda.set_sync_debug_mode("default")
+        print("checked without a sync", flush=True)
         g[0, 200, 1] = {bad}
-        o, _ = lasp_hf.linear_attention(q, q, q, g)   # returns without waiting for the GPU
-        print("queued", flush=True)
+        lasp_hf.linear_attention(q, q, q, g)
         torch.cuda.synchronize()
         print("no error", flush=True)
     """)
-    assert "queued" in run.stdout and "no error" not in run.stdout, run.stdout + run.stderr[-3000:]
+    assert "checked without a sync" in run.stdout, run.stdout + run.stderr[-3000:]
+    assert run.returncode != 0 and "no error" not in run.stdout, run.stdout + run.stderr[-3000:]
     assert "natural-log decay" in run.stderr, run.stderr[-3000:]
 
 
