@@ -300,6 +300,7 @@ def chunk(run: Run, name: str, B: int, H: int, T: int) -> list[dict]:
         else:  # gated-model decays, as in fla's tests: log-sigmoid of a normal, damped by 16
             g = g_full = F.logsigmoid(torch.randn(B, T, H, device=run.device, generator=gen)) / 16
         # Computed in float64, kept in float32 (its rounding, ~1e-7, is far below bf16's ~1e-3).
+        print(f"[kernels] {name} {decay}: float64 reference", file=sys.stderr, flush=True)
         ref = {key: value.float() for key, value in
                reference_grads_float64(q, k, v, g_full, do, 1.0, grad_g=decay != "head", **reference).items()}
         sdpa_ref = sdpa_rows_float64(*map(_bhtd, (q, k, v, do)), min(SDPA_CHECK_ROWS, T)) if decay == "head" else None
@@ -309,7 +310,12 @@ def chunk(run: Run, name: str, B: int, H: int, T: int) -> list[dict]:
             if decay in provider.decays and run.wants(provider.name):
                 print(f"[kernels] {name} {decay}: {provider.name}", file=sys.stderr, flush=True)
                 inputs = Inputs(q, k, v, g, do, decay)
-                rows += _run_chunk_provider(run, name, decay, provider, inputs, ref, sdpa_ref, floors, shape)
+                new_rows = _run_chunk_provider(run, name, decay, provider, inputs, ref, sdpa_ref, floors, shape)
+                for row in new_rows:  # as they come, so that a run stopped part-way leaves its numbers
+                    print(f"[kernels] {name} {decay} {row['mode']} {provider.name}: {row['status']} "
+                          f"{row.get('ms', float('nan')):.3f} ms, err {row.get('err', float('nan')):.2e}",
+                          file=sys.stderr, flush=True)
+                rows += new_rows
                 _free(run.device)  # what the provider allocated is garbage once it returns
         del ref, sdpa_ref, q, k, v, do, g, g_full
         _free(run.device)
