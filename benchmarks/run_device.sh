@@ -9,9 +9,9 @@
 # Peers (flash-linear-attention, fla-core, lasp) are installed from wheels in .whl/ if there are any (their rows
 # are SKIP otherwise). A copy without .git: pass the commit, LASP_HF_COMMIT=<sha>. Each part's extra arguments:
 # KERNELS_ARGS, SP_ARGS, PARITY_ARGS, MFU_ARGS, MAXLEN_ARGS, GENERATE_ARGS, LONG_ARGS, STEP4M_ARGS, FINETUNE_ARGS,
-# PREFILL_ARGS, GLA_ARGS; TEST_FILES, SP_WORLDS (e.g. "2 4"), MULTI_WORLD (GPUs of the multi-GPU parts, default 4 or
-# fewer),
-# PART_TIMEOUT (seconds per part, default 540), SKIP_INSTALL=1 (already installed).
+# PREFILL_ARGS, GLA_ARGS; TEST_FILES, TEST_STREAMS (test files run side by side, default 3), SP_WORLDS (e.g.
+# "2 4"), MULTI_WORLD (GPUs of the multi-GPU parts, default 4 or fewer), PART_TIMEOUT (seconds per part or test
+# file, default 540), SKIP_INSTALL=1 (already installed).
 # Writes run-device.log (every part's output), each program's JSON, and summary.md (exit statuses, then the .md
 # files this run wrote, which are then removed: few files to bring back).
 set -u
@@ -46,9 +46,25 @@ SP=(python3 -m torch.distributed.run --standalone --nproc_per_node)
 for part in "${PARTS[@]}"; do
   # shellcheck disable=SC2086
   case "$part" in
-    tests)  # one pytest per file, each with its own limit
-      for f in ${TEST_FILES:-tests/test_host.py tests/test_sp_gpu.py tests/gpu/*.py tests/test_modeling_gpu.py tests/test_modeling_generation.py}; do
-        run_part "pytest-$(basename "$f" .py)" python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider "$f"
+    tests)  # one pytest per file, each with its own limit, TEST_STREAMS files at a time (correctness only: no
+      # timing runs beside them); the logs join the main log in file order
+      FILES=(${TEST_FILES:-tests/test_host.py tests/test_sp_gpu.py tests/gpu/*.py tests/test_modeling_gpu.py tests/test_modeling_generation.py})
+      STREAMS=${TEST_STREAMS:-3}
+      for ((s = 0; s < STREAMS; s++)); do
+        for ((i = s; i < ${#FILES[@]}; i += STREAMS)); do
+          name="pytest-$(basename "${FILES[i]}" .py)"
+          timeout "${PART_TIMEOUT:-540}" python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider "${FILES[i]}" \
+            > "$OUT/.$name.log" 2>&1
+          echo "$name: exit $?" > "$OUT/.$name.status"
+        done &
+      done
+      wait
+      for f in "${FILES[@]}"; do
+        name="pytest-$(basename "$f" .py)"
+        echo "=== $name: python3 -m pytest -m gpu $f" | tee -a "$LOG"
+        tee -a "$LOG" < "$OUT/.$name.log"
+        STATUS+=("$(cat "$OUT/.$name.status")")
+        rm -f "$OUT/.$name.log" "$OUT/.$name.status"
       done ;;
     kernels)  # per-head decay (fla's chunk_simple_gla) and per key channel (fla's chunk_gla) by default: fla 0.6.0
       # refuses per-token decay on triton 3.6

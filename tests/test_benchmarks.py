@@ -468,6 +468,28 @@ def test_run_device_sp_part_writes_few_files(tmp_path):
     assert rows["ring"]["ms"] > 0 and rows["ring"]["efficiency"] > 0
 
 
+def test_run_device_tests_part_runs_files_side_by_side(tmp_path):
+    """run_device.sh tests: every file gets its own pytest and exit status (a failing one too), the logs join the
+    main log in the files' order, and no per-file scratch file is left behind."""
+    (tmp_path / "test_fails.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_x():\n    assert False\n")
+    (tmp_path / "test_passes.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_y():\n    pass\n")
+    files = [str(tmp_path / "test_passes.py"), str(tmp_path / "test_fails.py")]
+    out = tmp_path / "out"
+    venv_bin = str(Path(sys.executable).parent)
+    proc = subprocess.run(
+        ["bash", str(BENCH_DIR / "run_device.sh"), "tests"],
+        capture_output=True, text=True, timeout=180, check=False, cwd=BENCH_DIR.parent,
+        env={**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"], "OUT": str(out), "SKIP_INSTALL": "1",
+             "TEST_FILES": " ".join(files), "TEST_STREAMS": "2", "LASP_HF_COMMIT": "abc123"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["run-device.log", "summary.md"]
+    summary = (out / "summary.md").read_text()
+    assert "- pytest-test_passes: exit 0" in summary and "- pytest-test_fails: exit 1" in summary
+    log = (out / "run-device.log").read_text()
+    assert log.index("=== pytest-test_passes") < log.index("=== pytest-test_fails") < log.index("1 failed")
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
