@@ -76,9 +76,10 @@ class LaspStateLayer(LinearAttentionLayer):
     decays of the calls since), so that assisted and prompt-lookup decoding can crop the tokens a verification
     pass rejected, from the target model's last call or across the draft model's decode steps. Two windows,
     never recomputed to advance: once the current one holds `LaspCache.rollback_tokens` tokens, the next call
-    opens a new one from the state it starts at, and the one before is dropped. So at least rollback_tokens
-    tokens before the last call can be cropped, for the k and v of at most 2 x rollback_tokens tokens plus two
-    calls (a prompt's or prefill chunk's k and v are kept until rollback_tokens tokens follow it)."""
+    opens a new one from the state it starts at, and the full one stays behind it until the new one holds
+    rollback_tokens tokens too. So the last call and at least the last rollback_tokens tokens can always be
+    cropped, for the k and v of fewer than 2 x rollback_tokens tokens plus one call (a prompt's or prefill
+    chunk's k and v are kept until rollback_tokens tokens follow it; of a chunked prefill, the last chunk's)."""
 
     replay: _Replay | None = None
     previous_replay: _Replay | None = None
@@ -219,6 +220,8 @@ class LaspCache(Cache):
                 # behind it until the new one fills.
                 replay, previous = _Replay(self.num_seen_tokens, layer.get_state(), [], [], []), replay
             replay.append(k, v, g)
+            if replay.length >= self.rollback_tokens:
+                previous = None  # the window alone reaches rollback_tokens back (a prefill chunk: one chunk kept)
         layer.set_state(state, replay, previous)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

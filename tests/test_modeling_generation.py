@@ -160,19 +160,35 @@ def test_crop_rolls_back_into_the_last_call(mixer, layer_types):
     cache.crop(-9)  # back over three calls, into the prompt
     out = model(x[:, 3:12], past_key_values=cache, use_cache=True)
     assert rel_err(out.logits, full[:, 3:12]) < 1e-4
-    cache.rollback_tokens = 0  # each call opens a window: the last two calls can be rolled back
-    model(x[:, :2], past_key_values=cache, use_cache=True)  # two more tokens (any): cache length 14
-    model(x[:, :1], past_key_values=cache, use_cache=True)  # and one: 15
+    cache.rollback_tokens = 0  # each call opens a window that alone reaches back far enough: the last call
+    model(x[:, :1], past_key_values=cache, use_cache=True)  # one more token (any): cache length 13
+    model(x[:, :2], past_key_values=cache, use_cache=True)  # and two: 15
     with pytest.raises(ValueError, match="latest tokens"):
-        cache.crop(-4)  # back past the start of the call before the last (12): folded into the state
-    cache.crop(-3)  # to 12, the start of the call before the last
-    out = model(x[:, 12:14], past_key_values=cache, use_cache=True)
-    assert rel_err(out.logits, full[:, 12:14]) < 1e-4
+        cache.crop(-3)  # back past the start of the last call (13): folded into the state
+    cache.crop(-2)  # to 13, the start of the last call
+    assert cache.get_seq_length() == 13
+
+
+def test_chunked_prefill_keeps_the_last_chunk_for_rollback():
+    """A prompt prefilled in chunks longer than rollback_tokens keeps the k and v of its last chunk only (not the
+    one before), and a crop inside that chunk still gives the full forward's logits."""
+    model = tiny_model("gated", ["linear_attention", "full_attention"])
+    x = torch.randint(1, VOCAB, (1, 40))
+    full = model(x, use_cache=False).logits
+    cache = _cache_of(model(x[:, :12], use_cache=True))
+    cache.rollback_tokens = 8
+    for start in (12, 24):
+        model(x[:, start:start + 12], past_key_values=cache, use_cache=True)  # chunks of 12 > 8 tokens
+    layer = cache.layers[0]
+    assert layer.previous_replay is None and layer.replay.start == 24 and layer.replay.length == 12
+    cache.crop(-5)
+    out = model(x[:, 31:40], past_key_values=cache, use_cache=True)
+    assert rel_err(out.logits, full[:, 31:40]) < 1e-4
 
 
 def test_crop_over_many_decode_steps_as_a_draft_model_does():
     """A draft model decodes its candidates one token per call, then drops the rejected ones: the states roll back
-    over several calls; past rollback_tokens the oldest calls are dropped (two windows of them are kept)."""
+    over several calls; past rollback_tokens the oldest calls are dropped (at most two windows of them are kept)."""
     model = tiny_model("lightning", ["linear_attention", "full_attention"])
     x = torch.randint(1, VOCAB, (1, 30))
     full = model(x, use_cache=False).logits
@@ -181,7 +197,7 @@ def test_crop_over_many_decode_steps_as_a_draft_model_does():
     for t in range(4, 28):
         model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
     windows = [cache.layers[0].replay, cache.layers[0].previous_replay]
-    assert sum(w.length for w in windows) <= 2 * 8 + 1
+    assert sum(w.length for w in windows if w is not None) < 2 * 8
     cache.crop(-6)
     out = model(x[:, 22:30], past_key_values=cache, use_cache=True)
     assert rel_err(out.logits, full[:, 22:30]) < 1e-4
