@@ -444,20 +444,24 @@ def test_kernels_runs_only_the_chosen_providers(tmp_path):
     assert "sdpa" not in proc.stderr and ": fla" not in proc.stderr
 
 
+def _run_device(part: str, out: Path, **env) -> None:
+    """run_device.sh PART on this machine (no install; this venv's python3 first on PATH), results under out."""
+    venv_bin = str(Path(sys.executable).parent)
+    proc = subprocess.run(
+        ["bash", str(BENCH_DIR / "run_device.sh"), part], capture_output=True, text=True, timeout=180, check=False,
+        cwd=BENCH_DIR.parent,
+        env={**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"], "OUT": str(out), "SKIP_INSTALL": "1",
+             "LASP_HF_COMMIT": "abc123", **env},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.mark.distributed
 def test_run_device_sp_part_writes_few_files(tmp_path):
     """run_device.sh sp (CPU stand-in via SP_ARGS): one log, the JSON, and summary.md holding the exit status and
     the table that was the .md."""
     out = tmp_path / "out"
-    venv_bin = str(Path(sys.executable).parent)
-    proc = subprocess.run(
-        ["bash", str(BENCH_DIR / "run_device.sh"), "sp"],
-        capture_output=True, text=True, timeout=180, check=False, cwd=BENCH_DIR.parent,
-        env={**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"], "OUT": str(out), "SKIP_INSTALL": "1",
-             "SP_WORLDS": "2", "OMP_NUM_THREADS": "1", "LASP_HF_COMMIT": "abc123",
-             "SP_ARGS": "--cpu --tiny --cases sp-T8K"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_device("sp", out, SP_WORLDS="2", OMP_NUM_THREADS="1", SP_ARGS="--cpu --tiny --cases sp-T8K")
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["run-device.log", "sp-cpu-W2-tiny.json",
                                                                      "summary.md"]
     summary = (out / "summary.md").read_text()
@@ -475,14 +479,7 @@ def test_run_device_tests_part_runs_files_side_by_side(tmp_path):
     (tmp_path / "test_passes.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_y():\n    pass\n")
     files = [str(tmp_path / "test_passes.py"), str(tmp_path / "test_fails.py")]
     out = tmp_path / "out"
-    venv_bin = str(Path(sys.executable).parent)
-    proc = subprocess.run(
-        ["bash", str(BENCH_DIR / "run_device.sh"), "tests"],
-        capture_output=True, text=True, timeout=180, check=False, cwd=BENCH_DIR.parent,
-        env={**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"], "OUT": str(out), "SKIP_INSTALL": "1",
-             "TEST_FILES": " ".join(files), "TEST_STREAMS": "2", "LASP_HF_COMMIT": "abc123"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_device("tests", out, TEST_FILES=" ".join(files), TEST_STREAMS="2")
     assert sorted(p.name for p in out.iterdir()) == ["run-device.log", "summary.md"]
     summary = (out / "summary.md").read_text()
     assert "- pytest-test_passes: exit 0" in summary and "- pytest-test_fails: exit 1" in summary
