@@ -44,7 +44,8 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str, ignore_index:
     """Every id in [0, vocab_size) (or == ignore_index), else a ValueError naming the first bad one and its position.
 
     CPU tensors are checked here. CUDA tensors get an asynchronous device assert instead (no host sync on the
-    hot path): the next synchronizing CUDA call fails with the message (rerun on CPU for the position).
+    hot path): a later CUDA call (at the latest the next synchronizing one) fails with the message (rerun on CPU
+    for the position).
     """
     if torch.compiler.is_compiling():
         return
