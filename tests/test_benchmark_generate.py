@@ -117,3 +117,18 @@ def test_targets_report_no_speedup_without_a_passing_check():
     rows[0]["check"] = "mismatch"
     notes = " ".join(generate_speed.targets(rows, (4096, 1 << 20)))
     assert "check failed" in notes and "faster" not in notes
+
+
+def test_llama_target_names_the_path_it_compares_with():
+    """The 32K decode target compares with Llama's fastest measured row and says whether that was transformers'
+    compiled path or only eager decoding."""
+
+    def row(case, ms, **extra):
+        return {"case": case, "B": 1, "T": 32768, "status": "ok", "ms_per_token": ms, **extra}
+
+    rows = [row("tnl-1b-decode-graph-B1-T32K", 1.0, check="ok"), row("llama-1b-decode-eager-B1-T32K", 20.0)]
+    notes = " ".join(generate_speed.targets(rows, (32768,)))
+    assert "(eager; the compiled row did not run) 20.000: 0.05x" in notes
+    rows.append(row("llama-1b-generate-compiled-B1-T32K", 4.0))
+    notes = " ".join(generate_speed.targets(rows, (32768,)))
+    assert "(compiled static cache) 4.000: 0.25x" in notes
