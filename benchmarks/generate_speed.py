@@ -14,8 +14,9 @@ Rows, per model and context length T:
 - `prefill` (B = 1): one forward over T prompt tokens with the model's own cache, the last position's logits;
   tokens/s and peak memory (`torch.cuda.max_memory_allocated`, weights included). Ours prefill in chunks of
   `config.prompt_chunk_size`. Every length runs twice and reports the second run (kernels compile and
-  autotune in the first, whose time is kept as `first_ms`). hybrid-1b prefills up to --hybrid-max-prefill (128K: its softmax layers are quadratic, 1M would take
-  minutes); its decode rows beyond that start from random keys / values of T tokens.
+  autotune in the first, whose time is kept as `first_ms`). hybrid-1b prefills up to --hybrid-max-prefill
+  (128K: its softmax layers are quadratic, 1M would take minutes); its decode rows beyond that start from
+  random keys / values of T tokens.
 - `decode-graph` (ours): ms per token of the CUDA-graph step (`generate(..., cache_implementation="static")`'s
   decoder), timed over --decode-steps replays after a warm-up; `decode-eager`: the same number of eager
   `model(next_token, past_key_values=cache)` steps with an argmax between them (what `generate` runs per
@@ -36,7 +37,8 @@ same cache (the first --check-steps tokens at the smallest T, B = 1): rows of a 
 and no speedup is reported for them.
 
 Output: a table, `benchmarks/results/generate-<card>.json` + `.md`, and `generate-<card>.png` (decode ms/token
-at B = 1 against context length; needs matplotlib).
+at B = 1 against context length; needs matplotlib). The JSON and .md are rewritten after every row (a run
+stopped part-way keeps what it measured, noted "partial: n of N cases").
 """
 
 from __future__ import annotations
@@ -720,6 +722,15 @@ def main(argv=None) -> int:
         min(args.check_steps, decode_steps),
         _lengths([args.hybrid_max_prefill])[0],
     )
+    name = f"generate-{card_slug(env['card'])}" + ("-tiny" if args.tiny else "")
+    out_dir = Path(args.out) if args.out else RESULTS_DIR
+    extra = {"lengths": lengths, "batch_sizes": batch_sizes, "decode_steps": decode_steps}
+
+    def save(notes) -> Path:
+        return write_results(
+            name, env, rows, COLUMNS, out_dir=out_dir, notes=notes, extra={**extra, "parameters": sizes}
+        )
+
     rows, sizes = [], {}
     for case in cases:
         row = {
@@ -753,26 +764,12 @@ def main(argv=None) -> int:
         print(f"[generate_speed] {case.name}: {row['status']} ({row['wall_s']} s) {json.dumps(row, default=str)}",
               flush=True)
         rows.append(row)
+        save([f"partial: {len(rows)} of {len(cases)} cases"])  # a run stopped part-way keeps what it measured
     run.name, run.model = None, None
     run.free()
 
     notes = targets(rows, lengths) + [f"parameters: {json.dumps(sizes)}", f"dtype {dtype}, device {device}"]
-    name = f"generate-{card_slug(env['card'])}" + ("-tiny" if args.tiny else "")
-    out_dir = Path(args.out) if args.out else RESULTS_DIR
-    json_path = write_results(
-        name,
-        env,
-        rows,
-        COLUMNS,
-        out_dir=out_dir,
-        notes=notes,
-        extra={
-            "lengths": lengths,
-            "batch_sizes": batch_sizes,
-            "decode_steps": decode_steps,
-            "parameters": sizes,
-        },
-    )
+    json_path = save(notes)
     png = plot(rows, out_dir / f"{name}.png")
     print_table(f"generate speed on {env['card']} (commit {env['commit'][:12]})", rows, COLUMNS)
     prefill_rows, prefill_cols, decode_rows, decode_cols = summary_tables(rows)

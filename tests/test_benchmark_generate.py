@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -85,6 +87,7 @@ def test_cpu_smoke_run_writes_results(tmp_path):
     assert rows["retnet-1b-prefill-B1-T96"]["status"].startswith("skipped")
     assert rows["llama-1b-generate-compiled-B1-T96"]["status"].startswith("skipped")
     assert (tmp_path / "generate-cpu-tiny.md").read_text().count("|") > 10
+    assert "partial:" not in (tmp_path / "generate-cpu-tiny.md").read_text()  # the finished run's notes
     assert (tmp_path / "generate-cpu-tiny.png").stat().st_size > 1000
     summary = (tmp_path / "generate-cpu-tiny-summary.md").read_text()
     assert "| tnl-1b graph | 96 |" in summary and "| retnet-1b | 96 | skipped |" in summary
@@ -132,3 +135,20 @@ def test_llama_target_names_the_path_it_compares_with():
     rows.append(row("llama-1b-generate-compiled-B1-T32K", 4.0))
     notes = " ".join(generate_speed.targets(rows, (32768,)))
     assert "(compiled static cache) 4.000: 0.25x" in notes
+
+
+def test_a_run_stopped_part_way_keeps_its_rows(tmp_path, monkeypatch):
+    """The JSON is rewritten after every row: a run interrupted at its second case holds the first one."""
+
+    def interrupted(run, name, path, B, T):
+        if path == "static":
+            raise KeyboardInterrupt  # what a time limit does to the run, as far as the files can tell
+        return {"ms_per_token": 1.0}
+
+    monkeypatch.setattr(generate_speed, "case_generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_speed.main(["--cpu", "--tiny", "--models", "tnl-1b", "--cases", "tnl-1b-generate-*",
+                             "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "generate-cpu-tiny.json").read_text())
+    assert [row["case"] for row in data["rows"]] == ["tnl-1b-generate-eager-B1-T64"]
+    assert "partial: 1 of 2 cases" in (tmp_path / "generate-cpu-tiny.md").read_text()
