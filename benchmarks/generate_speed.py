@@ -725,13 +725,13 @@ def main(argv=None) -> int:
     name = f"generate-{card_slug(env['card'])}" + ("-tiny" if args.tiny else "")
     out_dir = Path(args.out) if args.out else RESULTS_DIR
     extra = {"lengths": lengths, "batch_sizes": batch_sizes, "decode_steps": decode_steps}
+    rows, sizes = [], {}
 
     def save(notes) -> Path:
         return write_results(
             name, env, rows, COLUMNS, out_dir=out_dir, notes=notes, extra={**extra, "parameters": sizes}
         )
 
-    rows, sizes = [], {}
     for case in cases:
         row = {
             "case": case.name,

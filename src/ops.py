@@ -107,8 +107,9 @@ def check_decay(g: torch.Tensor | None, name: str = "g") -> None:
     CPU tensors are checked here, and the error names the first offending value and its position. CUDA tensors
     are checked without a host sync: an asynchronous device assert (`torch._assert_async`) that fails a later CUDA
     call (at the latest the next synchronizing one) with the message below (rerun on CPU, or with
-    CUDA_LAUNCH_BLOCKING=1, for the position). It is skipped while a CUDA graph is being captured (the eager warm-up before capture checks) or torch.compile
-    traces, for a tensor already checked at its current version, and when `CHECK_DECAY` is False.
+    CUDA_LAUNCH_BLOCKING=1, for the position). It is skipped while a CUDA graph is being captured (the eager
+    warm-up before capture checks) or torch.compile traces, for a tensor already checked at its current version,
+    and when `CHECK_DECAY` is False.
     """
     if g is None or not CHECK_DECAY or torch.compiler.is_compiling():
         return

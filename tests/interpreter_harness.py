@@ -11,7 +11,6 @@ import sys
 import pytest
 
 
-
 def _interpreting() -> bool:
     """TRITON_INTERPRET=1 and triton's own library functions really are interpreted in this process (they are
     not when triton was imported before the variable was set)."""

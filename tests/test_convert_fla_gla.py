@@ -26,7 +26,6 @@ CASES = {
 }
 
 
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_converted_gla_matches_float64_source(tmp_path, case):
     config, tensors = gla_source(tmp_path / "src", **CASES[case])

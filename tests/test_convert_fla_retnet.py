@@ -23,7 +23,6 @@ CASES = {
 }
 
 
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_converted_retnet_matches_float64_source(tmp_path, case):
     config, tensors = retnet_source(tmp_path / "src", **CASES[case])

@@ -27,7 +27,6 @@ def _ids(T=12, B=2, seed=0):
     return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-
 CASES = {
     # 5 heads (ALiBi's interleaved slopes), LRPE on layers 0 and 2, tied head absent from the shards,
     # sqrt(hidden) embedding scale, safetensors shards.

@@ -8,7 +8,6 @@ As in test_triton_interpret.py, the kernel tests run in a subprocess started wit
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

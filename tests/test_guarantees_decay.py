@@ -9,7 +9,6 @@ inf - inf = NaN in o, the final state and dg.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist

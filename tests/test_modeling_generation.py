@@ -161,12 +161,13 @@ def test_crop_rolls_back_into_the_last_call(mixer, layer_types):
     out = model(x[:, 3:12], past_key_values=cache, use_cache=True)
     assert rel_err(out.logits, full[:, 3:12]) < 1e-4
     cache.rollback_tokens = 0  # each call opens a window that alone reaches back far enough: the last call
-    model(x[:, :1], past_key_values=cache, use_cache=True)  # one more token (any): cache length 13
-    model(x[:, :2], past_key_values=cache, use_cache=True)  # and two: 15
+    model(x[:, 12:13], past_key_values=cache, use_cache=True)  # the next token: cache length 13
+    model(x[:, :2], past_key_values=cache, use_cache=True)  # and two more (any): 15
     with pytest.raises(ValueError, match="latest tokens"):
         cache.crop(-3)  # back past the start of the last call (13): folded into the state
     cache.crop(-2)  # to 13, the start of the last call
-    assert cache.get_seq_length() == 13
+    out = model(x[:, 13:14], past_key_values=cache, use_cache=True)
+    assert rel_err(out.logits, full[:, 13:14]) < 1e-4
 
 
 def test_chunked_prefill_keeps_the_last_chunk_for_rollback():

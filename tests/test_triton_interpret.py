@@ -9,7 +9,6 @@ kernel tests here are skipped.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
