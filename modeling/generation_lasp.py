@@ -41,7 +41,9 @@ class _StaticStateLayer(LaspStateLayer):
         super().set_state(state)
 
     def set_state(self, state: torch.Tensor) -> None:
-        self.recurrent_states[0].copy_(state)
+        buffer = self.recurrent_states[0]
+        if state is not buffer:  # a decoding step wrote the buffer in place (`LaspStaticCache.steps_in_place`)
+            buffer.copy_(state)
 
 
 class _StaticKVLayer(DynamicLayer):
@@ -62,10 +64,13 @@ class _StaticKVLayer(DynamicLayer):
 class LaspStaticCache(LaspCache):
     """Fixed-shape cache of one decoding step: a float32 state buffer per linear-attention layer, key / value
     buffers of M slots per full-attention layer, the next slot (`cursor`, int64 `[1]`) and `key_mask`
-    (bool `[B, 1, 1, M]`, which `LaspModel` passes to the full-attention layers).
+    (bool `[B, 1, 1, M]`, which `LaspModel` passes to the full-attention layers). A linear-attention layer's
+    decoding step writes its new state into the layer's buffer (`steps_in_place`), saving a copy per layer.
 
     The buffers take their shapes and dtypes from a prefilled cache `like` (a layer's state need not be
     `[B, H, D, D]`: a position encoding such as LRPE doubles the key dim), with M slots for keys / values."""
+
+    steps_in_place = True
 
     def __init__(self, config, like: LaspCache, max_length: int):
         super().__init__(config)

@@ -294,6 +294,8 @@ class LaspLinearAttention(nn.Module):
                 g = g.expand(B, T, self.num_heads).masked_fill(~mask[:, :, None], 0.0)
 
         state = cache.get_state(self.layer_idx) if cache is not None else None
+        # A cache of fixed state buffers (the graph decoder's) takes the step's state in place, in one block.
+        inplace = getattr(cache, "steps_in_place", False) and v.shape[-1] <= MAX_VALUE_BLOCK
 
         def attend(v, state):
             if state is not None and T == 1:
@@ -301,7 +303,7 @@ class LaspLinearAttention(nn.Module):
                 # A per-token decay ([B, 1, H] or [B, 1, H, D]) loses its token axis; a fixed one is [H].
                 g_step = g[:, 0] if (g is not None and g.dim() >= 3) else g
                 o, new_state = linear_attention_step(
-                    q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale
+                    q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale, inplace=inplace
                 )
                 return o[:, None], new_state
             return linear_attention(

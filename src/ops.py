@@ -253,13 +253,15 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None, output_
     )
 
 
-def linear_attention_step(q, k, v, g=None, *, state=None, scale=None, backend="auto"):
+def linear_attention_step(q, k, v, g=None, *, state=None, scale=None, backend="auto", inplace=False):
     """One decoding token of `linear_attention`: S = exp(g) * S + k^T v, o = scale * q S.
 
     Args:
         q, k: [B, H, K]. v: [B, H, V]. g: None, [H], [B, H] or [B, H, K] (per key channel: S =
         diag(exp(g)) S + k^T v). state: None or float32
         [B, H, K, V] (the state after the previous token). scale: defaults to K ** -0.5.
+        inplace: write the new state into `state` (float32, contiguous) and return it, instead of a new tensor
+            (a decoding loop with a fixed state buffer, such as a CUDA graph, saves a copy per layer and step).
     Returns:
         o: [B, H, V] in v's dtype; the new float32 state [B, H, K, V].
     """
@@ -285,10 +287,18 @@ def linear_attention_step(q, k, v, g=None, *, state=None, scale=None, backend="a
         check_decay(g)
     if state is not None and tuple(state.shape) != (B, H, K, v.shape[-1]):
         raise ValueError(f"state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}, got {tuple(state.shape)}")
+    if inplace and (state is None or state.dtype != torch.float32 or not state.is_contiguous()):
+        raise ValueError(
+            "inplace=True writes the new state into `state`, which must then be a contiguous float32 tensor, got "
+            + ("None" if state is None else f"{state.dtype}, contiguous={state.is_contiguous()}")
+        )
     scale = float(K ** -0.5 if scale is None else scale)
     impl = _backend_module(_fit_backend(resolve_backend(backend, q.device), backend, K, v.shape[-1]))
     if not hasattr(impl, "recurrent_step"):
         impl = reference
     if impl is reference and g is not None and g.dim() == 3:
         impl = reference_gla
-    return impl.recurrent_step(q, k, v, g, scale=scale, state=state)
+    if impl is reference or impl is reference_gla:
+        o, new_state = impl.recurrent_step(q, k, v, g, scale=scale, state=state)
+        return (o, state.copy_(new_state)) if inplace else (o, new_state)
+    return impl.recurrent_step(q, k, v, g, scale=scale, state=state, inplace=inplace)

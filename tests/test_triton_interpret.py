@@ -262,6 +262,27 @@ def test_recurrent_step(kernels, g_mode, with_state):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("g_mode", ["head", "channel"])
+def test_recurrent_step_in_place(kernels, backend, g_mode):
+    # K = V = 128: the Triton step splits V into two blocks of programs, each writing only the tile it read.
+    B, H, K, V = 2, 2, 128, 128
+    q, k, v = (torch.randn(B, H, D, dtype=torch.bfloat16) for D in (K, K, V))
+    g = -torch.rand(H) if g_mode == "head" else -torch.rand(B, H, K)
+    state = torch.randn(B, H, K, V)
+    decay = g.double().exp().view(1, H, 1, 1) if g.dim() == 1 else g.double().exp()[..., None]
+    ref = state.double() * decay + k.double()[..., :, None] * v.double()[..., None, :]
+    o_ref = K ** -0.5 * (q.double()[..., None, :] @ ref).squeeze(-2)
+    o, new_state = lasp_hf.linear_attention_step(q, k, v, g, state=state, backend=backend, inplace=True)
+    assert new_state is state
+    assert rel_err(state, ref) <= TOL_FP32 and rel_err(o, o_ref) <= TOL_BF16
+    with pytest.raises(ValueError, match="contiguous float32"):
+        lasp_hf.linear_attention_step(q, k, v, g, state=state.transpose(-1, -2), backend=backend, inplace=True)
+    with pytest.raises(ValueError, match="got None"):
+        lasp_hf.linear_attention_step(q, k, v, g, backend=backend, inplace=True)
+
+
+@needs_interpreter
 def test_recurrent_step_bfloat16(kernels):
     B, H, K, V = 2, 2, 16, 16
     q, k, v = (torch.randn(B, H, D, dtype=torch.bfloat16) for D in (K, K, V))

@@ -48,12 +48,14 @@ def _recurrent_step_kernel(q, k, v, g, state, new_state, o, scale,
     tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
-def recurrent_step(q, k, v, g=None, *, scale: float, state=None):
+def recurrent_step(q, k, v, g=None, *, scale: float, state=None, inplace: bool = False):
     """One decoding step (inputs already validated by `lasp_hf.ops`).
 
     Args:
         q, k: [B, H, K]; v: [B, H, V]; g: None, [H], [B, H] or [B, H, K] (per key channel) natural-log decay;
         state: None or float32 [B, H, K, V], the state after the previous token.
+        inplace: write the new state into `state` (float32, contiguous): each program reads its state tile
+            whole before it writes the same tile, so no program reads what another wrote.
     Returns:
         o [B, H, V] in v's dtype and the new float32 state [B, H, K, V].
     """
@@ -64,7 +66,7 @@ def recurrent_step(q, k, v, g=None, *, scale: float, state=None):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g_mode = G_NONE if g is None else (G_HEAD, G_BATCH_HEAD, G_CHANNEL)[g.dim() - 1]
     state_in = state.float().contiguous() if state is not None else None
-    new_state = empty(q, (B, H, K, V), torch.float32)
+    new_state = state_in if inplace else empty(q, (B, H, K, V), torch.float32)
     o = empty(v, v.shape, v.dtype)
     cfg = {} if interpreting() else {"num_warps": 4}
     _recurrent_step_kernel[(B * H, cdiv(V, BV))](
