@@ -104,6 +104,35 @@ def test_strong_decay_restarts_segments_and_blocks(kernels):
 
 
 @needs_interpreter
+def test_mild_decays_take_the_tensor_core_form(kernels, monkeypatch):
+    """Steps without restarts whose decay stays within FACTORED_SPAN form their intra-step products as
+    (q exp(b)) (k exp(-b))^T in every kernel: the elementwise form's row walk (`_next_row_decay`) must not run,
+    and the results still match float64 (several segments, 2 K blocks in dq / dk)."""
+    from lasp_hf.kernels.triton import chunk, gla_kernels
+
+    def elementwise_form(*args, **kwargs):
+        raise AssertionError("the elementwise intra-step form ran for a factorizable step")
+
+    monkeypatch.setattr(gla_kernels, "_next_row_decay", elementwise_form)
+    kernels.CONFIGS.update(bwd=(512, 4, 2))
+    chunk.CHUNKS_PER_SEGMENT = 1
+    check(2, 70, 2, 32, 16, decays(2, 70, 2, 32, 2.0))
+
+
+@needs_interpreter
+def test_elementwise_form_alone(kernels, monkeypatch):
+    """With the tensor-core form off (FACTORED_SPAN < 0) every step takes the elementwise form: mild and strong
+    decays and restarts against float64."""
+    from lasp_hf.kernels.triton import chunk
+
+    monkeypatch.setattr(kernels, "FACTORED_SPAN", -1.0)
+    chunk.CHUNKS_PER_SEGMENT = 1
+    g = decays(1, 50, 2, 16, 5.0, restarts=[(0, 20, 1, slice(0, 3))])
+    g[:, :16] *= 0.01  # the first step mild
+    check(1, 50, 2, 16, 16, g)
+
+
+@needs_interpreter
 def test_packed_sequences(kernels):
     # An empty sequence, a one-token sequence, sequences ending mid-step and on a segment boundary; a restart.
     from lasp_hf.kernels.triton import chunk

@@ -11,13 +11,16 @@ Per step of BT tokens, b the cumulative log-decay from the step's start (per cha
     o     = scale * ( A v + (q * exp(b)) S_prev ),   A_ij = sum_c q_ic k_jc exp(b_ic - b_jc)  (j <= i)
     S_new = diag(exp(b_last)) S_prev + (k * exp(b_last - b))^T v
 
-Numerical safety (strong decays, e.g. g = -5 per token): the intra-step scores A are formed elementwise with
-the relative decays exp(b_ic - b_jc), one column j at a time, never as (q exp(b)) (k exp(-b))^T, so no
-exp(-cumsum) term exists and every exponent is <= 0 (the "relative decay" approach; fla's secondary chunking
-instead bounds exp(-b) by a reference point inside 16-token sub-chunks). A step is 16 tokens, so that this
-elementwise part (BT x BT x K exponentials per step) stays small next to the state products. -inf is exact:
-b sums the finite entries only and a per-channel count of restarts zeroes every factor whose interval
-contains one.
+Numerical safety (strong decays, e.g. g = -5 per token): a step is 16 tokens and its intra-step products
+(A, and their gradients' dq / dk parts) take one of two forms, chosen per step and program tile:
+- tensor cores, A = (q exp(b)) (k exp(-b))^T causally masked (the step's start as the reference point, as
+  fla's secondary chunking bounds exp(-b) by a reference inside 16-token sub-chunks), when no channel of the
+  tile restarts in the step and every channel's decay over the step is at most FACTORED_SPAN (40): each
+  factor then lies within exp(+-40), far inside float32 / bf16 range, and the 16-bit operands are split in
+  hi + lo parts (about 16 mantissa bits). Real gates (logsigmoid / 16) almost always take this form.
+- elementwise otherwise, with the relative decays exp(b_ic - b_jc), one column j at a time, so no exp(-cumsum)
+  term exists and every exponent is <= 0. -inf is exact: b sums the finite entries only and a per-channel
+  count of restarts zeroes every factor whose interval contains one.
 
 The work is cut into segments as in `chunk` (`chunk._Plan`): (1) each segment's state from zero and its
 per-channel log-decay a_s [S, H, K], (2) S_in(s) = diag(exp(a_{s-1})) S_in(s-1) + S_loc(s-1) per sequence,
@@ -55,6 +58,11 @@ from lasp_hf.kernels.triton.recurrent import recurrent_step
 from lasp_hf.kernels.triton.utils import cdiv, empty, interpreting, next_pow2
 
 STEP_TOKENS = 16
+# A step whose decay, in every channel of a program's tile, is at most this much (total log-decay over its 16
+# tokens) and holds no restart forms its intra-step products on the tensor cores as (q exp(b)) (k exp(-b))^T,
+# every factor within exp(+-FACTORED_SPAN); other steps take the elementwise form. A negative value turns the
+# tensor-core form off (tests run both forms).
+FACTORED_SPAN = 40.0
 # Per pass: (largest K x V state tile one program holds, in float32 elements; num_warps; num_stages). The output
 # ("fwd") and dv kernels hold all of K and form the intra-step scores A once per V block, so they take the whole
 # 128 x 128 state with 8 warps (one V block: A once per head and step), as the per-head forward does
@@ -173,7 +181,7 @@ def _launch_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool, segme
     s_end = empty(s_in, s_in.shape, s_in.dtype)
     gla_fwd_kernel_output[(S, H, cdiv(V, BV))](
         q, k, v, g, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta),
-        **meta, **cfg)
+        SPAN=FACTORED_SPAN, **meta, **cfg)
     return o, s_in, s_end, seg_decay
 
 
@@ -192,7 +200,7 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan:
     dg = empty(q, q.shape, torch.float32) if need_dg else dq  # q * dq first, then dg (see gla_bwd_kernel_dk)
     gla_bwd_kernel_dq[(S, H, NK)](
         q, k, v, g, do, dq, dg, s_in, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_k),
-        NEED_DG=need_dg, **meta_k, **cfg_k)
+        NEED_DG=need_dg, SPAN=FACTORED_SPAN, **meta_k, **cfg_k)
     if callable(dht):
         dht = dht()
     dht = dht.float().contiguous() if dht is not None else None
@@ -218,11 +226,12 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan:
     gla_bwd_kernel_dk[(S, H, NK)](
         q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_coef, plan.seg_bos, plan.seg_eos, scale,
         _loop_bound(plan, meta_k),
-        NEED_DG=need_dg, STORE_START=store_start, **meta_k, **cfg_k)
+        NEED_DG=need_dg, STORE_START=store_start, SPAN=FACTORED_SPAN, **meta_k, **cfg_k)
     BK, BV = _blocks_v(K, V, "dv")
     cfg_v, meta_v = _settings("dv", q.dtype, BK, BV, H, K, V, None)
     gla_bwd_kernel_dv[(S, H, cdiv(V, BV))](
-        q, k, g, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_v), **meta_v, **cfg_v)
+        q, k, g, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_v), SPAN=FACTORED_SPAN,
+        **meta_v, **cfg_v)
     if store_start:
         dh0 = ds_start[plan.first_seg_index]
         keep = plan.nonempty.view(-1, 1, 1, 1)

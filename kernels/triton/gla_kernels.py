@@ -85,6 +85,41 @@ def _intra_scores(b_q, k, g, t0, end, i_h, o_k, b, r, H: tl.constexpr, K: tl.con
     return scores
 
 
+@triton.jit
+def _factorizable(b_last, r_last, SPAN: tl.constexpr):
+    """Whether a step's intra-step factors exp(b_ic - b_jc) may be split as exp(b_ic) * exp(-b_jc) (the step's
+    start as the reference point): no restart in the tile and every channel's decay over the step at most
+    SPAN, so exp(-b) <= exp(SPAN) and exp(b) >= exp(-SPAN), both far inside float32's range."""
+    return (tl.max(r_last, 0) == 0) & (tl.min(b_last, 0) >= -SPAN)
+
+
+@triton.jit
+def _dot_f32_both(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """a @ b for float32 a and b: with 16-bit operand types each is split into hi + lo and three products are
+    summed (about 16 mantissa bits, as the elementwise form's float32 within a bf16 rounding)."""
+    a_hi = a.to(DT)
+    b_hi = b.to(DT)
+    out = tl.dot(a_hi, b_hi, input_precision=DOT_PREC)
+    if DT != tl.float32:
+        out += tl.dot((a - a_hi.to(tl.float32)).to(DT), b_hi, input_precision=DOT_PREC)
+        out += tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(DT), input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
+def _step_scores(b_q, b_k, k, g, t0, end, i_h, o_k, b, r, b_last, r_last, H: tl.constexpr, K: tl.constexpr,
+                 BT: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPAN: tl.constexpr):
+    """The step's A [BT, BT] (`_intra_scores`): on the tensor cores as (q exp(b)) (k exp(-b))^T, causally
+    masked, when the step is `_factorizable`, else elementwise."""
+    if _factorizable(b_last, r_last, SPAN):
+        o_t = tl.arange(0, BT)
+        scores = _dot_f32_both(b_q * tl.exp(b), tl.trans(b_k * tl.exp(-b)), DT, DOT_PREC)
+        scores = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
+    else:
+        scores = _intra_scores(b_q, k, g, t0, end, i_h, o_k, b, r, H, K, BT)
+    return scores
+
+
 @fast
 @triton.jit
 def gla_fwd_kernel_segment_state(k, v, g, s_loc, seg_decay, seg_bos, seg_eos, CPS,
@@ -160,7 +195,7 @@ def gla_kernel_segment_scan(local, seg_decay, each, start, end, seq_first_seg, s
 def gla_fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, scale, CPS,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
-                          DYN_LOOP: tl.constexpr = False):
+                          SPAN: tl.constexpr, DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, V block), with all of K: scan the segment's steps from S_in, writing o,
     the state at the segment's end and (V block 0) its per-channel log-decay."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -183,7 +218,7 @@ def gla_fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eo
         b_k = tiles_k.load([r0, 0]).to(tl.float32)
         b_v = tiles_v.load([r0, i_v * BV]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
-        scores = _intra_scores(b_q, k, g, t0, eos, i_h, o_k, b, r, H, K, BT)
+        scores = _step_scores(b_q, b_k, k, g, t0, eos, i_h, o_k, b, r, b_last, r_last, H, K, BT, DT, DOT_PREC, SPAN)
         b_o = tl.dot(scores.to(DT), b_v, input_precision=DOT_PREC)
         q_from_start = (b_q * _masked_exp(b, r == 0)).to(DT)
         b_o += tl.dot(q_from_start, state.to(DT), input_precision=DOT_PREC)
@@ -238,7 +273,8 @@ def gla_bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos,
 @triton.jit
 def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, DYN_LOOP: tl.constexpr = False):
+                      BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPAN: tl.constexpr,
+                      DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, V block), with all of K: reverse scan from dS at the segment's end,
     writing dv = A^T do + (k * exp(b_last - b)) dS_end for the block."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -261,7 +297,8 @@ def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
         b_k = tiles_k.load([r0, 0]).to(tl.float32)
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
-        scores = _intra_scores(b_q, k, g, t0, eos, i_h, o_k, b, r, H, K, BT) * scale
+        scores = _step_scores(b_q, b_k, k, g, t0, eos, i_h, o_k, b, r, b_last, r_last, H, K, BT, DT, DOT_PREC,
+                              SPAN) * scale
         b_dv = tl.dot(tl.trans(scores.to(DT)), b_do, input_precision=DOT_PREC)
         k_to_end = (b_k * _masked_exp(b_last[None, :] - b, r == r_last[None, :])).to(DT)
         b_dv += tl.dot(k_to_end, dstate.to(DT), input_precision=DOT_PREC)
@@ -276,7 +313,8 @@ def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
 def gla_bwd_kernel_dk(q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_coef, seg_bos, seg_eos, scale, CPS,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
-                      NEED_DG: tl.constexpr, STORE_START: tl.constexpr, DYN_LOOP: tl.constexpr = False):
+                      NEED_DG: tl.constexpr, STORE_START: tl.constexpr, SPAN: tl.constexpr,
+                      DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, K block), with all of V: reverse scan from dS at the segment's end (rows
     of this K block), writing dk for the block and dS at the segment's start (STORE_START).
 
@@ -314,17 +352,21 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_c
         b_do = tiles_do.load([r0, 0]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
         dscores = tl.where(causal, tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC), 0.0)
-        # dk_jc = scale * sum_i dA_ij q_ic exp(b_ic - b_jc), one row j at a time (elementwise decays).
-        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-        b_j = o_k.to(tl.float32) * 0.0
-        r_j = b_j
-        for j in range(BT):
-            sel = o_t == j
-            b_j, r_j = _next_row_decay(g, t0 + j, eos, i_h, o_k, b_j, r_j, H, K)
-            decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
-            d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
-            row = tl.sum(d_col[:, None] * b_q * decay, 0)
-            b_dk = tl.where(sel[:, None], row[None, :], b_dk)
+        # dk_jc = scale * sum_i dA_ij q_ic exp(b_ic - b_jc): exp(-b_jc) (dA^T (q exp(b)))_jc on the tensor cores
+        # when the step is factorizable, else one row j at a time (elementwise decays).
+        if _factorizable(b_last, r_last, SPAN):
+            b_dk = _dot_f32_both(tl.trans(dscores), b_q * tl.exp(b), DT, DOT_PREC) * tl.exp(-b)
+        else:
+            b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+            b_j = o_k.to(tl.float32) * 0.0
+            r_j = b_j
+            for j in range(BT):
+                sel = o_t == j
+                b_j, r_j = _next_row_decay(g, t0 + j, eos, i_h, o_k, b_j, r_j, H, K)
+                decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
+                d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
+                row = tl.sum(d_col[:, None] * b_q * decay, 0)
+                b_dk = tl.where(sel[:, None], row[None, :], b_dk)
         k_decay = _masked_exp(b_last[None, :] - b, r == r_last[None, :])
         b_dk = b_dk * scale + _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * k_decay
         tiles_dk.store([r0, i_k * BK], b_dk.to(dk.dtype.element_ty))
@@ -383,7 +425,7 @@ def gla_bwd_kernel_dg_carry(g, dg, seg_carry_in, seg_bos, seg_eos, CPS, H: tl.co
 def gla_bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
-                      NEED_DG: tl.constexpr, DYN_LOOP: tl.constexpr = False):
+                      NEED_DG: tl.constexpr, SPAN: tl.constexpr, DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, K block), with all of V: forward scan from S_in (rows of this K block),
     writing dq for the block and q * dq in float32 (NEED_DG)."""
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -411,16 +453,20 @@ def gla_bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CP
         b_do = tiles_do.load([r0, 0]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
         dscores = tl.where(causal, tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC), 0.0)
-        # dq_ic = scale * sum_j dA_ij k_jc exp(b_ic - b_jc), one column j at a time.
-        b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-        b_j = o_k.to(tl.float32) * 0.0
-        r_j = b_j
-        for j in range(BT):
-            b_j, r_j = _next_row_decay(g, t0 + j, eos, i_h, o_k, b_j, r_j, H, K)
-            k_j = _token_row(k, t0 + j, eos, i_h, o_k, H, K)
-            decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
-            d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
-            b_dq += d_col[:, None] * k_j[None, :] * decay
+        # dq_ic = scale * sum_j dA_ij k_jc exp(b_ic - b_jc): exp(b_ic) (dA (k exp(-b)))_ic on the tensor cores when
+        # the step is factorizable, else one column j at a time.
+        if _factorizable(b_last, r_last, SPAN):
+            b_dq = _dot_f32_both(dscores, b_k * tl.exp(-b), DT, DOT_PREC) * tl.exp(b)
+        else:
+            b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+            b_j = o_k.to(tl.float32) * 0.0
+            r_j = b_j
+            for j in range(BT):
+                b_j, r_j = _next_row_decay(g, t0 + j, eos, i_h, o_k, b_j, r_j, H, K)
+                k_j = _token_row(k, t0 + j, eos, i_h, o_k, H, K)
+                decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
+                d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
+                b_dq += d_col[:, None] * k_j[None, :] * decay
         q_decay = _masked_exp(b, r == 0)
         b_dq = (b_dq + _dot_f32_right(b_do, tl.trans(state), DT, DOT_PREC, SPLIT) * q_decay) * scale
         tiles_dq.store([r0, i_k * BK], b_dq.to(dq.dtype.element_ty))
