@@ -372,14 +372,20 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_c
         tiles_dk.store([r0, i_k * BK], b_dk.to(dk.dtype.element_ty))
         if NEED_DG:
             d_log = tiles_dg.load([r0, i_k * BK]) - b_k * b_dk
-            reset = tl.where(_step_resets(g, i_h, t0, eos - t0, o_k, H, K, BT), 1.0, 0.0)
-            b_dg = tl.zeros([BT, BK], dtype=tl.float32)
-            for jj in range(BT):
-                sel = o_t == BT - 1 - jj
-                reset_j = _row(reset, sel)
-                carry = _row(d_log, sel) + tl.where(restart_next > 0, 0.0, carry)
-                b_dg = tl.where(sel[:, None], tl.where(reset_j > 0, 0.0, carry)[None, :], b_dg)
-                restart_next = reset_j
+            if tl.max(r_last, 0) == 0:  # no restart in the step: X is a reverse cumulative sum plus the carry
+                carry = tl.where(restart_next > 0, 0.0, carry)
+                b_dg = tl.cumsum(d_log, 0, reverse=True) + carry[None, :]
+                carry = _row(b_dg, o_t == 0)
+                restart_next = tl.zeros([BK], dtype=tl.float32)
+            else:
+                reset = tl.where(_step_resets(g, i_h, t0, eos - t0, o_k, H, K, BT), 1.0, 0.0)
+                b_dg = tl.zeros([BT, BK], dtype=tl.float32)
+                for jj in range(BT):
+                    sel = o_t == BT - 1 - jj
+                    reset_j = _row(reset, sel)
+                    carry = _row(d_log, sel) + tl.where(restart_next > 0, 0.0, carry)
+                    b_dg = tl.where(sel[:, None], tl.where(reset_j > 0, 0.0, carry)[None, :], b_dg)
+                    restart_next = reset_j
             tiles_dg.store([r0, i_k * BK], b_dg)
             restarts += r_last
         q_from_start = b_q * _masked_exp(b, r == 0) * scale
