@@ -3,7 +3,7 @@ autograd wrapper and the public function (the kernels are in `gla_kernels`). The
 plans (segments), launch settings and helpers it shares.
 
 Shapes: B batch, T tokens, H heads, K key/query head dim, V value head dim, N sequences (B for dense input,
-the packed count with cu_seqlens), S segments, BT = 16 tokens per step.
+the packed count with cu_seqlens), S segments, BT = 16 tokens per step (32 in the segment-state passes).
 
 Per batch row and head, g_t in R^K (natural-log, <= 0; -inf restarts that channel of the state):
     S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,    o_t = scale * q_t S_t.
@@ -63,6 +63,10 @@ STEP_TOKENS = 16
 # every factor within exp(+-FACTORED_SPAN); other steps take the elementwise form. A negative value turns the
 # tensor-core form off (tests run both forms).
 FACTORED_SPAN = 40.0
+# Tokens per step of the segment-state passes (step 1 and its backward, and SP's state-only passes): they form no
+# intra-step products, only (k exp(b_last - b))^T v and (q exp(b))^T do, whose exponents are <= 0 at any step
+# length, so they take longer steps (fewer, larger products; 32 tokens keep every tile in registers on sm_90).
+STATE_STEP_TOKENS = 32
 # Per pass: (largest K x V state tile one program holds, in float32 elements; num_warps; num_stages). The output
 # ("fwd") and dv kernels hold all of K and form the intra-step scores A once per V block, so they take the whole
 # 128 x 128 state with 8 warps (one V block: A once per head and step), as the per-head forward does
@@ -108,7 +112,7 @@ def _settings(phase: str, dtype, BK: int, BV: int, H: int, K: int, V: int, split
 
 def _loop_bound(plan: _Plan, meta: dict) -> int:
     """The interpreter's loop bound in steps (compiled kernels walk each segment's own steps)."""
-    return 0 if meta["DYN_LOOP"] else cdiv(plan.chunks_per_segment * chunk.CHUNK_SIZE, STEP_TOKENS)
+    return 0 if meta["DYN_LOOP"] else cdiv(plan.chunks_per_segment * chunk.CHUNK_SIZE, meta["BT"])
 
 
 def _fwd_v_blocks(K: int, V: int) -> int:
@@ -135,6 +139,7 @@ def _launch_segment_state(k, v, g, plan: _Plan, accurate: bool, phase: str = "fw
     BK, BV = (max(16, next_pow2(K)), _blocks_v(K, V, phase)[1])
     NK, NV = cdiv(K, BK), cdiv(V, BV)
     cfg, meta = _settings(phase, k.dtype, BK, BV, H, K, V, accurate)
+    meta["BT"] = STATE_STEP_TOKENS
     s_loc = empty(k, (plan.num_segs, H, K, V), torch.float32)
     seg_decay = empty(k, (plan.num_segs, H, K), torch.float32)
     gla_fwd_kernel_segment_state[(plan.num_segs, H, NK * NV)](
@@ -149,6 +154,7 @@ def _launch_segment_dstate(q, do, g, scale: float, plan: _Plan, accurate: bool, 
     BK, BV = (max(16, next_pow2(K)), _blocks_v(K, V, phase)[1])
     NK, NV = cdiv(K, BK), cdiv(V, BV)
     cfg, meta = _settings(phase, q.dtype, BK, BV, H, K, V, accurate)
+    meta["BT"] = STATE_STEP_TOKENS
     ds_loc = empty(q, (plan.num_segs, H, K, V), torch.float32)
     seg_decay = empty(q, (plan.num_segs, H, K), torch.float32)
     gla_bwd_kernel_segment_dstate[(plan.num_segs, H, NK * NV)](
