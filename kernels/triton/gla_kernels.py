@@ -2,8 +2,8 @@
 are in `lasp_hf.kernels.triton.gla_chunk`, whose docstring this file follows.
 
 Shapes: H heads, K key/query head dim, V value head dim, BT tokens per step (16; 32 in the segment-state
-passes), BK / BV the K / V block a program holds, S segments. Token tensors are flat [tokens, H, D]; g is float32 [tokens, H, K]; states are
-float32 [S or N, H, K, V]; segment log-decays float32 [S, H, K].
+passes), BK / BV the K / V block a program holds, S segments. Token tensors are flat [tokens, H, D]; g is
+float32 [tokens, H, K]; states are float32 [S or N, H, K, V]; segment log-decays float32 [S, H, K].
 Each scan kernel is one program per (segment, head, block) walking the segment's BT-token steps in order (or
 in reverse), with its state block in registers. A step's decays are, per channel: b, the cumulative sum of
 the finite g from the step's start, and r, the cumulative count of g = -inf (restarts). A factor
