@@ -90,12 +90,14 @@ def check(B, T, H, K, V, g, *, dtype=torch.float32, use_h0=True, use_final=True,
 
 
 @needs_interpreter
-def test_strong_decay_restarts_segments_and_blocks(kernels):
+@pytest.mark.parametrize("step_tokens", [16, 32])
+def test_strong_decay_restarts_segments_and_blocks(kernels, monkeypatch, step_tokens):
     """T = 65 (a one-token last chunk), one-chunk segments (the segment-state, segment-scan and local-dS kernels
     run), small state tiles (2 V blocks in the forward and dv, 2 K blocks in dq / dk), decays down to -5 per
     token (the decay over a 16-token step reaches e^-80) and restarts of some channels, on a step's first token
     and mid-step."""
     kernels.CONFIGS.update(fwd=(512, 4, 2), dv=(512, 4, 2), bwd=(512, 4, 2))
+    monkeypatch.setattr(kernels, "STEP_TOKENS", step_tokens)  # 32: a step holds a restart and a mild part
     from lasp_hf.kernels.triton import chunk
 
     chunk.CHUNKS_PER_SEGMENT = 1
@@ -104,7 +106,8 @@ def test_strong_decay_restarts_segments_and_blocks(kernels):
 
 
 @needs_interpreter
-def test_mild_decays_take_the_tensor_core_form(kernels, monkeypatch):
+@pytest.mark.parametrize("step_tokens", [16, 32])
+def test_mild_decays_take_the_tensor_core_form(kernels, monkeypatch, step_tokens):
     """Steps without restarts whose decay stays within FACTORED_SPAN form their intra-step products as
     (q exp(b)) (k exp(-b))^T in every kernel: the elementwise form's row walk (`_next_row_decay`) must not run,
     and the results still match float64 (several segments, 2 K blocks in dq / dk)."""
@@ -114,9 +117,10 @@ def test_mild_decays_take_the_tensor_core_form(kernels, monkeypatch):
         raise AssertionError("the elementwise intra-step form ran for a factorizable step")
 
     monkeypatch.setattr(gla_kernels, "_next_row_decay", elementwise_form)
+    monkeypatch.setattr(kernels, "STEP_TOKENS", step_tokens)
     kernels.CONFIGS.update(bwd=(512, 4, 2))
     chunk.CHUNKS_PER_SEGMENT = 1
-    check(2, 70, 2, 32, 16, decays(2, 70, 2, 32, 2.0))
+    check(2, 70, 2, 32, 16, decays(2, 70, 2, 32, 1.0))  # at most 32 over a 32-token step
 
 
 @needs_interpreter
