@@ -328,6 +328,24 @@ def test_comm_bytes_per_layer():
 
 
 @pytest.mark.distributed
+def test_gla_tune_cpu_tiny_in_the_interpreter(tmp_path):
+    # The GLA Triton kernels run on CPU tensors only in Triton's interpreter: two settings (16- and 32-token
+    # steps), each timed and checked against the float32 PyTorch reference.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "gla_tune.py"), "--cpu", "--tiny", "--steps", "16", "32", "--fwd-bv", "128",
+         "--bwd-bk", "32", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env, check=False, cwd=BENCH_DIR.parent,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "gla-tune-cpu.json").read_text())["rows"]
+    assert [row["setting"].split()[0] for row in rows] == ["steps=16", "steps=32"]
+    for row in rows:
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+        assert max(row[f"err_{name}"] for name in ("o", "dq", "dk", "dv", "dg")) < 1e-4, row
+    assert "| setting |" in (tmp_path / "gla-tune-cpu.md").read_text()
+
+
 def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
     """One torchrun launch, 2 gloo ranks: the unsharded baseline, ring and allgather pass their
     check against the unsharded op (float32, 1e-4) and get an efficiency; lasp-ref is skipped."""

@@ -1,0 +1,155 @@
+"""Settings of the per-key-channel (GLA) Triton kernels, side by side in one process on one card: forward and
+forward + backward of `linear_attention` with g [B, T, H, K] at the kernel benchmark's shape (bf16, B = 1, H = 16,
+K = V = 128, GLA's gates: log-sigmoid of a normal over 16), each kernel's share (torch.profiler), and the error of
+o and every gradient against the float32 PyTorch reference at --check-tokens.
+
+    python3 benchmarks/gla_tune.py                                   # the default grid at 32K
+    python3 benchmarks/gla_tune.py --tokens 32K 128K --steps 16 32 --fwd-bv 128 64 --bwd-bk 64 32
+    TRITON_INTERPRET=1 python3 benchmarks/gla_tune.py --cpu --tiny   # smoke test of the harness
+
+A setting: `steps` = gla_chunk.STEP_TOKENS (tokens per step of the output, dq, dk and dv scans), `state_steps` =
+STATE_STEP_TOKENS (the segment-state passes), `fwd_bv` = the V block of the output and dv kernels (which hold all
+of K), `bwd_bk` = the K block of dq / dk (which hold all of V), `warps` of those four kernels, `span` =
+FACTORED_SPAN (the largest decay over a step that takes the tensor-core form; < 0: elementwise only). The grid is
+the product of the lists given. Output: a table, `gla-tune-<card>.json` + `.md`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def parse_tokens(text: str) -> int:
+    text = text.upper()
+    scale = {"K": common.KI, "M": common.KI * common.KI}.get(text[-1], 1)
+    return int(text.rstrip("KM")) * scale
+
+
+def gates(shape, device, seed: int) -> tuple:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    B, T, H, K = shape
+    q, k, v = (torch.randn(B, T, H, K, device=device, generator=gen) for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device=device, generator=gen)) / 16
+    return q, k, v, g
+
+
+def fwd_bwd(q, k, v, g, do, backend: str) -> list:
+    """[o, dq, dk, dv, dg] of one forward + backward."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
+    import lasp_hf
+
+    o, _ = lasp_hf.linear_attention(*leaves, backend=backend)
+    o.backward(do)
+    return [o.detach()] + [x.grad for x in leaves]
+
+
+def apply(setting: dict) -> None:
+    from lasp_hf.kernels.triton import gla_chunk
+
+    gla_chunk.STEP_TOKENS = setting["steps"]
+    gla_chunk.STATE_STEP_TOKENS = setting["state_steps"]
+    gla_chunk.FACTORED_SPAN = setting["span"]
+    K = V = setting["K"]
+    gla_chunk.CONFIGS["fwd"] = (K * setting["fwd_bv"], setting["warps"], 2)
+    gla_chunk.CONFIGS["dv"] = (K * setting["fwd_bv"], setting["warps"], 2)
+    gla_chunk.CONFIGS["bwd"] = (setting["bwd_bk"] * V, setting["warps"], 2)
+
+
+def kernel_ms(fn, device, reps: int = 3) -> dict:
+    """Each GLA kernel's milliseconds per call of fn (CUDA only)."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize(device)
+    total = collections.defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.name.startswith("gla_"):
+            total[event.name.removeprefix("gla_")] += event.device_time / 1e3 / reps
+    return dict(sorted(total.items(), key=lambda item: -item[1]))
+
+
+def main(argv=None) -> int:
+    parser = common.common_parser(__doc__.splitlines()[0])
+    parser.add_argument("--tokens", nargs="*", default=["32K"], help="sequence lengths (32K 128K)")
+    parser.add_argument("--steps", nargs="*", type=int, default=[16, 32])
+    parser.add_argument("--state-steps", nargs="*", type=int, default=[32])
+    parser.add_argument("--fwd-bv", nargs="*", type=int, default=[128, 64])
+    parser.add_argument("--bwd-bk", nargs="*", type=int, default=[64, 32])
+    parser.add_argument("--warps", nargs="*", type=int, default=[8])
+    parser.add_argument("--span", nargs="*", type=float, default=[40.0])
+    parser.add_argument("--check-tokens", default="4K", help="length of the error check (default 4K)")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.cpu else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gla_tune.py: no CUDA device; pass --cpu --tiny (with TRITON_INTERPRET=1) for a smoke run",
+              file=sys.stderr)
+        return 2
+    H, K = (2, 32) if args.tiny else (16, 128)
+    lengths = [min(parse_tokens(t), 80) if args.tiny else parse_tokens(t) for t in args.tokens]
+    check_T = 40 if args.tiny else parse_tokens(args.check_tokens)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    grid = [dict(zip(("steps", "state_steps", "fwd_bv", "bwd_bk", "warps", "span"), values), K=K)
+            for values in itertools.product(args.steps, args.state_steps, args.fwd_bv, args.bwd_bk, args.warps,
+                                            args.span)]
+    if args.dry_run:
+        print("\n".join(str(setting) for setting in grid))
+        return 0
+    env = common.environment(device)
+    print(common.describe_env(env), flush=True)
+
+    q, k, v, g = gates((1, check_T, H, K), device, seed=0)
+    do = torch.randn(1, check_T, H, K, device=device)
+    ref = fwd_bwd(q.float(), k.float(), v.float(), g, do, "torch")
+    rows = []
+    for setting in grid:
+        apply(setting)
+        label = " ".join(f"{key}={value}" for key, value in setting.items() if key != "K")
+        out = fwd_bwd(q.to(dtype), k.to(dtype), v.to(dtype), g, do.to(dtype), "triton")
+        errors = {name: common.relative_error(x.float(), r) for name, x, r in
+                  zip(("o", "dq", "dk", "dv", "dg"), out, ref, strict=True)}
+        for T in lengths:
+            import lasp_hf
+
+            x = [t.to(dtype) for t in gates((1, T, H, K), device, seed=1)[:3]]
+            gT = gates((1, T, H, K), device, seed=1)[3]
+            leaves = [t.detach().clone().requires_grad_() for t in x + [gT]]
+            dout = torch.randn(1, T, H, K, device=device, dtype=dtype)
+
+            def forward(leaves=leaves):
+                return lasp_hf.linear_attention(*leaves, backend="triton")[0]
+
+            def both(leaves=leaves, dout=dout):
+                forward(leaves).backward(dout)
+
+            row = dict(setting=label, T=T, fwd_ms=common.bench_ms(forward, device),
+                       fwd_bwd_ms=common.bench_ms(both, device), **{f"err_{n}": e for n, e in errors.items()})
+            row["kernels"] = " ".join(f"{name}={ms:.2f}" for name, ms in kernel_ms(both, device).items())
+            rows.append(row)
+            print(f"[gla-tune] T={T} {label}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms, "
+                  f"err o {errors['o']:.2e} dg {errors['dg']:.2e}; {row['kernels']}", flush=True)
+    columns = [common.Column("setting", "setting"), common.Column("T", "T", "{}"),
+               common.Column("fwd_ms", "fwd ms", "{:.3f}"), common.Column("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"),
+               common.Column("err_o", "err o", "{:.2e}"), common.Column("err_dq", "err dq", "{:.2e}"),
+               common.Column("err_dk", "err dk", "{:.2e}"), common.Column("err_dv", "err dv", "{:.2e}"),
+               common.Column("err_dg", "err dg", "{:.2e}"), common.Column("kernels", "kernels (ms)")]
+    print(common.format_table(rows, columns), flush=True)
+    name = f"gla-tune-{common.card_slug(env['card'])}"
+    common.write_results(name, env, rows, columns, out_dir=args.out,
+                         notes=[f"errors against the float32 PyTorch reference at {check_T} tokens"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
