@@ -10,7 +10,8 @@ o and every gradient against the float32 PyTorch reference at --check-tokens.
 A setting: `steps` = gla_chunk.STEP_TOKENS (tokens per step of the output, dq, dk and dv scans), `state_steps` =
 STATE_STEP_TOKENS (the segment-state passes), `fwd_bv` = the V block of the output and dv kernels (which hold all
 of K), `bwd_bk` = the K block of dq / dk (which hold all of V), `warps` of those four kernels, `span` =
-FACTORED_SPAN (the largest decay over a step that takes the tensor-core form; < 0: elementwise only). The grid is
+FACTORED_SPAN (the largest decay over a step that takes the tensor-core form; < 0: elementwise only),
+`split_state` = SPLIT_STATE (the output and dv kernels' products with the state in hi + lo parts). The grid is
 the product of the lists given. Output: a table, `gla-tune-<card>.json` + `.md`.
 """
 
@@ -57,6 +58,7 @@ def apply(setting: dict) -> None:
     gla_chunk.STEP_TOKENS = setting["steps"]
     gla_chunk.STATE_STEP_TOKENS = setting["state_steps"]
     gla_chunk.FACTORED_SPAN = setting["span"]
+    gla_chunk.SPLIT_STATE = bool(setting["split_state"])
     K = V = setting["K"]
     gla_chunk.CONFIGS["fwd"] = (K * setting["fwd_bv"], setting["warps"], 2)
     gla_chunk.CONFIGS["dv"] = (K * setting["fwd_bv"], setting["warps"], 2)
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bwd-bk", nargs="*", type=int, default=[64, 32])
     parser.add_argument("--warps", nargs="*", type=int, default=[8])
     parser.add_argument("--span", nargs="*", type=float, default=[40.0])
+    parser.add_argument("--split-state", nargs="*", type=int, default=[1], help="SPLIT_STATE: 1, 0 or both")
     parser.add_argument("--check-tokens", default="4K", help="length of the error check (default 4K)")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.cpu else "cuda")
@@ -100,9 +103,9 @@ def main(argv=None) -> int:
     lengths = [min(parse_tokens(t), 80) if args.tiny else parse_tokens(t) for t in args.tokens]
     check_T = 40 if args.tiny else parse_tokens(args.check_tokens)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    grid = [dict(zip(("steps", "state_steps", "fwd_bv", "bwd_bk", "warps", "span"), values), K=K)
+    grid = [dict(zip(("steps", "state_steps", "fwd_bv", "bwd_bk", "warps", "span", "split_state"), values), K=K)
             for values in itertools.product(args.steps, args.state_steps, args.fwd_bv, args.bwd_bk, args.warps,
-                                            args.span)]
+                                            args.span, args.split_state)]
     if args.dry_run:
         print("\n".join(str(setting) for setting in grid))
         return 0

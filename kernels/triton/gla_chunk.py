@@ -67,6 +67,10 @@ FACTORED_SPAN = 40.0
 # intra-step products, only (k exp(b_last - b))^T v and (q exp(b))^T do, whose exponents are <= 0 at any step
 # length, so they take longer steps (fewer, larger products; 32 tokens keep every tile in registers on sm_90).
 STATE_STEP_TOKENS = 32
+# With 16-bit inputs, the output and dv kernels multiply by the float32 state (dS) split in hi + lo 16-bit parts
+# (one more product per step) instead of its 16-bit rounding: most of o (and dv) comes from that product when the
+# decays are slow, so its rounding would dominate their error.
+SPLIT_STATE = True
 # Per pass: (largest K x V state tile one program holds, in float32 elements; num_warps; num_stages). The output
 # ("fwd") and dv kernels hold all of K and form the intra-step scores A once per V block, so they take the whole
 # 128 x 128 state with 8 warps (one V block: A once per head and step), as the per-head forward does
@@ -187,7 +191,7 @@ def _launch_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool, segme
     s_end = empty(s_in, s_in.shape, s_in.dtype)
     gla_fwd_kernel_output[(S, H, cdiv(V, BV))](
         q, k, v, g, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta),
-        SPAN=FACTORED_SPAN, **meta, **cfg)
+        SPAN=FACTORED_SPAN, SPLIT_STATE=SPLIT_STATE and q.dtype != torch.float32, **meta, **cfg)
     return o, s_in, s_end, seg_decay
 
 
@@ -237,7 +241,7 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan:
     cfg_v, meta_v = _settings("dv", q.dtype, BK, BV, H, K, V, None)
     gla_bwd_kernel_dv[(S, H, cdiv(V, BV))](
         q, k, g, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_v), SPAN=FACTORED_SPAN,
-        **meta_v, **cfg_v)
+        SPLIT_STATE=SPLIT_STATE and q.dtype != torch.float32, **meta_v, **cfg_v)
     if store_start:
         dh0 = ds_start[plan.first_seg_index]
         keep = plan.nonempty.view(-1, 1, 1, 1)

@@ -195,7 +195,7 @@ def gla_kernel_segment_scan(local, seg_decay, each, start, end, seq_first_seg, s
 def gla_fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, scale, CPS,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
-                          SPAN: tl.constexpr, DYN_LOOP: tl.constexpr = False):
+                          SPAN: tl.constexpr, SPLIT_STATE: tl.constexpr, DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, V block), with all of K: scan the segment's steps from S_in, writing o,
     the state at the segment's end and (V block 0) its per-channel log-decay."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -221,7 +221,7 @@ def gla_fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eo
         scores = _step_scores(b_q, b_k, k, g, t0, eos, i_h, o_k, b, r, b_last, r_last, H, K, BT, DT, DOT_PREC, SPAN)
         b_o = tl.dot(scores.to(DT), b_v, input_precision=DOT_PREC)
         q_from_start = (b_q * _masked_exp(b, r == 0)).to(DT)
-        b_o += tl.dot(q_from_start, state.to(DT), input_precision=DOT_PREC)
+        b_o += _dot_f32_right(q_from_start, state, DT, DOT_PREC, SPLIT_STATE)
         tiles_o.store([r0, i_v * BV], (b_o * scale).to(o.dtype.element_ty))
         k_to_end = b_k * _masked_exp(b_last[None, :] - b, r == r_last[None, :])
         state = state * _masked_exp(b_last, r_last == 0)[:, None] + _dot_f32_left(
@@ -274,7 +274,7 @@ def gla_bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos,
 def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPAN: tl.constexpr,
-                      DYN_LOOP: tl.constexpr = False):
+                      SPLIT_STATE: tl.constexpr, DYN_LOOP: tl.constexpr = False):
     """One program per (segment, head, V block), with all of K: reverse scan from dS at the segment's end,
     writing dv = A^T do + (k * exp(b_last - b)) dS_end for the block."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -301,7 +301,7 @@ def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
                               SPAN) * scale
         b_dv = tl.dot(tl.trans(scores.to(DT)), b_do, input_precision=DOT_PREC)
         k_to_end = (b_k * _masked_exp(b_last[None, :] - b, r == r_last[None, :])).to(DT)
-        b_dv += tl.dot(k_to_end, dstate.to(DT), input_precision=DOT_PREC)
+        b_dv += _dot_f32_right(k_to_end, dstate, DT, DOT_PREC, SPLIT_STATE)
         tiles_dv.store([r0, i_v * BV], b_dv.to(dv.dtype.element_ty))
         q_from_start = (b_q * _masked_exp(b, r == 0) * scale).to(DT)
         dstate = dstate * _masked_exp(b_last, r_last == 0)[:, None] + tl.dot(
