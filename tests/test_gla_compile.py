@@ -28,7 +28,8 @@ def test_gla_kernels_compile_for_sm90():
     bwd_bk, bwd_bv = gla_chunk._blocks_k(128, 128, "bwd")
     warps = {phase: config[1] for phase, config in gla_chunk.CONFIGS.items()}
     cases = [
-        (kernels.gla_fwd_kernel_output, dict(base, **span, BK=fwd_bk, BV=fwd_bv, SPLIT=True, SPLIT_STATE=True), warps["fwd"]),
+        (kernels.gla_fwd_kernel_output, dict(base, **span, BK=fwd_bk, BV=fwd_bv, SPLIT=True, SPLIT_STATE=True),
+         warps["fwd"]),
         (kernels.gla_fwd_kernel_segment_state, dict(state, BK=128, BV=64, SPLIT=False, NV=2), warps["state"]),
         (kernels.gla_fwd_kernel_segment_state, dict(state, BK=fwd_bk, BV=fwd_bv, SPLIT=False, NV=1), warps["fwd"]),
         (kernels.gla_bwd_kernel_segment_dstate, dict(state, BK=128, BV=64, SPLIT=True, NV=2, STORE_DECAY=True),
