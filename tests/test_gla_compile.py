@@ -21,7 +21,7 @@ def test_gla_kernels_compile_for_sm90():
     from lasp_hf.kernels.triton import gla_kernels as kernels
 
     base = dict(H=16, K=128, V=128, BT=gla_chunk.STEP_TOKENS, DT=tl.bfloat16, DOT_PREC="tf32", DYN_LOOP=True)
-    span = dict(SPAN=gla_chunk.FACTORED_SPAN)
+    span = dict(SPAN=gla_chunk.FACTORED_SPAN, IDT=tl.bfloat16)
     state = dict(base, BT=gla_chunk.STATE_STEP_TOKENS)  # the segment-state passes' longer steps
     fwd_bk, fwd_bv = gla_chunk._blocks_v(128, 128, "fwd")
     dv_bk, dv_bv = gla_chunk._blocks_v(128, 128, "dv")
@@ -43,8 +43,12 @@ def test_gla_kernels_compile_for_sm90():
         (kernels.gla_kernel_segment_scan, dict(H=16, K=128, V=128, BLOCK=512, HAS_START=True, STORE_EACH=True,
                                                STORE_END=True, REVERSE=True), warps["scan"]),
     ]
+    # float16 inputs: the intra-step products of the tensor-core form take bfloat16 operands (gla_chunk._intra_dtype)
+    half = dict(base, **span, DT=tl.float16, BK=fwd_bk, BV=fwd_bv, SPLIT=True, SPLIT_STATE=True)
+    cases.append((kernels.gla_fwd_kernel_output, half, warps["fwd"]))
     for kernel, constexprs, num_warps in cases:
-        compiled = compile_for_sm90(kernel, constexprs, num_warps)
+        tokens = "*fp16" if constexprs.get("DT") == tl.float16 else "*bf16"
+        compiled = compile_for_sm90(kernel, constexprs, num_warps, tokens=tokens)
         name = getattr(getattr(kernel, "fn", kernel), "__name__", kernel)
         assert compiled.asm.get("cubin"), name
         assert compiled.metadata.shared <= SM90_SHARED_BYTES, (name, compiled.metadata.shared)

@@ -160,6 +160,14 @@ def test_bfloat16_inputs(kernels):
 
 
 @needs_interpreter
+def test_float16_inputs_in_the_tensor_core_form(kernels):
+    # Steps decaying by up to ~30 take the tensor-core form, whose factors reach e^30 times k: float16 (max 65504)
+    # cannot hold them, so those products take bfloat16 operands (float32 in the interpreter); float16 would
+    # give inf here.
+    check(1, 48, 2, 16, 16, decays(1, 48, 2, 16, 2.0), dtype=torch.float16, tol=3e-3)
+
+
+@needs_interpreter
 def test_state_only_passes(kernels):
     """What sequence parallelism uses: the state after all tokens from h0, and dL/dh0 of sum(o * do)."""
     from lasp_hf.kernels.triton import chunk
