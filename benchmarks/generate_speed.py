@@ -272,6 +272,7 @@ class Runner:
         self.decode_steps, self.generate_steps, self.check_steps = decode_steps, generate_steps, check_steps
         self.name, self.model, self.context = None, None, None
         self.checks: dict = {}  # model name -> "ok" / "mismatch ..." of the graph-vs-eager token check
+        self.profile_graph = False  # --profile-graph: the decode-graph rows also record their kernels
 
     def free(self):
         self.context = None
@@ -389,6 +390,27 @@ def _graph_check(run: Runner, name: str, model, T: int) -> str:
     return run.checks[name]
 
 
+def graph_kernels(fn, steps: int, device, top: int = 12) -> dict:
+    """Where a graph step's time goes (`--profile-graph`): kernels per step, their summed GPU time per step and
+    the `top` kernels by time (microseconds per step), from torch.profiler over one call of fn (`steps` steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    per_kernel, count = {}, 0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            count += 1
+            per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.device_time / steps
+    ranked = sorted(per_kernel.items(), key=lambda item: -item[1])[:top]
+    return {
+        "kernels_per_step": count / steps,
+        "kernel_us_per_step": sum(per_kernel.values()),
+        "top_kernels_us": {name[:120]: round(us, 2) for name, us in ranked},
+    }
+
+
 def case_decode(run: Runner, name: str, variant: str, B: int, T: int, smallest_T: int) -> dict:
     model = run.get_model(name)
     row = {}
@@ -410,6 +432,8 @@ def case_decode(run: Runner, name: str, variant: str, B: int, T: int, smallest_T
         gc.collect()
         decoder.steps(4)
         ms = _timed_ms(lambda: decoder.steps(run.decode_steps), run.device)
+        if run.profile_graph and run.device.type == "cuda":
+            row.update(graph_kernels(lambda: decoder.steps(run.decode_steps), run.decode_steps, run.device))
         del decoder
     else:
         token = logits.argmax(dim=-1, keepdim=True)
@@ -693,6 +717,11 @@ def main(argv=None) -> int:
     parser.add_argument("--check-steps", type=int, default=16, help="tokens of the graph-vs-eager check")
     parser.add_argument("--no-compiled", action="store_true", help="skip Llama's compiled static-cache row")
     parser.add_argument(
+        "--profile-graph",
+        action="store_true",
+        help="decode-graph rows also record kernels per step and the top kernels' time (torch.profiler, CUDA)",
+    )
+    parser.add_argument(
         "--hybrid-max-prefill",
         default="128K",
         help="longest hybrid-1b prefill row (its softmax layers are quadratic; default 128K)",
@@ -722,6 +751,7 @@ def main(argv=None) -> int:
         min(args.check_steps, decode_steps),
         _lengths([args.hybrid_max_prefill])[0],
     )
+    run.profile_graph = args.profile_graph
     name = f"generate-{card_slug(env['card'])}" + ("-tiny" if args.tiny else "")
     out_dir = Path(args.out) if args.out else RESULTS_DIR
     extra = {"lengths": lengths, "batch_sizes": batch_sizes, "decode_steps": decode_steps}

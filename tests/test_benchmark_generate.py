@@ -57,6 +57,7 @@ def test_cpu_smoke_run_writes_results(tmp_path):
         [
             "--cpu",
             "--tiny",
+            "--profile-graph",  # accepted everywhere, recorded on CUDA only
             "--lengths",
             "96",
             "--batch-sizes",
