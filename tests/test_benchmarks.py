@@ -327,7 +327,6 @@ def test_comm_bytes_per_layer():
     assert sp_scaling.comm_bytes("single", 4, 1, 16, 128, 128)["total"] == 0
 
 
-@pytest.mark.distributed
 def test_gla_tune_cpu_tiny_in_the_interpreter(tmp_path):
     # The GLA Triton kernels run on CPU tensors only in Triton's interpreter: two settings (16- and 32-token
     # steps), each timed and checked against the float32 PyTorch reference.
@@ -346,6 +345,7 @@ def test_gla_tune_cpu_tiny_in_the_interpreter(tmp_path):
     assert "| setting |" in (tmp_path / "gla-tune-cpu.md").read_text()
 
 
+@pytest.mark.distributed
 def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
     """One torchrun launch, 2 gloo ranks: the unsharded baseline, ring and allgather pass their
     check against the unsharded op (float32, 1e-4) and get an efficiency; lasp-ref is skipped."""
