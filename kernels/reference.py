@@ -182,12 +182,13 @@ def chunk_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None,
     return o, (torch.cat(finals, dim=0) if output_final_state else None)
 
 
-def recurrent_step(q, k, v, g=None, *, scale: float, state=None):
+def recurrent_step(q, k, v, g=None, *, scale: float, state=None, inplace: bool = False):
     """One decoding step of the recurrence.
 
     q, k: [B, H, K]; v: [B, H, V]; g: None, [H] or [B, H]; state: None or [B, H, K, V] (float32).
-    Returns o [B, H, V] in v's dtype and the new float32 state [B, H, K, V].
+    Returns o [B, H, V] in v's dtype and the new float32 state [B, H, K, V] (written into `state` if inplace).
     """
+    given = state
     B, H, K = q.shape
     V = v.shape[-1]
     if state is None:
@@ -199,4 +200,4 @@ def recurrent_step(q, k, v, g=None, *, scale: float, state=None):
         state = decay * state
     state = state + k.float().unsqueeze(-1) * v.float().unsqueeze(-2)
     o = scale * (q.float().unsqueeze(-2) @ state).squeeze(-2)
-    return o.to(v.dtype), state
+    return o.to(v.dtype), given.copy_(state) if inplace else state

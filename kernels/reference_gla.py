@@ -106,15 +106,16 @@ def chunk_linear_attention(q, k, v, g, *, scale: float, initial_state=None, outp
     return o, (torch.cat(finals, dim=0) if output_final_state else None)
 
 
-def recurrent_step(q, k, v, g, *, scale: float, state=None):
+def recurrent_step(q, k, v, g, *, scale: float, state=None, inplace: bool = False):
     """One decoding step with g [B, H, K]: S = diag(exp(g)) S + k^T v, o = scale * q S.
 
-    Returns o [B, H, V] in v's dtype and the new float32 state [B, H, K, V].
+    Returns o [B, H, V] in v's dtype and the new float32 state [B, H, K, V] (written into `state` if inplace).
     """
+    given = state
     B, H, K = q.shape
     V = v.shape[-1]
     if state is None:
         state = q.new_zeros(B, H, K, V, dtype=torch.float32)
     state = g.float().exp().unsqueeze(-1) * state.float() + k.float().unsqueeze(-1) * v.float().unsqueeze(-2)
     o = scale * (q.float().unsqueeze(-2) @ state).squeeze(-2)
-    return o.to(v.dtype), state
+    return o.to(v.dtype), given.copy_(state) if inplace else state

@@ -298,7 +298,4 @@ def linear_attention_step(q, k, v, g=None, *, state=None, scale=None, backend="a
         impl = reference
     if impl is reference and g is not None and g.dim() == 3:
         impl = reference_gla
-    if impl is reference or impl is reference_gla:
-        o, new_state = impl.recurrent_step(q, k, v, g, scale=scale, state=state)
-        return (o, state.copy_(new_state)) if inplace else (o, new_state)
     return impl.recurrent_step(q, k, v, g, scale=scale, state=state, inplace=inplace)
