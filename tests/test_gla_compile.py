@@ -43,7 +43,7 @@ def test_gla_kernels_compile_for_sm90():
         (kernels.gla_kernel_segment_scan, dict(H=16, K=128, V=128, BLOCK=512, HAS_START=True, STORE_EACH=True,
                                                STORE_END=True, REVERSE=True), warps["scan"]),
     ]
-    # float16 inputs: the intra-step products of the tensor-core form take bfloat16 operands (gla_chunk._intra_dtype)
+    # float16 inputs: the intra-step products of the tensor-core form take bfloat16 operands (gla_chunk._intra_meta)
     half = dict(base, **span, DT=tl.float16, BK=fwd_bk, BV=fwd_bv, SPLIT=True, SPLIT_STATE=True)
     cases.append((kernels.gla_fwd_kernel_output, half, warps["fwd"]))
     for kernel, constexprs, num_warps in cases:

@@ -17,7 +17,8 @@ Numerical safety (strong decays, e.g. g = -5 per token): a step is 16 tokens and
   fla's secondary chunking bounds exp(-b) by a reference inside 16-token sub-chunks), when no channel of the
   tile restarts in the step and every channel's decay over the step is at most FACTORED_SPAN (40): each
   factor then lies within exp(+-40), far inside float32 / bf16 range (float16 inputs take bf16 operands
-  there: float16 stops at 65504), split in hi + lo parts (about 16 mantissa bits). Real gates (logsigmoid / 16) almost always take this form.
+  there: float16 stops at 65504), split in hi + lo parts (about 16 mantissa bits). Real gates
+  (logsigmoid / 16) almost always take this form.
 - elementwise otherwise, with the relative decays exp(b_ic - b_jc), one column j at a time, so no exp(-cumsum)
   term exists and every exponent is <= 0. -inf is exact: b sums the finite entries only and a per-channel
   count of restarts zeroes every factor whose interval contains one.
@@ -114,11 +115,15 @@ def _settings(phase: str, dtype, BK: int, BV: int, H: int, K: int, V: int, split
     return cfg, meta
 
 
-def _intra_dtype(dtype):
-    """Operand type of the tensor-core intra-step products (`gla_kernels._dot_f32_both`): their factors reach
-    exp(FACTORED_SPAN) times the inputs, which bfloat16's exponent range holds and float16's (65504) does not,
-    so float16 inputs take bfloat16 there."""
-    return chunk._dot_dtype(torch.bfloat16 if dtype == torch.float16 else dtype)
+def _intra_meta(dtype, split_state: bool = False) -> dict:
+    """Meta-parameters of the kernels with intra-step products (output, dv, dq, dk): FACTORED_SPAN, the operand
+    type of the tensor-core form (`gla_kernels._dot_f32_both`: its factors reach exp(FACTORED_SPAN) times the
+    inputs, which bfloat16's exponent range holds and float16's (65504) does not, so float16 inputs take bfloat16
+    there) and, with split_state (output and dv), SPLIT_STATE for 16-bit inputs."""
+    meta = dict(SPAN=FACTORED_SPAN, IDT=chunk._dot_dtype(torch.bfloat16 if dtype == torch.float16 else dtype))
+    if split_state:
+        meta["SPLIT_STATE"] = SPLIT_STATE and dtype != torch.float32
+    return meta
 
 
 def _loop_bound(plan: _Plan, meta: dict) -> int:
@@ -198,8 +203,7 @@ def _launch_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool, segme
     s_end = empty(s_in, s_in.shape, s_in.dtype)
     gla_fwd_kernel_output[(S, H, cdiv(V, BV))](
         q, k, v, g, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta),
-        SPAN=FACTORED_SPAN, IDT=_intra_dtype(q.dtype), SPLIT_STATE=SPLIT_STATE and q.dtype != torch.float32, **meta,
-        **cfg)
+        **_intra_meta(q.dtype, split_state=True), **meta, **cfg)
     return o, s_in, s_end, seg_decay
 
 
@@ -218,7 +222,7 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan:
     dg = empty(q, q.shape, torch.float32) if need_dg else dq  # q * dq first, then dg (see gla_bwd_kernel_dk)
     gla_bwd_kernel_dq[(S, H, NK)](
         q, k, v, g, do, dq, dg, s_in, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_k),
-        NEED_DG=need_dg, SPAN=FACTORED_SPAN, IDT=_intra_dtype(q.dtype), **meta_k, **cfg_k)
+        NEED_DG=need_dg, **_intra_meta(q.dtype), **meta_k, **cfg_k)
     if callable(dht):
         dht = dht()
     dht = dht.float().contiguous() if dht is not None else None
@@ -244,12 +248,12 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan:
     gla_bwd_kernel_dk[(S, H, NK)](
         q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_coef, plan.seg_bos, plan.seg_eos, scale,
         _loop_bound(plan, meta_k),
-        NEED_DG=need_dg, STORE_START=store_start, SPAN=FACTORED_SPAN, IDT=_intra_dtype(q.dtype), **meta_k, **cfg_k)
+        NEED_DG=need_dg, STORE_START=store_start, **_intra_meta(q.dtype), **meta_k, **cfg_k)
     BK, BV = _blocks_v(K, V, "dv")
     cfg_v, meta_v = _settings("dv", q.dtype, BK, BV, H, K, V, None)
     gla_bwd_kernel_dv[(S, H, cdiv(V, BV))](
-        q, k, g, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_v), SPAN=FACTORED_SPAN,
-        IDT=_intra_dtype(q.dtype), SPLIT_STATE=SPLIT_STATE and q.dtype != torch.float32, **meta_v, **cfg_v)
+        q, k, g, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_v),
+        **_intra_meta(q.dtype, split_state=True), **meta_v, **cfg_v)
     if store_start:
         dh0 = ds_start[plan.first_seg_index]
         keep = plan.nonempty.view(-1, 1, 1, 1)

@@ -97,7 +97,7 @@ def _factorizable(b_last, r_last, SPAN: tl.constexpr):
 def _dot_f32_both(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr):
     """a @ b for float32 a and b: with 16-bit operand types each is split into hi + lo and three products are
     summed (about 16 mantissa bits, as the elementwise form's float32 within a bf16 rounding). DT must hold
-    exp(+-FACTORED_SPAN) times the inputs: bfloat16 or float32, never float16 (`_intra_dtype`)."""
+    exp(+-FACTORED_SPAN) times the inputs: bfloat16 or float32, never float16 (`gla_chunk._intra_meta`)."""
     a_hi = a.to(DT)
     b_hi = b.to(DT)
     out = tl.dot(a_hi, b_hi, input_precision=DOT_PREC)
