@@ -147,6 +147,35 @@ def slopes(H: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- cases
 
 
+def parse_length(text: str) -> int:
+    """"64K" -> 65536, "1M" -> 1048576, "128" -> 128."""
+    value = str(text).strip().upper()
+    scale = {"K": KI, "M": KI * KI}.get(value[-1:], 1)
+    number = value[:-1] if scale > 1 else value
+    if not number.isdigit() or int(number) < 1:
+        raise ValueError(f"length {text!r}: expected a positive number of tokens such as 65536, 64K or 1M")
+    return int(number) * scale
+
+
+def cuda_kernel_times(fn: Callable[[], object], device, calls: int = 1) -> tuple[float, dict]:
+    """(kernels per call, {kernel name: GPU milliseconds per call}) of `calls` calls of fn, by torch.profiler;
+    (0, {}) off CUDA."""
+    if torch.device(device).type != "cuda":
+        return 0.0, {}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+    count, per_kernel = 0, {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            count += 1
+            per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.device_time / 1e3 / calls
+    return count / calls, dict(sorted(per_kernel.items(), key=lambda item: -item[1]))
+
+
 def short_number(n: int) -> str:
     """8192 -> "8K", 131072 -> "128K", 64 -> "64"."""
     return f"{n // KI}K" if n >= KI and n % KI == 0 else str(n)

@@ -54,6 +54,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     KI,
+    cuda_kernel_times,
+    parse_length,
     REPO_ROOT,
     RESULTS_DIR,
     Column,
@@ -392,22 +394,12 @@ def _graph_check(run: Runner, name: str, model, T: int) -> str:
 
 def graph_kernels(fn, steps: int, device, top: int = 12) -> dict:
     """Where a graph step's time goes (`--profile-graph`): kernels per step, their summed GPU time per step and
-    the `top` kernels by time (microseconds per step), from torch.profiler over one call of fn (`steps` steps)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize(device)
-    per_kernel, count = {}, 0
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            count += 1
-            per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.device_time / steps
-    ranked = sorted(per_kernel.items(), key=lambda item: -item[1])[:top]
+    the `top` kernels by time (microseconds per step), over one call of fn (`steps` steps)."""
+    count, per_kernel = cuda_kernel_times(fn, device)
     return {
         "kernels_per_step": count / steps,
-        "kernel_us_per_step": sum(per_kernel.values()),
-        "top_kernels_us": {name[:120]: round(us, 2) for name, us in ranked},
+        "kernel_us_per_step": sum(per_kernel.values()) * 1e3 / steps,
+        "top_kernels_us": {name[:120]: round(ms * 1e3 / steps, 2) for name, ms in list(per_kernel.items())[:top]},
     }
 
 
@@ -692,17 +684,7 @@ COLUMNS = [
 
 
 def _lengths(values):
-    out = []
-    for value in values:
-        text = str(value).upper()
-        out.append(
-            int(text[:-1]) * KI
-            if text.endswith("K")
-            else int(text[:-1]) * KI * KI
-            if text.endswith("M")
-            else int(text)
-        )
-    return tuple(out)
+    return tuple(parse_length(value) for value in values)
 
 
 def main(argv=None) -> int:

@@ -17,21 +17,16 @@ the product of the lists given. Output: a table, `gla-tune-<card>.json` + `.md`.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import sys
 from pathlib import Path
 
 import torch
 
+import lasp_hf
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
-
-def parse_tokens(text: str) -> int:
-    text = text.upper()
-    scale = {"K": common.KI, "M": common.KI * common.KI}.get(text[-1], 1)
-    return int(text.rstrip("KM")) * scale
 
 
 def gates(shape, device, seed: int) -> tuple:
@@ -45,8 +40,6 @@ def gates(shape, device, seed: int) -> tuple:
 def fwd_bwd(q, k, v, g, do, backend: str) -> list:
     """[o, dq, dk, dv, dg] of one forward + backward."""
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
-    import lasp_hf
-
     o, _ = lasp_hf.linear_attention(*leaves, backend=backend)
     o.backward(do)
     return [o.detach()] + [x.grad for x in leaves]
@@ -63,23 +56,6 @@ def apply(setting: dict) -> None:
     gla_chunk.CONFIGS["fwd"] = (K * setting["fwd_bv"], setting["warps"], 2)
     gla_chunk.CONFIGS["dv"] = (K * setting["fwd_bv"], setting["warps"], 2)
     gla_chunk.CONFIGS["bwd"] = (setting["bwd_bk"] * V, setting["warps"], 2)
-
-
-def kernel_ms(fn, device, reps: int = 3) -> dict:
-    """Each GLA kernel's milliseconds per call of fn (CUDA only)."""
-    if device.type != "cuda":
-        return {}
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize(device)
-    total = collections.defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.name.startswith("gla_"):
-            total[event.name.removeprefix("gla_")] += event.device_time / 1e3 / reps
-    return dict(sorted(total.items(), key=lambda item: -item[1]))
 
 
 def main(argv=None) -> int:
@@ -100,8 +76,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     H, K = (2, 32) if args.tiny else (16, 128)
-    lengths = [min(parse_tokens(t), 80) if args.tiny else parse_tokens(t) for t in args.tokens]
-    check_T = 40 if args.tiny else parse_tokens(args.check_tokens)
+    lengths = [min(common.parse_length(t), 80) if args.tiny else common.parse_length(t) for t in args.tokens]
+    check_T = 40 if args.tiny else common.parse_length(args.check_tokens)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     grid = [dict(zip(("steps", "state_steps", "fwd_bv", "bwd_bk", "warps", "span", "split_state"), values), K=K)
             for values in itertools.product(args.steps, args.state_steps, args.fwd_bv, args.bwd_bk, args.warps,
@@ -123,8 +99,6 @@ def main(argv=None) -> int:
         errors = {name: common.relative_error(x.float(), r) for name, x, r in
                   zip(("o", "dq", "dk", "dv", "dg"), out, ref, strict=True)}
         for T in lengths:
-            import lasp_hf
-
             *x, gT = gates((1, T, H, K), device, seed=1)
             leaves = [t.to(dtype).requires_grad_() for t in x] + [gT.requires_grad_()]
             dout = torch.randn(1, T, H, K, device=device, dtype=dtype)
@@ -137,7 +111,9 @@ def main(argv=None) -> int:
 
             row = dict(setting=label, T=T, fwd_ms=common.bench_ms(forward, device),
                        fwd_bwd_ms=common.bench_ms(both, device), **{f"err_{n}": e for n, e in errors.items()})
-            row["kernels"] = " ".join(f"{name}={ms:.2f}" for name, ms in kernel_ms(both, device).items())
+            _, per_kernel = common.cuda_kernel_times(both, device, calls=3)
+            row["kernels"] = " ".join(f"{name.removeprefix('gla_')}={ms:.2f}" for name, ms in per_kernel.items()
+                                      if name.startswith("gla_"))
             rows.append(row)
             print(f"[gla-tune] T={T} {label}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms, "
                   f"err o {errors['o']:.2e} dg {errors['dg']:.2e}; {row['kernels']}", flush=True)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (KI, NO_MULTICAST_ENV, REPO_ROOT, RESULTS_DIR, Column, card_slug, environment,  # noqa: E402
-                    format_table, launch_training, run_process_group, short_number, write_results)
+                    format_table, launch_training, parse_length, run_process_group, short_number, write_results)
 from train_mfu import steady_row  # noqa: E402
 
 OURS = {"tnl-1b": "tnl-1b.json", "hybrid-1b": "hybrid-1b.json"}
@@ -55,16 +55,6 @@ CORPUS = REPO_ROOT / "data/corpus.jsonl"
 CORPUS_TOKENS = 600_000  # fewer than the shipped corpus holds as one document (~750K): repeats never fall short
 SAVERS = {"offload_activations": True, "mlp_chunk_size": 16384, "attention_chunk_size": 16384}
 OOM_PATTERN = re.compile(r"OutOfMemoryError|CUDA out of memory|out of memory", re.IGNORECASE)
-
-
-def parse_length(text: str) -> int:
-    """"64K" -> 65536, "1M" -> 1048576, "128" -> 128."""
-    value = str(text).strip().upper()
-    scale = {"K": KI, "M": KI * KI}.get(value[-1:], 1)
-    number = value[:-1] if scale > 1 else value
-    if not number.isdigit() or int(number) < 1:
-        raise ValueError(f"length {text!r}: expected a positive number of tokens such as 65536, 64K or 1M")
-    return int(number) * scale
 
 
 def one_document_corpus(path: Path, num_tokens: int) -> Path:
