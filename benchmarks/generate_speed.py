@@ -43,6 +43,7 @@ stopped part-way keeps what it measured, noted "partial: n of N cases").
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import sys
@@ -374,10 +375,10 @@ def _graph_decoder(run: Runner, model, B: int, T: int, cache, logits):
     return decoder
 
 
-def _graph_check(run: Runner, name: str, model, T: int) -> str:
+def _graph_check(run: Runner, name: str, model, T: int, key: str) -> str:
     """Greedy tokens of the graph against eager steps from the same prefilled cache (B = 1)."""
-    if name in run.checks:
-        return run.checks[name]
+    if key in run.checks:
+        return run.checks[key]
     cache, logits = run.prefilled(name, T)
     decoder = _graph_decoder(run, model, 1, T, cache, logits)
     graph_tokens = decoder.run(run.check_steps + 1)[:, 1:]
@@ -386,10 +387,10 @@ def _graph_check(run: Runner, name: str, model, T: int) -> str:
     eager_tokens = eager_steps(model, cache, first, run.check_steps)  # consumes the context's cache
     run.context = None
     same = torch.equal(graph_tokens.cpu(), eager_tokens.cpu())
-    run.checks[name] = (
+    run.checks[key] = (
         "ok" if same else f"mismatch: graph {graph_tokens.tolist()} eager {eager_tokens.tolist()}"
     )
-    return run.checks[name]
+    return run.checks[key]
 
 
 def graph_kernels(fn, steps: int, device, top: int = 12) -> dict:
@@ -403,11 +404,30 @@ def graph_kernels(fn, steps: int, device, top: int = 12) -> dict:
     }
 
 
+@contextlib.contextmanager
+def fused_decode(mode: str):
+    """`layers_lasp.FUSED_DECODE` set to mode inside the block ("never": the decoding step's plain PyTorch code)."""
+    from lasp_hf.modeling import layers_lasp
+
+    before, layers_lasp.FUSED_DECODE = layers_lasp.FUSED_DECODE, mode
+    try:
+        yield
+    finally:
+        layers_lasp.FUSED_DECODE = before
+
+
 def case_decode(run: Runner, name: str, variant: str, B: int, T: int, smallest_T: int) -> dict:
+    """variant: "graph" (the CUDA-graph step), "graph-plain" (the same without the fused decoding kernels, its
+    eager check also without them) or "eager"."""
+    with fused_decode("never" if variant == "graph-plain" else "auto"):
+        return _decode_row(run, name, variant.split("-")[0], B, T, smallest_T, key=f"{name}-{variant}")
+
+
+def _decode_row(run: Runner, name: str, variant: str, B: int, T: int, smallest_T: int, key: str) -> dict:
     model = run.get_model(name)
     row = {}
     if variant == "graph":
-        row["check"] = _graph_check(run, name, model, smallest_T)
+        row["check"] = _graph_check(run, name, model, smallest_T, key)
     if B == 1:
         cache, logits = run.prefilled(name, T)
     else:
@@ -493,8 +513,9 @@ def case_generate(run: Runner, name: str, path: str, B: int, T: int) -> dict:
     }
 
 
-def build_cases(models, lengths, batch_sizes, with_compiled: bool) -> Registry:
-    """The cases in run order: per model, the generate rows, then per length its prefill and decode rows."""
+def build_cases(models, lengths, batch_sizes, with_compiled: bool, plain_graph: bool = False) -> Registry:
+    """The cases in run order: per model, the generate rows, then per length its prefill and decode rows
+    (plain_graph: also the graph step without the fused decoding kernels)."""
     cases = Registry()
     smallest = min(lengths)
     for name in models:
@@ -510,7 +531,8 @@ def build_cases(models, lengths, batch_sizes, with_compiled: bool) -> Registry:
             cases.case(f"{name}-generate-compiled", dict(B=1, T=T))(
                 lambda run, B, T, name=name: case_generate(run, name, "compiled", B, T)
             )
-        variants = ("graph", "eager") if name in OURS else ("eager",)
+        variants = (("graph", "graph-plain", "eager") if plain_graph else ("graph", "eager")) if name in OURS \
+            else ("eager",)
         for T in lengths:
             cases.case(f"{name}-prefill", dict(B=1, T=T))(
                 lambda run, B, T, name=name: case_prefill(run, name, B, T)
@@ -589,7 +611,7 @@ def targets(rows, lengths) -> list[str]:
     """The issue's targets, read off the rows (a target whose rows are missing says so)."""
     notes = []
     graph = [
-        r for r in rows if r["case"].startswith("tnl-1b-decode-graph") and r["B"] == 1 and r["status"] == "ok"
+        r for r in rows if r["case"].startswith("tnl-1b-decode-graph-B") and r["B"] == 1 and r["status"] == "ok"
     ]
     checked = all(r.get("check") == "ok" for r in graph)
     if graph and checked:
@@ -601,7 +623,7 @@ def targets(rows, lengths) -> list[str]:
     elif graph:
         notes.append("tnl-1b graph decode: the token check failed, no speed reported as a result")
     at32 = 32 * KI
-    ours32 = _find(rows, "tnl-1b-decode-graph", at32)
+    ours32 = _find(rows, "tnl-1b-decode-graph-B", at32)
     llama32 = [
         r
         for r in (_find(rows, "llama-1b-decode-eager", at32), _find(rows, "llama-1b-generate-compiled", at32))
@@ -704,6 +726,11 @@ def main(argv=None) -> int:
         help="decode-graph rows also record kernels per step and the top kernels' time (torch.profiler, CUDA)",
     )
     parser.add_argument(
+        "--plain-graph",
+        action="store_true",
+        help="also time our graph step without the fused decoding kernels (decode-graph-plain rows)",
+    )
+    parser.add_argument(
         "--hybrid-max-prefill",
         default="128K",
         help="longest hybrid-1b prefill row (its softmax layers are quadratic; default 128K)",
@@ -718,7 +745,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.models) - set(OURS + PEERS))
     if unknown:
         parser.error(f"unknown models {unknown}; the models are {list(OURS + PEERS)}")
-    cases = build_cases(args.models, lengths, batch_sizes, not args.no_compiled).select(args.cases)
+    cases = build_cases(args.models, lengths, batch_sizes, not args.no_compiled, args.plain_graph).select(args.cases)
     if args.dry_run:
         print("\n".join(case.name for case in cases))
         return 0

@@ -12,7 +12,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 from lasp_hf.kernels.host import host_bounds
-from lasp_hf.ops import linear_attention, linear_attention_step
+from lasp_hf.ops import linear_attention, linear_attention_step, resolve_backend
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -67,6 +67,39 @@ def build_norm(config: LaspConfig, dim: int) -> nn.Module:
     return norm_class(dim, eps=config.rms_norm_eps)
 
 
+# The fused decoding step (`lasp_hf.kernels.triton.decode`): "auto" on CUDA tensors when Triton imports, "always"
+# wherever the Triton kernels run (also in the interpreter, for tests), "never" (the layers' plain PyTorch code).
+FUSED_DECODE = "auto"
+
+
+def fused_decode_applies(x: torch.Tensor, cache, sp_context, weight: torch.Tensor) -> bool:
+    """Whether a block's call on x `[B, T, hidden]` is a decoding step that the fused kernels take: one token per
+    row, a cache, no gradients, no autocast, no SP group, x and the weights of one dtype."""
+    if FUSED_DECODE == "never" or x.shape[1] != 1 or cache is None or sp_context is not None:
+        return False
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype:
+        return False
+    if FUSED_DECODE == "auto" and (x.device.type != "cuda" or resolve_backend("auto", x.device) != "triton"):
+        return False
+    return True
+
+
+def fused_linear(*args, **kwargs):
+    """`lasp_hf.kernels.triton.decode.fused_linear`, imported on first use (Triton is needed only there)."""
+    from lasp_hf.kernels.triton.decode import fused_linear as kernel
+
+    return kernel(*args, **kwargs)
+
+
+def _norm_args(norm: nn.Module, dtype) -> dict | None:
+    """fused_linear's prologue of a LaspRMSNorm / LaspSRMSNorm (eps, weight), or None when its weight is of another
+    dtype than the input (eager PyTorch would promote the product: the plain path keeps that)."""
+    weight = getattr(norm, "weight", None)
+    if weight is not None and weight.dtype != dtype:
+        return None
+    return {"norm_eps": norm.eps, "norm_weight": weight}
+
+
 class LaspGLU(nn.Module):
     """Channel mixer: `down(act(gate(x)) * up(x))`, act = identity (SGLU, TransNormerLLM) or SiLU (SwiGLU)."""
 
@@ -79,6 +112,20 @@ class LaspGLU(nn.Module):
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+    def decode_step(self, x, norm: nn.Module):
+        """x + forward(norm(x)) for one token per row, x `[B, 1, hidden]`, in two fused launches (norm, both
+        projections, activation and product; down projection and residual), or None when the norm's weight has
+        another dtype than x."""
+        norm_args = _norm_args(norm, x.dtype)
+        if norm_args is None:
+            return None
+        x2 = x.reshape(x.shape[0], -1)
+        act = "silu" if isinstance(self.act, nn.SiLU) else "identity"
+        (h,) = fused_linear(x2, [self.gate_proj.weight, self.up_proj.weight], acts=[act, "identity"], glu=True,
+                            **norm_args)
+        (out,) = fused_linear(h, [self.down_proj.weight], residual=x2)
+        return out.view_as(x)
 
 
 def chunked_over_tokens(fn: Callable, chunk_size: int, *inputs: torch.Tensor | None):
@@ -179,7 +226,9 @@ class LaspLinearAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, v_width, bias=False)
 
         default_act = {"lightning": "silu", "linear": config.feature_map, "gated": "identity", "gla": "identity"}
-        self.qk_act = build_qk_activation(getattr(config, "qk_activation", None) or default_act[self.kind])
+        qk_act = getattr(config, "qk_activation", None) or default_act[self.kind]
+        self.qk_act = build_qk_activation(qk_act)
+        self._fused_qk_act = {"elu": "elu_plus_one"}.get(qk_act, qk_act)  # its name in the fused decoding step
         self.position = build_position_encoding(config, layer_idx)
 
         output_norm = getattr(config, "output_norm", "all_heads")
@@ -262,6 +311,60 @@ class LaspLinearAttention(nn.Module):
             o = self.u_act(self.u_proj(x)) * o
         return self.o_proj(o)
 
+    def _step(self, q, k, v, g, state, inplace: bool):
+        """The op's decoding step on one token per row, q, k `[B, 1, H, D']`, v `[B, 1, H, V]`."""
+        # A per-token decay ([B, 1, H] or [B, 1, H, D]) loses its token axis; a fixed one is [H].
+        g_step = g[:, 0] if (g is not None and g.dim() >= 3) else g
+        o, new_state = linear_attention_step(
+            q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale, inplace=inplace
+        )
+        return o[:, None], new_state
+
+    def decode_step(self, x, input_norm: nn.Module, cache, position_ids=None, mask=None):
+        """x plus this mixer's output for one token per row, x `[B, 1, hidden]` (the block input; input_norm the
+        block's norm), in three launches: the fused norm and q / k / v / gate projections with their
+        activations, the op's step, the fused output norm, gate, o_proj and residual (`fused_linear`). The same
+        arithmetic as `forward`, rounded where it rounds; a gated decay's projection reads the normed x, which
+        then runs on its own. None when a norm's weight has another dtype than x (the plain path then runs)."""
+        B = x.shape[0]
+        in_norm, out_norm = _norm_args(input_norm, x.dtype), _norm_args(self.o_norm, x.dtype)
+        if in_norm is None or out_norm is None:
+            return None
+        x2 = x.reshape(B, -1)
+        weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        acts = [self._fused_qk_act, self._fused_qk_act, "identity"]
+        if self.u_proj is not None:
+            weights.append(self.u_proj.weight)
+            acts.append({nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Identity: "identity"}[type(self.u_act)])
+        g = None
+        if self.decay_proj is not None:
+            normed = input_norm(x)
+            g = self.decay_proj(normed)
+            outputs = fused_linear(normed.reshape(B, -1), weights, acts=acts)
+        else:
+            outputs = fused_linear(x2, weights, acts=acts, **in_norm)
+        shape = (B, 1, self.num_heads, -1)
+        q, k = (self.position(t.view(shape), position_ids) for t in outputs[:2])
+        v = outputs[2].view(shape)
+        if self.decay is not None:
+            g = self.decay if mask is None else self.decay.expand(B, 1, self.num_heads)
+        if mask is not None:  # as `_project` and `forward`: a padded token neither adds to the state nor decays it
+            pad = ~mask[:, :, None]
+            k, v = k.masked_fill(pad[..., None], 0.0), v.masked_fill(pad[..., None], 0.0)
+            if g is not None:
+                g = g.masked_fill(pad if g.dim() == 3 else pad[..., None], 0.0)
+        inplace = getattr(cache, "steps_in_place", False) and v.shape[-1] <= MAX_VALUE_BLOCK
+        o, new_state = in_value_blocks(
+            lambda v, state: self._step(q, k, v, g, state, inplace), v, cache.get_state(self.layer_idx),
+            MAX_VALUE_BLOCK,
+        )
+        cache.set_state(new_state, self.layer_idx, k, v, g)
+        group = None if self.normalize_output is OUTPUT_NORMS["all_heads"] else self.value_head_dim
+        gate = outputs[3] if self.u_proj is not None else None
+        (out,) = fused_linear(o.reshape(B, -1), [self.o_proj.weight], gate=gate, residual=x2, norm_group=group,
+                              **out_norm)
+        return out.view_as(x)
+
     def forward(
         self,
         hidden_states,
@@ -299,13 +402,7 @@ class LaspLinearAttention(nn.Module):
 
         def attend(v, state):
             if state is not None and T == 1:
-                # One decoding token: O(1) in the context length.
-                # A per-token decay ([B, 1, H] or [B, 1, H, D]) loses its token axis; a fixed one is [H].
-                g_step = g[:, 0] if (g is not None and g.dim() >= 3) else g
-                o, new_state = linear_attention_step(
-                    q[:, 0], k[:, 0], v[:, 0], g_step, state=state, scale=self.scale, inplace=inplace
-                )
-                return o[:, None], new_state
+                return self._step(q, k, v, g, state, inplace)  # one decoding token: O(1) in the context length
             return linear_attention(
                 q,
                 k,

@@ -28,6 +28,7 @@ from .layers_lasp import (
     LaspSoftmaxAttention,
     build_norm,
     chunked_over_tokens,
+    fused_decode_applies,
 )
 from .parts_lasp import LinearLrpe, LinearRotary, fixed_decay
 from .loss_lasp import chunked_cross_entropy
@@ -98,6 +99,12 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
     ):
         """Returns the block's output, or (output, attention weights) with `output_attentions` (the weights of a
         softmax layer, None for a linear layer, which has no attention matrix)."""
+        if not output_attentions and fused_decode_applies(
+            hidden_states, cache, sp_context, self.channel_mixer.down_proj.weight
+        ):
+            fused = self._decode_step(hidden_states, linear_mask, attn_mask, position_embeddings, cache, kwargs)
+            if fused is not None:
+                return fused
         residual = hidden_states
         attn_weights = None
         if self.layer_type == "full_attention":
@@ -129,6 +136,30 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
         else:
             hidden_states = hidden_states + chunked_over_tokens(self._mix_channels, chunk_size, hidden_states)
         return (hidden_states, attn_weights) if output_attentions else hidden_states
+
+    def _decode_step(self, hidden_states, linear_mask, attn_mask, position_embeddings, cache, kwargs):
+        """The block on one token per row with the fused decoding kernels (`fused_decode_applies`): the same
+        arithmetic as `forward` in five launches per linear-attention block, or None (nothing done) when a part
+        cannot take them."""
+        if self.layer_type == "full_attention":
+            attn_out, _ = self.token_mixer(
+                self.input_layernorm(hidden_states),
+                position_embeddings=position_embeddings,
+                attn_mask=attn_mask,
+                cache=cache,
+                **kwargs,
+            )
+            mixed = hidden_states + attn_out
+        else:
+            mixed = self.token_mixer.decode_step(
+                hidden_states, self.input_layernorm, cache, kwargs.get("position_ids"), linear_mask
+            )
+            if mixed is None:
+                return None
+        out = self.channel_mixer.decode_step(mixed, self.post_attention_layernorm)
+        if out is None:  # the softmax half above already ran: finish the block on the plain path
+            return mixed + self._mix_channels(mixed)
+        return out
 
 
 class LaspPreTrainedModel(PreTrainedModel):
