@@ -91,6 +91,12 @@ def fused_linear(*args, **kwargs):
     return kernel(*args, **kwargs)
 
 
+def fused_norm_group_ok(group: int) -> bool:
+    """Whether fused_linear normalizes groups of this many features one block at a time (a per-head output norm):
+    a power of two up to `decode.MAX_NORM_GROUP` (512)."""
+    return group & (group - 1) == 0 and group <= 512
+
+
 def _norm_args(norm: nn.Module, dtype) -> dict | None:
     """fused_linear's prologue of a LaspRMSNorm / LaspSRMSNorm (eps, weight), or None when its weight is of another
     dtype than the input (eager PyTorch would promote the product: the plain path keeps that)."""
@@ -328,7 +334,8 @@ class LaspLinearAttention(nn.Module):
         then runs on its own. None when a norm's weight has another dtype than x (the plain path then runs)."""
         B = x.shape[0]
         in_norm, out_norm = _norm_args(input_norm, x.dtype), _norm_args(self.o_norm, x.dtype)
-        if in_norm is None or out_norm is None:
+        group = None if self.normalize_output is OUTPUT_NORMS["all_heads"] else self.value_head_dim
+        if in_norm is None or out_norm is None or (group is not None and not fused_norm_group_ok(group)):
             return None
         x2 = x.reshape(B, -1)
         weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
@@ -359,7 +366,6 @@ class LaspLinearAttention(nn.Module):
             MAX_VALUE_BLOCK,
         )
         cache.set_state(new_state, self.layer_idx, k, v, g)
-        group = None if self.normalize_output is OUTPUT_NORMS["all_heads"] else self.value_head_dim
         gate = outputs[3] if self.u_proj is not None else None
         (out,) = fused_linear(o.reshape(B, -1), [self.o_proj.weight], gate=gate, residual=x2, norm_group=group,
                               **out_norm)

@@ -238,3 +238,17 @@ def test_graph_decoder_takes_the_fused_step(counted):
     fused = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
     assert counted
     assert torch.equal(fused, plain)
+
+
+@needs_interpreter
+def test_per_head_norm_of_odd_width_takes_the_plain_mixer(counted):
+    """A per-head output norm over 24 channels (not a power of two) is not one of the kernel's blocks: the block
+    runs its plain path (nothing fused, no error) and the logits are the plain path's."""
+    spec = {**MIXERS["gla-per-head-norm"], "value_head_dim": 24}
+    model = tiny_model(spec)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        plain, _ = decode_logits(model, ids, "never")
+        fused, _ = decode_logits(model, ids, "always")
+    assert counted == []
+    assert rel_err(fused, plain.double()) < TOL_FP32
