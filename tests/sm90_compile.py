@@ -11,10 +11,11 @@ _TOKEN_TENSORS = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}
 _SCALARS = {"scale": "fp32", "CPS": "i32", "NUM_TOKENS": "i32", "MAX_SEGS": "i32"}
 
 
-def compile_for_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int = 2, tokens: str = "*bf16"):
+def compile_for_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int = 2, tokens: str = "*bf16",
+                     types: dict | None = None):
     """`kernel` (a `@triton.jit` function or its `launch.fast` wrapper) compiled for sm_90 with `constexprs`;
-    token tensors have element type `tokens`, other pointers float32. Skips the test where this Triton cannot
-    compile ahead of time."""
+    token tensors have element type `tokens`, other pointers float32, `types` any argument's type by name
+    ("i32", "*bf16", ...). Skips the test where this Triton cannot compile ahead of time."""
     import triton
 
     try:
@@ -29,6 +30,8 @@ def compile_for_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int =
             signature[name] = "constexpr"
         elif name in _INDEX_POINTERS:
             signature[name] = "*i32"
+        elif types and name in types:
+            signature[name] = types[name]
         else:
             signature[name] = _SCALARS.get(name) or (tokens if name in _TOKEN_TENSORS else "*fp32")
     source = ASTSource(fn, signature, {n: v for n, v in constexprs.items() if n in fn.arg_names})

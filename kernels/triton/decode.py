@@ -31,6 +31,7 @@ ACTIVATIONS = {"identity": ACT_IDENTITY, "silu": ACT_SILU, "elu_plus_one": ACT_E
 MAX_WEIGHTS = 4
 # The widest norm group taken one block at a time (a per-head output norm); wider groups must be the whole row.
 MAX_NORM_GROUP = 512
+NUM_WARPS, NUM_STAGES = 4, 3
 
 
 @triton.jit
@@ -76,17 +77,21 @@ def _input_block(x, gate, norm_w, rstd, o_m, m_m, d0, D, eps,
 
 @triton.jit
 def _product(b_x, w, o_n, m_n, d0, D, BD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr):
-    """b_x [BM, BD] times rows o_n of W [N, D] at columns d0 .. d0 + BD, transposed: [BM, BN] in float32."""
+    """b_x [BM, BD] times rows o_n of W [N, D] at columns d0 .. d0 + BD, transposed: [BM, BN] in float32 (BM = 1:
+    the products [BN, BD] before the sum over D)."""
     o_d = d0 + tl.arange(0, BD)
-    if BM == 1:  # one row: multiply and sum (no tensor-core tile to fill)
+    if BM == 1:  # one row: the elementwise products, summed over D by the caller after its loop
         b_w = tl.load(w + o_n[:, None].to(tl.int64) * D + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :],
                       other=0.0)
-        return tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], 2)
-    b_wt = tl.load(w + o_n[None, :].to(tl.int64) * D + o_d[:, None], mask=m_n[None, :] & (o_d < D)[:, None],
-                   other=0.0)  # [BD, BN]
-    if DT == tl.float32:
-        return tl.dot(b_x.to(DT), b_wt.to(DT), input_precision="ieee")
-    return tl.dot(b_x, b_wt)
+        out = b_w.to(tl.float32) * b_x.to(tl.float32)
+    else:
+        b_wt = tl.load(w + o_n[None, :].to(tl.int64) * D + o_d[:, None], mask=m_n[None, :] & (o_d < D)[:, None],
+                       other=0.0)  # [BD, BN]
+        if DT == tl.float32:
+            out = tl.dot(b_x.to(DT), b_wt.to(DT), input_precision="ieee")
+        else:
+            out = tl.dot(b_x, b_wt)
+    return out
 
 
 @triton.jit
@@ -124,13 +129,26 @@ def decode_fwd_kernel_linear(x, gate, norm_w, residual, w0, w1, w2, w3, y0, y1, 
     o_n = blk * BN + tl.arange(0, BN)
     m_n = o_n < N
 
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    acc_up = tl.zeros([BM, BN], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        b_x = _input_block(x, gate, norm_w, rstd, o_m, m_m, d0, D, eps, NORM, NORM_G, HAS_NORM_W, HAS_GATE, BD)
-        acc += _product(b_x, w, o_n, m_n, d0, D, BD, BM, DT)
-        if GLU:
-            acc_up += _product(b_x, w1, o_n, m_n, d0, D, BD, BM, DT)
+    if BM == 1:  # partial sums per lane across the loop, one reduction at its end
+        part = tl.zeros([BN, BD], dtype=tl.float32)
+        part_up = tl.zeros([BN, BD], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            b_x = _input_block(x, gate, norm_w, rstd, o_m, m_m, d0, D, eps, NORM, NORM_G, HAS_NORM_W, HAS_GATE,
+                               BD)
+            part += _product(b_x, w, o_n, m_n, d0, D, BD, BM, DT)
+            if GLU:
+                part_up += _product(b_x, w1, o_n, m_n, d0, D, BD, BM, DT)
+        acc = tl.sum(part, 1)[None, :]
+        acc_up = tl.sum(part_up, 1)[None, :]
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_up = tl.zeros([BM, BN], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            b_x = _input_block(x, gate, norm_w, rstd, o_m, m_m, d0, D, eps, NORM, NORM_G, HAS_NORM_W, HAS_GATE,
+                               BD)
+            acc += _product(b_x, w, o_n, m_n, d0, D, BD, BM, DT)
+            if GLU:
+                acc_up += _product(b_x, w1, o_n, m_n, d0, D, BD, BM, DT)
 
     dtype = x.dtype.element_ty
     out = acc.to(dtype)
@@ -154,13 +172,20 @@ def decode_fwd_kernel_linear(x, gate, norm_w, residual, w0, w1, w2, w3, y0, y1, 
 _kernel = fast(decode_fwd_kernel_linear)
 
 
-def _tiles(M: int, D: int, total_rows: int, group: int | None) -> tuple[int, int, int, int]:
-    """(BM, BN, BD, num_warps): BN small enough that the programs cover every SM about twice (the product is a
-    read of the weights), BD = the norm group when the norm is per block."""
+def launch_meta(M: int, D: int, rows: list, acts: list, glu: bool, group: int | None, dtype, *, norm: bool,
+                norm_weight: bool, gate: bool, residual: bool) -> tuple[dict, list]:
+    """(the kernel's constexprs, row blocks per weight). BN: small enough that the programs cover every SM about
+    twice (the product is a read of the weights); one row keeps BN x BD partial sums (at most 4096: about 150
+    registers at 4 warps on sm_90, no spills); BD = the norm group when the norm is per block."""
     BM = 1 if M == 1 else max(16, next_pow2(M))
-    BN = 16 if BM > 1 else min(64, max(8, next_pow2(max(1, total_rows // 256))))
-    BD = group if group is not None else (256 if BM == 1 else 64)
-    return BM, BN, BD, 4
+    total = rows[0] if glu else sum(rows)
+    BN = 16 if BM > 1 else min(64, max(8, next_pow2(max(1, total // 256))))
+    BD = group if group is not None else (min(256, 4096 // BN) if BM == 1 else 64)
+    codes = [ACTIVATIONS[a] for a in acts] + [ACT_IDENTITY] * (MAX_WEIGHTS - len(acts))
+    meta = dict(NUM_W=len(rows), ACT0=codes[0], ACT1=codes[1], ACT2=codes[2], ACT3=codes[3], GLU=glu, NORM=norm,
+                NORM_G=group if group is not None else D, HAS_NORM_W=norm_weight, HAS_GATE=gate, HAS_RES=residual,
+                DT=_dot_dtype(dtype), BM=BM, BN=BN, BD=BD)
+    return meta, [cdiv(n, BN) for n in rows]
 
 
 def fused_linear(x, weights, *, acts=None, glu: bool = False, norm_eps: float | None = None, norm_weight=None,
@@ -191,24 +216,20 @@ def fused_linear(x, weights, *, acts=None, glu: bool = False, norm_eps: float | 
         assert D % norm_group == 0 and norm_group <= MAX_NORM_GROUP and norm_group == next_pow2(norm_group)
         group = norm_group
     rows = [w.shape[0] for w in weights]
-    BM, BN, BD, num_warps = _tiles(M, D, rows[0] if glu else sum(rows), group)
-    blocks = [cdiv(n, BN) for n in rows]
+    meta, blocks = launch_meta(M, D, rows, acts, glu, group, x.dtype, norm=norm_eps is not None,
+                               norm_weight=norm_weight is not None, gate=gate is not None,
+                               residual=residual is not None)
     outputs = [empty(x, (M, n), x.dtype) for n in (rows[:1] if glu else rows)]
     w_args = list(weights) + [weights[0]] * (MAX_WEIGHTS - num_w)
     y_args = outputs + [outputs[0]] * (MAX_WEIGHTS - len(outputs))
     n_args = rows + [0] * (MAX_WEIGHTS - num_w)
     nb = (blocks + [0] * MAX_WEIGHTS)[:3]
-    act_codes = [ACTIVATIONS[a] for a in acts] + [ACT_IDENTITY] * (MAX_WEIGHTS - num_w)
     grid = (blocks[0] if glu else sum(blocks),)
-    cfg = {} if interpreting() else {"num_warps": num_warps, "num_stages": 3}
+    cfg = {} if interpreting() else {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
     _kernel[grid](
         x, gate if gate is not None else x, norm_weight if norm_weight is not None else x,
         residual if residual is not None else x, *w_args, *y_args, M, D, *n_args, *nb,
-        float(norm_eps if norm_eps is not None else 0.0),
-        NUM_W=num_w, ACT0=act_codes[0], ACT1=act_codes[1], ACT2=act_codes[2], ACT3=act_codes[3], GLU=glu,
-        NORM=norm_eps is not None, NORM_G=group if group is not None else D, HAS_NORM_W=norm_weight is not None,
-        HAS_GATE=gate is not None, HAS_RES=residual is not None, DT=_dot_dtype(x.dtype), BM=BM, BN=BN,
-        BD=BD, **cfg)
+        float(norm_eps if norm_eps is not None else 0.0), **meta, **cfg)
     return tuple(outputs)
 
 
