@@ -276,6 +276,7 @@ class Runner:
         self.name, self.model, self.context = None, None, None
         self.checks: dict = {}  # model name -> "ok" / "mismatch ..." of the graph-vs-eager token check
         self.profile_graph = False  # --profile-graph: the decode-graph rows also record their kernels
+        self.fused_decode = "auto"  # --fused-decode: layers_lasp.FUSED_DECODE of our rows (graph-plain: "never")
 
     def free(self):
         self.context = None
@@ -419,7 +420,7 @@ def fused_decode(mode: str):
 def case_decode(run: Runner, name: str, variant: str, B: int, T: int, smallest_T: int) -> dict:
     """variant: "graph" (the CUDA-graph step), "graph-plain" (the same without the fused decoding kernels, its
     eager check also without them) or "eager"."""
-    with fused_decode("never" if variant == "graph-plain" else "auto"):
+    with fused_decode("never" if variant == "graph-plain" else run.fused_decode):
         return _decode_row(run, name, variant.split("-")[0], B, T, smallest_T, key=f"{name}-{variant}")
 
 
@@ -726,6 +727,12 @@ def main(argv=None) -> int:
         help="decode-graph rows also record kernels per step and the top kernels' time (torch.profiler, CUDA)",
     )
     parser.add_argument(
+        "--fused-decode",
+        choices=("auto", "never"),
+        default="auto",
+        help="our decoding steps with the fused decoding kernels (auto, on CUDA) or without (never); every row",
+    )
+    parser.add_argument(
         "--plain-graph",
         action="store_true",
         help="also time our graph step without the fused decoding kernels (decode-graph-plain rows)",
@@ -761,6 +768,10 @@ def main(argv=None) -> int:
         _lengths([args.hybrid_max_prefill])[0],
     )
     run.profile_graph = args.profile_graph
+    run.fused_decode = args.fused_decode
+    from lasp_hf.modeling import layers_lasp
+
+    layers_lasp.FUSED_DECODE = args.fused_decode  # every row of ours (the generate rows too)
     name = f"generate-{card_slug(env['card'])}" + ("-tiny" if args.tiny else "")
     out_dir = Path(args.out) if args.out else RESULTS_DIR
     extra = {"lengths": lengths, "batch_sizes": batch_sizes, "decode_steps": decode_steps}

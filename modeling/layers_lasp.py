@@ -69,7 +69,9 @@ def build_norm(config: LaspConfig, dim: int) -> nn.Module:
 
 # The fused decoding step (`lasp_hf.kernels.triton.decode`): "auto" on CUDA tensors when Triton imports, "always"
 # wherever the Triton kernels run (also in the interpreter, for tests), "never" (the layers' plain PyTorch code).
-FUSED_DECODE = "auto"
+# Off by default until its speed against the plain step is measured on a GPU (`generate_speed.py --plain-graph`):
+# tested against float64 and the plain path in Triton's interpreter and compiled for sm_90, not yet timed.
+FUSED_DECODE = "never"
 
 
 def fused_decode_applies(x: torch.Tensor, cache, sp_context, weight: torch.Tensor) -> bool:
