@@ -100,7 +100,8 @@ def decode_fwd_kernel_linear(x, gate, norm_w, residual, w0, w1, w2, w3, y0, y1, 
                              NUM_W: tl.constexpr, ACT0: tl.constexpr, ACT1: tl.constexpr, ACT2: tl.constexpr,
                              ACT3: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, NORM_G: tl.constexpr,
                              HAS_NORM_W: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
-                             DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                             DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                             PR: tl.constexpr, PC: tl.constexpr):
     """One program per BN output rows of one weight (weights in order: NB0, NB1, NB2 blocks before weights 1, 2,
     3) for all M rows of x (BM >= M)."""
     pid = tl.program_id(0)
@@ -129,26 +130,19 @@ def decode_fwd_kernel_linear(x, gate, norm_w, residual, w0, w1, w2, w3, y0, y1, 
     o_n = blk * BN + tl.arange(0, BN)
     m_n = o_n < N
 
-    if BM == 1:  # partial sums per lane across the loop, one reduction at its end
-        part = tl.zeros([BN, BD], dtype=tl.float32)
-        part_up = tl.zeros([BN, BD], dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            b_x = _input_block(x, gate, norm_w, rstd, o_m, m_m, d0, D, eps, NORM, NORM_G, HAS_NORM_W, HAS_GATE,
-                               BD)
-            part += _product(b_x, w, o_n, m_n, d0, D, BD, BM, DT)
-            if GLU:
-                part_up += _product(b_x, w1, o_n, m_n, d0, D, BD, BM, DT)
-        acc = tl.sum(part, 1)[None, :]
-        acc_up = tl.sum(part_up, 1)[None, :]
+    # Running sums [PR, PC]: [BM, BN] products, or with one row its [BN, BD] elementwise products (partial sums
+    # per lane across the loop, one reduction at its end).
+    part = tl.zeros([PR, PC], dtype=tl.float32)
+    part_up = tl.zeros([PR, PC], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        b_x = _input_block(x, gate, norm_w, rstd, o_m, m_m, d0, D, eps, NORM, NORM_G, HAS_NORM_W, HAS_GATE, BD)
+        part += _product(b_x, w, o_n, m_n, d0, D, BD, BM, DT)
+        if GLU:
+            part_up += _product(b_x, w1, o_n, m_n, d0, D, BD, BM, DT)
+    if BM == 1:
+        acc, acc_up = tl.sum(part, 1)[None, :], tl.sum(part_up, 1)[None, :]
     else:
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        acc_up = tl.zeros([BM, BN], dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            b_x = _input_block(x, gate, norm_w, rstd, o_m, m_m, d0, D, eps, NORM, NORM_G, HAS_NORM_W, HAS_GATE,
-                               BD)
-            acc += _product(b_x, w, o_n, m_n, d0, D, BD, BM, DT)
-            if GLU:
-                acc_up += _product(b_x, w1, o_n, m_n, d0, D, BD, BM, DT)
+        acc, acc_up = part, part_up
 
     dtype = x.dtype.element_ty
     out = acc.to(dtype)
@@ -184,7 +178,7 @@ def launch_meta(M: int, D: int, rows: list, acts: list, glu: bool, group: int | 
     codes = [ACTIVATIONS[a] for a in acts] + [ACT_IDENTITY] * (MAX_WEIGHTS - len(acts))
     meta = dict(NUM_W=len(rows), ACT0=codes[0], ACT1=codes[1], ACT2=codes[2], ACT3=codes[3], GLU=glu, NORM=norm,
                 NORM_G=group if group is not None else D, HAS_NORM_W=norm_weight, HAS_GATE=gate, HAS_RES=residual,
-                DT=_dot_dtype(dtype), BM=BM, BN=BN, BD=BD)
+                DT=_dot_dtype(dtype), BM=BM, BN=BN, BD=BD, PR=BN if BM == 1 else BM, PC=BD if BM == 1 else BN)
     return meta, [cdiv(n, BN) for n in rows]
 
 
