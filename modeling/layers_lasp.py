@@ -69,8 +69,9 @@ def build_norm(config: LaspConfig, dim: int) -> nn.Module:
 
 # The fused decoding step (`lasp_hf.kernels.triton.decode`): "auto" on CUDA tensors when Triton imports, "always"
 # wherever the Triton kernels run (also in the interpreter, for tests), "never" (the layers' plain PyTorch code).
-# Off by default until its speed against the plain step is measured on a GPU (`generate_speed.py --plain-graph`):
-# tested against float64 and the plain path in Triton's interpreter and compiled for sm_90, not yet timed.
+# Off by default: on one H100 (tnl-1b, 32K, B = 1) its CUDA-graph step took 1.530 ms/token against the plain
+# step's 1.516 (benchmarks/results/generate-h100-86ef9e0.md; `generate_speed.py --plain-graph` compares them), and
+# eager decoding, bound by host time, spends more Python per block in it.
 FUSED_DECODE = "never"
 
 
