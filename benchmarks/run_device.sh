@@ -3,16 +3,16 @@
 #
 #   bash benchmarks/run_device.sh                 # tests, kernels, sp
 #   bash benchmarks/run_device.sh kernels sp      # some parts: tests kernels sp target parity mfu maxlen generate
-#                                                 # gla-tune
+#                                                 # gla-tune decode-linear
 #   bash benchmarks/run_device.sh long-tnl        # multi-GPU parts, each within one PART_TIMEOUT: long-tnl long-hybrid
 #                                                 # long-llama long-llama-1m step4m finetune prefill gla w8; multi: all
 #
 # Peers (flash-linear-attention, fla-core, lasp) are installed from wheels in .whl/ if there are any (their rows
 # are SKIP otherwise). A copy without .git, or whose .git lags its files: pass the commit, LASP_HF_COMMIT=<sha>.
 # Each part's extra arguments: KERNELS_ARGS, SP_ARGS, PARITY_ARGS, MFU_ARGS, MAXLEN_ARGS, GENERATE_ARGS, LONG_ARGS,
-# STEP4M_ARGS, FINETUNE_ARGS, PREFILL_ARGS, GLA_ARGS, GLA_TUNE_ARGS; TEST_FILES, TEST_STREAMS (test files run side by side, default 3), SP_WORLDS (e.g.
-# "2 4"), MULTI_WORLD (GPUs of the multi-GPU parts, default 4 or fewer), PART_TIMEOUT (seconds per part or test
-# file, default 540), SKIP_INSTALL=1 (already installed).
+# STEP4M_ARGS, FINETUNE_ARGS, PREFILL_ARGS, GLA_ARGS, GLA_TUNE_ARGS, DECODE_LINEAR_ARGS; TEST_FILES, TEST_STREAMS
+# (test files run side by side, default 3), SP_WORLDS (e.g. "2 4"), MULTI_WORLD (GPUs of the multi-GPU parts,
+# default 4 or fewer), PART_TIMEOUT (seconds per part or test file, default 540), SKIP_INSTALL=1 (already installed).
 # Writes run-device.log (every part's output), each program's JSON, and summary.md (exit statuses, then the .md
 # files this run wrote, which are then removed: few files to bring back).
 set -u
@@ -91,6 +91,9 @@ for part in "${PARTS[@]}"; do
         --max_block_size 4194304} ;;
     generate)
       CUDA_VISIBLE_DEVICES=0 run_part generate python3 benchmarks/generate_speed.py --out "$OUT" ${GENERATE_ARGS:-} ;;
+    decode-linear)  # the fused decoding projections against the plain ops, per tile setting
+      CUDA_VISIBLE_DEVICES=0 run_part decode-linear python3 benchmarks/decode_linear.py --out "$OUT" \
+        ${DECODE_LINEAR_ARGS:-} ;;
     gla-tune)  # settings of the GLA kernels side by side (step length, tiles, warps)
       CUDA_VISIBLE_DEVICES=0 run_part gla-tune python3 benchmarks/gla_tune.py --out "$OUT" ${GLA_TUNE_ARGS:-} ;;
     long-tnl|long-hybrid|long-llama|long-llama-1m)  # long-context training, one system per part (within PART_TIMEOUT)

@@ -345,6 +345,25 @@ def test_gla_tune_cpu_tiny_in_the_interpreter(tmp_path):
     assert "| setting |" in (tmp_path / "gla-tune-cpu.md").read_text()
 
 
+def test_decode_linear_cpu_tiny_in_the_interpreter(tmp_path):
+    # The fused decoding projections against the plain ops on CPU tensors (Triton's interpreter): every projection,
+    # one row and several, two tile settings; each checked against the plain ops before it is timed.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "decode_linear.py"), "--cpu", "--tiny", "--bn", "0", "16", "--out",
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env, check=False, cwd=BENCH_DIR.parent,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "decode-linear-cpu-tiny.json").read_text())["rows"]
+    assert [(row["projection"], row["B"], row["bn"]) for row in rows] == [
+        (p, B, bn) for p in ("qkvu", "o_proj", "glu", "down") for B in (1, 32) for bn in ("auto", 16)
+    ]
+    for row in rows:
+        assert row["err"] < 1e-5 and row["fused_us"] > 0 and row["plain_us"] > 0, row
+    assert "| projection |" in (tmp_path / "decode-linear-cpu-tiny.md").read_text()
+
+
 @pytest.mark.distributed
 def test_sp_scaling_cpu_tiny_two_gloo_ranks(tmp_path):
     """One torchrun launch, 2 gloo ranks: the unsharded baseline, ring and allgather pass their

@@ -32,6 +32,9 @@ MAX_WEIGHTS = 4
 # The widest norm group taken one block at a time (a per-head output norm); wider groups must be the whole row.
 MAX_NORM_GROUP = 512
 NUM_WARPS, NUM_STAGES = 4, 3
+# Overrides of launch_meta's tiles, e.g. {"BN": 16, "BD": 128} (benchmarks/decode_linear.py sweeps them); None: its
+# own choice.
+TILES: dict | None = None
 
 
 @triton.jit
@@ -175,6 +178,9 @@ def launch_meta(M: int, D: int, rows: list, acts: list, glu: bool, group: int | 
     total = rows[0] if glu else sum(rows)
     BN = 16 if BM > 1 else min(64, max(8, next_pow2(max(1, total // 256))))
     BD = group if group is not None else (min(256, 4096 // BN) if BM == 1 else 64)
+    if TILES:
+        BN = TILES.get("BN", BN)
+        BD = BD if group is not None else TILES.get("BD", BD)
     codes = [ACTIVATIONS[a] for a in acts] + [ACT_IDENTITY] * (MAX_WEIGHTS - len(acts))
     meta = dict(NUM_W=len(rows), ACT0=codes[0], ACT1=codes[1], ACT2=codes[2], ACT3=codes[3], GLU=glu, NORM=norm,
                 NORM_G=group if group is not None else D, HAS_NORM_W=norm_weight, HAS_GATE=gate, HAS_RES=residual,
