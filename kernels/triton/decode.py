@@ -178,9 +178,9 @@ def launch_meta(M: int, D: int, rows: list, acts: list, glu: bool, group: int | 
     total = rows[0] if glu else sum(rows)
     BN = 16 if BM > 1 else min(64, max(8, next_pow2(max(1, total // 256))))
     BD = group if group is not None else (min(256, 4096 // BN) if BM == 1 else 64)
-    if TILES:
-        BN = TILES.get("BN", BN)
-        BD = BD if group is not None else TILES.get("BD", BD)
+    if TILES:  # the tensor-core products (several rows) take tiles of at least 16
+        BN = max(TILES.get("BN", BN), 16 if BM > 1 else 1)
+        BD = BD if group is not None else max(TILES.get("BD", BD), 16 if BM > 1 else 1)
     codes = [ACTIVATIONS[a] for a in acts] + [ACT_IDENTITY] * (MAX_WEIGHTS - len(acts))
     meta = dict(NUM_W=len(rows), ACT0=codes[0], ACT1=codes[1], ACT2=codes[2], ACT3=codes[3], GLU=glu, NORM=norm,
                 NORM_G=group if group is not None else D, HAS_NORM_W=norm_weight, HAS_GATE=gate, HAS_RES=residual,
