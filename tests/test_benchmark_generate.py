@@ -52,6 +52,22 @@ def test_dry_run_lists_the_cases(tmp_path):
     assert names.index("tnl-1b-prefill-B1-T8K") < names.index("tnl-1b-decode-graph-B1-T8K")
 
 
+def test_plain_graph_rows_stay_out_of_the_graph_targets(tmp_path):
+    """--plain-graph adds decode-graph-plain rows (the step without the fused decoding kernels) after each graph
+    row; the targets read the fused graph rows only (their case names share the prefix)."""
+    proc = _run(["--dry-run", "--models", "tnl-1b", "--lengths", "8K", "--batch-sizes", "1", "--plain-graph"], tmp_path)
+    names = proc.stdout.split()
+    assert names.index("tnl-1b-decode-graph-B1-T8K") + 1 == names.index("tnl-1b-decode-graph-plain-B1-T8K")
+    rows = [
+        {"case": "tnl-1b-decode-graph-plain-B1-T8K", "model": "tnl-1b", "B": 1, "T": 8192, "status": "ok",
+         "check": "ok", "ms_per_token": 9.0},
+        {"case": "tnl-1b-decode-graph-B1-T8K", "model": "tnl-1b", "B": 1, "T": 8192, "status": "ok", "check": "ok",
+         "ms_per_token": 1.0},
+    ]
+    notes = generate_speed.targets(rows, [8192])
+    assert any("1.000-1.000 ms/token" in note for note in notes), notes
+
+
 def test_cpu_smoke_run_writes_results(tmp_path):
     proc = _run(
         [
