@@ -28,19 +28,25 @@ EPS = 1e-6
 L2_BYTES = 256 << 20  # the weight copies of one case together exceed this (H100 L2: 50 MB)
 
 
+def weight_shapes(name: str, hidden: int, inner: int) -> list[tuple[int, int]]:
+    """The weights one call of a projection reads."""
+    return {"qkvu": [(hidden, hidden)] * 4, "o_proj": [(hidden, hidden)], "glu": [(inner, hidden)] * 2,
+            "down": [(hidden, inner)]}[name]
+
+
 def make_case(name: str, M: int, hidden: int, inner: int, device, dtype, copies: int):
-    """(plain fn, fused fn, weight bytes per call) of one projection of a decoding step; each fn takes the copy
-    index and returns the outputs."""
+    """(plain fn, fused fn) of one projection of a decoding step, on `copies` copies of its weights; each fn takes
+    the copy index and returns the outputs."""
     gen = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
 
     x, residual, gate = randn(M, hidden), randn(M, hidden), randn(M, hidden)
+    weights = [[randn(n, d, scale=d**-0.5) for n, d in weight_shapes(name, hidden, inner)] for _ in range(copies)]
     from lasp_hf.kernels.triton.decode import fused_linear
 
     if name == "qkvu":  # input norm, q / k / v / output-gate projections, silu on q and k
-        weights = [[randn(hidden, hidden, scale=hidden**-0.5) for _ in range(4)] for _ in range(copies)]
 
         def plain(i):
             h = F.rms_norm(x, (hidden,), eps=EPS)
@@ -50,7 +56,6 @@ def make_case(name: str, M: int, hidden: int, inner: int, device, dtype, copies:
         def fused(i):
             return fused_linear(x, weights[i], acts=["silu", "silu", "identity", "identity"], norm_eps=EPS)
     elif name == "o_proj":  # output norm over all heads, times the gate, o_proj, residual
-        weights = [[randn(hidden, hidden, scale=hidden**-0.5)] for _ in range(copies)]
 
         def plain(i):
             return (residual + F.linear(gate * F.rms_norm(x, (hidden,), eps=EPS), weights[i][0]),)
@@ -58,7 +63,6 @@ def make_case(name: str, M: int, hidden: int, inner: int, device, dtype, copies:
         def fused(i):
             return fused_linear(x, weights[i], gate=gate, residual=residual, norm_eps=EPS)
     elif name == "glu":  # post-attention norm, gate and up projections, their product (SGLU: no activation)
-        weights = [[randn(inner, hidden, scale=hidden**-0.5) for _ in range(2)] for _ in range(copies)]
 
         def plain(i):
             h = F.rms_norm(x, (hidden,), eps=EPS)
@@ -68,15 +72,13 @@ def make_case(name: str, M: int, hidden: int, inner: int, device, dtype, copies:
             return fused_linear(x, weights[i], acts=["identity", "identity"], glu=True, norm_eps=EPS)
     else:  # "down": down projection and residual
         xi = randn(M, inner)
-        weights = [[randn(hidden, inner, scale=inner**-0.5)] for _ in range(copies)]
 
         def plain(i):
             return (residual + F.linear(xi, weights[i][0]),)
 
         def fused(i):
             return fused_linear(xi, weights[i], residual=residual)
-    nbytes = sum(w.numel() * w.element_size() for w in weights[0])
-    return plain, fused, nbytes
+    return plain, fused
 
 
 def time_us(fn, copies: int, device) -> float:
@@ -122,10 +124,11 @@ def main(argv=None) -> int:
     env = common.environment(device)
     print(common.describe_env(env), flush=True)
     rows = []
+    defaults = decode.TILES, decode.NUM_WARPS, decode.NUM_STAGES
     for projection, M in itertools.product(args.projections, args.batch_sizes):
-        _, _, nbytes = make_case(projection, M, hidden, inner, device, dtype, 1)
+        nbytes = sum(n * d for n, d in weight_shapes(projection, hidden, inner)) * torch.finfo(dtype).bits // 8
         copies = 2 if args.tiny else max(2, -(-L2_BYTES // nbytes))
-        plain, fused, nbytes = make_case(projection, M, hidden, inner, device, dtype, copies)
+        plain, fused = make_case(projection, M, hidden, inner, device, dtype, copies)
         plain_us = time_us(plain, copies, device)
         for bn, bd, warps, stages in settings:
             decode.TILES = {key: value for key, value in (("BN", bn), ("BD", bd)) if value}
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
                 row["status"] = f"check failed: relative error {err:.2e} > 1e-2"
             rows.append(row)
             print(f"[decode-linear] {row}", flush=True)
-    decode.TILES, (decode.NUM_WARPS, decode.NUM_STAGES) = None, (4, 3)
+    decode.TILES, decode.NUM_WARPS, decode.NUM_STAGES = defaults
     columns = [common.Column("projection", "projection"), common.Column("B", "B", "{}"),
                common.Column("bn", "BN", "{}"), common.Column("bd", "BD", "{}"), common.Column("warps", "warps", "{}"),
                common.Column("stages", "stages", "{}"), common.Column("plain_us", "plain us", "{:.1f}"),

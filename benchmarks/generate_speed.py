@@ -276,7 +276,6 @@ class Runner:
         self.name, self.model, self.context = None, None, None
         self.checks: dict = {}  # model name -> "ok" / "mismatch ..." of the graph-vs-eager token check
         self.profile_graph = False  # --profile-graph: the decode-graph rows also record their kernels
-        self.fused_decode = "auto"  # --fused-decode: layers_lasp.FUSED_DECODE of our rows (graph-plain: "never")
 
     def free(self):
         self.context = None
@@ -406,11 +405,13 @@ def graph_kernels(fn, steps: int, device, top: int = 12) -> dict:
 
 
 @contextlib.contextmanager
-def fused_decode(mode: str):
-    """`layers_lasp.FUSED_DECODE` set to mode inside the block ("never": the decoding step's plain PyTorch code)."""
+def fused_decode(mode: str | None):
+    """`layers_lasp.FUSED_DECODE` set to mode inside the block ("never": the decoding step's plain PyTorch code;
+    None: as it is, `--fused-decode`)."""
     from lasp_hf.modeling import layers_lasp
 
-    before, layers_lasp.FUSED_DECODE = layers_lasp.FUSED_DECODE, mode
+    before = layers_lasp.FUSED_DECODE
+    layers_lasp.FUSED_DECODE = mode or before
     try:
         yield
     finally:
@@ -420,7 +421,7 @@ def fused_decode(mode: str):
 def case_decode(run: Runner, name: str, variant: str, B: int, T: int, smallest_T: int) -> dict:
     """variant: "graph" (the CUDA-graph step), "graph-plain" (the same without the fused decoding kernels, its
     eager check also without them) or "eager"."""
-    with fused_decode("never" if variant == "graph-plain" else run.fused_decode):
+    with fused_decode("never" if variant == "graph-plain" else None):
         return _decode_row(run, name, variant.split("-")[0], B, T, smallest_T, key=f"{name}-{variant}")
 
 
@@ -768,7 +769,6 @@ def main(argv=None) -> int:
         _lengths([args.hybrid_max_prefill])[0],
     )
     run.profile_graph = args.profile_graph
-    run.fused_decode = args.fused_decode
     from lasp_hf.modeling import layers_lasp
 
     layers_lasp.FUSED_DECODE = args.fused_decode  # every row of ours (the generate rows too)

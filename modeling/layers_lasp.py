@@ -96,8 +96,10 @@ def fused_linear(*args, **kwargs):
 
 def fused_norm_group_ok(group: int) -> bool:
     """Whether fused_linear normalizes groups of this many features one block at a time (a per-head output norm):
-    a power of two up to `decode.MAX_NORM_GROUP` (512)."""
-    return group & (group - 1) == 0 and group <= 512
+    a power of two up to `decode.MAX_NORM_GROUP`."""
+    from lasp_hf.kernels.triton.decode import MAX_NORM_GROUP
+
+    return group & (group - 1) == 0 and group <= MAX_NORM_GROUP
 
 
 def _norm_args(norm: nn.Module, dtype) -> dict | None:
@@ -237,7 +239,6 @@ class LaspLinearAttention(nn.Module):
         default_act = {"lightning": "silu", "linear": config.feature_map, "gated": "identity", "gla": "identity"}
         qk_act = getattr(config, "qk_activation", None) or default_act[self.kind]
         self.qk_act = build_qk_activation(qk_act)
-        self._fused_qk_act = {"elu": "elu_plus_one"}.get(qk_act, qk_act)  # its name in the fused decoding step
         self.position = build_position_encoding(config, layer_idx)
 
         output_norm = getattr(config, "output_norm", "all_heads")
@@ -250,6 +251,12 @@ class LaspLinearAttention(nn.Module):
             self.u_act = {"sigmoid": nn.Sigmoid, "silu": nn.SiLU, "identity": nn.Identity}[
                 config.output_gate_act
             ]()
+        # The activations of q, k, v (and the gate) by their names in the fused decoding step (`decode_step`).
+        fused_qk_act = {"elu": "elu_plus_one"}.get(qk_act, qk_act)
+        self._fused_acts = [fused_qk_act, fused_qk_act, "identity"] + (
+            [config.output_gate_act] if self.u_proj is not None else []
+        )
+        self._fused_norm_group = None if output_norm == "all_heads" else self.value_head_dim  # None: the whole row
         # Created after the projections, as before the layer was split into parts, so that a seeded model
         # draws the same initial weights.
         kind = decay_kind(config)
@@ -337,15 +344,14 @@ class LaspLinearAttention(nn.Module):
         then runs on its own. None when a norm's weight has another dtype than x (the plain path then runs)."""
         B = x.shape[0]
         in_norm, out_norm = _norm_args(input_norm, x.dtype), _norm_args(self.o_norm, x.dtype)
-        group = None if self.normalize_output is OUTPUT_NORMS["all_heads"] else self.value_head_dim
+        group = self._fused_norm_group
         if in_norm is None or out_norm is None or (group is not None and not fused_norm_group_ok(group)):
             return None
         x2 = x.reshape(B, -1)
         weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
-        acts = [self._fused_qk_act, self._fused_qk_act, "identity"]
         if self.u_proj is not None:
             weights.append(self.u_proj.weight)
-            acts.append({nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Identity: "identity"}[type(self.u_act)])
+        acts = self._fused_acts
         g = None
         if self.decay_proj is not None:
             normed = input_norm(x)

@@ -99,15 +99,21 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
     ):
         """Returns the block's output, or (output, attention weights) with `output_attentions` (the weights of a
         softmax layer, None for a linear layer, which has no attention matrix)."""
-        if not output_attentions and fused_decode_applies(
+        # One token per row with a cache: the fused decoding kernels where they apply (`fused_decode_applies`);
+        # each half's decode_step returns None where it cannot take them, and the plain path below runs instead.
+        fused = not output_attentions and fused_decode_applies(
             hidden_states, cache, sp_context, self.channel_mixer.down_proj.weight
-        ):
-            fused = self._decode_step(hidden_states, linear_mask, attn_mask, position_embeddings, cache, kwargs)
-            if fused is not None:
-                return fused
+        )
         residual = hidden_states
         attn_weights = None
-        if self.layer_type == "full_attention":
+        mixed = None
+        if fused and self.layer_type != "full_attention":
+            mixed = self.token_mixer.decode_step(
+                hidden_states, self.input_layernorm, cache, kwargs.get("position_ids"), linear_mask
+            )
+        if mixed is not None:
+            hidden_states = mixed  # the residual is already added
+        elif self.layer_type == "full_attention":
             hidden_states, attn_weights = self.token_mixer(
                 self.input_layernorm(hidden_states),
                 position_embeddings=position_embeddings,
@@ -118,6 +124,7 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
                 output_attentions=output_attentions,
                 **kwargs,
             )
+            hidden_states = residual + hidden_states
         else:
             # The mixer applies the norm itself (inside its token chunks under config.attention_chunk_size).
             hidden_states = self.token_mixer(
@@ -129,37 +136,16 @@ class LaspDecoderLayer(GradientCheckpointingLayer):
                 sp_context=sp_context,
                 **kwargs,
             )
-        hidden_states = residual + hidden_states
+            hidden_states = residual + hidden_states
+        mixed = self.channel_mixer.decode_step(hidden_states, self.post_attention_layernorm) if fused else None
         chunk_size = getattr(self.config, "mlp_chunk_size", None)  # read here: it may be set after loading
-        if chunk_size is None:
+        if mixed is not None:
+            hidden_states = mixed
+        elif chunk_size is None:
             hidden_states = hidden_states + self._mix_channels(hidden_states)
         else:
             hidden_states = hidden_states + chunked_over_tokens(self._mix_channels, chunk_size, hidden_states)
         return (hidden_states, attn_weights) if output_attentions else hidden_states
-
-    def _decode_step(self, hidden_states, linear_mask, attn_mask, position_embeddings, cache, kwargs):
-        """The block on one token per row with the fused decoding kernels (`fused_decode_applies`): the same
-        arithmetic as `forward` in five launches per linear-attention block, or None (nothing done) when a part
-        cannot take them."""
-        if self.layer_type == "full_attention":
-            attn_out, _ = self.token_mixer(
-                self.input_layernorm(hidden_states),
-                position_embeddings=position_embeddings,
-                attn_mask=attn_mask,
-                cache=cache,
-                **kwargs,
-            )
-            mixed = hidden_states + attn_out
-        else:
-            mixed = self.token_mixer.decode_step(
-                hidden_states, self.input_layernorm, cache, kwargs.get("position_ids"), linear_mask
-            )
-            if mixed is None:
-                return None
-        out = self.channel_mixer.decode_step(mixed, self.post_attention_layernorm)
-        if out is None:  # the softmax half above already ran: finish the block on the plain path
-            return mixed + self._mix_channels(mixed)
-        return out
 
 
 class LaspPreTrainedModel(PreTrainedModel):

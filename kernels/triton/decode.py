@@ -19,6 +19,8 @@ The products accumulate in float32 and are rounded to x's dtype before the activ
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -169,23 +171,31 @@ def decode_fwd_kernel_linear(x, gate, norm_w, residual, w0, w1, w2, w3, y0, y1, 
 _kernel = fast(decode_fwd_kernel_linear)
 
 
-def launch_meta(M: int, D: int, rows: list, acts: list, glu: bool, group: int | None, dtype, *, norm: bool,
-                norm_weight: bool, gate: bool, residual: bool) -> tuple[dict, list]:
-    """(the kernel's constexprs, row blocks per weight). BN: small enough that the programs cover every SM about
-    twice (the product is a read of the weights); one row keeps BN x BD partial sums (at most 4096: about 150
-    registers at 4 warps on sm_90, no spills); BD = the norm group when the norm is per block."""
+def launch_meta(M: int, D: int, rows, acts, glu: bool, group: int | None, dtype, *, norm: bool,
+                norm_weight: bool, gate: bool, residual: bool) -> tuple[dict, tuple]:
+    """(the kernel's constexprs, row blocks per weight), computed once per shape and setting (decoding calls this
+    per block and step): see `_launch_meta`. The caller must not change them."""
+    tiles = tuple(sorted(TILES.items())) if TILES else None
+    return _launch_meta(M, D, tuple(rows), tuple(acts), glu, group, dtype, norm, norm_weight, gate, residual, tiles)
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_meta(M, D, rows, acts, glu, group, dtype, norm, norm_weight, gate, residual, tiles):
+    """BN: small enough that the programs cover every SM about twice (the product is a read of the weights); one
+    row keeps BN x BD partial sums (at most 4096: about 150 registers at 4 warps on sm_90, no spills); BD = the
+    norm group when the norm is per block; tiles (`TILES`) override both."""
     BM = 1 if M == 1 else max(16, next_pow2(M))
     total = rows[0] if glu else sum(rows)
     BN = 16 if BM > 1 else min(64, max(8, next_pow2(max(1, total // 256))))
     BD = group if group is not None else (min(256, 4096 // BN) if BM == 1 else 64)
-    if TILES:  # the tensor-core products (several rows) take tiles of at least 16
-        BN = max(TILES.get("BN", BN), 16 if BM > 1 else 1)
-        BD = BD if group is not None else max(TILES.get("BD", BD), 16 if BM > 1 else 1)
+    if tiles:  # the tensor-core products (several rows) take tiles of at least 16
+        BN = max(dict(tiles).get("BN", BN), 16 if BM > 1 else 1)
+        BD = BD if group is not None else max(dict(tiles).get("BD", BD), 16 if BM > 1 else 1)
     codes = [ACTIVATIONS[a] for a in acts] + [ACT_IDENTITY] * (MAX_WEIGHTS - len(acts))
     meta = dict(NUM_W=len(rows), ACT0=codes[0], ACT1=codes[1], ACT2=codes[2], ACT3=codes[3], GLU=glu, NORM=norm,
                 NORM_G=group if group is not None else D, HAS_NORM_W=norm_weight, HAS_GATE=gate, HAS_RES=residual,
                 DT=_dot_dtype(dtype), BM=BM, BN=BN, BD=BD, PR=BN if BM == 1 else BM, PC=BD if BM == 1 else BN)
-    return meta, [cdiv(n, BN) for n in rows]
+    return meta, tuple(cdiv(n, BN) for n in rows)
 
 
 def fused_linear(x, weights, *, acts=None, glu: bool = False, norm_eps: float | None = None, norm_weight=None,
@@ -223,7 +233,7 @@ def fused_linear(x, weights, *, acts=None, glu: bool = False, norm_eps: float | 
     w_args = list(weights) + [weights[0]] * (MAX_WEIGHTS - num_w)
     y_args = outputs + [outputs[0]] * (MAX_WEIGHTS - len(outputs))
     n_args = rows + [0] * (MAX_WEIGHTS - num_w)
-    nb = (blocks + [0] * MAX_WEIGHTS)[:3]
+    nb = (list(blocks) + [0] * MAX_WEIGHTS)[:3]
     grid = (blocks[0] if glu else sum(blocks),)
     cfg = {} if interpreting() else {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
     _kernel[grid](
