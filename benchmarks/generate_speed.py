@@ -362,25 +362,25 @@ def case_prefill(run: Runner, name: str, B: int, T: int) -> dict:
     return {"ms": ms, "first_ms": first_ms, "tokens_per_s": B * T / (ms / 1e3), "peak_gb": run.peak_gb()}
 
 
-def _graph_decoder(run: Runner, model, B: int, T: int, cache, logits):
+def _graph_decoder(run: Runner, model, B: int, T: int, cache, logits, compile: bool = False):
     from lasp_hf.modeling.generation_lasp import LaspGraphDecoder
 
     steps = run.decode_steps + 8
     hybrid = "full_attention" in model.config.layer_types
     slots = -(-(T + steps + 1) // 256) * 256 if hybrid else 0
-    decoder = LaspGraphDecoder(model, cache, slots)
+    decoder = LaspGraphDecoder(model, cache, slots, compile=compile)
     decoder.set_tokens([], 0)
     mask = torch.ones(B, T, dtype=torch.long, device=run.device)
     decoder.start(cache, mask, logits.argmax(dim=-1), steps + 1)
     return decoder
 
 
-def _graph_check(run: Runner, name: str, model, T: int, key: str) -> str:
+def _graph_check(run: Runner, name: str, model, T: int, key: str, compile: bool = False) -> str:
     """Greedy tokens of the graph against eager steps from the same prefilled cache (B = 1)."""
     if key in run.checks:
         return run.checks[key]
     cache, logits = run.prefilled(name, T)
-    decoder = _graph_decoder(run, model, 1, T, cache, logits)
+    decoder = _graph_decoder(run, model, 1, T, cache, logits, compile)
     graph_tokens = decoder.run(run.check_steps + 1)[:, 1:]
     del decoder
     first = logits.argmax(dim=-1, keepdim=True)
@@ -420,16 +420,18 @@ def fused_decode(mode: str | None):
 
 def case_decode(run: Runner, name: str, variant: str, B: int, T: int, smallest_T: int) -> dict:
     """variant: "graph" (the CUDA-graph step), "graph-plain" (the same without the fused decoding kernels, its
-    eager check also without them) or "eager"."""
-    with fused_decode("never" if variant == "graph-plain" else None):
-        return _decode_row(run, name, variant.split("-")[0], B, T, smallest_T, key=f"{name}-{variant}")
+    eager check also without them), "graph-compiled" (graph-plain's step through `torch.compile`) or "eager"."""
+    with fused_decode("never" if variant in ("graph-plain", "graph-compiled") else None):
+        return _decode_row(run, name, variant.split("-")[0], B, T, smallest_T, key=f"{name}-{variant}",
+                           compile=variant == "graph-compiled")
 
 
-def _decode_row(run: Runner, name: str, variant: str, B: int, T: int, smallest_T: int, key: str) -> dict:
+def _decode_row(run: Runner, name: str, variant: str, B: int, T: int, smallest_T: int, key: str,
+                compile: bool = False) -> dict:
     model = run.get_model(name)
     row = {}
     if variant == "graph":
-        row["check"] = _graph_check(run, name, model, smallest_T, key)
+        row["check"] = _graph_check(run, name, model, smallest_T, key, compile)
     if B == 1:
         cache, logits = run.prefilled(name, T)
     else:
@@ -441,7 +443,7 @@ def _decode_row(run: Runner, name: str, variant: str, B: int, T: int, smallest_T
     run.reset_peak()
     if variant == "graph":
         run.check_fits(B, T, copies=2)
-        decoder = _graph_decoder(run, model, B, T, cache, logits)
+        decoder = _graph_decoder(run, model, B, T, cache, logits, compile)
         cache = None  # the decoder holds its own copy; a B = 1 context stays for the eager row that follows
         gc.collect()
         decoder.steps(4)
@@ -515,9 +517,11 @@ def case_generate(run: Runner, name: str, path: str, B: int, T: int) -> dict:
     }
 
 
-def build_cases(models, lengths, batch_sizes, with_compiled: bool, plain_graph: bool = False) -> Registry:
+def build_cases(models, lengths, batch_sizes, with_compiled: bool, plain_graph: bool = False,
+                compiled_graph: bool = False) -> Registry:
     """The cases in run order: per model, the generate rows, then per length its prefill and decode rows
-    (plain_graph: also the graph step without the fused decoding kernels)."""
+    (plain_graph: also the graph step without the fused decoding kernels; compiled_graph: also that step
+    through `torch.compile`)."""
     cases = Registry()
     smallest = min(lengths)
     for name in models:
@@ -533,8 +537,9 @@ def build_cases(models, lengths, batch_sizes, with_compiled: bool, plain_graph: 
             cases.case(f"{name}-generate-compiled", dict(B=1, T=T))(
                 lambda run, B, T, name=name: case_generate(run, name, "compiled", B, T)
             )
-        variants = (("graph", "graph-plain", "eager") if plain_graph else ("graph", "eager")) if name in OURS \
-            else ("eager",)
+        variants = ("eager",)
+        if name in OURS:
+            variants = ("graph",) + ("graph-plain",) * plain_graph + ("graph-compiled",) * compiled_graph + variants
         for T in lengths:
             cases.case(f"{name}-prefill", dict(B=1, T=T))(
                 lambda run, B, T, name=name: case_prefill(run, name, B, T)
@@ -739,6 +744,11 @@ def main(argv=None) -> int:
         help="also time our graph step without the fused decoding kernels (decode-graph-plain rows)",
     )
     parser.add_argument(
+        "--compiled-graph",
+        action="store_true",
+        help="also time the plain graph step run through torch.compile (decode-graph-compiled rows)",
+    )
+    parser.add_argument(
         "--hybrid-max-prefill",
         default="128K",
         help="longest hybrid-1b prefill row (its softmax layers are quadratic; default 128K)",
@@ -753,7 +763,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.models) - set(OURS + PEERS))
     if unknown:
         parser.error(f"unknown models {unknown}; the models are {list(OURS + PEERS)}")
-    cases = build_cases(args.models, lengths, batch_sizes, not args.no_compiled, args.plain_graph).select(args.cases)
+    cases = build_cases(
+        args.models, lengths, batch_sizes, not args.no_compiled, args.plain_graph, args.compiled_graph
+    ).select(args.cases)
     if args.dry_run:
         print("\n".join(case.name for case in cases))
         return 0

@@ -188,6 +188,10 @@ class LaspCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.num_seen_tokens
 
+    def count_tokens(self, n: int) -> None:
+        """Called by the model after each forward over n new tokens (of all ranks under SP)."""
+        self.num_seen_tokens += n
+
     def get_max_length(self, layer_idx=None) -> int:
         return -1
 

@@ -128,6 +128,11 @@ class LaspStaticCache(LaspCache):
     def get_max_length(self, layer_idx=None) -> int:
         return self.max_length if self.key_mask is not None else -1
 
+    def count_tokens(self, n: int) -> None:
+        """Nothing: a step's position lives on the device (`cursor`, the model's position_ids), and a graph
+        replay could not advance a host count anyway; the count stays the prompt's length from `load` (and a
+        compiled step sees the same host value every call, so it compiles once)."""
+
     def set_state(self, state: torch.Tensor, layer_idx: int, *args) -> None:
         """Copy a step's state into the layer's buffer (a graph step keeps no rollback window: the static
         decoder does greedy steps only, nothing crops its cache)."""
@@ -143,11 +148,14 @@ class LaspGraphDecoder:
     output buffer and make it the next step's input. Every tensor it touches is a fixed buffer.
     """
 
-    def __init__(self, model, like: LaspCache, max_length: int):
+    def __init__(self, model, like: LaspCache, max_length: int, compile: bool = False):
         """model: the `LaspForCausalLM`; like: a prefilled cache of the batch (the buffers take its shapes);
-        max_length: key/value slots of full-attention layers (M)."""
+        max_length: key/value slots of full-attention layers (M); compile: run the step's forward through
+        `torch.compile` (Inductor fuses its elementwise kernels; the graph then replays the fused kernels)."""
         param = next(model.parameters())
         self.model, self.device = model, param.device
+        # No CUDA graphs of Inductor's own (the step is captured here) and fixed shapes (they never change).
+        self.forward = torch.compile(model, dynamic=False) if compile else model
         # A graph replays the addresses it captured: casting or moving the model makes a new decoder.
         self.weights = _weights_signature(model)
         self.batch_size, self.max_length = like.batch_size, max_length
@@ -200,7 +208,7 @@ class LaspGraphDecoder:
     def _step(self) -> None:
         if self.cache.key_mask is not None:
             self.cache.key_mask.index_fill_(-1, self.cache.cursor, True)
-        out = self.model(
+        out = self.forward(
             input_ids=self.tokens,
             position_ids=self.positions,
             past_key_values=self.cache,

@@ -454,7 +454,7 @@ class LaspModel(LaspPreTrainedModel):
             all_hidden_states += (hidden_states,)
         if cache is not None:
             # Under SP (a prefill) every rank's cache holds the whole prompt: W slices of T tokens.
-            cache.num_seen_tokens += T * (sp_context.world_size if sp_context is not None else 1)
+            cache.count_tokens(T * (sp_context.world_size if sp_context is not None else 1))
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
