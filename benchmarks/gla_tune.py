@@ -11,8 +11,10 @@ A setting: `steps` = gla_chunk.STEP_TOKENS (tokens per step of the output, dq, d
 STATE_STEP_TOKENS (the segment-state passes), `fwd_bv` = the V block of the output and dv kernels (which hold all
 of K), `bwd_bk` = the K block of dq / dk (which hold all of V), `warps` of those four kernels, `span` =
 FACTORED_SPAN (the largest decay over a step that takes the tensor-core form; < 0: elementwise only),
-`split_state` = SPLIT_STATE (the output and dv kernels' products with the state in hi + lo parts). The grid is
-the product of the lists given. Output: a table, `gla-tune-<card>.json` + `.md`.
+`split_state` = SPLIT_STATE (the output and dv kernels' products with the state in hi + lo parts), `intra` =
+INTRA_PRECISION (operands of the intra-step products: split, bf16, tf32). The grid is the product of the lists
+given. With `--fla` (flash-linear-attention installed), fla's chunk_gla runs first on the same inputs, timed and
+checked the same way (its row is the yardstick of speed and error). Output: a table, `gla-tune-<card>.json` + `.md`.
 """
 
 from __future__ import annotations
@@ -37,10 +39,19 @@ def gates(shape, device, seed: int) -> tuple:
     return q, k, v, g
 
 
+def attention(backend: str):
+    """(q, k, v, g) -> o of `linear_attention` with backend, or of fla's chunk_gla ("fla")."""
+    if backend == "fla":
+        from fla.ops.gla import chunk_gla
+
+        return lambda q, k, v, g: chunk_gla(q, k, v, g, scale=q.shape[-1] ** -0.5)[0]
+    return lambda q, k, v, g: lasp_hf.linear_attention(q, k, v, g, backend=backend)[0]
+
+
 def fwd_bwd(q, k, v, g, do, backend: str) -> list:
     """[o, dq, dk, dv, dg] of one forward + backward."""
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
-    o, _ = lasp_hf.linear_attention(*leaves, backend=backend)
+    o = attention(backend)(*leaves)
     o.backward(do)
     return [o.detach()] + [x.grad for x in leaves]
 
@@ -52,6 +63,7 @@ def apply(setting: dict) -> None:
     gla_chunk.STATE_STEP_TOKENS = setting["state_steps"]
     gla_chunk.FACTORED_SPAN = setting["span"]
     gla_chunk.SPLIT_STATE = bool(setting["split_state"])
+    gla_chunk.INTRA_PRECISION = setting["intra"]
     K = V = setting["K"]
     gla_chunk.CONFIGS["fwd"] = (K * setting["fwd_bv"], setting["warps"], 2)
     gla_chunk.CONFIGS["dv"] = (K * setting["fwd_bv"], setting["warps"], 2)
@@ -68,6 +80,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warps", nargs="*", type=int, default=[8])
     parser.add_argument("--span", nargs="*", type=float, default=[40.0])
     parser.add_argument("--split-state", nargs="*", type=int, default=[1], help="SPLIT_STATE: 1, 0 or both")
+    parser.add_argument("--intra", nargs="*", default=["split"], choices=("split", "bf16", "tf32"),
+                        help="INTRA_PRECISION values")
+    parser.add_argument("--fla", action="store_true", help="fla's chunk_gla first, as the yardstick")
     parser.add_argument("--check-tokens", default="4K", help="length of the error check (default 4K)")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.cpu else "cuda")
@@ -79,9 +94,12 @@ def main(argv=None) -> int:
     lengths = [min(common.parse_length(t), 80) if args.tiny else common.parse_length(t) for t in args.tokens]
     check_T = 40 if args.tiny else common.parse_length(args.check_tokens)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    grid = [dict(zip(("steps", "state_steps", "fwd_bv", "bwd_bk", "warps", "span", "split_state"), values), K=K)
+    keys = ("steps", "state_steps", "fwd_bv", "bwd_bk", "warps", "span", "split_state", "intra")
+    grid = [dict(zip(keys, values), K=K)
             for values in itertools.product(args.steps, args.state_steps, args.fwd_bv, args.bwd_bk, args.warps,
-                                            args.span, args.split_state)]
+                                            args.span, args.split_state, args.intra)]
+    if args.fla:
+        grid.insert(0, dict(fla=True, K=K))
     if args.dry_run:
         print("\n".join(str(setting) for setting in grid))
         return 0
@@ -93,9 +111,12 @@ def main(argv=None) -> int:
     ref = fwd_bwd(q.float(), k.float(), v.float(), g, do, "torch")
     rows = []
     for setting in grid:
-        apply(setting)
-        label = " ".join(f"{key}={value}" for key, value in setting.items() if key != "K")
-        out = fwd_bwd(q.to(dtype), k.to(dtype), v.to(dtype), g, do.to(dtype), "triton")
+        backend = "fla" if setting.get("fla") else "triton"
+        if backend == "triton":
+            apply(setting)
+        label = "fla chunk_gla" if backend == "fla" else \
+            " ".join(f"{key}={value}" for key, value in setting.items() if key != "K")
+        out = fwd_bwd(q.to(dtype), k.to(dtype), v.to(dtype), g, do.to(dtype), backend)
         errors = {name: common.relative_error(x.float(), r) for name, x, r in
                   zip(("o", "dq", "dk", "dv", "dg"), out, ref, strict=True)}
         for T in lengths:
@@ -103,8 +124,8 @@ def main(argv=None) -> int:
             leaves = [t.to(dtype).requires_grad_() for t in x] + [gT.requires_grad_()]
             dout = torch.randn(1, T, H, K, device=device, dtype=dtype)
 
-            def forward(leaves=leaves):
-                return lasp_hf.linear_attention(*leaves, backend="triton")[0]
+            def forward(leaves=leaves, fn=attention(backend)):
+                return fn(*leaves)
 
             def both(leaves=leaves, dout=dout):  # gradients returned, not accumulated into .grad
                 return torch.autograd.grad(forward(leaves), leaves, dout)
@@ -112,8 +133,9 @@ def main(argv=None) -> int:
             row = dict(setting=label, T=T, fwd_ms=common.bench_ms(forward, device),
                        fwd_bwd_ms=common.bench_ms(both, device), **{f"err_{n}": e for n, e in errors.items()})
             _, per_kernel = common.cuda_kernel_times(both, device, calls=3)
-            row["kernels"] = " ".join(f"{name.removeprefix('gla_')}={ms:.2f}" for name, ms in per_kernel.items()
-                                      if name.startswith("gla_"))
+            row["kernels"] = " ".join(f"{name.removeprefix('gla_')[:40]}={ms:.2f}"
+                                      for name, ms in list(per_kernel.items())[:8]
+                                      if name.startswith("gla_") or backend == "fla")
             rows.append(row)
             print(f"[gla-tune] T={T} {label}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms, "
                   f"err o {errors['o']:.2e} dg {errors['dg']:.2e}; {row['kernels']}", flush=True)

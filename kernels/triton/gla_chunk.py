@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 from lasp_hf.kernels.triton import chunk
 from lasp_hf.kernels.host import host_bounds
@@ -72,6 +73,10 @@ STATE_STEP_TOKENS = 32
 # (one more product per step) instead of its 16-bit rounding: most of o (and dv) comes from that product when the
 # decays are slow, so its rounding would dominate their error.
 SPLIT_STATE = True
+# Operands of the tensor-core form's intra-step products with 16-bit inputs: "split" (each float32 factor as
+# bf16 hi + lo, three products: about 16 mantissa bits), "bf16" (one product of the bf16 roundings) or "tf32"
+# (one product of float32 operands at tf32). float32 inputs always take float32 operands.
+INTRA_PRECISION = "split"
 # Per pass: (largest K x V state tile one program holds, in float32 elements; num_warps; num_stages). The output
 # ("fwd") and dv kernels hold all of K and form the intra-step scores A once per V block, so they take the whole
 # 128 x 128 state with 8 warps (one V block: A once per head and step), as the per-head forward does
@@ -120,7 +125,12 @@ def _intra_meta(dtype, split_state: bool = False) -> dict:
     type of the tensor-core form (`gla_kernels._dot_f32_both`: its factors reach exp(FACTORED_SPAN) times the
     inputs, which bfloat16's exponent range holds and float16's (65504) does not, so float16 inputs take bfloat16
     there) and, with split_state (output and dv), SPLIT_STATE for 16-bit inputs."""
-    meta = dict(SPAN=FACTORED_SPAN, IDT=chunk._dot_dtype(torch.bfloat16 if dtype == torch.float16 else dtype))
+    if INTRA_PRECISION not in ("split", "bf16", "tf32"):
+        raise ValueError(f"gla_chunk.INTRA_PRECISION must be 'split', 'bf16' or 'tf32', got {INTRA_PRECISION!r}")
+    idt = chunk._dot_dtype(torch.bfloat16 if dtype == torch.float16 else dtype)
+    if INTRA_PRECISION == "tf32":
+        idt = tl.float32
+    meta = dict(SPAN=FACTORED_SPAN, IDT=idt, ISPLIT=INTRA_PRECISION == "split")
     if split_state:
         meta["SPLIT_STATE"] = SPLIT_STATE and dtype != torch.float32
     return meta

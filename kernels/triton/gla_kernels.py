@@ -94,14 +94,15 @@ def _factorizable(b_last, r_last, SPAN: tl.constexpr):
 
 
 @triton.jit
-def _dot_f32_both(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """a @ b for float32 a and b: with 16-bit operand types each is split into hi + lo and three products are
-    summed (about 16 mantissa bits, as the elementwise form's float32 within a bf16 rounding). DT must hold
-    exp(+-FACTORED_SPAN) times the inputs: bfloat16 or float32, never float16 (`gla_chunk._intra_meta`)."""
+def _dot_f32_both(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for float32 a and b: with 16-bit operand types and SPLIT each is split into hi + lo and three
+    products are summed (about 16 mantissa bits, as the elementwise form's float32 within a bf16 rounding);
+    without SPLIT one product of the roundings. DT must hold exp(+-FACTORED_SPAN) times the inputs: bfloat16 or
+    float32, never float16 (`gla_chunk._intra_meta`)."""
     a_hi = a.to(DT)
     b_hi = b.to(DT)
     out = tl.dot(a_hi, b_hi, input_precision=DOT_PREC)
-    if DT != tl.float32:
+    if SPLIT and DT != tl.float32:
         out += tl.dot((a - a_hi.to(tl.float32)).to(DT), b_hi, input_precision=DOT_PREC)
         out += tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(DT), input_precision=DOT_PREC)
     return out
@@ -109,12 +110,13 @@ def _dot_f32_both(a, b, DT: tl.constexpr, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _step_scores(b_q, b_k, k, g, t0, end, i_h, o_k, b, r, b_last, r_last, H: tl.constexpr, K: tl.constexpr,
-                 BT: tl.constexpr, IDT: tl.constexpr, DOT_PREC: tl.constexpr, SPAN: tl.constexpr):
+                 BT: tl.constexpr, IDT: tl.constexpr, DOT_PREC: tl.constexpr, SPAN: tl.constexpr,
+                 ISPLIT: tl.constexpr):
     """The step's A [BT, BT] (`_intra_scores`): on the tensor cores as (q exp(b)) (k exp(-b))^T, causally
     masked, when the step is `_factorizable`, else elementwise."""
     if _factorizable(b_last, r_last, SPAN):
         o_t = tl.arange(0, BT)
-        scores = _dot_f32_both(b_q * tl.exp(b), tl.trans(b_k * tl.exp(-b)), IDT, DOT_PREC)
+        scores = _dot_f32_both(b_q * tl.exp(b), tl.trans(b_k * tl.exp(-b)), IDT, DOT_PREC, ISPLIT)
         scores = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
     else:
         scores = _intra_scores(b_q, k, g, t0, end, i_h, o_k, b, r, H, K, BT)
@@ -197,7 +199,7 @@ def gla_fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eo
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
                           SPAN: tl.constexpr, IDT: tl.constexpr, SPLIT_STATE: tl.constexpr,
-                          DYN_LOOP: tl.constexpr = False):
+                          DYN_LOOP: tl.constexpr = False, ISPLIT: tl.constexpr = True):
     """One program per (segment, head, V block), with all of K: scan the segment's steps from S_in, writing o,
     the state at the segment's end and (V block 0) its per-channel log-decay."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -220,7 +222,8 @@ def gla_fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eo
         b_k = tiles_k.load([r0, 0]).to(tl.float32)
         b_v = tiles_v.load([r0, i_v * BV]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
-        scores = _step_scores(b_q, b_k, k, g, t0, eos, i_h, o_k, b, r, b_last, r_last, H, K, BT, IDT, DOT_PREC, SPAN)
+        scores = _step_scores(b_q, b_k, k, g, t0, eos, i_h, o_k, b, r, b_last, r_last, H, K, BT, IDT, DOT_PREC, SPAN,
+                              ISPLIT)
         b_o = tl.dot(scores.to(DT), b_v, input_precision=DOT_PREC)
         q_from_start = (b_q * _masked_exp(b, r == 0)).to(DT)
         b_o += _dot_f32_right(q_from_start, state, DT, DOT_PREC, SPLIT_STATE)
@@ -276,7 +279,8 @@ def gla_bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos,
 def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPAN: tl.constexpr,
-                      IDT: tl.constexpr, SPLIT_STATE: tl.constexpr, DYN_LOOP: tl.constexpr = False):
+                      IDT: tl.constexpr, SPLIT_STATE: tl.constexpr, DYN_LOOP: tl.constexpr = False,
+                      ISPLIT: tl.constexpr = True):
     """One program per (segment, head, V block), with all of K: reverse scan from dS at the segment's end,
     writing dv = A^T do + (k * exp(b_last - b)) dS_end for the block."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -300,7 +304,7 @@ def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
         scores = _step_scores(b_q, b_k, k, g, t0, eos, i_h, o_k, b, r, b_last, r_last, H, K, BT, IDT, DOT_PREC,
-                              SPAN) * scale
+                              SPAN, ISPLIT) * scale
         b_dv = tl.dot(tl.trans(scores.to(DT)), b_do, input_precision=DOT_PREC)
         k_to_end = (b_k * _masked_exp(b_last[None, :] - b, r == r_last[None, :])).to(DT)
         b_dv += _dot_f32_right(k_to_end, dstate, DT, DOT_PREC, SPLIT_STATE)
@@ -316,7 +320,7 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_c
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
                       NEED_DG: tl.constexpr, STORE_START: tl.constexpr, SPAN: tl.constexpr, IDT: tl.constexpr,
-                      DYN_LOOP: tl.constexpr = False):
+                      DYN_LOOP: tl.constexpr = False, ISPLIT: tl.constexpr = True):
     """One program per (segment, head, K block), with all of V: reverse scan from dS at the segment's end (rows
     of this K block), writing dk for the block and dS at the segment's start (STORE_START).
 
@@ -357,7 +361,7 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_c
         # dk_jc = scale * sum_i dA_ij q_ic exp(b_ic - b_jc): exp(-b_jc) (dA^T (q exp(b)))_jc on the tensor cores
         # when the step is factorizable, else one row j at a time (elementwise decays).
         if _factorizable(b_last, r_last, SPAN):
-            b_dk = _dot_f32_both(tl.trans(dscores), b_q * tl.exp(b), IDT, DOT_PREC) * tl.exp(-b)
+            b_dk = _dot_f32_both(tl.trans(dscores), b_q * tl.exp(b), IDT, DOT_PREC, ISPLIT) * tl.exp(-b)
         else:
             b_dk = tl.zeros([BT, BK], dtype=tl.float32)
             b_j = o_k.to(tl.float32) * 0.0
@@ -433,7 +437,8 @@ def gla_bwd_kernel_dg_carry(g, dg, seg_carry_in, seg_bos, seg_eos, CPS, H: tl.co
 def gla_bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
-                      NEED_DG: tl.constexpr, SPAN: tl.constexpr, IDT: tl.constexpr, DYN_LOOP: tl.constexpr = False):
+                      NEED_DG: tl.constexpr, SPAN: tl.constexpr, IDT: tl.constexpr, DYN_LOOP: tl.constexpr = False,
+                      ISPLIT: tl.constexpr = True):
     """One program per (segment, head, K block), with all of V: forward scan from S_in (rows of this K block),
     writing dq for the block and q * dq in float32 (NEED_DG)."""
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -464,7 +469,7 @@ def gla_bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CP
         # dq_ic = scale * sum_j dA_ij k_jc exp(b_ic - b_jc): exp(b_ic) (dA (k exp(-b)))_ic on the tensor cores when
         # the step is factorizable, else one column j at a time.
         if _factorizable(b_last, r_last, SPAN):
-            b_dq = _dot_f32_both(dscores, b_k * tl.exp(-b), IDT, DOT_PREC) * tl.exp(b)
+            b_dq = _dot_f32_both(dscores, b_k * tl.exp(-b), IDT, DOT_PREC, ISPLIT) * tl.exp(b)
         else:
             b_dq = tl.zeros([BT, BK], dtype=tl.float32)
             b_j = o_k.to(tl.float32) * 0.0
