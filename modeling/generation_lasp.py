@@ -29,7 +29,11 @@ from .cache_lasp import LaspCache, LaspStateLayer
 _SLOT_MULTIPLE = 256
 _STOP_CHECK_EVERY = 32  # decoding steps between host checks of "every row has ended" (one sync each)
 _MAX_EOS_IDS = 8  # end-token ids live in a fixed buffer, so one captured graph serves any of them
-GENERATE_ARGS = ("attention_mask", "max_new_tokens", "eos_token_id", "pad_token_id", "do_sample", "use_cache")
+GENERATE_ARGS = ("attention_mask", "max_new_tokens", "eos_token_id", "pad_token_id", "do_sample", "use_cache",
+                 "disable_compile")
+# Whether `generate_static` runs the step through `torch.compile` on CUDA (as transformers compiles its
+# static-cache decoding; `disable_compile=True` in the call or the generation config turns it off).
+COMPILE_STEP = True
 
 
 class _StaticStateLayer(LaspStateLayer):
@@ -154,6 +158,7 @@ class LaspGraphDecoder:
         `torch.compile` (Inductor fuses its elementwise kernels; the graph then replays the fused kernels)."""
         param = next(model.parameters())
         self.model, self.device = model, param.device
+        self.compiled = compile
         # No CUDA graphs of Inductor's own (the step is captured here) and fixed shapes (they never change).
         self.forward = torch.compile(model, dynamic=False) if compile else model
         # A graph replays the addresses it captured: casting or moving the model makes a new decoder.
@@ -180,10 +185,12 @@ class LaspGraphDecoder:
     def __reduce__(self):
         return (_no_decoder, ())
 
-    def matches(self, like: LaspCache, max_length: int) -> bool:
-        """Whether this decoder can continue from the prefilled cache `like` with max_length slots."""
+    def matches(self, like: LaspCache, max_length: int, compile: bool = False) -> bool:
+        """Whether this decoder can continue from the prefilled cache `like` with max_length slots (and runs
+        the step compiled or not, as asked)."""
         return (
-            self.weights == _weights_signature(self.model)
+            self.compiled == compile
+            and self.weights == _weights_signature(self.model)
             and self.max_length >= max_length
             and self.cache.fits(like)
         )
@@ -335,6 +342,9 @@ def generate_static(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         max_new_tokens (`int`, defaults to the generation config's): tokens to add.
         eos_token_id / pad_token_id (*optional*): as `generate` (defaults from the generation config); rows
             that ended get pad, and decoding stops once every row has ended.
+        disable_compile (`bool`, defaults to the generation config's): on CUDA the step runs through
+            `torch.compile` before its capture (the first call compiles, once per batch size) unless this is
+            True, as in transformers' static-cache decoding.
     Returns:
         `[B, P + n]` ids, n <= max_new_tokens, as greedy `generate` returns them.
     """
@@ -375,11 +385,13 @@ def generate_static(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.cat([input_ids, _cut_after_all_ended(first[:, None], _eos_tensor(eos, first))], dim=1)
     hybrid = "full_attention" in model.config.layer_types
     needed = -(-(P + max_new) // _SLOT_MULTIPLE) * _SLOT_MULTIPLE if hybrid else 0
+    disable_compile = kwargs.get("disable_compile", getattr(config, "disable_compile", False))
+    compile_step = COMPILE_STEP and input_ids.device.type == "cuda" and not disable_compile
     decoder = getattr(model, "_lasp_graph_decoder", None)
-    if decoder is None or not decoder.matches(cache, needed):
+    if decoder is None or not decoder.matches(cache, needed, compile_step):
         decoder = None
         model._lasp_graph_decoder = None  # free the old buffers and graph before making new ones
-        decoder = LaspGraphDecoder(model, cache, needed)
+        decoder = LaspGraphDecoder(model, cache, needed, compile=compile_step)
         model._lasp_graph_decoder = decoder
     decoder.set_tokens(eos, pad)
     decoder.start(cache, mask, first, max_new)

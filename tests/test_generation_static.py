@@ -6,10 +6,11 @@ runs eagerly; the CUDA graph of the same step is tested in tests/gpu/test_genera
 
 import copy
 import pickle
+import shutil
 
 import pytest
 import torch
-from lasp_hf.modeling.generation_lasp import LaspStaticCache
+from lasp_hf.modeling.generation_lasp import LaspGraphDecoder, LaspStaticCache
 from test_modeling_common import CASE_IDS, CASES, VOCAB, rel_err, tiny_model
 
 TOL = 1e-5
@@ -131,3 +132,29 @@ def test_static_generate_rejects_what_it_does_not_do():
         model.generate(ids, max_new_tokens=3, num_beams=2, cache_implementation="static")
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(ids, max_new_tokens=0, cache_implementation="static")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend (Inductor) needs a C++ compiler")
+@pytest.mark.parametrize("mixer, layer_types", [CASES[0], CASES[3], CASES[5]],
+                         ids=[CASE_IDS[0], CASE_IDS[3], CASE_IDS[5]])
+def test_compiled_step_equals_eager_generate(mixer, layer_types):
+    """The decoder's step through torch.compile (`LaspGraphDecoder(compile=True)`, what generate_static runs on
+    CUDA) gives eager generate's greedy tokens, and compiles once: the static cache's host token count stays put,
+    so later steps hit the first compilation."""
+    torch._dynamo.reset()
+    model = tiny_model(mixer, layer_types)
+    ids, mask = _left_padded()
+    eager = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    with torch.no_grad():
+        prefill = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    hybrid = "full_attention" in model.config.layer_types
+    decoder = LaspGraphDecoder(model, _cache_of(prefill), 256 if hybrid else 0, compile=True)
+    decoder.set_tokens([], 0)
+    decoder.start(_cache_of(prefill), mask, prefill.logits[:, -1].argmax(dim=-1), 10)
+    with torch.no_grad():
+        decoder._step()  # the first compilation
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        decoder.start(_cache_of(prefill), mask, prefill.logits[:, -1].argmax(dim=-1), 10)
+        fast = decoder.run(10)
+    assert torch.equal(torch.cat([ids, fast], dim=1), eager)
