@@ -265,7 +265,7 @@ def test_recurrent_step(kernels, g_mode, with_state):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("g_mode", ["head", "channel"])
 def test_recurrent_step_in_place(kernels, backend, g_mode):
-    # K = V = 128: the Triton step splits V into two blocks of programs, each writing only the tile it read.
+    # K = V = 128: the Triton step splits V into several blocks of programs, each writing only the tile it read.
     B, H, K, V = 2, 2, 128, 128
     q, k, v = (torch.randn(B, H, D, dtype=torch.bfloat16) for D in (K, K, V))
     g = -torch.rand(H) if g_mode == "head" else -torch.rand(B, H, K)

@@ -13,6 +13,8 @@ from lasp_hf.kernels.triton.launch import fast
 from lasp_hf.kernels.triton.utils import cdiv, empty, interpreting, next_pow2
 
 G_NONE, G_HEAD, G_BATCH_HEAD, G_CHANNEL = 0, 1, 2, 3
+# Programs a step launches at least, where V allows (an H100 has 132 SMs; each program reads K x BV of state).
+MIN_PROGRAMS = 256
 
 
 @fast
@@ -63,6 +65,9 @@ def recurrent_step(q, k, v, g=None, *, scale: float, state=None, inplace: bool =
     V = v.shape[-1]
     BK = max(16, next_pow2(K))
     BV = min(max(16, next_pow2(V)), max(16, 8192 // BK))
+    # Few rows and heads (decoding at B = 1): narrower V blocks, so that enough programs share the state's read.
+    while BV > 16 and B * H * cdiv(V, BV) < MIN_PROGRAMS:
+        BV //= 2
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g_mode = G_NONE if g is None else (G_HEAD, G_BATCH_HEAD, G_CHANNEL)[g.dim() - 1]
     state_in = state.float().contiguous() if state is not None else None
