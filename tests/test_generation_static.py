@@ -158,3 +158,29 @@ def test_compiled_step_equals_eager_generate(mixer, layer_types):
         decoder.start(_cache_of(prefill), mask, prefill.logits[:, -1].argmax(dim=-1), 10)
         fast = decoder.run(10)
     assert torch.equal(torch.cat([ids, fast], dim=1), eager)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend (Inductor) needs a C++ compiler")
+def test_static_generate_takes_a_compile_config():
+    """`compile_config` compiles the step (a decoder of its own, reused for the same config); disable_compile wins;
+    anything but a CompileConfig is refused."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = tiny_model("lightning")
+    ids, mask = _left_padded()
+    eager = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    config = CompileConfig()
+    fast = model.generate(ids, attention_mask=mask, max_new_tokens=6, cache_implementation="static",
+                          compile_config=config)
+    assert torch.equal(fast, eager)
+    decoder = model._lasp_graph_decoder
+    assert decoder.compiled == ("inductor", False) and decoder.forward is not model
+    model.generate(ids, attention_mask=mask, max_new_tokens=6, cache_implementation="static", compile_config=config)
+    assert model._lasp_graph_decoder is decoder
+    model.generate(ids, attention_mask=mask, max_new_tokens=6, cache_implementation="static", compile_config=config,
+                   disable_compile=True)
+    assert model._lasp_graph_decoder.compiled is None and model._lasp_graph_decoder.forward is model
+    with pytest.raises(ValueError, match="CompileConfig"):
+        model.generate(ids, max_new_tokens=3, cache_implementation="static", compile_config={"backend": "eager"})
