@@ -20,6 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_lasp import LaspConfig
 from .parts_lasp import (
     OUTPUT_NORMS,
+    FusedRows,
     GatedChannelDecay,
     GatedHeadDecay,
     NoPositionEncoding,
@@ -120,8 +121,18 @@ class LaspGLU(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = nn.SiLU() if config.channel_mixer == "swiglu" else nn.Identity()
+        self.gate_up = FusedRows(self.gate_proj, self.up_proj)  # one product at inference, after `fuse()`
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.gate_up.reset()  # a cast or move makes new weights: drop the view of the old ones
+        return self
 
     def forward(self, x):
+        weight = self.gate_up.weight()
+        if weight is not None:
+            gate, up = F.linear(x, weight).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
     def decode_step(self, x, norm: nn.Module):
@@ -251,6 +262,8 @@ class LaspLinearAttention(nn.Module):
             self.u_act = {"sigmoid": nn.Sigmoid, "silu": nn.SiLU, "identity": nn.Identity}[
                 config.output_gate_act
             ]()
+        # q / k / v (and the gate's) projections as one product at inference, after `fuse()`.
+        self.qkvu = FusedRows(*[p for p in (self.q_proj, self.k_proj, self.v_proj, self.u_proj) if p is not None])
         # The activations of q, k, v (and the gate) by their names in the fused decoding step (`decode_step`).
         fused_qk_act = {"elu": "elu_plus_one"}.get(qk_act, qk_act)
         self._fused_acts = [fused_qk_act, fused_qk_act, "identity"] + (
@@ -287,6 +300,7 @@ class LaspLinearAttention(nn.Module):
         super()._apply(fn, recurse)
         if self.decay is not None and self.decay.dtype != torch.float32:
             self.decay = self.decay.float()
+        self.qkvu.reset()  # a cast or move makes new weights: drop the view of the old ones
         return self
 
     def _chunk_size(self, T: int) -> int | None:
@@ -300,15 +314,23 @@ class LaspLinearAttention(nn.Module):
 
     def _project(self, x, mask, position_ids, input_norm=None):
         """The token-wise part before the op: q, k `[B, T, H, D']` after the activation and position encoding
-        (D' = 2D with LRPE), v `[B, T, H, V]`, and the per-token log decay (`[B, T, H]` of the "gated" kind,
-        `[B, T, H, D]` of "gla", else None); k, v (and g) zeroed at padding (mask False)."""
+        (D' = 2D with LRPE), v `[B, T, H, V]`, the per-token log decay (`[B, T, H]` of the "gated" kind,
+        `[B, T, H, D]` of "gla", else None), k, v (and g) zeroed at padding (mask False), and the output gate's
+        projection `[B, T, H * V]` when the fused projections computed it (else None: `_output` does)."""
         if input_norm is not None:
             x = input_norm(x)
         B, T, _ = x.shape
         shape = (B, T, self.num_heads, -1)
-        q = self.position(self.qk_act(self.q_proj(x).view(shape)), position_ids)
-        k = self.position(self.qk_act(self.k_proj(x).view(shape)), position_ids)
-        v = self.v_proj(x).view(shape)
+        weight, u = self.qkvu.weight(), None
+        if weight is not None:
+            sizes = [p.weight.shape[0] for p in self.qkvu.linears]
+            q, k, v, *rest = F.linear(x, weight).split(sizes, dim=-1)
+            u = rest[0] if rest else None
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.position(self.qk_act(q.view(shape)), position_ids)
+        k = self.position(self.qk_act(k.view(shape)), position_ids)
+        v = v.view(shape)
         g = self.decay_proj(x) if self.decay_proj is not None else None
         if mask is not None:
             pad = ~mask[:, :, None]  # [B, T, 1]
@@ -316,15 +338,18 @@ class LaspLinearAttention(nn.Module):
             v = v.masked_fill(pad[..., None], 0.0)
             if g is not None:
                 g = g.masked_fill(pad if g.dim() == 3 else pad[..., None], 0.0)
-        return q, k, v, g
+        return q, k, v, g, u
 
-    def _output(self, o, x, input_norm=None):
+    def _output(self, o, x, input_norm=None, u=None):
         """The token-wise part after the op: o `[B, T, H, V]` -> output norm, times the output gate of x (the
-        block input, normed by input_norm if given) when the kind has one, -> o_proj `[B, T, hidden]`."""
+        block input, normed by input_norm if given; u its projection where `_project` computed it) when the
+        kind has one, -> o_proj `[B, T, hidden]`."""
         o = self.normalize_output(self.o_norm, o)
         if self.u_proj is not None:
-            x = input_norm(x) if input_norm is not None else x
-            o = self.u_act(self.u_proj(x)) * o
+            if u is None:
+                x = input_norm(x) if input_norm is not None else x
+                u = self.u_proj(x)
+            o = self.u_act(u) * o
         return self.o_proj(o)
 
     def _step(self, q, k, v, g, state, inplace: bool):
@@ -402,10 +427,11 @@ class LaspLinearAttention(nn.Module):
         if chunk_size is None and input_norm is not None:
             hidden_states, input_norm = input_norm(hidden_states), None
         if chunk_size is None:
-            q, k, v, g = self._project(hidden_states, mask, position_ids, input_norm)
+            q, k, v, g, u = self._project(hidden_states, mask, position_ids, input_norm)
         else:
             project = partial(self._project, input_norm=input_norm)
-            q, k, v, g = chunked_over_tokens(project, chunk_size, hidden_states, mask, position_ids)
+            # (The chunks' gate projections, where computed, are not kept: `_output`'s chunks form their own.)
+            q, k, v, g, _ = chunked_over_tokens(project, chunk_size, hidden_states, mask, position_ids)
         if self.decay is not None:
             g = self.decay.float()
             if mask is not None:
@@ -438,7 +464,7 @@ class LaspLinearAttention(nn.Module):
 
         gate_input = hidden_states if self.u_proj is not None else None
         if chunk_size is None:
-            return self._output(o, gate_input, input_norm)
+            return self._output(o, gate_input, input_norm, u)
         return chunked_over_tokens(partial(self._output, input_norm=input_norm), chunk_size, o, gate_input)
 
 

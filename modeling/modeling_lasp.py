@@ -195,6 +195,19 @@ class LaspPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LinearLrpe):
             init.copy_(module.theta, module.initial_theta(*module.theta.shape))
 
+    def fuse_projections(self):
+        """Lay out each block's q / k / v (/ gate) projection weights, and its GLU's gate / up weights, as one
+        tensor each (`parts_lasp.FusedRows`), so that inference (no gradients to them) computes each group in one
+        matrix product: at one token per row a few large products read the weights faster than many small ones.
+        The parameters, their values and the state dict stay the same (each weight becomes a view of its group's
+        tensor; no memory is added); training computes each projection on its own as before. A cast or move of
+        the model undoes it. `generate` calls it. Returns the model."""
+        for module in self.modules():
+            for rows in (getattr(module, "qkvu", None), getattr(module, "gate_up", None)):
+                if rows is not None:
+                    rows.fuse()
+        return self
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         # A DynamicCache cannot hold recurrent states: generate() gets a LaspCache instead (below).
@@ -511,7 +524,8 @@ class LaspForCausalLM(LaspPreTrainedModel, GenerationMixin):
     def generate(self, *args, **kwargs):
         """transformers' `generate`; with `cache_implementation="static"`, greedy decoding whose one-token
         step runs as a CUDA graph on a GPU (`generation_lasp.generate_static`: ids, attention_mask,
-        max_new_tokens, eos / pad token ids)."""
+        max_new_tokens, eos / pad token ids). Either way the projections are fused first (`fuse_projections`)."""
+        self.fuse_projections()
         if kwargs.get("cache_implementation") == "static":
             from .generation_lasp import generate_static
 

@@ -10,6 +10,9 @@
 - output norm (`norm_all_heads` / `norm_per_head`): the norm over the concatenated heads (TransNormer) or over
   each head with one weight shared by the heads (RetNet's group norm as RMSNorm).
 
+- fused projections (`FusedRows`): the weights of several projections of one input stored as
+  row blocks of one tensor, so that inference computes them in one matrix product.
+
 Shapes: B batch, T tokens, H heads, D (or K) query/key head dim, V value head dim.
 """
 
@@ -214,8 +217,73 @@ def norm_per_head(norm: nn.Module, o: torch.Tensor) -> torch.Tensor:
 OUTPUT_NORMS = {"all_heads": norm_all_heads, "per_head": norm_per_head}
 
 
+class FusedRows:
+    """Several bias-free projections of one input (`nn.Linear`s of one dtype, device and input width), computed by
+    inference as one matrix product: `fuse()` stores their weights as consecutive row blocks of one new tensor,
+    each weight's data a view of it (the same parameters, values and state dict; no memory added, the separate
+    tensors are freed), and `weight()` returns that block. A cast or move of the model makes separate tensors
+    again (the owner calls `reset()` from `_apply`), after which `weight()` is None until the next `fuse()`."""
+
+    def __init__(self, *linears: nn.Linear):
+        self.linears = linears
+        self.reset()
+
+    def reset(self) -> None:
+        self._key, self._block = None, None
+
+    def fuse(self) -> bool:
+        """Lay the weights out as one block (if they are not already); False where they differ in dtype, device
+        or input width (they stay separate)."""
+        weights = [linear.weight for linear in self.linears]
+        first = weights[0]
+        if any(w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1] for w in weights):
+            return False
+        if _row_block(weights) is None:
+            # A normal tensor even when called under inference mode: the parameters stay usable for training.
+            with torch.no_grad(), torch.inference_mode(False):
+                fused = torch.cat([w.detach() for w in weights])
+                start = 0
+                for linear, w in zip(self.linears, weights, strict=True):
+                    linear.weight.data = fused[start : start + w.shape[0]]
+                    start += w.shape[0]
+        self.reset()
+        return True
+
+    def weight(self) -> torch.Tensor | None:
+        """The weights as one `[sum of out, in]` tensor when they are laid out so and no gradient to them is
+        wanted (autograd must reach each parameter), else None: the caller then takes one product per
+        projection. Host metadata only (pointers; the block's view is kept while they stay the same). None
+        while torch.compile or torch.export traces (their tensors have no addresses)."""
+        if torch.compiler.is_compiling():
+            return None
+        weights = [linear.weight for linear in self.linears]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return None
+        # The kept view holds its storage, so equal addresses are that storage (no other tensor can take them).
+        key = (weights[0].dtype, *(w.data_ptr() for w in weights))
+        if key != self._key:
+            self._key, self._block = key, _row_block(weights)
+        return self._block
+
+
+def _row_block(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The weights as one `[sum of rows, in]` view when they are consecutive, contiguous row blocks of one
+    storage, else None. Host metadata only (pointers and shapes)."""
+    first = weights[0]
+    width, size = first.shape[1], first.element_size()
+    storage, at, rows = first.untyped_storage().data_ptr(), first.data_ptr(), 0
+    for w in weights:
+        if (w.data_ptr() != at or not w.is_contiguous() or w.dtype != first.dtype or w.shape[1] != width
+                or w.untyped_storage().data_ptr() != storage):
+            return None
+        at += w.numel() * size
+        rows += w.shape[0]
+    return first.detach().as_strided((rows, width), (width, 1))
+
+
 __all__ = [
     "DECAY_KINDS",
+    "FusedRows",
     "GatedChannelDecay",
     "GatedHeadDecay",
     "LinearLrpe",

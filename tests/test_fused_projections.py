@@ -1,0 +1,132 @@
+"""`LaspPreTrainedModel.fuse_projections` (modeling/parts_lasp.py `FusedRows`): each block's q / k / v / gate and
+GLU gate / up weights laid out as one tensor per group, computed in one product at inference. Checked against a
+copy of the model that was never fused (float32: the same sums, in another kernel call): logits, cached states,
+gradients in training, a cast, a save / load round trip, inference mode, and generate fusing by itself."""
+
+import copy
+
+import pytest
+import torch
+from lasp_hf import LaspForCausalLM
+from test_modeling_common import CASE_IDS, CASES, VOCAB, rel_err, tiny_model
+
+TOL = 1e-6
+
+
+def _groups(model):
+    for module in model.modules():
+        for rows in (getattr(module, "qkvu", None), getattr(module, "gate_up", None)):
+            if rows is not None:
+                yield rows
+
+
+def _is_one_block(rows) -> bool:
+    """Each weight starts where the previous one ends, in one storage (pointers compared independently of
+    FusedRows' own check)."""
+    weights = [linear.weight for linear in rows.linears]
+    storages = {w.untyped_storage().data_ptr() for w in weights}
+    ends = [w.data_ptr() + w.numel() * w.element_size() for w in weights[:-1]]
+    return len(storages) == 1 and all(end == w.data_ptr() for end, w in zip(ends, weights[1:], strict=True))
+
+
+@pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
+def test_fused_model_equals_the_unfused_one(mixer, layer_types):
+    plain = tiny_model(mixer, layer_types)
+    model = copy.deepcopy(plain)
+    params = dict(model.named_parameters())
+    assert not any(_is_one_block(rows) for rows in _groups(model))
+    assert model.fuse_projections() is model
+    groups = list(_groups(model))
+    assert groups and all(_is_one_block(rows) for rows in groups)
+    assert all(rows.weight() is None for rows in groups)  # gradients on: one product per projection
+    with torch.no_grad():
+        assert all(rows.weight() is not None for rows in groups)
+    # The same parameter objects and values; nothing new in the state dict.
+    assert dict(model.named_parameters()) == params
+    state, ref_state = model.state_dict(), plain.state_dict()
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+
+    ids = torch.randint(1, VOCAB, (2, 9))
+    with torch.no_grad():
+        out, ref = model(ids, use_cache=True), plain(ids, use_cache=True)
+        assert rel_err(out.logits, ref.logits) < TOL
+        step = torch.randint(1, VOCAB, (2, 1))
+        out = model(step, past_key_values=out.past_key_values, use_cache=True)
+        ref = plain(step, past_key_values=ref.past_key_values, use_cache=True)
+    assert rel_err(out.logits, ref.logits) < TOL
+    for i, layer_type in enumerate(model.config.layer_types):
+        if layer_type == "linear_attention":
+            assert rel_err(out.past_key_values.get_state(i), ref.past_key_values.get_state(i)) < TOL
+
+
+def test_training_after_fusing_reaches_every_parameter():
+    plain = tiny_model("gated").train()
+    model = copy.deepcopy(plain).fuse_projections()
+    ids = torch.randint(1, VOCAB, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    plain(ids, labels=ids).loss.backward()
+    grads = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert rel_err(p.grad, grads[name].grad) < TOL, name
+    # An optimizer step writes through the views: the group's block sees the new values.
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    rows = model.model.layers[0].token_mixer.qkvu
+    with torch.no_grad():
+        block = rows.weight()
+    assert torch.equal(block, torch.cat([linear.weight.detach() for linear in rows.linears]))
+
+
+def test_a_cast_undoes_the_fusion_and_fuse_again_redoes_it():
+    plain = tiny_model("lightning")
+    model = copy.deepcopy(plain).fuse_projections()
+    model.bfloat16()
+    plain.bfloat16()
+    groups = list(_groups(model))
+    with torch.no_grad():
+        assert all(rows.weight() is None for rows in groups)  # separate tensors again: one product each
+    ids = torch.randint(1, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)  # the same separate products
+    model.fuse_projections()
+    with torch.no_grad():
+        assert all(_is_one_block(rows) and rows.weight().dtype == torch.bfloat16 for rows in groups)
+
+
+def test_fusing_under_inference_mode_keeps_the_parameters_trainable():
+    model = tiny_model("lightning").train()
+    with torch.inference_mode():
+        model.fuse_projections()
+    assert not any(p.is_inference() for p in model.parameters())
+    ids = torch.randint(1, VOCAB, (1, 8))
+    model(ids, labels=ids).loss.backward()
+    assert model.model.layers[0].token_mixer.q_proj.weight.grad is not None
+
+
+def test_save_and_load_after_fusing(tmp_path):
+    model = tiny_model("gla").fuse_projections()
+    model.save_pretrained(tmp_path)
+    loaded = LaspForCausalLM.from_pretrained(tmp_path).eval()
+    for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    ids = torch.randint(1, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, model(ids).logits) < TOL
+
+
+def test_generate_fuses_the_projections():
+    model = tiny_model("lightning")
+    plain = copy.deepcopy(model)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert all(_is_one_block(rows) for rows in _groups(model))
+    # The unfused model's greedy tokens, decoded step by step without generate.
+    tokens, cache = ids, None
+    with torch.no_grad():
+        step = ids
+        for _ in range(5):
+            result = plain(step, past_key_values=cache, use_cache=True)
+            cache = result.past_key_values
+            step = result.logits[:, -1:].argmax(dim=-1)
+            tokens = torch.cat([tokens, step], dim=1)
+    assert torch.equal(out, tokens)
