@@ -134,15 +134,23 @@ def test_static_generate_rejects_what_it_does_not_do():
         model.generate(ids, max_new_tokens=0, cache_implementation="static")
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and per-function state empty before and after (compiled code and the sizes it has seen
+    belong to the model's forward, shared by every model: another test's compilation must not start from them)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's CPU backend (Inductor) needs a C++ compiler")
 @pytest.mark.parametrize("mixer, layer_types", [CASES[0], CASES[3], CASES[5]],
                          ids=[CASE_IDS[0], CASE_IDS[3], CASE_IDS[5]])
-def test_compiled_step_equals_eager_generate(mixer, layer_types):
-    """The decoder's step through torch.compile (`LaspGraphDecoder(compile=True)`, what generate_static runs on
-    CUDA) gives eager generate's greedy tokens, and compiles once: the static cache's host token count stays put,
-    so later steps hit the first compilation."""
-    torch._dynamo.reset()
+def test_compiled_step_equals_eager_generate(mixer, layer_types, fresh_dynamo):
+    """The decoder's step through torch.compile (`LaspGraphDecoder(compile=True)`, what generate_static runs with
+    a compile_config) gives eager generate's greedy tokens (float32), and compiles once: the static cache's host
+    token count stays put, so later steps hit the first compilation."""
     model = tiny_model(mixer, layer_types)
     ids, mask = _left_padded()
     eager = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
@@ -162,12 +170,11 @@ def test_compiled_step_equals_eager_generate(mixer, layer_types):
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's CPU backend (Inductor) needs a C++ compiler")
-def test_static_generate_takes_a_compile_config():
+def test_static_generate_takes_a_compile_config(fresh_dynamo):
     """`compile_config` compiles the step (a decoder of its own, reused for the same config); disable_compile wins;
     anything but a CompileConfig is refused."""
     from transformers import CompileConfig
 
-    torch._dynamo.reset()
     model = tiny_model("lightning")
     ids, mask = _left_padded()
     eager = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)

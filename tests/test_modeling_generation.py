@@ -320,6 +320,7 @@ def test_torch_export_forward_and_decode_step(mixer, layer_types):
 def test_compile_fullgraph_forward_and_decode_step(mixer, layer_types):
     """torch.compile(fullgraph=True) traces the masked forward and the decode step without a graph break
     (dynamo raises on one); the "eager" backend keeps the test fast, what is checked is the trace."""
+    torch._dynamo.reset()  # no sizes seen by earlier compilations of the forward (they would make them dynamic)
     model = tiny_model(mixer, layer_types)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     x, mask = _padded_batch()
