@@ -233,9 +233,12 @@ class FusedRows:
 
     def fuse(self) -> bool:
         """Lay the weights out as one block (if they are not already); False where they differ in dtype, device
-        or input width (they stay separate)."""
+        or input width, or are not plain tensors with memory (sharded DTensors of FSDP2, meta tensors): they
+        stay as they are."""
         weights = [linear.weight for linear in self.linears]
         first = weights[0]
+        if any(type(w.data) is not torch.Tensor or w.device.type == "meta" for w in weights):
+            return False
         if any(w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1] for w in weights):
             return False
         if _row_block(weights) is None:

@@ -130,3 +130,14 @@ def test_generate_fuses_the_projections():
             step = result.logits[:, -1:].argmax(dim=-1)
             tokens = torch.cat([tokens, step], dim=1)
     assert torch.equal(out, tokens)
+
+
+def test_weights_without_memory_are_left_alone():
+    """Meta weights (and, by the same check, sharded DTensors) are not plain tensors with memory: fuse_projections
+    leaves them as they are."""
+    with torch.device("meta"):
+        model = tiny_model("lightning")
+    before = {name: p for name, p in model.named_parameters()}
+    model.fuse_projections()
+    assert all(p.is_meta and p is before[name] for name, p in model.named_parameters())
+    assert not any(rows.fuse() for rows in _groups(model))
