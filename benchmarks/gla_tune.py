@@ -12,7 +12,8 @@ STATE_STEP_TOKENS (the segment-state passes), `fwd_bv` = the V block of the outp
 of K), `bwd_bk` = the K block of dq / dk (which hold all of V), `warps` of those four kernels, `span` =
 FACTORED_SPAN (the largest decay over a step that takes the tensor-core form; < 0: elementwise only),
 `split_state` = SPLIT_STATE (the output and dv kernels' products with the state in hi + lo parts), `intra` =
-INTRA_PRECISION (operands of the intra-step products: split, bf16, tf32). The grid is the product of the lists
+INTRA_PRECISION (operands of the intra-step products: split, bf16, tf32), `segment_chunks` = chunk.CHUNKS_PER_SEGMENT
+(the scans' segment length in 64-token chunks; 0: the planner's). The grid is the product of the lists
 given. With `--fla` (flash-linear-attention installed), fla's chunk_gla runs first on the same inputs, timed and
 checked the same way (its row is the yardstick of speed and error). Output: a table, `gla-tune-<card>.json` + `.md`.
 """
@@ -64,6 +65,9 @@ def apply(setting: dict) -> None:
     gla_chunk.FACTORED_SPAN = setting["span"]
     gla_chunk.SPLIT_STATE = bool(setting["split_state"])
     gla_chunk.INTRA_PRECISION = setting["intra"]
+    from lasp_hf.kernels.triton import chunk
+
+    chunk.CHUNKS_PER_SEGMENT = setting["segment_chunks"] or None
     K = V = setting["K"]
     gla_chunk.CONFIGS["fwd"] = (K * setting["fwd_bv"], setting["warps"], 2)
     gla_chunk.CONFIGS["dv"] = (K * setting["fwd_bv"], setting["warps"], 2)
@@ -82,6 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split-state", nargs="*", type=int, default=[1], help="SPLIT_STATE: 1, 0 or both")
     parser.add_argument("--intra", nargs="*", default=["split"], choices=("split", "bf16", "tf32"),
                         help="INTRA_PRECISION values")
+    parser.add_argument("--segment-chunks", nargs="*", type=int, default=[0],
+                        help="chunk.CHUNKS_PER_SEGMENT (64-token chunks per segment; 0: the planner's choice)")
     parser.add_argument("--fla", action="store_true", help="fla's chunk_gla first, as the yardstick")
     parser.add_argument("--check-tokens", default="4K", help="length of the error check (default 4K)")
     args = parser.parse_args(argv)
@@ -94,10 +100,10 @@ def main(argv=None) -> int:
     lengths = [min(common.parse_length(t), 80) if args.tiny else common.parse_length(t) for t in args.tokens]
     check_T = 40 if args.tiny else common.parse_length(args.check_tokens)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    keys = ("steps", "state_steps", "fwd_bv", "bwd_bk", "warps", "span", "split_state", "intra")
+    keys = ("steps", "state_steps", "fwd_bv", "bwd_bk", "warps", "span", "split_state", "intra", "segment_chunks")
     grid = [dict(zip(keys, values), K=K)
             for values in itertools.product(args.steps, args.state_steps, args.fwd_bv, args.bwd_bk, args.warps,
-                                            args.span, args.split_state, args.intra)]
+                                            args.span, args.split_state, args.intra, args.segment_chunks)]
     if args.fla:
         grid.insert(0, dict(fla=True, K=K))
     if args.dry_run:
