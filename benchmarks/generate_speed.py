@@ -290,6 +290,8 @@ class Runner:
             self.name, self.model = None, None
             self.free()
             self.model = build_model(name, self.device, self.dtype, self.tiny)
+            if hasattr(self.model, "fuse_projections"):
+                self.model.fuse_projections()  # as our generate does first, whatever row runs first
             self.name = name
         return self.model
 
@@ -420,10 +422,25 @@ def fused_decode(mode: str | None):
 
 def case_decode(run: Runner, name: str, variant: str, B: int, T: int, smallest_T: int) -> dict:
     """variant: "graph" (the CUDA-graph step), "graph-plain" (the same without the fused decoding kernels, its
-    eager check also without them), "graph-compiled" (graph-plain's step through `torch.compile`) or "eager"."""
-    with fused_decode("never" if variant in ("graph-plain", "graph-compiled") else None):
+    eager check also without them), "graph-compiled" (graph-plain's step through `torch.compile`),
+    "graph-unfused" (graph-plain's step with one product per projection: `unfuse_projections`) or "eager"."""
+    plain = variant in ("graph-plain", "graph-compiled", "graph-unfused")
+    with fused_decode("never" if plain else None), unfused(run, name, variant == "graph-unfused"):
         return _decode_row(run, name, variant.split("-")[0], B, T, smallest_T, key=f"{name}-{variant}",
                            compile=variant == "graph-compiled")
+
+
+@contextlib.contextmanager
+def unfused(run: Runner, name: str, on: bool):
+    """Our model with its projections unfused inside the block (when on), fused again after."""
+    model = run.get_model(name) if on else None
+    if model is not None:
+        model.unfuse_projections()
+    try:
+        yield
+    finally:
+        if model is not None:
+            model.fuse_projections()
 
 
 def _decode_row(run: Runner, name: str, variant: str, B: int, T: int, smallest_T: int, key: str,
@@ -518,10 +535,10 @@ def case_generate(run: Runner, name: str, path: str, B: int, T: int) -> dict:
 
 
 def build_cases(models, lengths, batch_sizes, with_compiled: bool, plain_graph: bool = False,
-                compiled_graph: bool = False) -> Registry:
+                compiled_graph: bool = False, unfused_graph: bool = False) -> Registry:
     """The cases in run order: per model, the generate rows, then per length its prefill and decode rows
     (plain_graph: also the graph step without the fused decoding kernels; compiled_graph: also that step
-    through `torch.compile`)."""
+    through `torch.compile`; unfused_graph: also that step with one product per projection)."""
     cases = Registry()
     smallest = min(lengths)
     for name in models:
@@ -539,7 +556,8 @@ def build_cases(models, lengths, batch_sizes, with_compiled: bool, plain_graph: 
             )
         variants = ("eager",)
         if name in OURS:
-            variants = ("graph",) + ("graph-plain",) * plain_graph + ("graph-compiled",) * compiled_graph + variants
+            variants = (("graph",) + ("graph-plain",) * plain_graph + ("graph-compiled",) * compiled_graph
+                        + ("graph-unfused",) * unfused_graph + variants)
         for T in lengths:
             cases.case(f"{name}-prefill", dict(B=1, T=T))(
                 lambda run, B, T, name=name: case_prefill(run, name, B, T)
@@ -749,6 +767,11 @@ def main(argv=None) -> int:
         help="also time the plain graph step run through torch.compile (decode-graph-compiled rows)",
     )
     parser.add_argument(
+        "--unfused-graph",
+        action="store_true",
+        help="also time the plain graph step with one product per projection (decode-graph-unfused rows)",
+    )
+    parser.add_argument(
         "--hybrid-max-prefill",
         default="128K",
         help="longest hybrid-1b prefill row (its softmax layers are quadratic; default 128K)",
@@ -764,7 +787,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown models {unknown}; the models are {list(OURS + PEERS)}")
     cases = build_cases(
-        args.models, lengths, batch_sizes, not args.no_compiled, args.plain_graph, args.compiled_graph
+        args.models, lengths, batch_sizes, not args.no_compiled, args.plain_graph, args.compiled_graph,
+        args.unfused_graph,
     ).select(args.cases)
     if args.dry_run:
         print("\n".join(case.name for case in cases))

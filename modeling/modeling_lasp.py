@@ -202,11 +202,21 @@ class LaspPreTrainedModel(PreTrainedModel):
         The parameters, their values and the state dict stay the same (each weight becomes a view of its group's
         tensor; no memory is added); training computes each projection on its own as before. A cast or move of
         the model undoes it. `generate` calls it. Returns the model."""
+        for rows in self._fused_rows():
+            rows.fuse()
+        return self
+
+    def unfuse_projections(self):
+        """Undo `fuse_projections`: each projection weight gets its own tensor again. Returns the model."""
+        for rows in self._fused_rows():
+            rows.unfuse()
+        return self
+
+    def _fused_rows(self):
         for module in self.modules():
             for rows in (getattr(module, "qkvu", None), getattr(module, "gate_up", None)):
                 if rows is not None:
-                    rows.fuse()
-        return self
+                    yield rows
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -252,6 +252,16 @@ class FusedRows:
         self.reset()
         return True
 
+    def unfuse(self) -> None:
+        """Give each weight its own tensor again (a copy of its rows; the block is freed once nothing else holds
+        it)."""
+        if _row_block([linear.weight for linear in self.linears]) is None:
+            return
+        with torch.no_grad(), torch.inference_mode(False):
+            for linear in self.linears:
+                linear.weight.data = linear.weight.detach().clone()
+        self.reset()
+
     def weight(self) -> torch.Tensor | None:
         """The weights as one `[sum of out, in]` tensor when they are laid out so and no gradient to them is
         wanted (autograd must reach each parameter), else None: the caller then takes one product per

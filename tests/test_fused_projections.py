@@ -93,6 +93,22 @@ def test_a_cast_undoes_the_fusion_and_fuse_again_redoes_it():
         assert all(_is_one_block(rows) and rows.weight().dtype == torch.bfloat16 for rows in groups)
 
 
+def test_unfuse_gives_each_weight_its_own_tensor():
+    plain = tiny_model("gla")
+    model = copy.deepcopy(plain).fuse_projections()
+    params = dict(model.named_parameters())
+    assert model.unfuse_projections() is model
+    groups = list(_groups(model))
+    assert not any(_is_one_block(rows) for rows in groups)
+    storages = [linear.weight.untyped_storage().data_ptr() for rows in groups for linear in rows.linears]
+    assert len(set(storages)) == len(storages)
+    assert dict(model.named_parameters()) == params
+    ids = torch.randint(1, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert all(rows.weight() is None for rows in groups)
+        assert torch.equal(model(ids).logits, plain(ids).logits)  # the same separate products as never fused
+
+
 def test_fusing_under_inference_mode_keeps_the_parameters_trainable():
     model = tiny_model("lightning").train()
     with torch.inference_mode():
