@@ -83,6 +83,28 @@ def test_graph_decoding_of_a_hybrid_equals_eager_greedy(B):
     assert torch.equal(fast, eager)
 
 
+def test_fused_projections_equal_separate_ones_bf16():
+    """`fuse_projections` (one cuBLAS product per group) against a copy never fused (one per projection): prefill
+    logits, a decoding step and the states agree to the bf16 rule; the graph step captures the fused products."""
+    model, plain = _model(), _model()
+    plain.load_state_dict(model.state_dict())
+    model.fuse_projections()
+    ids = torch.randint(1, VOCAB, (2, 500), device="cuda")
+    with torch.no_grad():
+        out, ref = model(ids, use_cache=True), plain(ids, use_cache=True)
+        assert _rel(out.logits, ref.logits) <= 1e-2
+        step = torch.randint(1, VOCAB, (2, 1), device="cuda")
+        out = model(step, past_key_values=_cache_of(out), use_cache=True)
+        ref = plain(step, past_key_values=_cache_of(ref), use_cache=True)
+    assert _rel(out.logits, ref.logits) <= 1e-2
+    for i in range(model.config.num_hidden_layers):
+        assert _rel(_cache_of(out).get_state(i), _cache_of(ref).get_state(i)) <= 1e-2
+    with torch.no_grad():
+        assert model.model.layers[0].token_mixer.qkvu.weight() is not None
+    fast = model.generate(ids[:1], max_new_tokens=16, cache_implementation="static")
+    assert torch.equal(fast, model.generate(ids[:1], max_new_tokens=16, do_sample=False))
+
+
 @pytest.mark.parametrize("layer_types", [None, HYBRID], ids=["lightning", "hybrid"])
 def test_chunked_prefill_equals_one_call_bf16(layer_types):
     whole_model = _model(layer_types, prompt_chunk_size=None)
