@@ -121,7 +121,7 @@ class LaspGLU(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = nn.SiLU() if config.channel_mixer == "swiglu" else nn.Identity()
-        self.gate_up = FusedRows(self.gate_proj, self.up_proj)  # one product at inference, after `fuse()`
+        self.gate_up = FusedRows(self, "gate_proj", "up_proj")  # one product at inference, after `fuse()`
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -263,7 +263,7 @@ class LaspLinearAttention(nn.Module):
                 config.output_gate_act
             ]()
         # q / k / v (and the gate's) projections as one product at inference, after `fuse()`.
-        self.qkvu = FusedRows(*[p for p in (self.q_proj, self.k_proj, self.v_proj, self.u_proj) if p is not None])
+        self.qkvu = FusedRows(self, "q_proj", "k_proj", "v_proj", *(["u_proj"] if self.u_proj is not None else []))
         # The activations of q, k, v (and the gate) by their names in the fused decoding step (`decode_step`).
         fused_qk_act = {"elu": "elu_plus_one"}.get(qk_act, qk_act)
         self._fused_acts = [fused_qk_act, fused_qk_act, "identity"] + (

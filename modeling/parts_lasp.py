@@ -218,15 +218,28 @@ OUTPUT_NORMS = {"all_heads": norm_all_heads, "per_head": norm_per_head}
 
 
 class FusedRows:
-    """Several bias-free projections of one input (`nn.Linear`s of one dtype, device and input width), computed by
-    inference as one matrix product: `fuse()` stores their weights as consecutive row blocks of one new tensor,
-    each weight's data a view of it (the same parameters, values and state dict; no memory added, the separate
-    tensors are freed), and `weight()` returns that block. A cast or move of the model makes separate tensors
-    again (the owner calls `reset()` from `_apply`), after which `weight()` is None until the next `fuse()`."""
+    """Several bias-free projections of one input (the `nn.Linear` submodules `names` of `owner`, of one dtype,
+    device and input width), computed by inference as one matrix product: `fuse()` stores their weights as
+    consecutive row blocks of one new tensor, each weight's data a view of it (the same parameters, values and
+    state dict; no memory added, the separate tensors are freed), and `weight()` returns that block. A cast or
+    move of the model makes separate tensors again (the owner calls `reset()` from `_apply`), after which
+    `weight()` is None until the next `fuse()`. The submodules are looked up on every call: where one has been
+    replaced by anything but a plain bias-free `nn.Linear` (a PEFT adapter's wrapper, a quantized linear), there
+    is no block and each projection runs as its own module."""
 
-    def __init__(self, *linears: nn.Linear):
-        self.linears = linears
+    def __init__(self, owner: nn.Module, *names: str):
+        self.owner, self.names = owner, names
         self.reset()
+
+    @property
+    def linears(self) -> list[nn.Module]:
+        return [getattr(self.owner, name) for name in self.names]
+
+    def _plain_linears(self) -> list[nn.Linear] | None:
+        linears = self.linears
+        if all(type(m) is nn.Linear and m.bias is None for m in linears):
+            return linears
+        return None
 
     def reset(self) -> None:
         self._key, self._block = None, None
@@ -235,7 +248,10 @@ class FusedRows:
         """Lay the weights out as one block (if they are not already); False where they differ in dtype, device
         or input width, or are not plain tensors with memory (sharded DTensors of FSDP2, meta tensors): they
         stay as they are."""
-        weights = [linear.weight for linear in self.linears]
+        linears = self._plain_linears()
+        if linears is None:
+            return False
+        weights = [linear.weight for linear in linears]
         first = weights[0]
         if any(type(w.data) is not torch.Tensor or w.device.type == "meta" for w in weights):
             return False
@@ -246,7 +262,7 @@ class FusedRows:
             with torch.no_grad(), torch.inference_mode(False):
                 fused = torch.cat([w.detach() for w in weights])
                 start = 0
-                for linear, w in zip(self.linears, weights, strict=True):
+                for linear, w in zip(linears, weights, strict=True):
                     linear.weight.data = fused[start : start + w.shape[0]]
                     start += w.shape[0]
         self.reset()
@@ -255,10 +271,11 @@ class FusedRows:
     def unfuse(self) -> None:
         """Give each weight its own tensor again (a copy of its rows; the block is freed once nothing else holds
         it)."""
-        if _row_block([linear.weight for linear in self.linears]) is None:
+        linears = self._plain_linears()
+        if linears is None or _row_block([linear.weight for linear in linears]) is None:
             return
         with torch.no_grad(), torch.inference_mode(False):
-            for linear in self.linears:
+            for linear in linears:
                 linear.weight.data = linear.weight.detach().clone()
         self.reset()
 
@@ -269,11 +286,14 @@ class FusedRows:
         while torch.compile or torch.export traces (their tensors have no addresses)."""
         if torch.compiler.is_compiling():
             return None
-        weights = [linear.weight for linear in self.linears]
+        linears = self._plain_linears()
+        if linears is None:
+            return None
+        weights = [linear.weight for linear in linears]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return None
         # The kept view holds its storage, so equal addresses are that storage (no other tensor can take them).
-        key = (weights[0].dtype, *(w.data_ptr() for w in weights))
+        key = (weights[0].dtype, *(id(w) for w in weights), *(w.data_ptr() for w in weights))
         if key != self._key:
             self._key, self._block = key, _row_block(weights)
         return self._block

@@ -157,3 +157,48 @@ def test_weights_without_memory_are_left_alone():
     model.fuse_projections()
     assert all(p.is_meta and p is before[name] for name, p in model.named_parameters())
     assert not any(rows.fuse() for rows in _groups(model))
+
+
+class _Adapted(torch.nn.Module):
+    """A projection wrapped the way an adapter library wraps one (the base layer plus a low-rank delta)."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base_layer = base
+        self.down = torch.nn.Linear(base.in_features, 2, bias=False)
+        self.up = torch.nn.Linear(2, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.up(self.down(x))
+
+
+class _LinearSubclass(torch.nn.Linear):
+    """A linear that computes something else from its weight (as a quantized linear does)."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("wrap", ["adapter", "subclass"])
+def test_a_replaced_projection_runs_as_its_own_module(wrap):
+    """After fusing, a projection replaced by an adapter's wrapper or a Linear subclass is no longer part of a
+    block: inference calls the module, as an unfused model does (the block would skip what it adds)."""
+    model = tiny_model("lightning").fuse_projections()
+    plain = tiny_model("lightning")
+    for m in (model, plain):
+        torch.manual_seed(1)
+        mixer = m.model.layers[0].token_mixer
+        if wrap == "adapter":
+            mixer.k_proj = _Adapted(mixer.k_proj)
+        else:
+            replacement = _LinearSubclass(mixer.k_proj.in_features, mixer.k_proj.out_features, bias=False)
+            replacement.weight = mixer.k_proj.weight
+            mixer.k_proj = replacement
+    with torch.no_grad():
+        assert model.model.layers[0].token_mixer.qkvu.weight() is None
+        assert model.model.layers[1].token_mixer.qkvu.weight() is not None
+        ids = torch.randint(1, VOCAB, (2, 9))
+        assert rel_err(model(ids).logits, plain(ids).logits) < TOL
+    model.unfuse_projections()  # the replaced group is left as it is, the others get their own tensors
+    model.fuse_projections()
+    assert not model.model.layers[0].token_mixer.qkvu.fuse()
