@@ -246,15 +246,16 @@ class FusedRows:
 
     def fuse(self) -> bool:
         """Lay the weights out as one block (if they are not already); False where they differ in dtype, device
-        or input width, or are not plain tensors with memory (sharded DTensors of FSDP2, meta tensors): they
-        stay as they are."""
+        or input width, or are not plain tensors with memory of their full shape (sharded DTensors of FSDP2, meta
+        tensors, ZeRO-3 placeholders): they stay as they are."""
         linears = self._plain_linears()
         if linears is None:
             return False
         weights = [linear.weight for linear in linears]
         first = weights[0]
-        if any(type(w.data) is not torch.Tensor or w.device.type == "meta" for w in weights):
-            return False
+        if any(type(w.data) is not torch.Tensor or w.device.type == "meta" or w.shape != (m.out_features, m.in_features)
+               for m, w in zip(linears, weights, strict=True)):
+            return False  # also a partitioned weight (DeepSpeed ZeRO-3 leaves an empty placeholder)
         if any(w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1] for w in weights):
             return False
         if _row_block(weights) is None:
@@ -303,6 +304,8 @@ def _row_block(weights: list[torch.Tensor]) -> torch.Tensor | None:
     """The weights as one `[sum of rows, in]` view when they are consecutive, contiguous row blocks of one
     storage, else None. Host metadata only (pointers and shapes)."""
     first = weights[0]
+    if any(w.dim() != 2 for w in weights):
+        return None
     width, size = first.shape[1], first.element_size()
     storage, at, rows = first.untyped_storage().data_ptr(), first.data_ptr(), 0
     for w in weights:

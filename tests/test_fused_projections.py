@@ -159,6 +159,18 @@ def test_weights_without_memory_are_left_alone():
     assert not any(rows.fuse() for rows in _groups(model))
 
 
+def test_partitioned_weights_are_left_alone():
+    """A weight whose data is an empty placeholder (DeepSpeed ZeRO-3 outside a gather) is not fused, and
+    inference does not read a block from it."""
+    model = tiny_model("lightning")
+    mixer = model.model.layers[0].token_mixer
+    mixer.q_proj.weight.data = torch.empty(0)
+    assert not mixer.qkvu.fuse()
+    with torch.no_grad():
+        assert mixer.qkvu.weight() is None
+    assert model.model.layers[1].token_mixer.qkvu.fuse()
+
+
 class _Adapted(torch.nn.Module):
     """A projection wrapped the way an adapter library wraps one (the base layer plus a low-rank delta)."""
 
