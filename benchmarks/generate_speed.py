@@ -662,6 +662,15 @@ def targets(rows, lengths) -> list[str]:
             f"({path}) {best['ms_per_token']:.3f}: {ours32['ms_per_token'] / best['ms_per_token']:.2f}x "
             "(target <= 0.33x)"
         )
+    for B in (1, 32):
+        fused = _find(rows, "tnl-1b-decode-graph-B", at32, B)
+        unfused_row = _find(rows, "tnl-1b-decode-graph-unfused", at32, B)
+        if fused and unfused_row:
+            notes.append(
+                f"32K, B={B}: tnl-1b graph step with fused projections {fused['ms_per_token']:.3f} ms/token, with one "
+                f"product per projection {unfused_row['ms_per_token']:.3f} "
+                f"({unfused_row['ms_per_token'] / fused['ms_per_token']:.2f}x)"
+            )
     eager = _find(rows, "tnl-1b-generate-eager")
     static = _find(rows, "tnl-1b-generate-static")
     if eager and static and checked:

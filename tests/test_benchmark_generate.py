@@ -169,3 +169,14 @@ def test_a_run_stopped_part_way_keeps_its_rows(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "generate-cpu-tiny.json").read_text())
     assert [row["case"] for row in data["rows"]] == ["tnl-1b-generate-eager-B1-T64"]
     assert "partial: 1 of 2 cases" in (tmp_path / "generate-cpu-tiny.md").read_text()
+
+
+def test_targets_compare_fused_and_unfused_graph_steps():
+    rows = [
+        {"case": "tnl-1b-decode-graph-B1-T32K", "model": "tnl-1b", "B": 1, "T": 32768, "status": "ok",
+         "ms_per_token": 1.2, "check": "ok"},
+        {"case": "tnl-1b-decode-graph-unfused-B1-T32K", "model": "tnl-1b", "B": 1, "T": 32768, "status": "ok",
+         "ms_per_token": 1.5, "check": "ok"},
+    ]
+    notes = generate_speed.targets(rows, [32768])
+    assert any("fused projections 1.200" in n and "1.500 (1.25x)" in n for n in notes), notes
