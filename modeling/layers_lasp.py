@@ -129,11 +129,9 @@ class LaspGLU(nn.Module):
         return self
 
     def forward(self, x):
-        weight = self.gate_up.weight()
-        if weight is not None:
-            gate, up = F.linear(x, weight).chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up.project(x)
+        gate, up = gate_up if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
     def decode_step(self, x, norm: nn.Module):
         """x + forward(norm(x)) for one token per row, x `[B, 1, hidden]`, in two fused launches (norm, both
@@ -321,10 +319,9 @@ class LaspLinearAttention(nn.Module):
             x = input_norm(x)
         B, T, _ = x.shape
         shape = (B, T, self.num_heads, -1)
-        weight, u = self.qkvu.weight(), None
-        if weight is not None:
-            sizes = [p.weight.shape[0] for p in self.qkvu.linears]
-            q, k, v, *rest = F.linear(x, weight).split(sizes, dim=-1)
+        projected, u = self.qkvu.project(x), None
+        if projected is not None:
+            q, k, v, *rest = projected
             u = rest[0] if rest else None
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

@@ -242,7 +242,7 @@ class FusedRows:
         return None
 
     def reset(self) -> None:
-        self._key, self._block = None, None
+        self._key, self._block, self._sizes = None, None, None
 
     def fuse(self) -> bool:
         """Lay the weights out as one block (if they are not already); False where they differ in dtype, device
@@ -294,10 +294,19 @@ class FusedRows:
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return None
         # The kept view holds its storage, so equal addresses are that storage (no other tensor can take them).
-        key = (weights[0].dtype, *(id(w) for w in weights), *(w.data_ptr() for w in weights))
+        key = (weights[0].dtype, *(w.data_ptr() for w in weights))
         if key != self._key:
             self._key, self._block = key, _row_block(weights)
+            self._sizes = [w.shape[0] for w in weights]
         return self._block
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Each projection of x (`[..., in]`), as views of one product, when `weight()` gives the block; else
+        None."""
+        weight = self.weight()
+        if weight is None:
+            return None
+        return F.linear(x, weight).split(self._sizes, dim=-1)
 
 
 def _row_block(weights: list[torch.Tensor]) -> torch.Tensor | None:
