@@ -139,9 +139,8 @@ def main(argv=None) -> int:
             row = dict(setting=label, T=T, fwd_ms=common.bench_ms(forward, device),
                        fwd_bwd_ms=common.bench_ms(both, device), **{f"err_{n}": e for n, e in errors.items()})
             _, per_kernel = common.cuda_kernel_times(both, device, calls=3)
-            row["kernels"] = " ".join(f"{name.removeprefix('gla_')[:40]}={ms:.2f}"
-                                      for name, ms in list(per_kernel.items())[:8]
-                                      if name.startswith("gla_") or backend == "fla")
+            shown = [(name, ms) for name, ms in per_kernel.items() if name.startswith("gla_") or backend == "fla"]
+            row["kernels"] = " ".join(f"{name.removeprefix('gla_')[:40]}={ms:.2f}" for name, ms in shown[:8])
             rows.append(row)
             print(f"[gla-tune] T={T} {label}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms, "
                   f"err o {errors['o']:.2e} dg {errors['dg']:.2e}; {row['kernels']}", flush=True)
