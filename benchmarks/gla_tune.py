@@ -7,15 +7,14 @@ o and every gradient against the float32 PyTorch reference at --check-tokens.
     python3 benchmarks/gla_tune.py --tokens 32K 128K --steps 16 32 --fwd-bv 128 64 --bwd-bk 64 32
     TRITON_INTERPRET=1 python3 benchmarks/gla_tune.py --cpu --tiny   # smoke test of the harness
 
-A setting: `steps` = gla_chunk.STEP_TOKENS (the sub-blocks of the intra kernels), `chunk_tokens` = CHUNK_TOKENS
-(tokens per step of the output, dq, dk and dv scans), `intra_warps` (warps of the intra kernels), `state_steps` =
+A setting: `steps` = gla_chunk.STEP_TOKENS (tokens per step of the output, dq, dk and dv scans), `state_steps` =
 STATE_STEP_TOKENS (the segment-state passes), `fwd_bv` = the V block of the output and dv kernels (which hold all
 of K), `bwd_bk` = the K block of dq / dk (which hold all of V), `warps` of those four kernels, `span` =
-FACTORED_SPAN (the largest decay over a diagonal sub-block that takes the tensor-core form; < 0: elementwise only),
+FACTORED_SPAN (the largest decay over a step that takes the tensor-core form; < 0: elementwise only),
 `split_state` = SPLIT_STATE (the output and dv kernels' products with the state in hi + lo parts), `intra` =
 INTRA_PRECISION (operands of the intra-step products: split, bf16, tf32), `segment_chunks` = chunk.CHUNKS_PER_SEGMENT
 (the scans' segment length in 64-token chunks; 0: the planner's). The grid is the product of the lists
-given. With `--fla` (flash-linear-attention installed), fla's chunk_gla runs last (its first call autotunes for minutes) on the same inputs, timed and
+given. With `--fla` (flash-linear-attention installed), fla's chunk_gla runs first on the same inputs, timed and
 checked the same way (its row is the yardstick of speed and error). Output: a table, `gla-tune-<card>.json` + `.md`.
 """
 
@@ -62,8 +61,6 @@ def apply(setting: dict) -> None:
     from lasp_hf.kernels.triton import gla_chunk
 
     gla_chunk.STEP_TOKENS = setting["steps"]
-    gla_chunk.CHUNK_TOKENS = setting["chunk_tokens"]
-    gla_chunk.CONFIGS["intra"] = (0, setting["intra_warps"], 1)
     gla_chunk.STATE_STEP_TOKENS = setting["state_steps"]
     gla_chunk.FACTORED_SPAN = setting["span"]
     gla_chunk.SPLIT_STATE = bool(setting["split_state"])
@@ -80,9 +77,7 @@ def apply(setting: dict) -> None:
 def main(argv=None) -> int:
     parser = common.common_parser(__doc__.splitlines()[0])
     parser.add_argument("--tokens", nargs="*", default=["32K"], help="sequence lengths (32K 128K)")
-    parser.add_argument("--steps", nargs="*", type=int, default=[16], help="STEP_TOKENS (the intra sub-blocks)")
-    parser.add_argument("--chunk-tokens", nargs="*", type=int, default=[64, 32], help="CHUNK_TOKENS (scan steps)")
-    parser.add_argument("--intra-warps", nargs="*", type=int, default=[4], help="warps of the intra kernels")
+    parser.add_argument("--steps", nargs="*", type=int, default=[16, 32])
     parser.add_argument("--state-steps", nargs="*", type=int, default=[32])
     parser.add_argument("--fwd-bv", nargs="*", type=int, default=[128, 64])
     parser.add_argument("--bwd-bk", nargs="*", type=int, default=[64, 32])
@@ -105,14 +100,12 @@ def main(argv=None) -> int:
     lengths = [min(common.parse_length(t), 80) if args.tiny else common.parse_length(t) for t in args.tokens]
     check_T = 40 if args.tiny else common.parse_length(args.check_tokens)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    keys = ("steps", "chunk_tokens", "intra_warps", "state_steps", "fwd_bv", "bwd_bk", "warps", "span", "split_state",
-            "intra", "segment_chunks")
+    keys = ("steps", "state_steps", "fwd_bv", "bwd_bk", "warps", "span", "split_state", "intra", "segment_chunks")
     grid = [dict(zip(keys, values), K=K)
-            for values in itertools.product(args.steps, args.chunk_tokens, args.intra_warps, args.state_steps,
-                                            args.fwd_bv, args.bwd_bk, args.warps, args.span, args.split_state,
-                                            args.intra, args.segment_chunks)]
+            for values in itertools.product(args.steps, args.state_steps, args.fwd_bv, args.bwd_bk, args.warps,
+                                            args.span, args.split_state, args.intra, args.segment_chunks)]
     if args.fla:
-        grid.append(dict(fla=True, K=K))  # last: its first call autotunes for minutes
+        grid.insert(0, dict(fla=True, K=K))
     if args.dry_run:
         print("\n".join(str(setting) for setting in grid))
         return 0

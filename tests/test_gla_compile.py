@@ -20,34 +20,31 @@ def test_gla_kernels_compile_for_sm90():
     from lasp_hf.kernels.triton import gla_chunk
     from lasp_hf.kernels.triton import gla_kernels as kernels
 
-    base = dict(H=16, K=128, V=128, BT=gla_chunk.CHUNK_TOKENS, DT=tl.bfloat16, DOT_PREC="tf32", DYN_LOOP=True)
-    intra = dict(H=16, K=128, BK=128, BC=gla_chunk.CHUNK_TOKENS, BS=gla_chunk.STEP_TOKENS, DOT_PREC="tf32",
-                 SPAN=gla_chunk.FACTORED_SPAN, IDT=tl.bfloat16, ISPLIT=True)
+    base = dict(H=16, K=128, V=128, BT=gla_chunk.STEP_TOKENS, DT=tl.bfloat16, DOT_PREC="tf32", DYN_LOOP=True)
+    span = dict(SPAN=gla_chunk.FACTORED_SPAN, IDT=tl.bfloat16)
     state = dict(base, BT=gla_chunk.STATE_STEP_TOKENS)  # the segment-state passes' longer steps
     fwd_bk, fwd_bv = gla_chunk._blocks_v(128, 128, "fwd")
     dv_bk, dv_bv = gla_chunk._blocks_v(128, 128, "dv")
     bwd_bk, bwd_bv = gla_chunk._blocks_k(128, 128, "bwd")
     warps = {phase: config[1] for phase, config in gla_chunk.CONFIGS.items()}
     cases = [
-        (kernels.gla_fwd_kernel_intra, intra, warps["intra"]),
-        (kernels.gla_bwd_kernel_intra, dict(intra, V=128, BV=128, DT=tl.bfloat16), warps["intra"]),
-        (kernels.gla_fwd_kernel_output, dict(base, BK=fwd_bk, BV=fwd_bv, SPLIT=True, SPLIT_STATE=True), warps["fwd"]),
+        (kernels.gla_fwd_kernel_output, dict(base, **span, BK=fwd_bk, BV=fwd_bv, SPLIT=True, SPLIT_STATE=True),
+         warps["fwd"]),
         (kernels.gla_fwd_kernel_segment_state, dict(state, BK=128, BV=64, SPLIT=False, NV=2), warps["state"]),
         (kernels.gla_fwd_kernel_segment_state, dict(state, BK=fwd_bk, BV=fwd_bv, SPLIT=False, NV=1), warps["fwd"]),
         (kernels.gla_bwd_kernel_segment_dstate, dict(state, BK=128, BV=64, SPLIT=True, NV=2, STORE_DECAY=True),
          warps["bwd"]),
-        (kernels.gla_bwd_kernel_dv, dict(base, BK=dv_bk, BV=dv_bv, SPLIT_STATE=True), warps["dv"]),
-        (kernels.gla_bwd_kernel_dk, dict(base, BK=bwd_bk, BV=bwd_bv, SPLIT=True, NEED_DG=True, STORE_START=True),
-         warps["bwd"]),
-        (kernels.gla_bwd_kernel_dq, dict(base, BK=bwd_bk, BV=bwd_bv, SPLIT=True, NEED_DG=True), warps["bwd"]),
-        (kernels.gla_bwd_kernel_dg_carry, dict(H=16, K=128, BT=gla_chunk.CHUNK_TOKENS, BK=bwd_bk, DYN_LOOP=True),
+        (kernels.gla_bwd_kernel_dv, dict(base, **span, BK=dv_bk, BV=dv_bv, SPLIT_STATE=True), warps["dv"]),
+        (kernels.gla_bwd_kernel_dk,
+         dict(base, **span, BK=bwd_bk, BV=bwd_bv, SPLIT=True, NEED_DG=True, STORE_START=True), warps["bwd"]),
+        (kernels.gla_bwd_kernel_dq, dict(base, **span, BK=bwd_bk, BV=bwd_bv, SPLIT=True, NEED_DG=True), warps["bwd"]),
+        (kernels.gla_bwd_kernel_dg_carry, dict(H=16, K=128, BT=gla_chunk.STEP_TOKENS, BK=bwd_bk, DYN_LOOP=True),
          warps["bwd"]),
         (kernels.gla_kernel_segment_scan, dict(H=16, K=128, V=128, BLOCK=512, HAS_START=True, STORE_EACH=True,
                                                STORE_END=True, REVERSE=True), warps["scan"]),
     ]
-    # float16 inputs: the intra products of the tensor-core form take bfloat16 operands (gla_chunk._intra_meta)
-    cases.append((kernels.gla_fwd_kernel_intra, dict(intra, DT=tl.float16), warps["intra"]))
-    half = dict(base, DT=tl.float16, BK=fwd_bk, BV=fwd_bv, SPLIT=True, SPLIT_STATE=True)
+    # float16 inputs: the intra-step products of the tensor-core form take bfloat16 operands (gla_chunk._intra_meta)
+    half = dict(base, **span, DT=tl.float16, BK=fwd_bk, BV=fwd_bv, SPLIT=True, SPLIT_STATE=True)
     cases.append((kernels.gla_fwd_kernel_output, half, warps["fwd"]))
     for kernel, constexprs, num_warps in cases:
         tokens = "*fp16" if constexprs.get("DT") == tl.float16 else "*bf16"

@@ -51,9 +51,7 @@ from lasp_hf.kernels.triton.gla_kernels import (
     gla_bwd_kernel_dk,
     gla_bwd_kernel_dq,
     gla_bwd_kernel_dv,
-    gla_bwd_kernel_intra,
     gla_bwd_kernel_segment_dstate,
-    gla_fwd_kernel_intra,
     gla_fwd_kernel_output,
     gla_fwd_kernel_segment_state,
     gla_kernel_segment_scan,
@@ -62,17 +60,14 @@ from lasp_hf.kernels.triton.recurrent import recurrent_step
 from lasp_hf.kernels.triton.utils import cdiv, empty, interpreting, next_pow2
 
 STEP_TOKENS = 16
-# Tokens per step of the scans (output, dq, dk, dv): a chunk, whose intra-chunk products come from the parallel
-# intra kernels (A in the forward, the intra parts of dq / dk in the backward), so that a scan's step is only the
-# products with the state and its update. Divides chunk.CHUNK_SIZE (segments start at multiples of it) and is a
-# multiple of STEP_TOKENS.
-CHUNK_TOKENS = 64
-# The intra kernels cut a chunk into STEP_TOKENS sub-blocks. A diagonal sub-block whose decay, in every channel,
-# is at most FACTORED_SPAN (total log-decay over its tokens) and holds no restart forms its products on the tensor
-# cores as (q exp(b)) (k exp(-b))^T, every factor within exp(+-FACTORED_SPAN); other diagonal sub-blocks take the
-# elementwise form. A negative value turns the tensor-core form off (tests run both forms). Pairs of different
-# sub-blocks always take one product with exponents <= 0 (`gla_kernels.gla_fwd_kernel_intra`).
+# A step whose decay, in every channel of a program's tile, is at most this much (total log-decay over its 16
+# tokens) and holds no restart forms its intra-step products on the tensor cores as (q exp(b)) (k exp(-b))^T,
+# every factor within exp(+-FACTORED_SPAN); other steps take the elementwise form. A negative value turns the
+# tensor-core form off (tests run both forms).
 FACTORED_SPAN = 40.0
+# Tokens per step of the segment-state passes (step 1 and its backward, and SP's state-only passes): they form no
+# intra-step products, only (k exp(b_last - b))^T v and (q exp(b))^T do, whose exponents are <= 0 at any step
+# length, so they take longer steps (fewer, larger products; 32 tokens keep every tile in registers on sm_90).
 STATE_STEP_TOKENS = 32
 # With 16-bit inputs, the output and dv kernels multiply by the float32 state (dS) split in hi + lo 16-bit parts
 # (one more product per step) instead of its 16-bit rounding: most of o (and dv) comes from that product when the
@@ -91,7 +86,7 @@ INTRA_PRECISION = "split"
 # 243 (8 warps), dv 204, dq 212 and dk 247 at 64 x 128 tiles with 8 warps (with 4 warps both spill: 255 + stack),
 # segment passes 165 - 215: none spills. Chosen from register counts, not from a timing sweep.
 CONFIGS = {"fwd": (16384, 8, 2), "dv": (16384, 8, 2), "bwd": (8192, 8, 2), "state": (8192, 4, 2),
-           "scan": (512, 4, 1), "intra": (0, 4, 1)}
+           "scan": (512, 4, 1)}
 
 __all__ = ["SegmentReuse", "chunk_linear_attention", "final_state_only", "initial_state_grad_only", "local_backward",
            "local_forward", "recurrent_step"]
@@ -112,56 +107,33 @@ def _blocks_k(K: int, V: int, phase: str) -> tuple[int, int]:
 
 
 def _settings(phase: str, dtype, BK: int, BV: int, H: int, K: int, V: int, split: bool) -> tuple[dict, dict]:
-    """(launch options, kernel meta-parameters) of a scan kernel (CHUNK_TOKENS-token steps)."""
+    """(launch options, kernel meta-parameters) of a scan kernel."""
     interpret = interpreting()
     cfg = {}
     if not interpret:
         triton.set_allocator(chunk._scratch)  # the tensor descriptors' scratch (see `chunk._config`)
         cfg = dict(chunk._launch_options(CONFIGS[phase], dtype, BK))
-    meta = dict(H=H, K=K, V=V, BT=CHUNK_TOKENS, BK=BK, BV=BV, DT=chunk._dot_dtype(dtype),
+    meta = dict(H=H, K=K, V=V, BT=STEP_TOKENS, BK=BK, BV=BV, DT=chunk._dot_dtype(dtype),
                 DOT_PREC=chunk._dot_precision(dtype), DYN_LOOP=not interpret)
     if split is not None:
         meta["SPLIT"] = split and dtype != torch.float32
     return cfg, meta
 
 
-def _intra_meta(dtype) -> dict:
-    """Meta-parameters of the intra kernels' products within sub-blocks: FACTORED_SPAN and the operand type of the
-    tensor-core form (`gla_kernels._dot_f32_both`: its factors reach exp(FACTORED_SPAN) times the inputs, which
-    bfloat16's exponent range holds and float16's (65504) does not, so float16 inputs take bfloat16 there)."""
+def _intra_meta(dtype, split_state: bool = False) -> dict:
+    """Meta-parameters of the kernels with intra-step products (output, dv, dq, dk): FACTORED_SPAN, the operand
+    type of the tensor-core form (`gla_kernels._dot_f32_both`: its factors reach exp(FACTORED_SPAN) times the
+    inputs, which bfloat16's exponent range holds and float16's (65504) does not, so float16 inputs take bfloat16
+    there) and, with split_state (output and dv), SPLIT_STATE for 16-bit inputs."""
     if INTRA_PRECISION not in ("split", "bf16", "tf32"):
         raise ValueError(f"gla_chunk.INTRA_PRECISION must be 'split', 'bf16' or 'tf32', got {INTRA_PRECISION!r}")
-    if CHUNK_TOKENS % STEP_TOKENS or chunk.CHUNK_SIZE % CHUNK_TOKENS:
-        raise ValueError(f"gla_chunk.CHUNK_TOKENS ({CHUNK_TOKENS}) must be a multiple of STEP_TOKENS ({STEP_TOKENS}) "
-                         f"and divide chunk.CHUNK_SIZE ({chunk.CHUNK_SIZE})")
     idt = chunk._dot_dtype(torch.bfloat16 if dtype == torch.float16 else dtype)
     if INTRA_PRECISION == "tf32":
         idt = tl.float32
-    return dict(SPAN=FACTORED_SPAN, IDT=idt, ISPLIT=INTRA_PRECISION == "split", BC=CHUNK_TOKENS, BS=STEP_TOKENS,
-                DOT_PREC=chunk._dot_precision(dtype))
-
-
-def _split_state(dtype) -> dict:
-    """SPLIT_STATE of the output and dv kernels (16-bit inputs only)."""
-    return dict(SPLIT_STATE=SPLIT_STATE and dtype != torch.float32)
-
-
-def _intra_grid(plan: _Plan, H: int) -> tuple:
-    """(segments, chunks of the longest segment, heads) of the intra kernels (programs past a segment's end exit)."""
-    return (plan.num_segs, cdiv(plan.chunks_per_segment * chunk.CHUNK_SIZE, CHUNK_TOKENS), H)
-
-
-def _intra_cfg() -> dict:
-    return {} if interpreting() else {"num_warps": CONFIGS["intra"][1], "num_stages": CONFIGS["intra"][2]}
-
-
-def _launch_intra_scores(q, k, g, plan: _Plan):
-    """The chunks' intra scores A [NT, H, CHUNK_TOKENS] (float32, unscaled; see `gla_fwd_kernel_intra`)."""
-    NT, H, K = q.shape
-    A = empty(q, (NT, H, CHUNK_TOKENS), torch.float32)
-    gla_fwd_kernel_intra[_intra_grid(plan, H)](q, k, g, A, plan.seg_bos, plan.seg_eos, H=H, K=K,
-                                               BK=max(16, next_pow2(K)), **_intra_meta(q.dtype), **_intra_cfg())
-    return A
+    meta = dict(SPAN=FACTORED_SPAN, IDT=idt, ISPLIT=INTRA_PRECISION == "split")
+    if split_state:
+        meta["SPLIT_STATE"] = SPLIT_STATE and dtype != torch.float32
+    return meta
 
 
 def _loop_bound(plan: _Plan, meta: dict) -> int:
@@ -235,14 +207,13 @@ def _launch_fwd(q, k, v, g, scale: float, h0, plan: _Plan, accurate: bool, segme
         seg_decay = empty(q, (S, H, K), torch.float32)
         s_in = h0.float()[plan.seg_seq].contiguous() if h0 is not None else q.new_zeros(S, H, K, V,
                                                                                         dtype=torch.float32)
-    A = _launch_intra_scores(q, k, g, plan)
     BK, BV = _blocks_v(K, V, "fwd")
     cfg, meta = _settings("fwd", q.dtype, BK, BV, H, K, V, accurate)
     o = empty(v, v.shape, v.dtype)
     s_end = empty(s_in, s_in.shape, s_in.dtype)
     gla_fwd_kernel_output[(S, H, cdiv(V, BV))](
-        q, k, v, g, A, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta),
-        **_split_state(q.dtype), **meta, **cfg)
+        q, k, v, g, o, s_in, s_end, seg_decay, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta),
+        **_intra_meta(q.dtype, split_state=True), **meta, **cfg)
     return o, s_in, s_end, seg_decay
 
 
@@ -257,16 +228,11 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan:
     BKK, BVF = _blocks_k(K, V, "bwd")
     NK = cdiv(K, BKK)
     cfg_k, meta_k = _settings("bwd", q.dtype, BKK, BVF, H, K, V, need_dg)
-    # The intra-chunk parts of dq and dk (float32): dq's in the buffer that then takes q * dq, then dg.
     dq = empty(q, q.shape, q.dtype)
-    dg = empty(q, q.shape, torch.float32)  # dq_intra, then q * dq (see gla_bwd_kernel_dq), then dg
-    dk_intra = empty(q, k.shape, torch.float32)
-    gla_bwd_kernel_intra[_intra_grid(plan, H)](
-        q, k, v, g, do, dg, dk_intra, plan.seg_bos, plan.seg_eos, scale, H=H, K=K, V=V, BK=max(16, next_pow2(K)),
-        BV=max(16, next_pow2(V)), DT=chunk._dot_dtype(q.dtype), **_intra_meta(q.dtype), **_intra_cfg())
+    dg = empty(q, q.shape, torch.float32) if need_dg else dq  # q * dq first, then dg (see gla_bwd_kernel_dk)
     gla_bwd_kernel_dq[(S, H, NK)](
         q, k, v, g, do, dq, dg, s_in, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_k),
-        NEED_DG=need_dg, **meta_k, **cfg_k)
+        NEED_DG=need_dg, **_intra_meta(q.dtype), **meta_k, **cfg_k)
     if callable(dht):
         dht = dht()
     dht = dht.float().contiguous() if dht is not None else None
@@ -290,15 +256,14 @@ def _launch_bwd(q, k, v, g, do, dht, scale: float, s_in, seg_decay, final, plan:
     store_start = dh0 is None and need_dh0  # one segment per sequence: dh0 is dS at the segments' starts
     ds_start = empty(ds_out, ds_out.shape, ds_out.dtype) if store_start else ds_out
     gla_bwd_kernel_dk[(S, H, NK)](
-        q, k, v, g, do, dk_intra, dk, dg, ds_out, ds_start, seg_carry, seg_coef, plan.seg_bos, plan.seg_eos, scale,
-        _loop_bound(plan, meta_k), NEED_DG=need_dg, STORE_START=store_start, **meta_k, **cfg_k)
-    del dk_intra
-    A = _launch_intra_scores(q, k, g, plan)  # recomputed: cheaper than keeping [NT, H, CHUNK_TOKENS] float32
+        q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_coef, plan.seg_bos, plan.seg_eos, scale,
+        _loop_bound(plan, meta_k),
+        NEED_DG=need_dg, STORE_START=store_start, **_intra_meta(q.dtype), **meta_k, **cfg_k)
     BK, BV = _blocks_v(K, V, "dv")
     cfg_v, meta_v = _settings("dv", q.dtype, BK, BV, H, K, V, None)
     gla_bwd_kernel_dv[(S, H, cdiv(V, BV))](
-        q, k, g, do, A, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_v),
-        **_split_state(q.dtype), **meta_v, **cfg_v)
+        q, k, g, do, dv, ds_out, plan.seg_bos, plan.seg_eos, scale, _loop_bound(plan, meta_v),
+        **_intra_meta(q.dtype, split_state=True), **meta_v, **cfg_v)
     if store_start:
         dh0 = ds_start[plan.first_seg_index]
         keep = plan.nonempty.view(-1, 1, 1, 1)
@@ -323,7 +288,7 @@ def _add_dg_carries(g, dg, seg_carry, seg_coef, dht, final, plan: _Plan, meta: d
     else:
         carry_in = final_term[plan.seg_seq].contiguous()
     gla_bwd_kernel_dg_carry[(S, H, cdiv(K, meta["BK"]))](
-        g, dg, carry_in, plan.seg_bos, plan.seg_eos, _loop_bound(plan, meta), H=H, K=K, BT=meta["BT"],
+        g, dg, carry_in, plan.seg_bos, plan.seg_eos, _loop_bound(plan, meta), H=H, K=K, BT=STEP_TOKENS,
         BK=meta["BK"], DYN_LOOP=meta["DYN_LOOP"], **cfg)
 
 

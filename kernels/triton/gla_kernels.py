@@ -193,181 +193,21 @@ def gla_kernel_segment_scan(local, seg_decay, each, start, end, seq_first_seg, s
         tl.store(end + p_seq, state, mask=m)
 
 
-@triton.jit
-def _diag_dq(dscores, b_q, b_k, k, g, t0, end, i_h, o_k, b, r, b_last, r_last, H: tl.constexpr, K: tl.constexpr,
-             BT: tl.constexpr, IDT: tl.constexpr, DOT_PREC: tl.constexpr, SPAN: tl.constexpr, ISPLIT: tl.constexpr):
-    """sum_j dA_ij k_jc exp(b_ic - b_jc) within one BT-token block ([BT, BK], unscaled): exp(b_ic) (dA (k exp(-b)))_ic
-    on the tensor cores when the block is `_factorizable`, else one column j at a time (elementwise decays)."""
-    if _factorizable(b_last, r_last, SPAN):
-        b_dq = _dot_f32_both(dscores, b_k * tl.exp(-b), IDT, DOT_PREC, ISPLIT) * tl.exp(b)
-    else:
-        o_t = tl.arange(0, BT)
-        b_dq = tl.zeros_like(b_q)
-        b_j = o_k.to(tl.float32) * 0.0
-        r_j = b_j
-        for j in range(BT):
-            b_j, r_j = _next_row_decay(g, t0 + j, end, i_h, o_k, b_j, r_j, H, K)
-            k_j = _token_row(k, t0 + j, end, i_h, o_k, H, K)
-            decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
-            d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
-            b_dq += d_col[:, None] * k_j[None, :] * decay
-    return b_dq
-
-
-@triton.jit
-def _diag_dk(dscores, b_q, g, t0, end, i_h, o_k, b, r, b_last, r_last, H: tl.constexpr, K: tl.constexpr,
-             BT: tl.constexpr, IDT: tl.constexpr, DOT_PREC: tl.constexpr, SPAN: tl.constexpr, ISPLIT: tl.constexpr):
-    """sum_i dA_ij q_ic exp(b_ic - b_jc) within one BT-token block ([BT, BK], unscaled): exp(-b_jc)
-    (dA^T (q exp(b)))_jc on the tensor cores when the block is `_factorizable`, else one row j at a time."""
-    if _factorizable(b_last, r_last, SPAN):
-        b_dk = _dot_f32_both(tl.trans(dscores), b_q * tl.exp(b), IDT, DOT_PREC, ISPLIT) * tl.exp(-b)
-    else:
-        o_t = tl.arange(0, BT)
-        b_dk = tl.zeros_like(b_q)
-        b_j = o_k.to(tl.float32) * 0.0
-        r_j = b_j
-        for j in range(BT):
-            sel = o_t == j
-            b_j, r_j = _next_row_decay(g, t0 + j, end, i_h, o_k, b_j, r_j, H, K)
-            decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
-            d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
-            row = tl.sum(d_col[:, None] * b_q * decay, 0)
-            b_dk = tl.where(sel[:, None], row[None, :], b_dk)
-    return b_dk
-
-
-@triton.jit
-def _sub_block(x, t, end, i_h, o_d, H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
-    """x[t : t + BS, i_h, o_d] of a flat [tokens, H, D] tensor as float32 [BS, BD] (zeros at t' >= end)."""
-    o_s = tl.arange(0, BS)
-    mask = ((t + o_s)[:, None] < end) & (o_d[None, :] < D)
-    return tl.load(x + (t + o_s[:, None]) * (H * D) + i_h * D + o_d[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
 @fast
 @triton.jit
-def gla_fwd_kernel_intra(q, k, g, A, seg_bos, seg_eos,
-                         H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-                         DOT_PREC: tl.constexpr, SPAN: tl.constexpr, IDT: tl.constexpr, ISPLIT: tl.constexpr):
-    """One program per (segment, chunk of the segment, head), with all of K: the chunk's intra scores
-    A[t, j - c0] = sum_c q_tc k_jc exp(B_tc - B_jc) for j <= t in the chunk starting at c0 (B the cumulative
-    log-decay, no restart of c in (j, t]), float32 [tokens, H, BC], unscaled. Entries above the diagonal are
-    left unwritten (the scans mask them). The chunk is cut into BS-token sub-blocks: a diagonal sub-block takes
-    `_step_scores`; a pair of sub-blocks i > j takes one product with the end of sub-block i - 1 as the reference
-    point p, (q_t exp(B_t - B_p)) (k_j exp(B_p - B_j))^T, both exponents <= 0."""
-    i_s, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(seg_bos + i_s).to(tl.int64)
-    eos = tl.load(seg_eos + i_s).to(tl.int64)
-    c0 = bos + i_c * BC
-    if c0 < eos:
-        o_k = tl.arange(0, BK)
-        tiles_A = _token_tiles(A, bos, eos, i_h, H, BC, BS, BS)
-        for j in tl.static_range(BC // BS):
-            tj = c0 + j * BS
-            b_k = _sub_block(k, tj, eos, i_h, o_k, H, K, BS)
-            b_q = _sub_block(q, tj, eos, i_h, o_k, H, K, BS)
-            b, r, b_last, r_last = _gla_step_decay(g, i_h, tj, eos - tj, o_k, H, K, BS)
-            scores = _step_scores(b_q, b_k, k, g, tj, eos, i_h, o_k, b, r, b_last, r_last, H, K, BS, IDT, DOT_PREC,
-                                  SPAN, ISPLIT)
-            tiles_A.store([i_c * BC + j * BS, j * BS], scores)
-            # k_j decayed to the end of sub-block j, then (dec) over the sub-blocks between j and i
-            k_ref = b_k * _masked_exp(b_last[None, :] - b, r == r_last[None, :])
-            dec = tl.where(o_k < K, 1.0, 0.0)
-            for i in tl.static_range(j + 1, BC // BS):
-                ti = c0 + i * BS
-                b_qi = _sub_block(q, ti, eos, i_h, o_k, H, K, BS)
-                b_i, r_i, b_last_i, r_last_i = _gla_step_decay(g, i_h, ti, eos - ti, o_k, H, K, BS)
-                q_ref = b_qi * _masked_exp(b_i, r_i == 0)
-                scores = _dot_f32_both(q_ref, tl.trans(k_ref * dec[None, :]), IDT, DOT_PREC, ISPLIT)
-                tiles_A.store([i_c * BC + i * BS, j * BS], scores)
-                dec = dec * _masked_exp(b_last_i, r_last_i == 0)
-
-
-@fast
-@triton.jit
-def gla_bwd_kernel_intra(q, k, v, g, do, dq_intra, dk_intra, seg_bos, seg_eos, scale,
-                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr,
-                         SPAN: tl.constexpr, IDT: tl.constexpr, ISPLIT: tl.constexpr):
-    """One program per (segment, chunk of the segment, head), with all of K and V: the intra-chunk parts of dq
-    and dk, float32 [tokens, H, K], scaled: with dA = do v^T (causal within the chunk),
-    dq_t = scale * sum_{j <= t} dA_tj k_j exp(B_t - B_j) and dk_j = scale * sum_{t >= j} dA_tj q_t exp(B_t - B_j)
-    (per channel, zero across a restart), by sub-blocks as in `gla_fwd_kernel_intra`."""
-    i_s, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(seg_bos + i_s).to(tl.int64)
-    eos = tl.load(seg_eos + i_s).to(tl.int64)
-    c0 = bos + i_c * BC
-    if c0 < eos:
-        o_k = tl.arange(0, BK)
-        o_v = tl.arange(0, BV)
-        o_s = tl.arange(0, BS)
-        causal = o_s[:, None] >= o_s[None, :]
-        tiles_dq = _token_tiles(dq_intra, bos, eos, i_h, H, K, BS, BK)
-        tiles_dk = _token_tiles(dk_intra, bos, eos, i_h, H, K, BS, BK)
-        for i in tl.static_range(BC // BS):  # dq of sub-block i: itself, then the earlier sub-blocks j
-            ti = c0 + i * BS
-            b_q = _sub_block(q, ti, eos, i_h, o_k, H, K, BS)
-            b_k = _sub_block(k, ti, eos, i_h, o_k, H, K, BS)
-            b_do = _sub_block(do, ti, eos, i_h, o_v, H, V, BS).to(DT)
-            b_v = _sub_block(v, ti, eos, i_h, o_v, H, V, BS).to(DT)
-            b, r, b_last, r_last = _gla_step_decay(g, i_h, ti, eos - ti, o_k, H, K, BS)
-            dscores = tl.where(causal, tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC), 0.0)
-            b_dq = _diag_dq(dscores, b_q, b_k, k, g, ti, eos, i_h, o_k, b, r, b_last, r_last, H, K, BS, IDT, DOT_PREC,
-                            SPAN, ISPLIT)
-            earlier = tl.zeros([BS, BK], dtype=tl.float32)
-            dec = tl.where(o_k < K, 1.0, 0.0)  # exp(B_p - B at the end of sub-block j), p = end of sub-block i - 1
-            for jj in tl.static_range(i):
-                tj = c0 + (i - 1 - jj) * BS
-                b_kj = _sub_block(k, tj, eos, i_h, o_k, H, K, BS)
-                b_vj = _sub_block(v, tj, eos, i_h, o_v, H, V, BS).to(DT)
-                b_j, r_j, b_last_j, r_last_j = _gla_step_decay(g, i_h, tj, eos - tj, o_k, H, K, BS)
-                k_ref = b_kj * _masked_exp(b_last_j[None, :] - b_j, r_j == r_last_j[None, :]) * dec[None, :]
-                d_ij = tl.dot(b_do, tl.trans(b_vj), input_precision=DOT_PREC)
-                earlier += _dot_f32_both(d_ij, k_ref, IDT, DOT_PREC, ISPLIT)
-                dec = dec * _masked_exp(b_last_j, r_last_j == 0)
-            b_dq += earlier * _masked_exp(b, r == 0)
-            tiles_dq.store([i_c * BC + i * BS, 0], b_dq * scale)
-        for j in tl.static_range(BC // BS):  # dk of sub-block j: itself, then the later sub-blocks i
-            tj = c0 + j * BS
-            b_q = _sub_block(q, tj, eos, i_h, o_k, H, K, BS)
-            b_do = _sub_block(do, tj, eos, i_h, o_v, H, V, BS).to(DT)
-            b_v = _sub_block(v, tj, eos, i_h, o_v, H, V, BS).to(DT)
-            b, r, b_last, r_last = _gla_step_decay(g, i_h, tj, eos - tj, o_k, H, K, BS)
-            dscores = tl.where(causal, tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC), 0.0)
-            b_dk = _diag_dk(dscores, b_q, g, tj, eos, i_h, o_k, b, r, b_last, r_last, H, K, BS, IDT, DOT_PREC, SPAN,
-                            ISPLIT)
-            later = tl.zeros([BS, BK], dtype=tl.float32)
-            dec = tl.where(o_k < K, 1.0, 0.0)  # exp(B at the end of sub-block i - 1 - B at the end of sub-block j)
-            for i in tl.static_range(j + 1, BC // BS):
-                ti = c0 + i * BS
-                b_qi = _sub_block(q, ti, eos, i_h, o_k, H, K, BS)
-                b_doi = _sub_block(do, ti, eos, i_h, o_v, H, V, BS).to(DT)
-                b_i, r_i, b_last_i, r_last_i = _gla_step_decay(g, i_h, ti, eos - ti, o_k, H, K, BS)
-                q_ref = b_qi * _masked_exp(b_i, r_i == 0) * dec[None, :]
-                d_ij = tl.dot(b_doi, tl.trans(b_v), input_precision=DOT_PREC)
-                later += _dot_f32_both(tl.trans(d_ij), q_ref, IDT, DOT_PREC, ISPLIT)
-                dec = dec * _masked_exp(b_last_i, r_last_i == 0)
-            b_dk += later * _masked_exp(b_last[None, :] - b, r == r_last[None, :])
-            tiles_dk.store([i_c * BC + j * BS, 0], b_dk * scale)
-
-
-@fast
-@triton.jit
-def gla_fwd_kernel_output(q, k, v, g, A, o, s_in, s_end, seg_decay, seg_bos, seg_eos, scale, CPS,
+def gla_fwd_kernel_output(q, k, v, g, o, s_in, s_end, seg_decay, seg_bos, seg_eos, scale, CPS,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
-                          SPLIT_STATE: tl.constexpr, DYN_LOOP: tl.constexpr = False):
-    """One program per (segment, head, V block), with all of K: scan the segment's BT-token chunks from S_in,
-    o = scale * (A v + (q exp(b)) S) with the chunk's intra scores A (`gla_fwd_kernel_intra`), writing o, the
-    state at the segment's end and (V block 0) its per-channel log-decay."""
+                          SPAN: tl.constexpr, IDT: tl.constexpr, SPLIT_STATE: tl.constexpr,
+                          DYN_LOOP: tl.constexpr = False, ISPLIT: tl.constexpr = True):
+    """One program per (segment, head, V block), with all of K: scan the segment's steps from S_in, writing o,
+    the state at the segment's end and (V block 0) its per-channel log-decay."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
     eos = tl.load(seg_eos + i_s).to(tl.int64)
-    o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-    causal = o_t[:, None] >= o_t[None, :]
     p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
     state = tl.load(s_in + p_state, mask=m_kv, other=0.0)
     log_decay = tl.zeros([BK], dtype=tl.float32)
@@ -375,7 +215,6 @@ def gla_fwd_kernel_output(q, k, v, g, A, o, s_in, s_end, seg_decay, seg_bos, seg
     tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
     tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
     tiles_o = _token_tiles(o, bos, eos, i_h, H, V, BT, BV)
-    tiles_A = _token_tiles(A, bos, eos, i_h, H, BT, BT, BT)
     for i in range(_num_chunks(bos, eos, CPS, BT, DYN_LOOP)):
         r0 = i * BT
         t0 = bos + r0
@@ -383,7 +222,8 @@ def gla_fwd_kernel_output(q, k, v, g, A, o, s_in, s_end, seg_decay, seg_bos, seg
         b_k = tiles_k.load([r0, 0]).to(tl.float32)
         b_v = tiles_v.load([r0, i_v * BV]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
-        scores = tl.where(causal, tiles_A.load([r0, 0]), 0.0)
+        scores = _step_scores(b_q, b_k, k, g, t0, eos, i_h, o_k, b, r, b_last, r_last, H, K, BT, IDT, DOT_PREC, SPAN,
+                              ISPLIT)
         b_o = tl.dot(scores.to(DT), b_v, input_precision=DOT_PREC)
         q_from_start = (b_q * _masked_exp(b, r == 0)).to(DT)
         b_o += _dot_f32_right(q_from_start, state, DT, DOT_PREC, SPLIT_STATE)
@@ -436,27 +276,25 @@ def gla_bwd_kernel_segment_dstate(q, do, g, ds_loc, seg_decay, seg_bos, seg_eos,
 
 @fast
 @triton.jit
-def gla_bwd_kernel_dv(q, k, g, do, A, dv, ds_out, seg_bos, seg_eos, scale, CPS,
+def gla_bwd_kernel_dv(q, k, g, do, dv, ds_out, seg_bos, seg_eos, scale, CPS,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT_STATE: tl.constexpr,
-                      DYN_LOOP: tl.constexpr = False):
+                      BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPAN: tl.constexpr,
+                      IDT: tl.constexpr, SPLIT_STATE: tl.constexpr, DYN_LOOP: tl.constexpr = False,
+                      ISPLIT: tl.constexpr = True):
     """One program per (segment, head, V block), with all of K: reverse scan from dS at the segment's end,
-    writing dv = scale * A^T do + (k * exp(b_last - b)) dS_end for the block (A: `gla_fwd_kernel_intra`)."""
+    writing dv = A^T do + (k * exp(b_last - b)) dS_end for the block."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
     eos = tl.load(seg_eos + i_s).to(tl.int64)
-    o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-    causal = o_t[:, None] >= o_t[None, :]
     p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
     dstate = tl.load(ds_out + p_state, mask=m_kv, other=0.0)
     tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
     tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
     tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
     tiles_dv = _token_tiles(dv, bos, eos, i_h, H, V, BT, BV)
-    tiles_A = _token_tiles(A, bos, eos, i_h, H, BT, BT, BT)
     n_steps = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
     for i in range(n_steps):
         r0 = (n_steps - 1 - i) * BT
@@ -465,7 +303,8 @@ def gla_bwd_kernel_dv(q, k, g, do, A, dv, ds_out, seg_bos, seg_eos, scale, CPS,
         b_k = tiles_k.load([r0, 0]).to(tl.float32)
         b_do = tiles_do.load([r0, i_v * BV]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
-        scores = tl.where(causal, tiles_A.load([r0, 0]), 0.0) * scale
+        scores = _step_scores(b_q, b_k, k, g, t0, eos, i_h, o_k, b, r, b_last, r_last, H, K, BT, IDT, DOT_PREC,
+                              SPAN, ISPLIT) * scale
         b_dv = tl.dot(tl.trans(scores.to(DT)), b_do, input_precision=DOT_PREC)
         k_to_end = (b_k * _masked_exp(b_last[None, :] - b, r == r_last[None, :])).to(DT)
         b_dv += _dot_f32_right(k_to_end, dstate, DT, DOT_PREC, SPLIT_STATE)
@@ -477,40 +316,13 @@ def gla_bwd_kernel_dv(q, k, g, do, A, dv, ds_out, seg_bos, seg_eos, scale, CPS,
 
 @fast
 @triton.jit
-def gla_bwd_kernel_dg_carry(g, dg, seg_carry_in, seg_bos, seg_eos, CPS, H: tl.constexpr, K: tl.constexpr,
-                            BT: tl.constexpr, BK: tl.constexpr, DYN_LOOP: tl.constexpr = False):
-    """One program per (segment, head, K block): dg_t += C(s) for the segment's tokens t with no restart in
-    [t, end of the segment], C(s) = seg_carry_in [S, H, K] the carry entering at the segment's end (the later
-    segments' sum, and the final state's term)."""
-    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(seg_bos + i_s).to(tl.int64)
-    eos = tl.load(seg_eos + i_s).to(tl.int64)
-    o_k = i_k * BK + tl.arange(0, BK)
-    carry = tl.load(seg_carry_in + (i_s * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
-    tiles_dg = _token_tiles(dg, bos, eos, i_h, H, K, BT, BK)
-    later = tl.zeros([BK], dtype=tl.float32)  # restarts after the current step
-    n_steps = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
-    for i in range(n_steps):
-        r0 = (n_steps - 1 - i) * BT
-        t0 = bos + r0
-        _, r, _, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
-        reset = _step_resets(g, i_h, t0, eos - t0, o_k, H, K, BT)
-        # restarts in [t, step end] = r_last - r_t + [t restarts]
-        keep = (r_last[None, :] - r == 0) & (~reset) & (later[None, :] == 0)
-        b_dg = tiles_dg.load([r0, i_k * BK])
-        tiles_dg.store([r0, i_k * BK], b_dg + tl.where(keep, carry[None, :], 0.0))
-        later += r_last
-
-
-@fast
-@triton.jit
-def gla_bwd_kernel_dk(q, k, v, g, do, dk_intra, dk, dg, ds_out, ds_start, seg_carry, seg_coef, seg_bos, seg_eos,
-                      scale, CPS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+def gla_bwd_kernel_dk(q, k, v, g, do, dk, dg, ds_out, ds_start, seg_carry, seg_coef, seg_bos, seg_eos, scale, CPS,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
-                      NEED_DG: tl.constexpr, STORE_START: tl.constexpr, DYN_LOOP: tl.constexpr = False):
+                      NEED_DG: tl.constexpr, STORE_START: tl.constexpr, SPAN: tl.constexpr, IDT: tl.constexpr,
+                      DYN_LOOP: tl.constexpr = False, ISPLIT: tl.constexpr = True):
     """One program per (segment, head, K block), with all of V: reverse scan from dS at the segment's end (rows
-    of this K block), writing dk = dk_intra (`gla_bwd_kernel_intra`) + (v dS^T) exp(b_last - b) for the block and
-    dS at the segment's start (STORE_START).
+    of this K block), writing dk for the block and dS at the segment's start (STORE_START).
 
     NEED_DG: `dg` holds q * dq (float32, from the dq kernel) and is overwritten with the segment's part of dg:
     X_t = d_t + [g_{t+1} != -inf] X_{t+1} from X = 0 at the segment's end, d = q * dq - k * dk, and dg_t = X_t
@@ -524,12 +336,12 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk_intra, dk, dg, ds_out, ds_start, seg_ca
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    causal = o_t[:, None] >= o_t[None, :]
     p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
     dstate = tl.load(ds_out + p_state, mask=m_kv, other=0.0)
     tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
     tiles_k = _token_tiles(k, bos, eos, i_h, H, K, BT, BK)
     tiles_dk = _token_tiles(dk, bos, eos, i_h, H, K, BT, BK)
-    tiles_dki = _token_tiles(dk_intra, bos, eos, i_h, H, K, BT, BK)
     tiles_v = _token_tiles(v, bos, eos, i_h, H, V, BT, BV)
     tiles_do = _token_tiles(do, bos, eos, i_h, H, V, BT, BV)
     tiles_dg = _token_tiles(dg, bos, eos, i_h, H, K, BT, BK)
@@ -545,8 +357,24 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk_intra, dk, dg, ds_out, ds_start, seg_ca
         b_v = tiles_v.load([r0, 0]).to(DT)
         b_do = tiles_do.load([r0, 0]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
+        dscores = tl.where(causal, tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC), 0.0)
+        # dk_jc = scale * sum_i dA_ij q_ic exp(b_ic - b_jc): exp(-b_jc) (dA^T (q exp(b)))_jc on the tensor cores
+        # when the step is factorizable, else one row j at a time (elementwise decays).
+        if _factorizable(b_last, r_last, SPAN):
+            b_dk = _dot_f32_both(tl.trans(dscores), b_q * tl.exp(b), IDT, DOT_PREC, ISPLIT) * tl.exp(-b)
+        else:
+            b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+            b_j = o_k.to(tl.float32) * 0.0
+            r_j = b_j
+            for j in range(BT):
+                sel = o_t == j
+                b_j, r_j = _next_row_decay(g, t0 + j, eos, i_h, o_k, b_j, r_j, H, K)
+                decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
+                d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
+                row = tl.sum(d_col[:, None] * b_q * decay, 0)
+                b_dk = tl.where(sel[:, None], row[None, :], b_dk)
         k_decay = _masked_exp(b_last[None, :] - b, r == r_last[None, :])
-        b_dk = tiles_dki.load([r0, i_k * BK]) + _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * k_decay
+        b_dk = b_dk * scale + _dot_f32_right(b_v, tl.trans(dstate), DT, DOT_PREC, SPLIT) * k_decay
         tiles_dk.store([r0, i_k * BK], b_dk.to(dk.dtype.element_ty))
         if NEED_DG:
             d_log = tiles_dg.load([r0, i_k * BK]) - b_k * b_dk
@@ -579,19 +407,48 @@ def gla_bwd_kernel_dk(q, k, v, g, do, dk_intra, dk, dg, ds_out, ds_start, seg_ca
 
 @fast
 @triton.jit
-def gla_bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
-                      NEED_DG: tl.constexpr, DYN_LOOP: tl.constexpr = False):
-    """One program per (segment, head, K block), with all of V: forward scan from S_in (rows of this K block),
-    writing dq = dq_intra + scale * (do S^T) exp(b) for the block. `qdq` holds dq_intra (float32, from
-    `gla_bwd_kernel_intra`) and, with NEED_DG, is overwritten with q * dq (float32), tile by tile."""
+def gla_bwd_kernel_dg_carry(g, dg, seg_carry_in, seg_bos, seg_eos, CPS, H: tl.constexpr, K: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, DYN_LOOP: tl.constexpr = False):
+    """One program per (segment, head, K block): dg_t += C(s) for the segment's tokens t with no restart in
+    [t, end of the segment], C(s) = seg_carry_in [S, H, K] the carry entering at the segment's end (the later
+    segments' sum, and the final state's term)."""
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seg_bos + i_s).to(tl.int64)
     eos = tl.load(seg_eos + i_s).to(tl.int64)
     o_k = i_k * BK + tl.arange(0, BK)
+    carry = tl.load(seg_carry_in + (i_s * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
+    tiles_dg = _token_tiles(dg, bos, eos, i_h, H, K, BT, BK)
+    later = tl.zeros([BK], dtype=tl.float32)  # restarts after the current step
+    n_steps = _num_chunks(bos, eos, CPS, BT, DYN_LOOP)
+    for i in range(n_steps):
+        r0 = (n_steps - 1 - i) * BT
+        t0 = bos + r0
+        _, r, _, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
+        reset = _step_resets(g, i_h, t0, eos - t0, o_k, H, K, BT)
+        # restarts in [t, step end] = r_last - r_t + [t restarts]
+        keep = (r_last[None, :] - r == 0) & (~reset) & (later[None, :] == 0)
+        b_dg = tiles_dg.load([r0, i_k * BK])
+        tiles_dg.store([r0, i_k * BK], b_dg + tl.where(keep, carry[None, :], 0.0))
+        later += r_last
+
+
+@fast
+@triton.jit
+def gla_bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CPS,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+                      NEED_DG: tl.constexpr, SPAN: tl.constexpr, IDT: tl.constexpr, DYN_LOOP: tl.constexpr = False,
+                      ISPLIT: tl.constexpr = True):
+    """One program per (segment, head, K block), with all of V: forward scan from S_in (rows of this K block),
+    writing dq for the block and q * dq in float32 (NEED_DG)."""
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(seg_bos + i_s).to(tl.int64)
+    eos = tl.load(seg_eos + i_s).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    causal = o_t[:, None] >= o_t[None, :]
     p_state = ((i_s * H + i_h) * K).to(tl.int64) * V + o_k[:, None] * V + o_v[None, :]
     state = tl.load(s_in + p_state, mask=m_kv, other=0.0)
     tiles_q = _token_tiles(q, bos, eos, i_h, H, K, BT, BK)
@@ -603,16 +460,30 @@ def gla_bwd_kernel_dq(q, k, v, g, do, dq, qdq, s_in, seg_bos, seg_eos, scale, CP
     for i in range(_num_chunks(bos, eos, CPS, BT, DYN_LOOP)):
         r0 = i * BT
         t0 = bos + r0
+        b_q = tiles_q.load([r0, i_k * BK]).to(tl.float32)
         b_k = tiles_k.load([r0, i_k * BK]).to(tl.float32)
         b_v = tiles_v.load([r0, 0]).to(DT)
         b_do = tiles_do.load([r0, 0]).to(DT)
         b, r, b_last, r_last = _gla_step_decay(g, i_h, t0, eos - t0, o_k, H, K, BT)
+        dscores = tl.where(causal, tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC), 0.0)
+        # dq_ic = scale * sum_j dA_ij k_jc exp(b_ic - b_jc): exp(b_ic) (dA (k exp(-b)))_ic on the tensor cores when
+        # the step is factorizable, else one column j at a time.
+        if _factorizable(b_last, r_last, SPAN):
+            b_dq = _dot_f32_both(dscores, b_k * tl.exp(-b), IDT, DOT_PREC, ISPLIT) * tl.exp(b)
+        else:
+            b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+            b_j = o_k.to(tl.float32) * 0.0
+            r_j = b_j
+            for j in range(BT):
+                b_j, r_j = _next_row_decay(g, t0 + j, eos, i_h, o_k, b_j, r_j, H, K)
+                k_j = _token_row(k, t0 + j, eos, i_h, o_k, H, K)
+                decay = _masked_exp(b - b_j[None, :], (o_t[:, None] >= j) & (r == r_j[None, :]))
+                d_col = tl.sum(tl.where(o_t[None, :] == j, dscores, 0.0), 1)
+                b_dq += d_col[:, None] * k_j[None, :] * decay
         q_decay = _masked_exp(b, r == 0)
-        b_dq = tiles_qdq.load([r0, i_k * BK]) + _dot_f32_right(b_do, tl.trans(state), DT, DOT_PREC, SPLIT) * (
-            q_decay * scale)
+        b_dq = (b_dq + _dot_f32_right(b_do, tl.trans(state), DT, DOT_PREC, SPLIT) * q_decay) * scale
         tiles_dq.store([r0, i_k * BK], b_dq.to(dq.dtype.element_ty))
         if NEED_DG:
-            b_q = tiles_q.load([r0, i_k * BK]).to(tl.float32)
             tiles_qdq.store([r0, i_k * BK], b_q * b_dq)
         k_to_end = b_k * _masked_exp(b_last[None, :] - b, r == r_last[None, :])
         state = state * _masked_exp(b_last, r_last == 0)[:, None] + _dot_f32_left(
