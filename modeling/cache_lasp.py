@@ -14,6 +14,17 @@ from lasp_hf.ops import linear_attention
 from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 
 
+def _compact(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or a copy of it when it is a view into a larger storage: a decoding step's fused projections
+    (`parts_lasp.FusedRows.project`) are views of one product, and a window that kept v as such would keep the
+    step's whole q / k / v / gate product alive (2.5x the k and v it needs for tnl-1b's block). An expanded
+    tensor (a fixed decay) is smaller in memory than its shape and stays as it is. Traced by torch.compile (no
+    storages; the block is not used there) t is kept."""
+    if t is None or torch.compiler.is_compiling() or t.untyped_storage().nbytes() <= t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 @dataclass
 class _Replay:
     """What a linear-attention layer needs to roll its state back over its latest tokens: the state at the start
@@ -29,9 +40,9 @@ class _Replay:
     length: int = 0
 
     def append(self, k, v, g) -> None:
-        self.ks.append(k)
-        self.vs.append(v)
-        self.gs.append(g)
+        self.ks.append(_compact(k))
+        self.vs.append(_compact(v))
+        self.gs.append(_compact(g))
         self.length += k.shape[1]
 
     def _joined(self, num_tokens: int):

@@ -197,8 +197,10 @@ class LaspPreTrainedModel(PreTrainedModel):
 
     def fuse_projections(self):
         """Lay out each block's q / k / v (/ gate) projection weights, and its GLU's gate / up weights, as one
-        tensor each (`parts_lasp.FusedRows`), so that inference (no gradients to them) computes each group in one
-        matrix product: at one token per row a few large products read the weights faster than many small ones.
+        tensor each (`parts_lasp.FusedRows`), so that inference (no gradients to them) on few rows (at most
+        `parts_lasp.MAX_FUSED_ROWS`: decoding) computes each group in one matrix product: at one token per row a few
+        large products read the weights faster than many small ones; a prompt's products are compute-bound, and
+        take one product each.
         The parameters, their values and the state dict stay the same (each weight becomes a view of its group's
         tensor; no memory is added); training computes each projection on its own as before. A cast or move of
         the model undoes it. `generate` calls it. Returns the model."""

@@ -11,7 +11,7 @@
   each head with one weight shared by the heads (RetNet's group norm as RMSNorm).
 
 - fused projections (`FusedRows`): the weights of several projections of one input stored as
-  row blocks of one tensor, so that inference computes them in one matrix product.
+  row blocks of one tensor, so that inference on few rows (decoding) computes them in one matrix product.
 
 Shapes: B batch, T tokens, H heads, D (or K) query/key head dim, V value head dim.
 """
@@ -217,15 +217,25 @@ def norm_per_head(norm: nn.Module, o: torch.Tensor) -> torch.Tensor:
 OUTPUT_NORMS = {"all_heads": norm_all_heads, "per_head": norm_per_head}
 
 
+# The most rows (tokens of all sequences) of x that `FusedRows.project` computes as one product. A product of
+# few rows (a decoding step) is bound by reading its weights and by launches: one product per group is faster
+# (1.18x per tnl-1b graph step at B = 1). A product of M rows does about M FLOP per weight byte, and an H100's bf16
+# products turn compute-bound at a few hundred: past that one product gains nothing, while its views keep the
+# whole `[rows, sum of outputs]` product alive as long as any one of them lives (the cache's rollback window keeps
+# v: a 16K-token prefill chunk of tnl-1b kept its q, k and gate too, 3.2 GB over 16 layers).
+MAX_FUSED_ROWS = 256
+
+
 class FusedRows:
     """Several bias-free projections of one input (the `nn.Linear` submodules `names` of `owner`, of one dtype,
-    device and input width), computed by inference as one matrix product: `fuse()` stores their weights as
-    consecutive row blocks of one new tensor, each weight's data a view of it (the same parameters, values and
-    state dict; no memory added, the separate tensors are freed), and `weight()` returns that block. A cast or
-    move of the model makes separate tensors again (the owner calls `reset()` from `_apply`), after which
-    `weight()` is None until the next `fuse()`. The submodules are looked up on every call: where one has been
-    replaced by anything but a plain bias-free `nn.Linear` (a PEFT adapter's wrapper, a quantized linear), there
-    is no block and each projection runs as its own module."""
+    device and input width), computed by inference on at most `MAX_FUSED_ROWS` rows as one matrix product (more
+    rows: one product each, as unfused): `fuse()` stores their weights as consecutive row blocks of one new
+    tensor, each weight's data a view of it (the same parameters, values and state dict; no memory added, the
+    separate tensors are freed), and `weight()` returns that block. A cast or move of the model makes separate
+    tensors again (the owner calls `reset()` from `_apply`), after which `weight()` is None until the next
+    `fuse()`. The submodules are looked up on every call: where one has been replaced by anything but a plain
+    bias-free `nn.Linear` (a PEFT adapter's wrapper, a quantized linear), there is no block and each projection
+    runs as its own module."""
 
     def __init__(self, owner: nn.Module, *names: str):
         self.owner, self.names = owner, names
@@ -301,10 +311,10 @@ class FusedRows:
         return self._block
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """Each projection of x (`[..., in]`), as views of one product, when `weight()` gives the block; else
-        None."""
+        """Each projection of x (`[..., in]`), as views of one product, when `weight()` gives the block and x has
+        at most `MAX_FUSED_ROWS` rows; else None (the caller takes one product per projection)."""
         weight = self.weight()
-        if weight is None:
+        if weight is None or x.numel() > MAX_FUSED_ROWS * x.shape[-1]:
             return None
         return F.linear(x, weight).split(self._sizes, dim=-1)
 
@@ -333,6 +343,7 @@ __all__ = [
     "GatedHeadDecay",
     "LinearLrpe",
     "LinearRotary",
+    "MAX_FUSED_ROWS",
     "NoPositionEncoding",
     "OUTPUT_NORMS",
     "QK_ACTIVATIONS",

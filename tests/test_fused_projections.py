@@ -1,14 +1,18 @@
 """`LaspPreTrainedModel.fuse_projections` (modeling/parts_lasp.py `FusedRows`): each block's q / k / v / gate and
 GLU gate / up weights laid out as one tensor per group, computed in one product at inference. Checked against a
 copy of the model that was never fused (float32: the same sums, in another kernel call): logits, cached states,
-gradients in training, a cast, a save / load round trip, inference mode, and generate fusing by itself."""
+gradients in training, a cast, a save / load round trip, inference mode, and generate fusing by itself; and the
+live activation memory of a long prompt and of decoding steps against the never-fused copy's."""
 
 import copy
 
 import pytest
 import torch
 from lasp_hf import LaspForCausalLM
+from lasp_hf.modeling.parts_lasp import MAX_FUSED_ROWS
 from test_modeling_common import CASE_IDS, CASES, VOCAB, rel_err, tiny_model
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TOL = 1e-6
 
@@ -214,3 +218,77 @@ def test_a_replaced_projection_runs_as_its_own_module(wrap):
     model.unfuse_projections()  # the replaced group is left as it is, the others get their own tensors
     model.fuse_projections()
     assert not model.model.layers[0].token_mixer.qkvu.fuse()
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of the storages that ops create inside the mode and that are still alive, looked at after every
+    op (`peak`: their most at any op; `held()`: now), and the number of matrix products run. The model's
+    parameters and buffers are not counted (the fused block's view of them is created inside the mode)."""
+
+    PRODUCTS = (torch.ops.aten.linear, torch.ops.aten.matmul, torch.ops.aten.mm, torch.ops.aten.addmm)
+
+    def __init__(self, model):
+        super().__init__()
+        self.skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        self.live = {}  # StorageImpl address -> (weak reference, bytes)
+        self.peak = self.products = 0
+
+    def held(self) -> int:
+        self.live = {key: (ref, n) for key, (ref, n) in self.live.items() if not ref.expired()}
+        return sum(n for _, n in self.live.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.products += func.overloadpacket in self.PRODUCTS
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.skip:
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref.cdata not in self.live or self.live[ref.cdata][0].expired():
+                    self.live[ref.cdata] = (ref, t.untyped_storage().nbytes())
+        self.peak = max(self.peak, self.held())
+        return out
+
+
+def _prefill(model, ids):
+    with torch.inference_mode(), _LiveBytes(model) as memory:
+        out = model(ids, use_cache=True)
+        held = memory.held()  # the cache (states and the rollback window) and the logits
+    return out, memory.peak, held
+
+
+@pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
+def test_a_long_prompt_takes_no_more_memory_fused(mixer, layer_types):
+    """A prompt of more rows than MAX_FUSED_ROWS, prefilled in two chunks: the fused model's live activations,
+    at their peak and in the cache it returns, are no more than the never-fused copy's, and its logits are the
+    same. (One product's views made the rollback window keep all of q / k / v / gate where it needs v.)"""
+    plain = tiny_model(mixer, layer_types, prompt_chunk_size=MAX_FUSED_ROWS + 1)
+    model = copy.deepcopy(plain).fuse_projections()
+    ids = torch.randint(1, VOCAB, (1, 2 * MAX_FUSED_ROWS + 2))
+    out, peak, held = _prefill(model, ids)
+    ref, ref_peak, ref_held = _prefill(plain, ids)
+    assert peak <= ref_peak and held <= ref_held, (peak, ref_peak, held, ref_held)
+    assert torch.equal(out.logits, ref.logits)
+
+
+@pytest.mark.parametrize("mixer, layer_types", CASES, ids=CASE_IDS)
+def test_decoding_steps_keep_no_more_memory_fused(mixer, layer_types):
+    """Decoding steps of a batch run fused (fewer matrix products than the never-fused copy's), and the cache
+    they leave, whose rollback window keeps each step's k and v, holds no more than the copy's."""
+    plain = tiny_model(mixer, layer_types)
+    model = copy.deepcopy(plain).fuse_projections()
+    ids = torch.randint(1, VOCAB, (4, 5))
+    counts = []
+    for m in (model, plain):
+        with torch.inference_mode(), _LiveBytes(m) as memory:
+            cache = m(ids, use_cache=True).past_key_values
+            products = memory.products
+            step = ids[:, -1:]
+            for _ in range(12):
+                out = m(step, past_key_values=cache, use_cache=True)
+                step = out.logits[:, -1:].argmax(dim=-1)
+            del out
+            counts.append((memory.products - products, memory.held()))
+        del cache
+    (products, held), (ref_products, ref_held) = counts
+    assert products < ref_products
+    assert held <= ref_held, (held, ref_held)
