@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--segment-chunks", nargs="*", type=int, default=[0],
                         help="chunk.CHUNKS_PER_SEGMENT (64-token chunks per segment; 0: the planner's choice)")
     parser.add_argument("--fla", action="store_true", help="fla's chunk_gla first, as the yardstick")
+    parser.add_argument("--fla-only", action="store_true",
+                        help="fla's chunk_gla alone (its first call autotunes for minutes: a run of its own)")
     parser.add_argument("--check-tokens", default="4K", help="length of the error check (default 4K)")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.cpu else "cuda")
@@ -104,7 +106,9 @@ def main(argv=None) -> int:
     grid = [dict(zip(keys, values), K=K)
             for values in itertools.product(args.steps, args.state_steps, args.fwd_bv, args.bwd_bk, args.warps,
                                             args.span, args.split_state, args.intra, args.segment_chunks)]
-    if args.fla:
+    if args.fla_only:
+        grid = []
+    if args.fla or args.fla_only:
         grid.insert(0, dict(fla=True, K=K))
     if args.dry_run:
         print("\n".join(str(setting) for setting in grid))
