@@ -345,6 +345,15 @@ def test_gla_tune_cpu_tiny_in_the_interpreter(tmp_path):
     assert "| setting |" in (tmp_path / "gla-tune-cpu.md").read_text()
 
 
+def test_gla_tune_fla_only_is_fla_alone_and_fla_comes_first():
+    # fla's first call autotunes for minutes: --fla-only gives it a run of its own; --fla puts it before the grid.
+    alone = _run([str(BENCH_DIR / "gla_tune.py"), "--cpu", "--fla-only", "--dry-run"]).stdout.splitlines()
+    assert alone == ["{'fla': True, 'K': 128}"]
+    grid = _run([str(BENCH_DIR / "gla_tune.py"), "--cpu", "--fla", "--dry-run", "--steps", "16", "--fwd-bv", "128",
+                 "--bwd-bk", "64", "--split-state", "1", "0"]).stdout.splitlines()
+    assert grid[0] == "{'fla': True, 'K': 128}" and len(grid) == 3 and "'split_state': 0" in grid[2]
+
+
 def test_decode_linear_cpu_tiny_in_the_interpreter(tmp_path):
     # The fused decoding projections against the plain ops on CPU tensors (Triton's interpreter): every projection,
     # one row and several, two tile settings; each checked against the plain ops before it is timed.
