@@ -85,11 +85,15 @@ def test_graph_decoding_of_a_hybrid_equals_eager_greedy(B):
 
 def test_fused_projections_equal_separate_ones_bf16():
     """`fuse_projections` (one cuBLAS product per group) against a copy never fused (one per projection): prefill
-    logits, a decoding step and the states agree to the bf16 rule; the graph step captures the fused products."""
+    logits (200 rows: fused, at most parts_lasp.MAX_FUSED_ROWS), a decoding step and the states agree to the bf16
+    rule; the graph step captures the fused products."""
+    from lasp_hf.modeling import parts_lasp
+
     model, plain = _model(), _model()
     plain.load_state_dict(model.state_dict())
     model.fuse_projections()
-    ids = torch.randint(1, VOCAB, (2, 500), device="cuda")
+    ids = torch.randint(1, VOCAB, (2, 100), device="cuda")
+    assert ids.numel() <= parts_lasp.MAX_FUSED_ROWS
     with torch.no_grad():
         out, ref = model(ids, use_cache=True), plain(ids, use_cache=True)
         assert _rel(out.logits, ref.logits) <= 1e-2
