@@ -3,14 +3,14 @@
 #
 #   bash benchmarks/run_device.sh                 # tests, kernels, sp
 #   bash benchmarks/run_device.sh kernels sp      # some parts: tests kernels sp target parity mfu maxlen generate
-#                                                 # gla-tune decode-linear
+#                                                 # gla-tune gla-ablation decode-linear
 #   bash benchmarks/run_device.sh long-tnl        # multi-GPU parts, each within one PART_TIMEOUT: long-tnl long-hybrid
 #                                                 # long-llama long-llama-1m step4m finetune prefill gla w8; multi: all
 #
 # Peers (flash-linear-attention, fla-core, lasp) are installed from wheels in .whl/ if there are any (their rows
 # are SKIP otherwise). A copy without .git, or whose .git lags its files: pass the commit, LASP_HF_COMMIT=<sha>.
 # Each part's extra arguments: KERNELS_ARGS, SP_ARGS, PARITY_ARGS, MFU_ARGS, MAXLEN_ARGS, GENERATE_ARGS, LONG_ARGS,
-# STEP4M_ARGS, FINETUNE_ARGS, PREFILL_ARGS, GLA_ARGS, GLA_TUNE_ARGS, DECODE_LINEAR_ARGS; TEST_FILES, TEST_STREAMS
+# STEP4M_ARGS, FINETUNE_ARGS, PREFILL_ARGS, GLA_ARGS, GLA_TUNE_ARGS, GLA_ABLATION_ARGS, DECODE_LINEAR_ARGS; TEST_FILES, TEST_STREAMS
 # (test files run side by side, default 3), SP_WORLDS (e.g. "2 4"), MULTI_WORLD (GPUs of the multi-GPU parts,
 # default 4 or fewer), PART_TIMEOUT (seconds per part or test file, default 540), SKIP_INSTALL=1 (already installed).
 # Writes run-device.log (every part's output), each program's JSON, and summary.md (exit statuses, then the .md
@@ -96,6 +96,9 @@ for part in "${PARTS[@]}"; do
         ${DECODE_LINEAR_ARGS:-} ;;
     gla-tune)  # settings of the GLA kernels side by side (step length, tiles, warps)
       CUDA_VISIBLE_DEVICES=0 run_part gla-tune python3 benchmarks/gla_tune.py --out "$OUT" ${GLA_TUNE_ARGS:-} ;;
+    gla-ablation)  # the parts of a GLA scan step, each switched off in turn
+      CUDA_VISIBLE_DEVICES=0 run_part gla-ablation python3 benchmarks/gla_step_ablation.py --out "$OUT" \
+        ${GLA_ABLATION_ARGS:-} ;;
     long-tnl|long-hybrid|long-llama|long-llama-1m)  # long-context training, one system per part (within PART_TIMEOUT)
       case $part in  # each a system and its ladder (a Llama + CP step at 1M takes minutes: a part of its own)
         long-tnl) LONG=(--systems tnl-1b --steps 3);; long-hybrid) LONG=(--systems hybrid-1b --steps 2);;

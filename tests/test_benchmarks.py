@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -352,6 +353,78 @@ def test_gla_tune_fla_only_is_fla_alone_and_fla_comes_first():
     grid = _run([str(BENCH_DIR / "gla_tune.py"), "--cpu", "--fla", "--dry-run", "--steps", "16", "--fwd-bv", "128",
                  "--bwd-bk", "64", "--split-state", "1", "0"]).stdout.splitlines()
     assert grid[0] == "{'fla': True, 'K': 128}" and len(grid) == 3 and "'split_state': 0" in grid[2]
+
+
+def test_gla_step_ablation_cpu_tiny_in_the_interpreter(tmp_path):
+    # Every variant of the stand-alone GLA scan step runs (Triton's interpreter) and writes its table; the "full"
+    # variant's output equals the float64 statement of the output scan it mirrors.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "gla_step_ablation.py"), "--cpu", "--tiny", "--steps", "32", "--out",
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env, check=False, cwd=BENCH_DIR.parent,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "gla-step-ablation-cpu.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["full", "no-cumsum", "no-exp", "no-g", "no-split", "no-A", "bare"]
+    assert all(row["ms"] > 0 and row["finite"] for row in rows)
+
+
+def test_gla_step_ablation_full_variant_is_the_output_scan():
+    """In the interpreter subprocess: the ablation kernel's "full" variant against float64 o = A v + (q exp(b)) S,
+    S = diag(exp(b_last)) S + (k exp(b_last - b))^T v per step, from a zero state per segment."""
+    code = """
+import sys, torch
+sys.path.insert(0, "benchmarks")
+import gla_step_ablation as ab
+torch.manual_seed(0)
+T, H, K, BT, SEG = 128, 2, 32, 32, 64
+t = {n: torch.randn(T, H, K) for n in ("q", "k", "v")}
+t["g"] = torch.nn.functional.logsigmoid(torch.randn(T, H, K)) / 4
+t["A"] = torch.randn(T, H, BT)
+t["o"] = torch.empty(T, H, K)
+out = ab.run_variant(t, "full", SEG, BT).double()
+q, k, v, g, A = (t[n].double() for n in ("q", "k", "v", "g", "A"))
+ref = torch.empty_like(out)
+for s0 in range(0, T, SEG):
+    S = torch.zeros(H, K, K, dtype=torch.float64)
+    for t0 in range(s0, s0 + SEG, BT):
+        sl = slice(t0, t0 + BT)
+        b = g[sl].cumsum(0)
+        scores = A[sl].permute(1, 0, 2).tril()
+        intra = scores @ v[sl].permute(1, 0, 2)
+        inter = (q[sl] * b.exp()).permute(1, 0, 2) @ S
+        ref[sl] = (intra + inter).permute(1, 0, 2)
+        kd = k[sl] * (b[-1:] - b).exp()
+        S = S * b[-1].exp()[:, :, None] + kd.permute(1, 2, 0) @ v[sl].permute(1, 0, 2)
+err = ((out - ref).norm() / ref.norm()).item()
+assert err < 1e-4, err
+print("ok", err)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
+                          check=False, cwd=BENCH_DIR.parent)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles, does not interpret")
+def test_gla_step_ablation_compiles_for_sm90():
+    """Every variant at the benchmark's shape (bf16, K = V = 128, 64- and 16-token steps, 8 warps) compiles for an
+    H100 and fits its shared memory."""
+    pytest.importorskip("triton")
+    import triton.language as tl
+    from sm90_compile import SM90_SHARED_BYTES, compile_for_sm90
+
+    sys.path.insert(0, str(BENCH_DIR))
+    import gla_step_ablation as ab
+
+    for steps in (64, 16):
+        for name, (g_source, use_exp, split, load_a) in ab.VARIANTS.items():
+            constexprs = dict(SEG=1024, H=16, K=128, V=128, BT=steps, DT=tl.bfloat16, G_SOURCE=g_source, EXP=use_exp,
+                              SPLIT=split, LOAD_A=load_a)
+            # (compile_for_sm90 takes a kernel's .fn: the JIT function of a `launch.fast` wrapper)
+            compiled = compile_for_sm90(types.SimpleNamespace(fn=ab._step_kernel), constexprs, 8)
+            assert compiled.metadata.shared <= SM90_SHARED_BYTES, (name, steps, compiled.metadata.shared)
 
 
 def test_decode_linear_cpu_tiny_in_the_interpreter(tmp_path):
