@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                 ms = common.bench_ms(lambda name=name: run_variant(tensors, name, seg, steps), device)
                 full_ms = ms if name == "full" else full_ms
                 row = dict(T=T, steps=steps, variant=name, ms=ms, finite=finite,
-                           us_per_step=ms * 1e3 / (T // seg * H / max(1, _slots(device, T // seg * H)) * seg / steps))
+                           us_per_step=ms * 1e3 / _steps_in_sequence(device, T // seg * H, seg // steps))
                 if full_ms is not None and name != "full":
                     row["part_ms"] = full_ms - ms
                 rows.append(row)
@@ -158,9 +158,9 @@ def main(argv=None) -> int:
     return 0 if all(row["finite"] for row in rows) else 1
 
 
-def _slots(device, programs: int) -> int:
-    """Programs that run at once (one per SM: the whole state in registers), for the per-step latency column."""
-    return min(programs, chunk._num_sms(device))
+def _steps_in_sequence(device, programs: int, steps_per_program: int) -> float:
+    """The steps one SM walks one after another: one program per SM at a time (the whole state in registers)."""
+    return programs / min(programs, chunk._num_sms(device)) * steps_per_program
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@
 # Peers (flash-linear-attention, fla-core, lasp) are installed from wheels in .whl/ if there are any (their rows
 # are SKIP otherwise). A copy without .git, or whose .git lags its files: pass the commit, LASP_HF_COMMIT=<sha>.
 # Each part's extra arguments: KERNELS_ARGS, SP_ARGS, PARITY_ARGS, MFU_ARGS, MAXLEN_ARGS, GENERATE_ARGS, LONG_ARGS,
-# STEP4M_ARGS, FINETUNE_ARGS, PREFILL_ARGS, GLA_ARGS, GLA_TUNE_ARGS, GLA_ABLATION_ARGS, DECODE_LINEAR_ARGS; TEST_FILES, TEST_STREAMS
-# (test files run side by side, default 3), SP_WORLDS (e.g. "2 4"), MULTI_WORLD (GPUs of the multi-GPU parts,
-# default 4 or fewer), PART_TIMEOUT (seconds per part or test file, default 540), SKIP_INSTALL=1 (already installed).
+# STEP4M_ARGS, FINETUNE_ARGS, PREFILL_ARGS, GLA_ARGS, GLA_TUNE_ARGS, GLA_ABLATION_ARGS, DECODE_LINEAR_ARGS;
+# TEST_FILES, TEST_STREAMS (test files run side by side, default 3), SP_WORLDS (e.g. "2 4"), MULTI_WORLD (GPUs of
+# the multi-GPU parts, default 4 or fewer), PART_TIMEOUT (seconds per part or test file, default 540),
+# SKIP_INSTALL=1 (already installed).
 # Writes run-device.log (every part's output), each program's JSON, and summary.md (exit statuses, then the .md
 # files this run wrote, which are then removed: few files to bring back).
 set -u

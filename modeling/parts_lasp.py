@@ -313,8 +313,10 @@ class FusedRows:
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """Each projection of x (`[..., in]`), as views of one product, when `weight()` gives the block and x has
         at most `MAX_FUSED_ROWS` rows; else None (the caller takes one product per projection)."""
+        if x.numel() > MAX_FUSED_ROWS * x.shape[-1]:
+            return None  # (before `weight()`: a prompt never needs the block)
         weight = self.weight()
-        if weight is None or x.numel() > MAX_FUSED_ROWS * x.shape[-1]:
+        if weight is None:
             return None
         return F.linear(x, weight).split(self._sizes, dim=-1)
 
